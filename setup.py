@@ -1,0 +1,35 @@
+"""Install megatron-ct.
+
+torch is required but deliberately left loose (``torch>=2.4``): an already
+installed build (CPU or CUDA) satisfies it and is kept. ``scripts/setup.sh``
+installs ``torch==2.13.0`` first when no torch is present, so pip never reaches
+for the multi-GB CUDA wheels on a CPU machine. GPU-only packages are extras and
+are detected at run time (see ``megatron_ct/parallel/device.py``).
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-ct",
+    version="0.1.0",
+    description="Continual pre-training of LLaMA-family models on megatron-core (TP/PP/DP, CPU and GPU).",
+    packages=find_packages(include=["megatron_ct", "megatron_ct.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core==0.16.1",
+        "numpy",
+        "pyyaml",
+        "psutil",  # dist_checkpointing's async/worker save path needs it
+        "tqdm",
+        "sentencepiece",
+        "safetensors",
+        "transformers>=4.45",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "snownlp", "mistral-common"],
+        "tensorboard": ["tensorboard"],
+        # GPU-only; never pulled by default. Detected at run time.
+        "gpu": ["transformer-engine[pytorch]", "flash-attn", "apex"],
+    },
+)
