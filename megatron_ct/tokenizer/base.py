@@ -1,0 +1,46 @@
+"""The tokenizer interface the rest of megatron-ct codes against.
+
+Data preprocessing, the dataset builders and generation only need a handful of
+facts about a tokenizer (its ids for text, its true vocabulary size, its
+special ids), so every backend is wrapped into this one small shape instead of
+leaking SentencePiece or transformers objects through the code base.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+
+class Tokenizer(ABC):
+    """Text <-> token ids, plus the special ids training needs.
+
+    Attributes:
+        name: Human-readable description (backend and source path), for logs.
+        vocab_size: Number of ids the tokenizer can emit (max id + 1), *not*
+            padded to a multiple of anything; padding for TP divisibility is
+            the model's business.
+        eod_id: Id appended after every document (the end-of-sequence token).
+        bos_id: Beginning-of-sequence id, or None when the tokenizer has none.
+        pad_id: Padding id, or None when the tokenizer has none.
+    """
+
+    name: str
+    vocab_size: int
+    eod_id: int
+    bos_id: int | None
+    pad_id: int | None
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; never adds BOS/EOS (callers decide)."""
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """``encode`` over many texts; backends override to batch in native code."""
+        return [self.encode(text) for text in texts]
+
+    @abstractmethod
+    def decode(self, ids: list[int]) -> str:
+        """Text for ``ids``; control tokens (BOS/EOD/pad) render as nothing."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, vocab_size={self.vocab_size})"
