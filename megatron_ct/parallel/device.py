@@ -1,0 +1,256 @@
+"""The CPU device layer: lets megatron-core's CUDA-assuming code paths run on CPU.
+
+megatron-core places tensors with ``device='cuda'`` / ``torch.cuda.current_device()``,
+calls ``.cuda()``, ``torch.cuda.synchronize()`` and the CUDA RNG API, and checks
+``tensor.type() == 'torch.cuda.FloatTensor'`` in the gradient clipper and the
+distributed optimizer. This module, and only this module, redirects those to the CPU
+so the *same* schedules, DDP, optimizer and dist_checkpointing code run under gloo in
+tests and for debugging.
+
+It is installed only by :func:`activate_cpu_device_layer`, which the trainer calls when
+``device == 'cpu'`` (no CUDA, or asked for). It never runs on a GPU: if CUDA is in use
+nothing here is touched.
+
+What it does, all process-wide and reversible with :func:`deactivate_cpu_device_layer`:
+- a ``TorchFunctionMode`` rewrites ``device=`` arguments that name CUDA to ``'cpu'``,
+  turns ``Tensor.cuda()`` into a no-op and answers ``Tensor.type()`` (no arguments)
+  with the CUDA spelling megatron-core's type checks expect;
+- ``torch.cuda`` functions megatron-core calls (``current_device``, ``synchronize``,
+  RNG state get/set, memory queries, streams/events, ...) are replaced by CPU
+  equivalents or no-ops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Callable
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_CUDA_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+    torch.float64: "torch.cuda.DoubleTensor",
+    torch.int64: "torch.cuda.LongTensor",
+    torch.int32: "torch.cuda.IntTensor",
+    torch.uint8: "torch.cuda.ByteTensor",
+    torch.bool: "torch.cuda.BoolTensor",
+}
+
+
+def _is_cuda_device(dev: Any) -> bool:
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    # megatron-core passes torch.cuda.current_device() (an int) as a device.
+    return isinstance(dev, int) and not isinstance(dev, bool)
+
+
+def _cpu_device(dev: Any) -> Any:
+    return torch.device("cpu") if _is_cuda_device(dev) else dev
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA placements to CPU for every torch call made while active."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # Type-string checks in megatron-core (clip_grads, distributed optimizer)
+            # insist on 'torch.cuda.*Tensor'; answer as a GPU tensor would.
+            tensor = args[0]
+            return _CUDA_TYPE_NAMES.get(tensor.dtype, func(*args, **kwargs))
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        if func in (torch.Tensor.to,) and args:
+            # t.to('cuda'), t.to(torch.device('cuda')), t.to(0, dtype)
+            args = tuple(_cpu_device(a) if i == 1 else a for i, a in enumerate(args))
+        elif func is torch.device and args:
+            args = (_cpu_device(args[0]),) + tuple(args[1:])
+        return func(*args, **kwargs)
+
+
+class _Event:
+    """Stand-in for torch.cuda.Event: records wall time so timers keep working."""
+
+    def __init__(self, enable_timing: bool = False, **_: Any) -> None:
+        self._t = 0.0
+
+    def record(self, stream: Any = None) -> None:
+        import time
+
+        self._t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end: "_Event") -> float:
+        return (end._t - self._t) * 1000.0
+
+
+class _Stream:
+    """Stand-in for torch.cuda.Stream: CPU work is already ordered."""
+
+    def __init__(self, *_: Any, **__: Any) -> None:
+        pass
+
+    def wait_stream(self, other: Any) -> None:
+        pass
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> _Event:
+        return event or _Event()
+
+
+def _cuda_replacements() -> dict[str, Callable[..., Any]]:
+    # Each replacement must be a distinct function object: torch._dynamo builds a
+    # rule table keyed by the torch.cuda functions and rejects one object under two
+    # names with different rules.
+    def _zero(name: str) -> Callable[..., int]:
+        def f(*a: Any, **k: Any) -> int:
+            return 0
+
+        f.__name__ = name
+        return f
+
+    def _noop(name: str) -> Callable[..., None]:
+        def f(*a: Any, **k: Any) -> None:
+            return None
+
+        f.__name__ = name
+        return f
+
+    repl: dict[str, Callable[..., Any]] = {
+        "device_count": lambda: 1,
+        "get_rng_state": lambda device=None: torch.get_rng_state(),
+        "set_rng_state": lambda state, device=None: torch.set_rng_state(state),
+        "manual_seed": lambda seed: torch.default_generator.manual_seed(int(seed)),
+        "manual_seed_all": lambda seed: torch.default_generator.manual_seed(int(seed)),
+        "current_stream": lambda device=None: _Stream(),
+        "default_stream": lambda device=None: _Stream(),
+        "stream": lambda s=None: contextlib.nullcontext(),
+        "Stream": _Stream,
+        "Event": _Event,
+        "nvtx": _NoNvtx(),
+    }
+    for name in ("current_device", "memory_allocated", "max_memory_allocated", "memory_reserved",
+                 "max_memory_reserved"):
+        repl[name] = _zero(name)
+    for name in ("set_device", "synchronize", "empty_cache", "reset_peak_memory_stats"):
+        repl[name] = _noop(name)
+    return repl
+
+
+class _NoNvtx:
+    def range_push(self, *a: Any, **k: Any) -> None:
+        pass
+
+    def range_pop(self) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def range(self, *a: Any, **k: Any):
+        yield
+
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {"mode": None, "saved": {}, "saved_random": {}}
+
+
+def _patch_cuda_rng_module() -> dict[str, Any]:
+    """megatron-core's tensor_parallel.random keeps its own handle on the CUDA RNG
+    setter; point it at the CPU generator so its RNG tracker forks and restores the
+    CPU state (the generator CPU kernels actually use)."""
+    import megatron.core.tensor_parallel.random as mrandom
+
+    saved = {}
+    for name, fn in {
+        "_set_cuda_rng_state": lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state),
+        "_get_cuda_rng_state": lambda device=None, clone=False, graph_safe=False: torch.get_rng_state(),
+    }.items():
+        if hasattr(mrandom, name):
+            saved[name] = getattr(mrandom, name)
+            setattr(mrandom, name, fn)
+    return saved
+
+
+def activate_cpu_device_layer() -> None:
+    """Install the CPU device layer for this process (idempotent).
+
+    Call only when training on CPU; the trainer does so when ``device == 'cpu'``.
+    """
+    with _lock:
+        if _state["mode"] is not None:
+            return
+        # Import megatron-core (and through it torch._dynamo's tables) before patching
+        # torch.cuda, so those tables hold the real CUDA functions.
+        import megatron.core  # noqa: F401
+        if torch.cuda.is_available() and torch.cuda.device_count() > 0 and _gpu_in_use():
+            raise RuntimeError("device layer: refusing to map CUDA to CPU in a process that already uses a GPU")
+        saved = {}
+        for name, fn in _cuda_replacements().items():
+            saved[name] = getattr(torch.cuda, name, None)
+            setattr(torch.cuda, name, fn)
+        _state["saved"] = saved
+        _state["saved_random"] = _patch_cuda_rng_module()
+        mode = _CudaToCpuMode()
+        mode.__enter__()
+        _state["mode"] = mode
+
+
+def deactivate_cpu_device_layer() -> None:
+    """Remove the CPU device layer (used by tests that switch back)."""
+    with _lock:
+        mode = _state["mode"]
+        if mode is None:
+            return
+        mode.__exit__(None, None, None)
+        for name, fn in _state["saved"].items():
+            if fn is None:
+                delattr(torch.cuda, name)
+            else:
+                setattr(torch.cuda, name, fn)
+        import megatron.core.tensor_parallel.random as mrandom
+
+        for name, fn in _state["saved_random"].items():
+            setattr(mrandom, name, fn)
+        _state.update(mode=None, saved={}, saved_random={})
+
+
+def cpu_device_layer_active() -> bool:
+    return _state["mode"] is not None
+
+
+def _gpu_in_use() -> bool:
+    try:
+        return torch.cuda.is_initialized()
+    except Exception:
+        return False
+
+
+def resolve_device(requested: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'. Explicit values are checked."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' was requested but no CUDA GPU is visible; use device=cpu or auto")
+    if requested not in ("cuda", "cpu"):
+        raise ValueError(f"device: expected one of auto, cuda, cpu, got {requested!r}")
+    return requested
