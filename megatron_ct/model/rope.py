@@ -1,0 +1,396 @@
+"""RoPE with Hugging Face ``rope_scaling`` semantics, for megatron-core's ``GPTModel``.
+
+Continual pre-training often changes the RoPE setup (a larger ``rope_theta``, or a scaling
+type that stretches the context). The checkpoint must keep meaning the same thing in HF, so
+the inverse frequencies here follow ``transformers.modeling_rope_utils`` (v5) formula for
+formula, in FP32, for the rope types ``default``, ``linear``, ``dynamic``, ``yarn`` and
+``llama3``.
+
+Layout: megatron-core's non-interleaved rotary layout (``rotary_interleaved=False``,
+``rotary_percent=1.0``) is HF's ``rotate_half`` layout: the angle table is
+``cat(freqs, freqs)`` over the head dim and ``q * cos + rotate_half(q) * sin`` is applied.
+
+YaRN's attention factor multiplies cos and sin in HF. megatron-core applies such a factor
+through the ``mscale`` argument of ``apply_rotary_pos_emb``, which ``SelfAttention`` reads
+from the model config (``yarn_*`` attributes); :func:`install_rope` sets those.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+    _yarn_get_concentration_factor_from_config,
+)
+
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+# Keys each rope type accepts besides ``rope_type``; anything else is a config error
+# (HF only warns, but an ignored key silently changes what the model computes).
+_KEYS_BY_TYPE = {
+    "default": set(),
+    "linear": {"factor"},
+    "dynamic": {"factor"},
+    "yarn": {
+        "factor",
+        "original_max_position_embeddings",
+        "attention_factor",
+        "beta_fast",
+        "beta_slow",
+        "mscale",
+        "mscale_all_dim",
+        "truncate",
+    },
+    "llama3": {"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"},
+}
+# Keys HF keeps in the same dict that are not scaling parameters (HF 5 ``rope_parameters``).
+_IGNORED_HF_KEYS = {"rope_theta"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    """HF ``rope_scaling`` / ``rope_parameters`` entry; field names are the HF keys."""
+
+    rope_type: str = "default"
+    """One of ``default``, ``linear``, ``dynamic``, ``yarn``, ``llama3``."""
+    factor: float | None = None
+    """Context stretch factor. Required except for ``default``; YaRN derives it from
+    ``max_position_embeddings / original_max_position_embeddings`` when None (as HF)."""
+    original_max_position_embeddings: int | None = None
+    """Pre-training context length (yarn, llama3). None means ``max_position_embeddings`` (as HF)."""
+    attention_factor: float | None = None
+    """YaRN: factor on cos and sin. None: derived from factor/mscale/mscale_all_dim (as HF)."""
+    beta_fast: float | None = None
+    """YaRN: rotations bounding the extrapolated band. None or 0 means 32 (as HF)."""
+    beta_slow: float | None = None
+    """YaRN: rotations bounding the interpolated band. None or 0 means 1 (as HF)."""
+    mscale: float | None = None
+    """YaRN: numerator scale of the derived attention factor (DeepSeek style)."""
+    mscale_all_dim: float | None = None
+    """YaRN: denominator scale of the derived attention factor (DeepSeek style)."""
+    truncate: bool | None = None
+    """YaRN: round the correction range to integers. None means True (as HF)."""
+    low_freq_factor: float | None = None
+    """llama3: wavelengths above ``original / low_freq_factor`` are divided by ``factor``."""
+    high_freq_factor: float | None = None
+    """llama3: wavelengths below ``original / high_freq_factor`` are kept."""
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(
+                f"rope_scaling.rope_type={self.rope_type!r} is not supported; use one of {ROPE_TYPES}"
+            )
+        allowed = _KEYS_BY_TYPE[self.rope_type]
+        for f in dataclasses.fields(self):
+            if f.name != "rope_type" and getattr(self, f.name) is not None and f.name not in allowed:
+                raise ValueError(
+                    f"rope_scaling.{f.name} is not used by rope_type={self.rope_type!r}; remove it"
+                )
+        needs_factor = self.rope_type in ("linear", "dynamic", "llama3")
+        if needs_factor and self.factor is None:
+            raise ValueError(f"rope_scaling.factor is required for rope_type={self.rope_type!r}")
+        if self.factor is not None and not self.factor >= 1.0:
+            raise ValueError(f"rope_scaling.factor must be >= 1, got {self.factor}")
+        if self.attention_factor is not None and not self.attention_factor > 0:
+            raise ValueError(f"rope_scaling.attention_factor must be > 0, got {self.attention_factor}")
+        if self.original_max_position_embeddings is not None and self.original_max_position_embeddings < 1:
+            raise ValueError(
+                "rope_scaling.original_max_position_embeddings must be >= 1, "
+                f"got {self.original_max_position_embeddings}"
+            )
+        if self.rope_type == "yarn" and (self.beta_fast or 32) < (self.beta_slow or 1):
+            raise ValueError(
+                f"rope_scaling.beta_fast ({self.beta_fast}) must be >= beta_slow ({self.beta_slow})"
+            )
+        if self.rope_type == "llama3":
+            if self.low_freq_factor is None or self.high_freq_factor is None:
+                raise ValueError("rope_scaling.low_freq_factor and high_freq_factor are required for llama3")
+            if not self.high_freq_factor > self.low_freq_factor:
+                raise ValueError(
+                    f"rope_scaling.high_freq_factor ({self.high_freq_factor}) must be > "
+                    f"low_freq_factor ({self.low_freq_factor})"
+                )
+
+    @classmethod
+    def from_hf_dict(cls, d: Mapping[str, Any] | None) -> RopeScaling:
+        """Parse HF ``rope_scaling`` (v4) or ``rope_parameters`` (v5); None means ``default``.
+
+        Accepts the legacy key ``type`` for ``rope_type``. ``rope_theta`` is ignored (it is the
+        ``rotary_base`` argument, not a scaling parameter); ``partial_rotary_factor`` must be 1.
+        """
+        if not d:
+            return cls()
+        d = dict(d)
+        if "type" in d:
+            legacy = d.pop("type")
+            if d.setdefault("rope_type", legacy) != legacy:
+                raise ValueError(f"rope_scaling.type={legacy!r} contradicts rope_type={d['rope_type']!r}")
+        prf = d.pop("partial_rotary_factor", None)
+        if prf not in (None, 1, 1.0):
+            raise ValueError(f"rope_scaling.partial_rotary_factor={prf} is not supported (must be 1.0)")
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in d:
+            if key not in names and key not in _IGNORED_HF_KEYS:
+                raise ValueError(f"rope_scaling.{key} is not a known RoPE scaling key")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """HF ``rope_scaling`` dict: ``rope_type`` plus the fields that are set."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None
+        }
+
+
+def _default_inv_freq(head_dim: int, base: float) -> torch.Tensor:
+    # [head_dim / 2] fp32: 1 / base^(2i / d), the exact expression HF evaluates.
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+
+
+def _yarn(head_dim: int, base: float, s: RopeScaling, max_pos: int) -> tuple[torch.Tensor, float]:
+    original = s.original_max_position_embeddings or max_pos
+    factor = s.factor if s.factor is not None else max_pos / original
+
+    def get_mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = s.attention_factor
+    if attention_factor is None:
+        # HF tests truthiness here, so mscale=0 falls back to the factor-only formula.
+        if s.mscale and s.mscale_all_dim:
+            attention_factor = float(get_mscale(factor, s.mscale) / get_mscale(factor, s.mscale_all_dim))
+        else:
+            attention_factor = get_mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        # Head-dim index whose wavelength fits `rotations` times into the original context.
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(s.beta_fast or 32), correction_dim(s.beta_slow or 1)
+    if s.truncate is None or s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # HF's guard against a zero-width ramp
+
+    # [head_dim / 2]: 0 below `low` (extrapolate, keep the frequency), 1 above `high` (interpolate).
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    pos_freqs = base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, attention_factor
+
+
+def _llama3(inv_freq: torch.Tensor, s: RopeScaling, max_pos: int) -> torch.Tensor:
+    original = s.original_max_position_embeddings or max_pos
+    low_freq_wavelen = original / s.low_freq_factor
+    high_freq_wavelen = original / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are interpolated by `factor`, short ones kept, the band between is blended.
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (original / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def compute_inv_freq_and_attention_factor(
+    head_dim: int,
+    rotary_base: float,
+    scaling: RopeScaling,
+    max_position_embeddings: int,
+    seq_len: int | None = None,
+) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies ``[head_dim // 2]`` (fp32, CPU) and the factor on cos/sin, as HF.
+
+    ``seq_len`` only matters for ``dynamic`` (NTK-aware): the base grows once the sequence is
+    longer than ``max_position_embeddings``; HF passes ``max(position_ids) + 1``.
+    """
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
+    t = scaling.rope_type
+    if t == "yarn":
+        return _yarn(head_dim, rotary_base, scaling, max_position_embeddings)
+    base = rotary_base
+    if t == "dynamic" and seq_len is not None and seq_len > max_position_embeddings:
+        # NTK-aware: grow the base with the length. HF evaluates this at run time with a
+        # 0-dim tensor seq_len, i.e. in fp32; up to max_position_embeddings the base is unchanged.
+        ratio = torch.tensor(seq_len, dtype=torch.float32) * scaling.factor / max_position_embeddings
+        base = base * (ratio - (scaling.factor - 1)) ** (head_dim / (head_dim - 2))
+    inv_freq = _default_inv_freq(head_dim, base)
+    if t == "linear":
+        inv_freq = inv_freq / scaling.factor
+    elif t == "llama3":
+        inv_freq = _llama3(inv_freq, scaling, max_position_embeddings)
+    return inv_freq, 1.0
+
+
+def compute_cos_sin(
+    head_dim: int,
+    rotary_base: float,
+    scaling: RopeScaling,
+    max_position_embeddings: int,
+    seq_len: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF-layout tables ``cos, sin: [seq_len, head_dim]`` fp32 for positions ``0..seq_len-1``.
+
+    Equal to ``LlamaRotaryEmbedding(config)(x, position_ids)`` in fp32, attention factor included.
+    """
+    inv_freq, attention_factor = compute_inv_freq_and_attention_factor(
+        head_dim, rotary_base, scaling, max_position_embeddings, seq_len
+    )
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # [s, d/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [s, d]
+    return emb.cos() * attention_factor, emb.sin() * attention_factor
+
+
+def _activation_device() -> torch.device:
+    # GPTModel.forward passes only a length to the rotary module, so the device of the angle
+    # table cannot come from an input; megatron-core's own module uses the current CUDA device.
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+
+
+class HFRotaryEmbedding(RotaryEmbedding):
+    """Drop-in for megatron-core's ``RotaryEmbedding`` with HF ``rope_scaling`` frequencies.
+
+    ``forward(max_seq_len, offset=0, ...)`` (inherited, LRU-cached) returns the angle table
+    ``[s, 1, 1, head_dim]`` fp32; attention turns it into ``cos * mscale`` / ``sin * mscale``.
+    The attention factor is not in this table: see :func:`install_rope`.
+
+    ``dynamic``: the frequencies are recomputed for ``seq_len = offset + max_seq_len`` (the
+    last position + 1, what HF uses) on each new length. HF instead keeps the frequencies of
+    the longest sequence seen so far until a batch shorter than ``max_position_embeddings``
+    resets them, so the two differ only after HF has seen a longer sequence in the same process.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        rotary_base: float,
+        scaling: RopeScaling,
+        max_position_embeddings: int,
+        cp_group: torch.distributed.ProcessGroup | None = None,
+    ) -> None:
+        # The parent only stores the layout flags and the CP group here (CPU init avoids CUDA).
+        super().__init__(
+            kv_channels=head_dim,
+            rotary_percent=1.0,
+            rotary_interleaved=False,
+            rotary_base=rotary_base,
+            use_cpu_initialization=True,
+            cp_group=cp_group,
+        )
+        self.head_dim = head_dim
+        self.rotary_base = rotary_base
+        self.scaling = scaling
+        self.max_position_embeddings = max_position_embeddings
+        # Plain attribute, not a buffer: Float16Module's .bfloat16() must not touch it.
+        self.inv_freq, self.attention_factor = compute_inv_freq_and_attention_factor(
+            head_dim, rotary_base, scaling, max_position_embeddings
+        )
+
+    def _inv_freq_for(self, seq_len: int) -> torch.Tensor:
+        if self.scaling.rope_type == "dynamic" and seq_len > self.max_position_embeddings:
+            inv_freq, _ = compute_inv_freq_and_attention_factor(
+                self.head_dim, self.rotary_base, self.scaling, self.max_position_embeddings, seq_len
+            )
+            return inv_freq.to(self.inv_freq.device)
+        return self.inv_freq
+
+    def get_freqs_non_repeated(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
+        """Angles ``[s, head_dim / 2]`` fp32 for positions ``offset .. offset + max_seq_len - 1``."""
+        if self.inv_freq.device != _activation_device():
+            self.inv_freq = self.inv_freq.to(_activation_device())
+        inv_freq = self._inv_freq_for(offset + max_seq_len)
+        positions = torch.arange(max_seq_len, device=inv_freq.device, dtype=torch.float32) + offset
+        return torch.outer(positions, inv_freq)
+
+    def get_emb(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
+        """Angle table ``[s, 1, 1, head_dim]`` in megatron's non-interleaved layout."""
+        freqs = self.get_freqs_non_repeated(max_seq_len, offset)  # [s, d/2]
+        return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
+
+    def get_cos_sin(self, max_seq_len: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin: [s, head_dim / 2]`` with the attention factor applied (flash-decode path,
+        which does not apply ``mscale``)."""
+        freqs = self.get_freqs_non_repeated(max_seq_len, offset)
+        return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
+
+
+def _set_attention_factor(config: Any, attention_factor: float) -> None:
+    """Make megatron-core's ``SelfAttention`` pass ``mscale=attention_factor`` to RoPE.
+
+    ``SelfAttention`` computes ``mscale`` from ``config.yarn_rotary_scaling_factor``,
+    ``yarn_mscale`` and ``yarn_mscale_all_dim`` as
+    ``(0.1 * yarn_mscale * ln(f) + 1) / (0.1 * yarn_mscale_all_dim * ln(f) + 1)``.
+    With ``f = e`` and ``yarn_mscale_all_dim = 0`` that is ``0.1 * yarn_mscale + 1``, so any
+    factor (HF's explicit ``attention_factor`` included) is encoded exactly; the result is
+    checked against megatron-core's own function so a change of its formula fails here.
+    """
+    if attention_factor == 1.0 and not hasattr(config, "yarn_rotary_scaling_factor"):
+        return  # megatron-core already uses mscale=1 when the attributes are absent
+    config.yarn_rotary_scaling_factor = math.e
+    config.yarn_mscale = 10.0 * (attention_factor - 1.0)
+    config.yarn_mscale_all_dim = 0.0
+    got = _yarn_get_concentration_factor_from_config(config)
+    if not math.isclose(got, attention_factor, rel_tol=1e-12):
+        raise RuntimeError(
+            f"megatron-core computes mscale={got}, expected attention_factor={attention_factor}"
+        )
+
+
+def install_rope(
+    gpt_model: torch.nn.Module,
+    head_dim: int,
+    rotary_base: float,
+    scaling: RopeScaling,
+    max_position_embeddings: int,
+) -> HFRotaryEmbedding:
+    """Replace a built ``GPTModel``'s rotary embedding with HF-equivalent frequencies.
+
+    Call on each unwrapped model chunk (before DDP / Float16Module wrapping). Sets the
+    ``yarn_*`` attributes of the shared ``TransformerConfig`` so attention multiplies cos and
+    sin by the attention factor (YaRN), as HF does. Returns the new module.
+    """
+    from megatron.core.models.gpt import GPTModel
+
+    if not isinstance(gpt_model, GPTModel):
+        raise TypeError(
+            f"install_rope needs an unwrapped megatron-core GPTModel, got {type(gpt_model).__name__}"
+        )
+    config = gpt_model.config
+    if gpt_model.position_embedding_type != "rope" or config.multi_latent_attention:
+        raise ValueError(
+            f"install_rope needs position_embedding_type='rope' without MLA, got {gpt_model.position_embedding_type!r}"
+        )
+    if config.rotary_interleaved:
+        raise ValueError("rotary_interleaved=True does not match HF's rotate_half layout; set it to False")
+    if gpt_model.rotary_percent != 1.0:
+        raise ValueError(
+            f"rotary_percent must be 1.0 (HF partial_rotary_factor=1), got {gpt_model.rotary_percent}"
+        )
+    if config.kv_channels != head_dim:
+        raise ValueError(f"head_dim={head_dim} differs from config.kv_channels={config.kv_channels}")
+
+    rope = HFRotaryEmbedding(
+        head_dim, rotary_base, scaling, max_position_embeddings, cp_group=gpt_model.rotary_pos_emb.cp_group
+    )
+    if rope.attention_factor != 1.0 and config.apply_rope_fusion:
+        warnings.warn(
+            "apply_rope_fusion: TE's fused RoPE ignores mscale; megatron-core falls back to unfused RoPE"
+        )
+    gpt_model.rotary_pos_emb = rope
+    gpt_model.rotary_pos_emb_cache = {}  # inference cos/sin cache built from the old module
+    _set_attention_factor(config, rope.attention_factor)
+    return rope

@@ -1,0 +1,35 @@
+"""Fixtures for model-level tests: megatron-core parallel state on one CPU process (gloo)."""
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+
+def free_port() -> int:
+    """A TCP port that is free right now, for a gloo rendezvous on localhost."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mcore_tp1():
+    """megatron-core parallel_state with TP=PP=CP=1 on a world-size-1 gloo group."""
+    from megatron.core import parallel_state
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    yield parallel_state
+    parallel_state.destroy_model_parallel()
+    if created:
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def seeded():
+    """Deterministic CPU RNG per test."""
+    torch.manual_seed(1234)
