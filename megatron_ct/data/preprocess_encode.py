@@ -1,0 +1,162 @@
+"""Worker side of ``preprocess``: raw lines -> documents -> token ids.
+
+Runs in worker processes, so everything it needs travels in a small picklable
+``EncodeSpec`` and the tokenizer is loaded once per worker by path.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from dataclasses import dataclass, field
+from itertools import chain
+
+import numpy as np
+
+from megatron_ct.data.preprocess_inputs import Chunk
+from megatron_ct.tokenizer import Tokenizer, load_tokenizer
+
+SKIP_REASONS = ("invalid_utf8", "invalid_json", "missing_key", "not_string", "empty")
+"""Why a line can be skipped; summary and warnings use these names."""
+
+INSTRUCTION_KEY = "instruction"
+"""Output key (``{prefix}_instruction_document``) of the instruction mode."""
+
+
+@dataclass(frozen=True)
+class EncodeSpec:
+    """What a worker needs to turn lines into token ids."""
+
+    tokenizer_path: str
+    json_keys: tuple[str, ...]
+    instruction_keys: tuple[str, str] | None
+    """(instruction, response) JSON keys; the document becomes ``f"{instruction}\\n{response}"``."""
+    append_eod: bool
+    dtype: str
+    """NumPy dtype name of the output ids (uint16 or int32)."""
+
+    @property
+    def output_keys(self) -> tuple[str, ...]:
+        return (INSTRUCTION_KEY,) if self.instruction_keys else self.json_keys
+
+    @property
+    def source_keys(self) -> tuple[str, ...]:
+        return self.instruction_keys or self.json_keys
+
+
+@dataclass
+class EncodedChunk:
+    """Token ids of one chunk's documents, per output key, ready for the writer."""
+
+    file_index: int
+    bytes_done: int
+    lines: int
+    tokens: dict[str, np.ndarray] = field(default_factory=dict)
+    """Concatenated ids of all documents of the chunk (EOD included)."""
+    lengths: dict[str, np.ndarray] = field(default_factory=dict)
+    """Per-document token counts; ``tokens`` splits at their running sum."""
+    characters: dict[str, int] = field(default_factory=dict)
+    skipped: list[tuple[int, str, str]] = field(default_factory=list)
+    """(1-based line number, reason, detail) of each skipped line."""
+
+    @property
+    def docs(self) -> int:
+        return len(next(iter(self.lengths.values()))) if self.lengths else 0
+
+
+class Skip(Exception):
+    """A line cannot become a document; carries the reason and a short detail."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason, detail)
+        self.reason, self.detail = reason, detail
+
+
+class ChunkEncoder:
+    """Parses and tokenizes chunks; one instance per worker process."""
+
+    def __init__(self, spec: EncodeSpec, tokenizer: Tokenizer | None = None) -> None:
+        self.spec = spec
+        self.tokenizer = tokenizer or load_tokenizer(spec.tokenizer_path)
+        self.dtype = np.dtype(spec.dtype)
+
+    def parse(self, line: bytes, is_json: bool, first_in_file: bool) -> list[str]:
+        """The document text per output key, or raise ``Skip``."""
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise Skip("invalid_utf8", f"byte {exc.start}") from None
+        if first_in_file and text.startswith("\ufeff"):
+            text = text[1:]  # a UTF-8 byte-order mark is not content (and breaks json.loads)
+        if not is_json:
+            doc = text[:-1] if text.endswith("\n") else text
+            doc = doc[:-1] if doc.endswith("\r") else doc
+            if not doc.strip():
+                raise Skip("empty")
+            return [doc]
+        if not text.strip():
+            raise Skip("empty", "blank line")
+        try:
+            obj = json.loads(text)
+        except ValueError as exc:
+            raise Skip("invalid_json", str(exc)) from None
+        if not isinstance(obj, dict):
+            raise Skip("invalid_json", f"a JSON {type(obj).__name__}, not an object")
+        values = []
+        for key in self.spec.source_keys:
+            if key not in obj:
+                raise Skip("missing_key", repr(key))
+            value = obj[key]
+            if not isinstance(value, str):
+                raise Skip("not_string", f"{key!r} is {type(value).__name__}")
+            if not value.strip():
+                # Skipping the whole line keeps the per-key outputs aligned by document.
+                raise Skip("empty", repr(key))
+            if b"\\u" in line:
+                # Only a JSON escape can smuggle a lone surrogate in; tokenizers reject it.
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise Skip("invalid_utf8", f"{key!r} has a lone surrogate escape") from None
+            values.append(value)
+        if self.spec.instruction_keys:
+            return [f"{values[0]}\n{values[1]}"]
+        return values
+
+    def __call__(self, chunk: Chunk, is_json: bool) -> EncodedChunk:
+        out = EncodedChunk(file_index=chunk.file_index, bytes_done=chunk.bytes_done, lines=len(chunk.lines))
+        docs: list[list[str]] = []
+        for offset, line in enumerate(chunk.lines):
+            line_no = chunk.first_line + offset
+            try:
+                docs.append(self.parse(line, is_json, first_in_file=line_no == 1))
+            except Skip as skip:
+                out.skipped.append((line_no, skip.reason, skip.detail))
+        eod = [self.tokenizer.eod_id] if self.spec.append_eod else []
+        for k, key in enumerate(self.spec.output_keys):
+            texts = [doc[k] for doc in docs]
+            ids = self.tokenizer.encode_batch(texts) if texts else []
+            lengths = np.fromiter((len(x) + len(eod) for x in ids), dtype=np.int64, count=len(ids))
+            flat = chain.from_iterable(chain(x, eod) for x in ids)
+            out.tokens[key] = np.fromiter(flat, dtype=self.dtype, count=int(lengths.sum()))
+            out.lengths[key] = lengths
+            out.characters[key] = sum(len(t) for t in texts)
+        return out
+
+
+_ENCODER: ChunkEncoder | None = None
+
+
+def init_worker(spec: EncodeSpec) -> None:
+    """Pool initializer: load the tokenizer once per worker process."""
+    global _ENCODER
+    # Ctrl-C is the main process's to handle (it tears the pool down); without
+    # this every worker would print its own KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _ENCODER = ChunkEncoder(spec)
+
+
+def encode_in_worker(chunk: Chunk, is_json: bool) -> EncodedChunk:
+    """Pool task: encode one chunk with this worker's encoder."""
+    assert _ENCODER is not None, "init_worker did not run in this process"
+    return _ENCODER(chunk, is_json)
