@@ -103,6 +103,7 @@ class ChunkEncoder:
         if not isinstance(obj, dict):
             raise Skip("invalid_json", f"a JSON {type(obj).__name__}, not an object")
         values = []
+        escaped = b"\\u" in line
         for key in self.spec.source_keys:
             if key not in obj:
                 raise Skip("missing_key", repr(key))
@@ -112,7 +113,7 @@ class ChunkEncoder:
             if not value.strip():
                 # Skipping the whole line keeps the per-key outputs aligned by document.
                 raise Skip("empty", repr(key))
-            if b"\\u" in line:
+            if escaped:
                 # Only a JSON escape can smuggle a lone surrogate in; tokenizers reject it.
                 try:
                     value.encode("utf-8")
@@ -132,15 +133,17 @@ class ChunkEncoder:
                 docs.append(self.parse(line, is_json, first_in_file=line_no == 1))
             except Skip as skip:
                 out.skipped.append((line_no, skip.reason, skip.detail))
-        eod = [self.tokenizer.eod_id] if self.spec.append_eod else []
         for k, key in enumerate(self.spec.output_keys):
             texts = [doc[k] for doc in docs]
             ids = self.tokenizer.encode_batch(texts) if texts else []
-            lengths = np.fromiter((len(x) + len(eod) for x in ids), dtype=np.int64, count=len(ids))
-            flat = chain.from_iterable(chain(x, eod) for x in ids)
+            if self.spec.append_eod:
+                for doc_ids in ids:  # fresh lists from the tokenizer: extend in place
+                    doc_ids.append(self.tokenizer.eod_id)
+            lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+            flat = chain.from_iterable(ids)
             out.tokens[key] = np.fromiter(flat, dtype=self.dtype, count=int(lengths.sum()))
             out.lengths[key] = lengths
-            out.characters[key] = sum(len(t) for t in texts)
+            out.characters[key] = sum(map(len, texts))
         return out
 
 

@@ -55,7 +55,11 @@ def write_jsonl(path, records) -> str:
 
 def config(tmp_path, inputs, tokenizer, **kwargs) -> PreprocessConfig:
     return PreprocessConfig(
-        inputs=inputs, output_prefix=str(tmp_path / "out" / "corpus"), tokenizer=tokenizer, progress=False, **kwargs
+        inputs=inputs,
+        output_prefix=str(tmp_path / "out" / "corpus"),
+        tokenizer=tokenizer,
+        progress=False,
+        **kwargs,
     )
 
 
@@ -91,7 +95,8 @@ def test_jsonl_round_trip(tmp_path, backend, sp_path, hf_dir):
     assert summary["tokens"] == sum(len(ids) for ids in docs)
     assert summary["characters"] == sum(len(d) for d in DOCS)
     assert summary["bytes"] == os.path.getsize(src)
-    assert summary["tokens_per_character"] == pytest.approx((summary["tokens"] - len(DOCS)) / summary["characters"])
+    text_tokens = summary["tokens"] - len(DOCS)  # EOD ids do not count towards tokens per character
+    assert summary["tokens_per_character"] == pytest.approx(text_tokens / summary["characters"])
     assert summary["skipped"] == {} and summary["dtype"] == "uint16"
     with open(cfg.output_prefix + "_summary.json", encoding="utf-8") as f:
         assert json.load(f) == summary
@@ -126,6 +131,7 @@ def test_bad_lines_are_reported_with_location_and_skipped(tmp_path, sp_path, cap
         json.dumps({"text": 42}).encode(),  # line 6
         json.dumps({"text": "   "}).encode(),  # line 7: empty document
         json.dumps({"text": "good three"}).encode(),
+        b'{"text": "lone \\ud800 surrogate"}',  # line 9: valid JSON, not encodable text
     ]
     src.write_bytes(b"\n".join(lines) + b"\n")
     with caplog.at_level(logging.WARNING, logger="megatron_ct"):
@@ -134,7 +140,7 @@ def test_bad_lines_are_reported_with_location_and_skipped(tmp_path, sp_path, cap
     texts = [tok.decode(ids) for ids in read_ids(str(tmp_path / "out" / "corpus_text_document"))]
     assert texts == ["good one", "good two", "good three"]
     assert summary["skipped"] == {
-        "invalid_json": 1, "invalid_utf8": 1, "missing_key": 1, "not_string": 1, "empty": 1
+        "invalid_json": 1, "invalid_utf8": 2, "missing_key": 1, "not_string": 1, "empty": 1
     }
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     for line_no, reason in [(2, "invalid_json"), (4, "invalid_utf8"), (5, "missing_key"), (6, "not_string")]:
@@ -292,7 +298,8 @@ def test_bad_setup_fails_before_any_work(tmp_path, sp_path, case, fragment):
     elif case == "bad-tokenizer":
         tokenizer = named = str(tmp_path / "no_such_tokenizer.model")
     elif case == "text-with-json-keys":
-        inputs, extra, named = [str(tmp_path / "plain.txt")], {"json_keys": ["body"]}, str(tmp_path / "plain.txt")
+        inputs, named = [str(tmp_path / "plain.txt")], str(tmp_path / "plain.txt")
+        extra = {"json_keys": ["body"]}
     elif case == "zero-workers":
         extra, named = {"workers": 0}, "0"
     with pytest.raises(PreprocessError) as info:
@@ -304,7 +311,8 @@ def test_bad_setup_fails_before_any_work(tmp_path, sp_path, case, fragment):
 
 def test_corrupt_gzip_aborts_without_final_files(tmp_path, sp_path):
     src = tmp_path / "broken.jsonl.gz"
-    payload = gzip.compress(("\n".join(json.dumps({"text": f"doc {i}"}) for i in range(2000)) + "\n").encode())
+    lines = "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(2000))
+    payload = gzip.compress(lines.encode())
     src.write_bytes(payload[: len(payload) // 2])  # truncated download
     with pytest.raises(PreprocessError, match="broken.jsonl.gz: cannot read past line"):
         preprocess(config(tmp_path, [str(src)], sp_path))
