@@ -32,7 +32,11 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; never adds BOS/EOS (callers decide)."""
+        """Token ids of ``text``; never adds BOS/EOS (callers decide).
+
+        Text that spells a special token (``"</s>"``) is ordinary text and never
+        becomes the special id, so documents cannot forge boundaries.
+        """
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """``encode`` over many texts; backends override to batch in native code."""

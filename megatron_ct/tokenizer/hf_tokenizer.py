@@ -36,12 +36,18 @@ class HFTokenizer(Tokenizer):
         self.bos_id = self._tok.bos_token_id
         self.pad_id = self._tok.pad_token_id
 
+    # split_special_tokens: text that spells a special token ("</s>",
+    # "<|endoftext|>") is encoded as plain text, as SentencePiece does;
+    # otherwise a web page quoting "</s>" would plant a fake document boundary.
+
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False)
+        return self._tok.encode(text, add_special_tokens=False, split_special_tokens=True)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         # Fast (Rust) tokenizers encode a list in one native call.
-        out = self._tok(texts, add_special_tokens=False, return_attention_mask=False)
+        out = self._tok(
+            texts, add_special_tokens=False, split_special_tokens=True, return_attention_mask=False
+        )
         return out["input_ids"]
 
     def decode(self, ids: list[int]) -> str:

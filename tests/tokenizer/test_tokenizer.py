@@ -52,6 +52,16 @@ def test_hf_directory_matches_sentencepiece(hf, sp):
     assert hf.encode(SAMPLES[1]) == sp.encode(SAMPLES[1])
 
 
+@pytest.mark.parametrize("backend", ["sp", "hf"])
+def test_special_token_text_stays_plain_text(backend, sp, hf):
+    tok = sp if backend == "sp" else hf
+    text = "quoted </s> and <s> and <unk> markers"
+    ids = tok.encode(text)
+    assert {tok.eod_id, tok.bos_id, 0}.isdisjoint(ids)  # no forged document boundary
+    assert ids == sp.encode(text) and tok.decode(ids) == text
+    assert tok.encode_batch([text]) == [ids]
+
+
 def test_missing_path_names_path_and_expectation(tmp_path):
     missing = tmp_path / "nope.model"
     with pytest.raises(FileNotFoundError, match=str(missing)) as info:
