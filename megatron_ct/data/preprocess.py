@@ -96,6 +96,8 @@ class PreprocessConfig:
                 raise PreprocessError(
                     f"--instruction-keys needs two distinct keys, got {self.instruction_keys}"
                 )
+            if self.json_keys != ["text"]:
+                raise PreprocessError("--instruction-keys replaces --json-keys; pass only one of them")
             self.instruction_keys = tuple(self.instruction_keys)
 
 

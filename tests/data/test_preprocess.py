@@ -279,6 +279,7 @@ def test_dtype_follows_vocabulary_size(tmp_path, sp_path, monkeypatch):
         ("bad-tokenizer", "tokenizer path"),
         ("text-with-json-keys", "need JSON-lines inputs"),
         ("zero-workers", "--workers"),
+        ("both-key-modes", "pass only one of them"),
     ],
 )
 def test_bad_setup_fails_before_any_work(tmp_path, sp_path, case, fragment):
@@ -302,6 +303,8 @@ def test_bad_setup_fails_before_any_work(tmp_path, sp_path, case, fragment):
         extra = {"json_keys": ["body"]}
     elif case == "zero-workers":
         extra, named = {"workers": 0}, "0"
+    elif case == "both-key-modes":
+        extra, named = {"json_keys": ["body"], "instruction_keys": ("q", "a")}, "--json-keys"
     with pytest.raises(PreprocessError) as info:
         preprocess(config(tmp_path, inputs, tokenizer, **extra))
     message = str(info.value)
