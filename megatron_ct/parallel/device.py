@@ -137,7 +137,15 @@ def _cuda_replacements() -> dict[str, Callable[..., Any]]:
         f.__name__ = name
         return f
 
+    def current_device() -> torch.device:
+        # A device object rather than the index 0: megatron-core passes it as
+        # ``device=`` also inside autograd backward functions, where no torch-function
+        # mode is active (a mode is suspended while its own handler runs, and the
+        # backward pass runs inside the handler of torch.autograd.backward).
+        return torch.device("cpu")
+
     repl: dict[str, Callable[..., Any]] = {
+        "current_device": current_device,
         "device_count": lambda: 1,
         "get_rng_state": lambda device=None: torch.get_rng_state(),
         "set_rng_state": lambda state, device=None: torch.set_rng_state(state),
@@ -150,7 +158,7 @@ def _cuda_replacements() -> dict[str, Callable[..., Any]]:
         "Event": _Event,
         "nvtx": _NoNvtx(),
     }
-    for name in ("current_device", "memory_allocated", "max_memory_allocated", "memory_reserved",
+    for name in ("memory_allocated", "max_memory_allocated", "memory_reserved",
                  "max_memory_reserved"):
         repl[name] = _zero(name)
     for name in ("set_device", "synchronize", "empty_cache", "reset_peak_memory_stats"):

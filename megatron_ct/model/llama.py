@@ -1,0 +1,191 @@
+"""megatron-core ``GPTModel`` configured as LLaMA (RMSNorm, SwiGLU, RoPE, GQA, no biases).
+
+One function, :func:`build_model`, turns a :class:`ModelConfig` into the list of model
+chunks this rank holds (one per virtual pipeline stage). The layer spec is chosen at run
+time: Transformer Engine when importable on GPU, else megatron-core's local modules with
+megatron-ct's RMSNorm (FP32 statistics, works with sequence parallelism).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from megatron_ct.config import CTConfig, Layout, ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron's rule: round the vocabulary up to a multiple of divisible_by * TP, so each
+    TP shard of the embedding has the same, GEMM-friendly number of rows."""
+    multiple = divisible_by * tp
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # ImportError, or a broken CUDA install
+        return False
+    return True
+
+
+def choose_transformer_impl(requested: str, device: str) -> str:
+    """'auto' picks Transformer Engine only on GPU with TE importable."""
+    if requested == "transformer_engine":
+        if device != "cuda" or not have_transformer_engine():
+            raise ValueError(
+                "model.transformer_impl: 'transformer_engine' needs a CUDA device and transformer_engine "
+                "installed; use 'local' or 'auto'"
+            )
+        return requested
+    if requested == "local":
+        return requested
+    return "transformer_engine" if device == "cuda" and have_transformer_engine() else "local"
+
+
+def params_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def transformer_config(cfg: CTConfig, layout: Layout, device: str):
+    """megatron-core TransformerConfig for a LLaMA-architecture model."""
+    from megatron.core.transformer import TransformerConfig
+
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    dtype = params_dtype(t.precision)
+    on_cpu = device == "cpu"
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.ffn_hidden_size,
+        kv_channels=m.hidden_size // m.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,  # SwiGLU = silu(x W_gate) * (x W_up)
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=m.add_qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_method_std,
+        attention_softmax_in_fp32=m.attention_softmax_in_fp32,
+        apply_query_key_layer_scaling=False,
+        # Parallel layout; must match parallel_state or layer offsets and checkpoint
+        # sharding come out wrong.
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        sequence_parallel=p.sequence_parallel,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
+        bf16=t.precision == "bf16",
+        fp16=t.precision == "fp16",
+        # Loss is summed per token and divided by the global token count in
+        # finalize_model_grads: exact across DP sizes and micro-batch counts.
+        calculate_per_token_loss=True,
+        use_cpu_initialization=on_cpu,
+        perform_initialization=True,
+        # Fused kernels need CUDA (and apex/TE); the unfused paths compute the same thing.
+        bias_activation_fusion=not on_cpu,
+        bias_dropout_fusion=not on_cpu,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=not on_cpu,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        # gloo's batch_isend_irecv can pair the interleaved schedule's concurrent
+        # same-peer messages wrongly (micro-batches swap); plain isend/irecv keeps order.
+        batch_p2p_comm=not on_cpu,
+    )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a built model is, for logs, FLOP counts and checkpoint metadata."""
+
+    transformer_impl: str
+    norm_impl: str
+    padded_vocab_size: int
+    true_vocab_size: int
+    num_parameters: int  # on this rank, all its chunks
+
+
+def layer_spec(impl: str, num_layers: int):
+    """Block spec: per-layer modules plus the final norm."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    from megatron_ct.model.rmsnorm import RMSNorm
+
+    if impl == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import TENorm
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        spec = get_gpt_layer_with_transformer_engine_spec()
+        final_norm = TENorm
+    else:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        # megatron-core's torch fallback norm refuses sequence parallelism and computes in
+        # the input dtype; ours keeps FP32 statistics and marks weights for SP reduction.
+        spec.submodules.input_layernorm = RMSNorm
+        spec.submodules.pre_mlp_layernorm = RMSNorm
+        final_norm = RMSNorm
+    return spec, final_norm, TransformerBlockSubmodules
+
+
+def build_model(cfg: CTConfig, layout: Layout, device: str) -> tuple[list[torch.nn.Module], ModelInfo]:
+    """Build this rank's model chunks (not yet wrapped in DDP)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+    from megatron_ct.model.rmsnorm import describe_norm_impl
+
+    m: ModelConfig = cfg.model
+    impl = choose_transformer_impl(m.transformer_impl, device)
+    tcfg = transformer_config(cfg, layout, device)
+    vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, layout.tp)
+    spec, final_norm, BlockSubmodules = layer_spec(impl, m.num_layers)
+
+    chunks = []
+    for vp_stage in range(layout.vpp or 1):
+        vp = vp_stage if layout.vpp else None
+        n = get_num_layers_to_build(tcfg, vp_stage=vp)
+        model = GPTModel(
+            config=tcfg,
+            transformer_layer_spec=BlockSubmodules(layer_specs=[spec] * n, layer_norm=final_norm),
+            vocab_size=vocab,
+            max_sequence_length=m.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
+            position_embedding_type="rope",
+            rotary_base=int(m.rotary_base),
+            parallel_output=True,
+            vp_stage=vp,
+        )
+        if m.rope_scaling is not None or m.rotary_base != int(m.rotary_base):
+            from megatron_ct.model.rope import RopeScaling, install_rope
+
+            install_rope(model, m.hidden_size // m.num_attention_heads, m.rotary_base,
+                         RopeScaling.from_hf_dict(m.rope_scaling or {"rope_type": "default"}),
+                         m.max_position_embeddings)
+        if device == "cuda":
+            model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+
+    info = ModelInfo(
+        transformer_impl=impl,
+        norm_impl=describe_norm_impl() if impl == "local" else "transformer_engine.TENorm",
+        padded_vocab_size=vocab,
+        true_vocab_size=m.vocab_size,
+        num_parameters=sum(p.numel() for c in chunks for p in c.parameters()),
+    )
+    return chunks, info

@@ -1,0 +1,99 @@
+"""Step metrics: a log line, metrics.jsonl and TensorBoard (when installed). Rank 0 writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Optional
+
+import torch
+
+log = logging.getLogger("megatron_ct")
+
+
+def memory_gib(device: str) -> float:
+    """Peak allocated GPU memory, or this process's resident set on CPU."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+class MetricsWriter:
+    """Collects per-step metrics and writes them every ``log_interval`` steps."""
+
+    def __init__(self, is_writer: bool, jsonl_dir: Optional[str], tensorboard_dir: Optional[str]) -> None:
+        self.is_writer = is_writer
+        self._jsonl = None
+        self._tb = None
+        if not is_writer:
+            return
+        if jsonl_dir:
+            os.makedirs(jsonl_dir, exist_ok=True)
+            self._jsonl = open(os.path.join(jsonl_dir, "metrics.jsonl"), "a", buffering=1)
+        if tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(tensorboard_dir)
+            except ImportError:
+                log.warning("tensorboard is not installed; logging.tensorboard_dir=%s ignored", tensorboard_dir)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.is_writer:
+            return
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            step = record["iteration"]
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "iteration":
+                    self._tb.add_scalar(f"train/{key}", value, step)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def format_line(r: dict[str, Any], train_iters: int) -> str:
+    """One human-readable line per log interval."""
+    eta_s = r.get("eta_s")
+    eta = f"{int(eta_s // 3600)}:{int(eta_s % 3600 // 60):02d}:{int(eta_s % 60):02d}" if eta_s is not None else "-"
+    mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
+    gn = r.get("grad_norm")
+    return (
+        f"iter {r['iteration']:>6}/{train_iters} | loss {r['loss']:.4f} | lr {r['lr']:.3e} | "
+        f"grad_norm {gn if gn is None else format(gn, '.3f')} | {r['tokens_per_s']:.0f} tok/s | "
+        f"{r['tflops_per_device']:.2f} TFLOP/s/dev | MFU {mfu} | mem {r['memory_gib']:.2f} GiB | "
+        f"{r['step_time_s'] * 1000:.0f} ms/step | ETA {eta}"
+        + (f" | skipped {r['skipped_steps']}" if r.get("skipped_steps") else "")
+    )
+
+
+class Throughput:
+    """Wall time between log points -> tokens/s, TFLOP/s per device, MFU, ETA."""
+
+    def __init__(self, tokens_per_step: int, flops_per_step: float, world_size: int, peak_tflops: Optional[float]):
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_step = flops_per_step
+        self.world_size = world_size
+        self.peak = peak_tflops
+        self.t0 = time.perf_counter()
+
+    def measure(self, steps: int, remaining_steps: int) -> dict[str, Any]:
+        now = time.perf_counter()
+        dt = max(now - self.t0, 1e-9) / max(steps, 1)
+        self.t0 = now
+        tflops = self.flops_per_step / dt / self.world_size / 1e12
+        return {
+            "step_time_s": dt,
+            "tokens_per_s": self.tokens_per_step / dt,
+            "tflops_per_device": tflops,
+            "mfu": (tflops / self.peak) if self.peak else None,
+            "eta_s": dt * remaining_steps,
+        }

@@ -1,0 +1,187 @@
+"""The training loop: build, (re)load, step, log, checkpoint.
+
+Reads like megatron-core's ``run_simple_mcore_train_loop.py`` plus what continual
+pre-training needs: weights-only starts from a base model, preemption-safe saves,
+per-step NaN policy and throughput/MFU reporting.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_ct.checkpoint.dist_ckpt import load_checkpoint, save_checkpoint
+from megatron_ct.checkpoint.preemption import PreemptionFlag
+from megatron_ct.config import CTConfig, Layout, config_to_dict
+from megatron_ct.data.batches import build_batch_source
+from megatron_ct.model.llama import build_model
+from megatron_ct.training.flops import flops_per_token, peak_tflops_for
+from megatron_ct.training.metrics import MetricsWriter, Throughput, format_line, memory_gib
+from megatron_ct.training.optimizer import build_optimizer, build_scheduler, hook_model_config, wrap_ddp
+from megatron_ct.training.step import train_step
+
+log = logging.getLogger("megatron_ct")
+
+
+@dataclass
+class TrainOutcome:
+    """How a run ended (returned to the entry point and to tests)."""
+
+    iteration: int
+    reason: str  # 'finished', 'preempted', 'exit_interval'
+    last_loss: float | None
+
+
+class Trainer:
+    def __init__(self, cfg: CTConfig, layout: Layout, device: str) -> None:
+        from megatron.core import parallel_state as ps
+
+        self.cfg, self.layout, self.device = cfg, layout, device
+        chunks, self.model_info = build_model(cfg, layout, device)
+        self.model = wrap_ddp(cfg, chunks)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        hook_model_config(self.model, self.optimizer)
+        self.iteration = 0
+        self._last_saved: int | None = None
+        ck = cfg.checkpoint
+        if ck.load:
+            state = load_checkpoint(ck.load, self.model, self.optimizer, self.scheduler,
+                                    weights_only=ck.load_weights_only, expected_vocab_size=cfg.model.vocab_size)
+            self.iteration = state.iteration
+            self._last_saved = None if ck.load_weights_only else self.iteration
+            log.info("resumed from %s at iteration %d", ck.load, self.iteration)
+        self.batches = build_batch_source(cfg, layout, ps.get_data_parallel_rank(), device)
+        self.is_writer = dist.get_rank() == 0
+        log_dir = cfg.logging.log_dir or ck.save
+        self.metrics = MetricsWriter(self.is_writer, log_dir, cfg.logging.tensorboard_dir)
+        self._log_startup()
+
+    def _log_startup(self) -> None:
+        info, lay = self.model_info, self.layout
+        total = torch.tensor([info.num_parameters], dtype=torch.float64,
+                             device="cuda" if self.device == "cuda" else "cpu")
+        dist.all_reduce(total)
+        log.info(
+            "model: %.2fM parameters | transformer_impl=%s | norm=%s | vocab %d (padded %d) | "
+            "layout TP%d PP%d%s DP%d | %d micro-batches/step | device=%s | precision=%s",
+            total.item() / lay.dp / 1e6, info.transformer_impl, info.norm_impl, info.true_vocab_size,
+            info.padded_vocab_size, lay.tp, lay.pp, f" VPP{lay.vpp}" if lay.vpp else "", lay.dp,
+            lay.num_microbatches, self.device, self.cfg.train.precision,
+        )
+
+    def _common_state(self) -> dict:
+        return {
+            "consumed_samples": self.batches.consumed_samples(self.iteration),
+            "config": config_to_dict(self.cfg),
+            "model_info": {"true_vocab_size": self.model_info.true_vocab_size,
+                           "padded_vocab_size": self.model_info.padded_vocab_size},
+        }
+
+    def save(self) -> None:
+        ck = self.cfg.checkpoint
+        t0 = time.perf_counter()
+        path = save_checkpoint(ck.save, self.iteration, self.model, self.optimizer, self.scheduler,
+                               self._common_state(), keep_last=ck.keep_last)
+        self._last_saved = self.iteration
+        log.info("saved checkpoint %s in %.1fs", path, time.perf_counter() - t0)
+
+    def _peak_tflops(self) -> float | None:
+        if self.cfg.logging.peak_tflops is not None:
+            return self.cfg.logging.peak_tflops
+        if self.device == "cuda":
+            return peak_tflops_for(torch.cuda.get_device_name())
+        return None
+
+    def train(self) -> TrainOutcome:
+        cfg, t = self.cfg, self.cfg.train
+        seq = cfg.data.seq_length
+        tokens_per_step = t.global_batch_size * seq
+        throughput = Throughput(
+            tokens_per_step, tokens_per_step * flops_per_token(cfg.model, seq, self.model_info.padded_vocab_size),
+            self.layout.world_size, self._peak_tflops())
+        preempt = PreemptionFlag(cfg.checkpoint.save_on_sigterm and cfg.checkpoint.save is not None, self.device)
+        reason, result, skipped_in_a_row, skipped_total, since_log = "finished", None, 0, 0, 0
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            while self.iteration < t.train_iters:
+                result = train_step(
+                    self.iteration, self.batches.microbatches(self.iteration), self.model, self.optimizer,
+                    self.scheduler, num_microbatches=self.layout.num_microbatches, seq_length=seq,
+                    micro_batch_size=t.micro_batch_size, nan_policy=t.nan_policy, device=self.device)
+                self.iteration += 1
+                since_log += 1
+                if result.applied:
+                    skipped_in_a_row = 0
+                else:
+                    skipped_in_a_row += 1
+                    skipped_total += 1
+                    log.warning("iteration %d: %s", self.iteration, result.reason)
+                    if skipped_in_a_row > t.max_skipped_steps:
+                        raise RuntimeError(f"{skipped_in_a_row} consecutive steps skipped (train.max_skipped_steps="
+                                           f"{t.max_skipped_steps}); stopping")
+                if self.iteration % cfg.logging.log_interval == 0 or self.iteration == t.train_iters:
+                    self._log(result, throughput.measure(since_log, t.train_iters - self.iteration), skipped_total)
+                    since_log = 0
+                ck = cfg.checkpoint
+                if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0:
+                    self.save()
+                if preempt.any_rank_received():
+                    reason = "preempted"
+                    break
+                if t.exit_interval and self.iteration % t.exit_interval == 0 and self.iteration < t.train_iters:
+                    reason = "exit_interval"
+                    break
+            if cfg.checkpoint.save and self._last_saved != self.iteration:
+                self.save()
+        finally:
+            preempt.restore()
+            self.metrics.close()
+        if reason == "preempted":
+            log.warning("SIGTERM received: saved iteration %d and stopping", self.iteration)
+        return TrainOutcome(self.iteration, reason, result.loss if result else None)
+
+    def _log(self, result, perf: dict, skipped_total: int) -> None:
+        record = {
+            "iteration": self.iteration,
+            "loss": result.loss,
+            "lr": result.lr,
+            "grad_norm": result.grad_norm,
+            "applied": result.applied,
+            "skipped_steps": skipped_total,
+            "consumed_samples": self.batches.consumed_samples(self.iteration),
+            "memory_gib": memory_gib(self.device),
+            **perf,
+        }
+        if self.is_writer:
+            log.info(format_line(record, self.cfg.train.train_iters))
+        self.metrics.write(record)
+
+
+def run_training(cfg: CTConfig) -> TrainOutcome:
+    """Validate against the world size (every rank, before any collective), set up the
+    process group, train, tear down."""
+    from megatron_ct.config import validate_for_world
+    from megatron_ct.parallel.distributed import init_distributed, read_launch_env, teardown_distributed
+
+    env = read_launch_env()
+    layout = validate_for_world(cfg, env.world_size)
+    logging.basicConfig(
+        level=logging.INFO if env.rank == 0 else logging.WARNING,
+        format=f"[%(asctime)s rank{env.rank}] %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+    # megatron-core logs every parameter name and its full optimizer config at INFO.
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    device = init_distributed(cfg, layout, env)
+    try:
+        return Trainer(cfg, layout, device).train()
+    finally:
+        teardown_distributed()
+

@@ -1,0 +1,57 @@
+"""Continual pre-training entry point.
+
+    torchrun --nproc_per_node N pretrain_ct.py [--config recipe.yaml] [key=value | --flag value ...]
+    srun python pretrain_ct.py --config recipe.yaml          # rank/world from SLURM
+
+With no arguments it trains the embedded default: a tiny LLaMA on a learnable synthetic
+stream, a few dozen steps on CPU, loss falling from ~ln(vocab). Keys are the fields of
+megatron_ct.config.schema (e.g. ``train.train_iters=10``, ``--tensor-model-parallel-size 2``).
+"""
+
+# Imports stay inside main(): megatron-core's checkpoint writer spawns helper processes
+# that re-import this file, and they need none of the heavy modules.
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="megatron-ct continual pre-training",
+        epilog="Any other argument overrides a config key: section.key=value, key=value or --key-name value.",
+    )
+    parser.add_argument("--config", help="YAML recipe (sections: model, parallel, train, optim, data, "
+                                         "checkpoint, logging); defaults to the embedded tiny CPU run")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args, overrides = parser.parse_known_args(argv)
+
+    from megatron_ct.config import ConfigError, config_to_dict, load_config
+
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"pretrain_ct.py: config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        return 0
+
+    from megatron_ct.training.step import NonFiniteError
+    from megatron_ct.training.trainer import run_training
+
+    try:
+        outcome = run_training(cfg)
+    except ConfigError as e:
+        # Raised on every rank before any collective, so no rank is left waiting.
+        print(f"pretrain_ct.py: config error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteError as e:
+        print(f"pretrain_ct.py: {e}", file=sys.stderr)
+        return 3
+    return 0 if outcome.reason in ("finished", "preempted", "exit_interval") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
