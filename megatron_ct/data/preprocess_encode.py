@@ -91,10 +91,10 @@ class ChunkEncoder:
         if not is_json:
             doc = text[:-1] if text.endswith("\n") else text
             doc = doc[:-1] if doc.endswith("\r") else doc
-            if not doc.strip():
+            if not doc or doc.isspace():  # isspace(): no copy, stops at the first letter
                 raise Skip("empty")
             return [doc]
-        if not text.strip():
+        if not text or text.isspace():
             raise Skip("empty", "blank line")
         try:
             obj = json.loads(text)
@@ -110,7 +110,7 @@ class ChunkEncoder:
             value = obj[key]
             if not isinstance(value, str):
                 raise Skip("not_string", f"{key!r} is {type(value).__name__}")
-            if not value.strip():
+            if not value or value.isspace():
                 # Skipping the whole line keeps the per-key outputs aligned by document.
                 raise Skip("empty", repr(key))
             if escaped:
