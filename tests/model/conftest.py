@@ -33,3 +33,9 @@ def mcore_tp1():
 def seeded():
     """Deterministic CPU RNG per test."""
     torch.manual_seed(1234)
+
+
+@pytest.fixture
+def tcp_port() -> int:
+    """A free localhost port for a multi-process gloo rendezvous."""
+    return free_port()
