@@ -21,6 +21,7 @@ import importlib.util
 import logging
 
 import torch
+import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,11 @@ class FP32StatsRMSNorm(torch.nn.Module):
     dtype, then the weight applied. With the weight in the input dtype (megatron's
     Float16Module) this is bitwise HF; otherwise the product is rounded to the input dtype
     (HF would return the promoted dtype).
+
+    The normalisation is ``torch.nn.functional.rms_norm`` without a weight, which upcasts
+    bf16/fp16 to FP32 internally: on CPU it decomposes into exactly these ops, on CUDA torch
+    can run it as its fused RMSNorm kernel (not measured here: no GPU in this session). The
+    weight is applied afterwards because HF multiplies after rounding.
     """
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5) -> None:
@@ -58,9 +64,7 @@ class FP32StatsRMSNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x: [s, b, h]`` (any leading dims) -> same shape and dtype."""
-        x32 = x.float()
-        variance = x32.pow(2).mean(-1, keepdim=True)  # [s, b, 1] fp32
-        normed = (x32 * torch.rsqrt(variance + self.eps)).to(x.dtype)
+        normed = F.rms_norm(x, (x.shape[-1],), eps=self.eps)  # [s, b, h], fp32 inside, x.dtype out
         return (self.weight * normed).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -123,6 +127,8 @@ def build_rmsnorm(
 ) -> torch.nn.Module:
     """Build an RMSNorm with ``impl`` (one of the ``*`` constants here), default :func:`norm_impl`."""
     impl = impl or norm_impl()
+    if config.normalization != "RMSNorm":
+        raise ValueError(f"normalization={config.normalization!r}: set it to 'RMSNorm' to build an RMSNorm")
     if impl not in _BUILDERS:
         raise ValueError(f"rmsnorm impl={impl!r} is unknown; use one of {sorted(_BUILDERS)}")
     return _BUILDERS[impl](config, hidden_size, eps)

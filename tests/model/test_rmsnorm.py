@@ -118,6 +118,10 @@ def test_spec_entry_builds_fallback_on_cpu():
 def test_rejects_options_it_does_not_implement():
     with pytest.raises(ValueError, match="layernorm_zero_centered_gamma"):
         FP32StatsRMSNorm(norm_config(layernorm_zero_centered_gamma=True), 64)
+    layernorm = norm_config()
+    layernorm.normalization = "LayerNorm"
+    with pytest.raises(ValueError, match="normalization="):
+        build_rmsnorm(layernorm, 64)
 
 
 # --- TP=2 with sequence parallelism (2 gloo processes) -------------------------------------------
