@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import socket
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,12 +31,27 @@ TINY = [
 
 
 def run_trainer(nproc: int, overrides: list[str], timeout: float = 300, check: bool = True,
-                env: dict | None = None) -> subprocess.CompletedProcess:
+                env: dict | None = None, script: Path | None = None) -> subprocess.CompletedProcess:
     """torchrun --nproc_per_node nproc pretrain_ct.py TINY + overrides."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(free_port()), str(REPO / "pretrain_ct.py"), *TINY, *overrides]
+           "--master_port", str(free_port()), str(script or REPO / "pretrain_ct.py"), *TINY, *overrides]
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+    # Output goes to files, not pipes: a rank killed mid-save orphans megatron-core's
+    # writer-manager process, which would hold a pipe open forever. The whole process
+    # group is killed afterwards so no orphan outlives the test.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        popen = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=full_env, cwd=REPO,
+                                 start_new_session=True)
+        try:
+            rc = popen.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        out.seek(0)
+        err.seek(0)
+        proc = subprocess.CompletedProcess(cmd, rc, out.read(), err.read())
     if check and proc.returncode != 0:
         raise AssertionError(f"trainer failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc

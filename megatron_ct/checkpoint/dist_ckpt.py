@@ -149,6 +149,17 @@ def _prepare_torch_adam_for_load(optimizer) -> None:
         opt._ct_step_shim = True
 
 
+def _unshare_torch_adam_steps(optimizer) -> None:
+    """megatron-core's distributed optimizer restores torch Adam's 'step' as one tensor
+    object shared by every parameter's state; torch increments it in place once per
+    parameter, which corrupts Adam's bias correction after a resume. Give each its own."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for st in getattr(inner, "state", {}).values():
+            if isinstance(st.get("step"), torch.Tensor):
+                st["step"] = st["step"].clone()
+
+
 def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, common: dict[str, Any],
                     keep_last: Optional[int] = None) -> str:
     """Collective: every rank calls it. Returns the final directory."""
@@ -252,6 +263,7 @@ def load_checkpoint(load: str, chunks, optimizer=None, scheduler=None, weights_o
         return LoadedState(iteration=0, consumed_samples=0, common=common)
 
     optimizer.load_state_dict(loaded["optimizer"])
+    _unshare_torch_adam_steps(optimizer)
     scheduler.load_state_dict(loaded["scheduler"])
     if "rng_state" in loaded:
         _restore_rng(loaded["rng_state"])

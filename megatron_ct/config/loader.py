@@ -51,9 +51,15 @@ def _resolve_key(key: str) -> tuple[str, str]:
 
 def _parse_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads '1e-3' (no dot) as a string
+        except ValueError:
+            pass
+    return value
 
 
 def parse_overrides(argv: Sequence[str]) -> list[tuple[str, Any]]:
