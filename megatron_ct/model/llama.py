@@ -48,6 +48,14 @@ def choose_transformer_impl(requested: str, device: str) -> str:
     return "transformer_engine" if device == "cuda" and have_transformer_engine() else "local"
 
 
+def have_fused_softmax_kernels() -> bool:
+    """megatron-core's fused scale-mask-softmax needs apex's CUDA extension; without it
+    (pip-installed megatron-core) FusedScaleMaskSoftmax raises on first use."""
+    import importlib.util
+
+    return importlib.util.find_spec("scaled_masked_softmax_cuda") is not None
+
+
 def params_dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
@@ -96,7 +104,7 @@ def transformer_config(cfg: CTConfig, layout: Layout, device: str):
         bias_activation_fusion=not on_cpu,
         bias_dropout_fusion=not on_cpu,
         apply_rope_fusion=False,
-        masked_softmax_fusion=not on_cpu,
+        masked_softmax_fusion=not on_cpu and have_fused_softmax_kernels(),
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         # gloo's batch_isend_irecv can pair the interleaved schedule's concurrent
