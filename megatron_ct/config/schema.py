@@ -1,5 +1,8 @@
 """The one typed configuration of a megatron-ct run.
 
+The defaults describe the embedded default run (a tiny LLaMA on synthetic data, CPU
+friendly); real recipes in ``examples/`` set every size explicitly.
+
 Each section is a dataclass with a docstring per field; checks that need only the
 section itself live in its ``__post_init__``. Checks that need the world size
 (divisibility by TP/PP/DP) live in :func:`megatron_ct.config.validate.validate_for_world`,
@@ -161,9 +164,9 @@ class TrainConfig:
 class OptimConfig:
     """AdamW and the learning-rate schedule (megatron-core's OptimizerParamScheduler)."""
 
-    lr: float = 3e-4
+    lr: float = 1e-3
     """Peak learning rate."""
-    min_lr: float = 3e-5
+    min_lr: float = 1e-4
     """Learning rate at the end of decay."""
     lr_warmup_iters: int = 0
     """Linear warmup steps from lr_warmup_init to lr. 0: no warmup (common in CT)."""

@@ -48,6 +48,7 @@ class Trainer:
         hook_model_config(self.model, self.optimizer)
         self.iteration = 0
         self._last_saved: int | None = None
+        self._first_loss: float | None = None
         ck = cfg.checkpoint
         if ck.load:
             state = load_checkpoint(ck.load, self.model, self.optimizer, self.scheduler,
@@ -144,6 +145,9 @@ class Trainer:
             self.metrics.close()
         if reason == "preempted":
             log.warning("SIGTERM received: saved iteration %d and stopping", self.iteration)
+        if self._first_loss is not None and result is not None:
+            log.info("done (%s) at iteration %d: loss %.4f -> %.4f", reason, self.iteration, self._first_loss,
+                     result.loss)
         return TrainOutcome(self.iteration, reason, result.loss if result else None)
 
     def _log(self, result, perf: dict, skipped_total: int) -> None:
@@ -158,6 +162,8 @@ class Trainer:
             "memory_gib": memory_gib(self.device),
             **perf,
         }
+        if self._first_loss is None:
+            self._first_loss = result.loss
         if self.is_writer:
             log.info(format_line(record, self.cfg.train.train_iters))
         self.metrics.write(record)

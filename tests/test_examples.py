@@ -1,0 +1,20 @@
+"""Every recipe in examples/ loads and fits the layout it documents."""
+
+from pathlib import Path
+
+import pytest
+
+from megatron_ct.config import load_config, validate_for_world
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+WORLD = {"tiny_cpu_tp2pp2.yaml": 4, "llama2_7b_ct_bf16.yaml": 32}
+
+
+@pytest.mark.parametrize("name", sorted(WORLD))
+def test_recipe_is_valid(name):
+    cfg = load_config(str(EXAMPLES / name))
+    validate_for_world(cfg, WORLD[name])
+
+
+def test_every_recipe_is_listed():
+    assert {p.name for p in EXAMPLES.glob("*.yaml")} <= set(WORLD)
