@@ -1,0 +1,153 @@
+"""Training throughput of pretrain_ct.py, next to a plain Hugging Face baseline.
+
+    python bench/bench_train.py                 # GPU if visible: LLaMA-7B-width slice, bf16
+    python bench/bench_train.py --device cpu    # tiny config on CPU
+
+Runs ``pretrain_ct.py`` under torchrun on the synthetic stream, reads its metrics.jsonl
+and reports the median step after warm-up as tokens/s, TFLOP/s per device and MFU. The
+baseline, measured in the same run on the same machine, is ``transformers``'
+LlamaForCausalLM with the same shape, batch and precision, trained by torch.optim.AdamW
+in one process (eager PyTorch, SDPA attention). FLOPs are counted the same way for both
+(megatron_ct.training.flops). Results are printed and appended as JSONL to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SHAPES = {
+    # A LLaMA-7B-width slice: full width and sequence, 4 of the 32 layers.
+    "gpu": dict(num_layers=4, hidden_size=4096, num_attention_heads=32, num_query_groups=32, ffn_hidden_size=11008,
+                vocab_size=32000, seq_length=4096, micro_batch_size=1, global_batch_size=8, precision="bf16"),
+    "cpu": dict(num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=704,
+                vocab_size=8000, seq_length=256, micro_batch_size=2, global_batch_size=8, precision="fp32"),
+}
+
+
+def machine(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        return f"{name} x{torch.cuda.device_count()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    cpu = "unknown CPU"
+    try:
+        cpu = next(li.split(":", 1)[1].strip() for li in open("/proc/cpuinfo") if li.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.python_version()}"
+
+
+def run_ours(shape: dict, device: str, nproc: int, iters: int, extra: list[str]) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = [
+            f"model.num_layers={shape['num_layers']}", f"model.hidden_size={shape['hidden_size']}",
+            f"model.num_attention_heads={shape['num_attention_heads']}",
+            f"model.num_query_groups={shape['num_query_groups']}", f"model.ffn_hidden_size={shape['ffn_hidden_size']}",
+            f"model.vocab_size={shape['vocab_size']}", f"model.max_position_embeddings={shape['seq_length']}",
+            f"data.seq_length={shape['seq_length']}", f"train.micro_batch_size={shape['micro_batch_size']}",
+            f"train.global_batch_size={shape['global_batch_size']}", f"train.precision={shape['precision']}",
+            f"train.train_iters={iters}", f"parallel.device={device}", f"logging.log_dir={tmp}", *extra,
+        ]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), str(REPO / "pretrain_ct.py"),
+               *overrides]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        if proc.returncode != 0:
+            sys.exit(f"pretrain_ct.py failed:\n{proc.stderr[-4000:]}")
+        return [json.loads(li) for li in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_hf_baseline(shape: dict, device: str, iters: int) -> list[float]:
+    """Step times (s) of eager HF LlamaForCausalLM + AdamW on the same global batch."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[shape["precision"]]
+    config = LlamaConfig(
+        vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"], intermediate_size=shape["ffn_hidden_size"],
+        num_hidden_layers=shape["num_layers"], num_attention_heads=shape["num_attention_heads"],
+        num_key_value_heads=shape["num_query_groups"], max_position_embeddings=shape["seq_length"],
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    mbs, gbs, s = shape["micro_batch_size"], shape["global_batch_size"], shape["seq_length"]
+    batch = torch.randint(0, shape["vocab_size"], (gbs, s + 1), device=device)
+    times = []
+    for _ in range(iters):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        for i in range(0, gbs, mbs):  # same micro-batching as ours, gradient accumulation
+            chunk = batch[i:i + mbs]
+            out = model(input_ids=chunk[:, :-1], labels=chunk[:, :-1])
+            (out.loss * mbs / gbs).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    import torch
+
+    from megatron_ct.config import load_config
+    from megatron_ct.training.flops import flops_per_token, peak_tflops_for
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--nproc", type=int, default=1, help="processes for pretrain_ct.py (DP unless --extra sets TP/PP)")
+    ap.add_argument("--iters", type=int, default=12, help="steps per run; the first 2 are warm-up")
+    ap.add_argument("--extra", nargs="*", default=[], help="more pretrain_ct.py overrides, e.g. --sequence-parallel")
+    ap.add_argument("--out", default=str(REPO / "runs" / "bench_train"), help="directory for bench_train.jsonl")
+    args = ap.parse_args()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    shape = SHAPES["gpu" if device == "cuda" else "cpu"]
+    cfg = load_config(None, [f"model.{k}={v}" for k, v in shape.items()
+                             if k in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                                      "ffn_hidden_size", "vocab_size")])
+    padded = ((shape["vocab_size"] + 127) // 128) * 128
+    tokens = shape["global_batch_size"] * shape["seq_length"]
+    flops_step = tokens * flops_per_token(cfg.model, shape["seq_length"], padded)
+    peak = peak_tflops_for(torch.cuda.get_device_name()) if device == "cuda" else None
+
+    print(f"machine: {machine(device)}")
+    print(f"shape: {shape}")
+    records = run_ours(shape, device, args.nproc, args.iters, args.extra)
+    ours = statistics.median(r["step_time_s"] for r in records[2:])
+    base = statistics.median(run_hf_baseline(shape, device, args.iters)[2:])
+
+    rows = []
+    for name, step_s, ndev in (("megatron-ct (pretrain_ct.py)", ours, args.nproc), ("HF eager baseline", base, 1)):
+        tflops = flops_step / step_s / ndev / 1e12
+        rows.append({"impl": name, "devices": ndev, "step_s": step_s, "tokens_per_s": tokens / step_s,
+                     "tflops_per_device": tflops, "mfu": tflops / peak if peak else None})
+    print(f"{'impl':30} {'dev':>3} {'step s':>8} {'tokens/s':>10} {'TFLOP/s/dev':>12} {'MFU':>6}")
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        print(f"{r['impl']:30} {r['devices']:>3} {r['step_s']:>8.3f} {r['tokens_per_s']:>10.0f} "
+              f"{r['tflops_per_device']:>12.2f} {mfu:>6}")
+    print(f"speed vs baseline (tokens/s per device): {rows[0]['tokens_per_s'] / args.nproc / rows[1]['tokens_per_s']:.2f}x")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_train.jsonl"), "a") as f:
+        f.write(json.dumps({"machine": machine(device), "shape": shape, "rows": rows, "time": time.time()}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
