@@ -1,0 +1,162 @@
+#!/usr/bin/env python
+"""Expand a LLaMA-family tokenizer for a new language/domain and resize a HF model to match.
+
+Steps: train a SentencePiece BPE model on domain text (or take --addition-model), append
+its pieces the base tokenizer lacks (old ids unchanged), report compression on held-out
+text, and optionally resize a Hugging Face checkpoint's embedding and output layer
+(old rows bit-identical, new rows from the old tokenizer's pieces of each new token).
+
+    python tools/expand_vocab.py --base-tokenizer llama/tokenizer.model --train-text zh.txt \\
+        --vocab-size 20000 --output-dir out/zh_tok --heldout-domain zh_val.txt --heldout-general en_val.txt
+    # -> out/zh_tok/tokenizer.model, out/zh_tok/expand_vocab.json
+
+    python tools/expand_vocab.py --hf-model llama-2-7b-hf/ --train-text zh.txt --vocab-size 20000 \\
+        --max-new-pieces 15000 --output-dir llama-2-7b-zh/
+    # -> llama-2-7b-zh/: merged tokenizer.json (+ tokenizer.model) and the resized model
+
+Inputs are text files with one document per line. --low-frequency-only keeps only pieces
+that leave the segmentation of the frequent strings of --protect-text (general text of
+the old language) unchanged. Output is always in the base tokenizer's format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+# Runnable as a plain script from a checkout, without installing the package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_ct.model.vocab_resize import INIT_METHODS, VocabResizePlan, resize_embeddings  # noqa: E402
+from megatron_ct.tokenizer import load_tokenizer  # noqa: E402
+from megatron_ct.tokenizer.merge_select import frequent_strings  # noqa: E402
+from megatron_ct.tokenizer.merge_tokenizer import base_segmenter, merge_tokenizer  # noqa: E402
+from megatron_ct.tokenizer.report import compression_report, format_report  # noqa: E402
+
+log = logging.getLogger("expand_vocab")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-tokenizer", help="SentencePiece .model or HF tokenizer directory (default: --hf-model)")
+    p.add_argument("--output-dir", required=True, help="merged tokenizer, report and resized model go here")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--train-text", nargs="+", metavar="FILE", help="domain text to train new pieces on")
+    src.add_argument("--addition-model", metavar="MODEL", help="take pieces from this SentencePiece model")
+    p.add_argument("--vocab-size", type=int, default=20000, help="size of the trained model (default 20000)")
+    p.add_argument("--character-coverage", type=float, default=0.9995)
+    p.add_argument("--no-byte-fallback", dest="byte_fallback", action="store_false",
+                   help="train without byte pieces (default: as the base model)")
+    p.add_argument("--max-new-pieces", type=int, default=None, help="cap on appended pieces")
+    p.add_argument("--low-frequency-only", action="store_true",
+                   help="append only pieces that do not change how frequent old strings segment")
+    p.add_argument("--protect-text", nargs="+", default=[], metavar="FILE",
+                   help="general text whose frequent strings --low-frequency-only keeps stable")
+    p.add_argument("--protect-top-k", type=int, default=20000)
+    p.add_argument("--heldout-domain", nargs="*", default=[], metavar="FILE")
+    p.add_argument("--heldout-general", nargs="*", default=[], metavar="FILE")
+    p.add_argument("--hf-model", metavar="DIR", help="HF causal-LM directory to resize")
+    p.add_argument("--init", choices=INIT_METHODS, default="subword_mean", help="new-row init (default subword_mean)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --init random")
+    p.add_argument("--pad-to-multiple-of", type=int, default=1, help="pad the resized vocabulary (default 1: none)")
+    return p
+
+
+def read_lines(paths: list[str]) -> list[str]:
+    lines = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            lines.extend(line.rstrip("\n") for line in f if line.strip())
+    return lines
+
+
+def addition_pieces(args, base: str) -> list[str]:
+    """Candidate pieces: from --addition-model, or from a model trained on --train-text."""
+    from megatron_ct.tokenizer.merge_sp import candidate_pieces, load_proto
+
+    if args.addition_model:
+        return candidate_pieces(load_proto(args.addition_model))
+    from megatron_ct.tokenizer.train_sp import SPTrainConfig, train_sentencepiece
+
+    overrides = {"vocab_size": args.vocab_size, "character_coverage": args.character_coverage}
+    if not args.byte_fallback:
+        overrides["byte_fallback"] = False
+    sp_file = base if os.path.isfile(base) else os.path.join(base, "tokenizer.model")
+    config = SPTrainConfig.like(load_proto(sp_file), **overrides) if os.path.isfile(sp_file) else SPTrainConfig(**overrides)
+    model = train_sentencepiece(args.train_text, os.path.join(args.output_dir, "addition"), config)
+    return candidate_pieces(load_proto(model))
+
+
+def resize_hf_causal_lm(model, plan: VocabResizePlan) -> None:
+    """Resize a transformers causal LM's input embedding and output layer in place."""
+    import torch
+
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is None or head.weight is embedding
+    if embedding.shape[0] < plan.old_vocab_size:
+        raise ValueError(
+            f"model embedding has {embedding.shape[0]} rows; expected at least the base tokenizer's "
+            f"{plan.old_vocab_size}"
+        )
+    new_embedding, new_head = resize_embeddings(embedding.detach(), None if tied else head.weight.detach(), plan)
+    # resize_token_embeddings rebuilds the modules (and re-ties); the values are then ours.
+    model.resize_token_embeddings(new_embedding.shape[0], mean_resizing=False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.copy_(new_embedding)
+        if not tied:
+            model.get_output_embeddings().weight.copy_(new_head)
+
+
+def run(args) -> dict:
+    base = args.base_tokenizer or args.hf_model
+    if base is None:
+        raise ValueError("give --base-tokenizer or --hf-model (whose tokenizer is the base)")
+    os.makedirs(args.output_dir, exist_ok=True)
+    candidates = addition_pieces(args, base)
+
+    if args.low_frequency_only != bool(args.protect_text):
+        raise ValueError("--low-frequency-only and --protect-text go together (the text defines frequent strings)")
+    protect = frequent_strings(read_lines(args.protect_text), args.protect_top_k) if args.protect_text else []
+    result, merged_path = merge_tokenizer(base, candidates, args.output_dir,
+                                          max_new=args.max_new_pieces, protect=protect)
+
+    corpora = {name: read_lines(paths) for name, paths in
+               (("domain", args.heldout_domain), ("general", args.heldout_general)) if paths}
+    report = compression_report(load_tokenizer(base), load_tokenizer(merged_path), corpora, len(result.new_pieces))
+    print(format_report(report))
+
+    summary = {"base_tokenizer": os.path.abspath(base), "merged_tokenizer": os.path.abspath(merged_path),
+               "first_new_id": result.first_new_id, "new_pieces": result.new_pieces, "report": report}
+    if args.hf_model:
+        from transformers import AutoModelForCausalLM
+
+        sources = base_segmenter(base)(result.new_pieces)
+        plan = VocabResizePlan(old_vocab_size=result.first_new_id, sources=tuple(map(tuple, sources)),
+                               init=args.init, divisible_by=args.pad_to_multiple_of, seed=args.seed)
+        model = AutoModelForCausalLM.from_pretrained(args.hf_model, local_files_only=True, dtype="auto")
+        resize_hf_causal_lm(model, plan)
+        model.save_pretrained(args.output_dir)
+        summary["model"] = {"init": args.init, "vocab_rows": plan.padded_size(), "dir": os.path.abspath(args.output_dir)}
+        print(f"resized model: {plan.padded_size()} vocabulary rows ({args.init}) -> {args.output_dir}")
+    with open(os.path.join(args.output_dir, "expand_vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, ensure_ascii=False, indent=1)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"expand_vocab.py: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
