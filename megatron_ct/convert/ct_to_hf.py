@@ -1,0 +1,195 @@
+"""megatron-ct checkpoint (any TP/PP it was saved at) -> Hugging Face model directory.
+
+Output: ``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json``,
+``config.json`` (architecture, RoPE settings, true vocabulary size: padding rows are not
+read), tokenizer and generation files, written into ``OUT.partial`` and renamed to ``OUT``.
+
+Where the HF side comes from, first found wins:
+- architecture: ``architecture`` argument, else the ``hf`` record a converted checkpoint
+  carries, else the ``hf_base`` directory's config.json, else Qwen2 when the model has a
+  QKV bias and LLaMA otherwise;
+- config.json keys our model does not define (token ids, ...): ``hf_base``'s config.json,
+  else the ``hf`` record, else a fresh config;
+- tokenizer files: ``tokenizer`` directory, else ``hf_base``, else ``hf_assets/`` beside a
+  converted checkpoint. A checkpoint saved by the trainer keeps only our config, so pass
+  ``hf_base`` (the model CT started from) to get its token ids and tokenizer back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+
+import torch
+
+from megatron_ct.checkpoint.dist_ckpt import read_common, resolve_load_dir
+from megatron_ct.config import ModelConfig
+from megatron_ct.convert import hf_layout as L
+from megatron_ct.convert.dist_io import DistCheckpointReader
+from megatron_ct.convert.errors import ConversionError
+from megatron_ct.convert.hf_files import SafetensorsShardWriter, is_weight_file, parse_size
+from megatron_ct.convert.hf_to_ct import DTYPES, ConversionReport, read_hf_config, remove_path
+from megatron_ct.convert.progress import Progress, peak_rss_bytes
+
+
+class _Source:
+    """Reads our tensors for one HF tensor at a time. The last per-layer chunk is kept,
+    already split, so q/k/v (gate/up) cost one read of ``linear_qkv`` (``linear_fc1``)."""
+
+    def __init__(self, reader: DistCheckpointReader, m: ModelConfig) -> None:
+        self.reader = reader
+        self.m = m
+        self._cached: tuple[tuple[str, int] | None, tuple[torch.Tensor, ...]] = (None, ())
+
+    def key(self, lt: L.LayerTensor) -> str:
+        for k in (lt.ct_key, *(L.CT_LAYER + a for a in lt.ct_aliases)):
+            if k in self.reader.tensors:
+                return k
+        raise ConversionError(f"{self.reader.path}: missing tensor {lt.ct_key}")
+
+    def layer_parts(self, lt: L.LayerTensor, i: int) -> tuple[torch.Tensor, ...]:
+        """Layer ``i`` of ``lt``, split into its HF tensors (shapes without the layer axis)."""
+        key = self.key(lt)
+        if self._cached[0] != (key, i):
+            self._cached = (None, ())  # drop the previous chunk before reading the next
+            shape = self.reader.shape(key)
+            t = self.reader.read(key, (i,) + (0,) * (len(shape) - 1), (1, *shape[1:]))[0]
+            if lt.kind == "qkv":
+                parts = L.split_qkv(t, self.m.num_attention_heads, self.m.num_query_groups)
+            elif lt.kind == "gate_up":
+                parts = L.split_gate_up(t)
+            else:
+                parts = (t,)
+            self._cached = ((key, i), parts)
+        return self._cached[1]
+
+    def rows(self, key: str, n: int) -> torch.Tensor:
+        """The first ``n`` rows (the vocabulary without padding)."""
+        shape = self.reader.shape(key)
+        return self.reader.read(key, (0,) * len(shape), (n, *shape[1:]))
+
+
+def check_ct_tensors(reader: DistCheckpointReader, m: ModelConfig, true_vocab: int) -> int:
+    """Shapes against the checkpoint's own config; returns the stored (padded) vocabulary."""
+    if L.CT_EMBED not in reader.tensors:
+        raise ConversionError(f"{reader.path}: missing tensor {L.CT_EMBED}")
+    padded = reader.shape(L.CT_EMBED)[0]
+    if padded < true_vocab:
+        raise ConversionError(f"{reader.path}: {L.CT_EMBED} has {padded} rows, fewer than the true vocabulary "
+                              f"size {true_vocab} in the checkpoint metadata")
+    src = _Source(reader, m)
+    aliases = {lt.ct_key: src.key(lt) for lt in L.layer_tensors(m.add_qkv_bias)}
+    for key, shape in L.expected_ct_shapes(m, padded).items():
+        stored_key = aliases.get(key, key)
+        if stored_key not in reader.tensors:
+            raise ConversionError(f"{reader.path}: missing tensor {key} (expected from the checkpoint's model config)")
+        if reader.shape(stored_key) != shape:
+            raise ConversionError(f"{reader.path}: tensor {stored_key} has shape {reader.shape(stored_key)}, "
+                                  f"expected {shape} from the checkpoint's model config")
+    if m.add_qkv_bias is False and L.CT_LAYER + "self_attention.linear_qkv.bias" in reader.tensors:
+        raise ConversionError(f"{reader.path}: has a QKV bias but model.add_qkv_bias is false")
+    return padded
+
+
+def plan_hf_tensors(reader: DistCheckpointReader, m: ModelConfig, true_vocab: int,
+                    dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]]:
+    """``(hf_name, shape, produce)`` in write order: embedding, per layer, norm, lm_head."""
+    src = _Source(reader, m)
+    shapes = L.expected_hf_shapes(m)
+    out = [(L.HF_EMBED, shapes[L.HF_EMBED], lambda: src.rows(L.CT_EMBED, true_vocab))]
+    for i in range(m.num_layers):
+        for lt in L.layer_tensors(m.add_qkv_bias):
+            for j, name in enumerate(lt.hf_names(i)):
+                out.append((name, shapes[name], lambda lt=lt, i=i, j=j: src.layer_parts(lt, i)[j]))
+    out.append((L.HF_FINAL_NORM, shapes[L.HF_FINAL_NORM], lambda: reader.read(L.CT_FINAL_NORM)))
+    if m.untie_embeddings_and_output_weights:
+        out.append((L.HF_LM_HEAD, shapes[L.HF_LM_HEAD], lambda: src.rows(L.CT_OUTPUT, true_vocab)))
+    return [(name, shape, (lambda p=produce: p().to(dtype))) for name, shape, produce in out]
+
+
+def _copy_assets(src_dir: str | None, out: str) -> list[str]:
+    """Tokenizer/generation files (not weights, not config.json) from ``src_dir``."""
+    if not src_dir:
+        return []
+    if not os.path.isdir(src_dir):
+        raise ConversionError(f"{src_dir}: no such directory (expected tokenizer files)")
+    copied = []
+    for name in sorted(os.listdir(src_dir)):
+        path = os.path.join(src_dir, name)
+        if os.path.isfile(path) and not is_weight_file(name) and name != "config.json":
+            shutil.copy2(path, os.path.join(out, name))
+            copied.append(name)
+    return copied
+
+
+def convert_ct_to_hf(ckpt: str, out_dir: str, *, architecture: str | None = None, hf_base: str | None = None,
+                     tokenizer: str | None = None, dtype: str | None = None, max_shard_size: str = "5GB",
+                     overwrite: bool = False, progress: bool = True) -> ConversionReport:
+    """Convert; raises :class:`ConversionError` on bad input before writing anything."""
+    t0 = time.perf_counter()
+    if dtype is not None and dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype}: expected one of auto, {', '.join(DTYPES)}")
+    try:
+        path, _ = resolve_load_dir(ckpt)
+    except FileNotFoundError as e:
+        raise ConversionError(str(e).replace("checkpoint.load: ", "")) from None
+    common = read_common(path)
+    if "config" not in common or "model_info" not in common:
+        raise ConversionError(f"{path}: no megatron-ct metadata ('ct' common dict with config and model_info); "
+                              "expected a checkpoint written by pretrain_ct.py or this converter")
+    try:
+        m = ModelConfig(**common["config"]["model"])
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"{path}: model config in the checkpoint is not valid here ({e})") from None
+    true_vocab = int(common["model_info"]["true_vocab_size"])
+    if true_vocab != m.vocab_size:
+        raise ConversionError(f"{path}: model_info.true_vocab_size={true_vocab} disagrees with "
+                              f"config.model.vocab_size={m.vocab_size}")
+    record = common.get("hf") or {}
+    base = read_hf_config(hf_base) if hf_base else record.get("config")
+    arch = architecture or record.get("architecture") or ((base or {}).get("architectures") or [None])[0] \
+        or L.default_architecture(m)
+    L.check_architecture_fits(arch, m, path)
+    if base and (base.get("architectures") or [arch])[0] != arch:
+        base = None  # keys of another architecture's config would not apply
+
+    reader = DistCheckpointReader(path)
+    check_ct_tensors(reader, m, true_vocab)
+    torch_dtype = DTYPES[dtype] if dtype else reader.dtype(L.CT_EMBED)
+    tensors = plan_hf_tensors(reader, m, true_vocab, torch_dtype)
+
+    if os.path.exists(out_dir) and not overwrite:
+        raise ConversionError(f"{out_dir}: already exists; pass --overwrite to replace it")
+    partial = out_dir.rstrip("/") + ".partial"
+    remove_path(partial)
+    os.makedirs(partial)
+    writer = SafetensorsShardWriter(partial, [(n, s, torch_dtype) for n, s, _ in tensors], parse_size(max_shard_size))
+    bar = Progress(len(tensors), writer.total_bytes, "ct -> hf", enabled=progress)
+    largest = 0
+    for name, _, produce in tensors:
+        t = produce()
+        largest = max(largest, t.numel() * t.element_size())
+        writer.write(name, t)
+        bar.update(t.numel() * t.element_size())
+        del t
+    writer.close()
+    bar.close()
+
+    config = L.hf_config_from_model(m, arch, torch_dtype, base)
+    with open(os.path.join(partial, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    root = os.path.dirname(os.path.normpath(path))
+    assets = tokenizer or hf_base or next(
+        (d for d in (os.path.join(root, "hf_assets"), os.path.join(ckpt, "hf_assets")) if os.path.isdir(d)), None)
+    copied = _copy_assets(assets, partial)
+    warnings = [] if any(n.startswith("tokenizer") for n in copied) else [
+        f"{out_dir}: no tokenizer files copied; pass --tokenizer DIR (or --hf-base DIR)"]
+    if os.path.exists(out_dir):
+        remove_path(out_dir)
+    os.replace(partial, out_dir)
+    return ConversionReport(out_dir, len(tensors), writer.total_bytes, largest, time.perf_counter() - t0,
+                            peak_rss_bytes(), warnings)

@@ -1,0 +1,257 @@
+"""Hugging Face model directory -> megatron-ct checkpoint (iteration 0, weights only).
+
+Output, in the layout the trainer saves (``checkpoint.load=OUT`` follows the tracker)::
+
+    OUT/iter_0000000/                      megatron-core dist checkpoint (torch_dist)
+    OUT/hf_assets/                         the HF directory minus weights: config.json,
+                                           tokenizer files, generation_config.json
+    OUT/model.yaml                         the ``model:`` section of a recipe for this model
+    OUT/latest_checkpointed_iteration.txt  written last: its presence means "complete"
+
+A dist checkpoint stores tensors in global coordinates, so one checkpoint loads at every
+TP/PP layout; ``target_tp`` / ``target_pp`` are checked against the model (heads, groups,
+FFN width and layers must divide) and set the vocabulary padding, which the checkpoint
+records next to the true size. The trainer loads it with ``checkpoint.load_weights_only=true``
+(there is no optimizer state in it).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import time
+from dataclasses import dataclass
+
+import torch
+import yaml
+
+from megatron_ct.checkpoint.dist_ckpt import FORMAT_VERSION, SHARDING_METADATA, TRACKER, iter_dir
+from megatron_ct.config import (
+    ConfigError,
+    CTConfig,
+    DataConfig,
+    ModelConfig,
+    ParallelConfig,
+    TrainConfig,
+    config_to_dict,
+    validate_for_world,
+)
+from megatron_ct.convert import hf_layout as L
+from megatron_ct.convert.dist_io import ChunkSpec, write_dist_checkpoint
+from megatron_ct.convert.errors import ConversionError
+from megatron_ct.convert.hf_files import HFWeights, is_weight_file
+from megatron_ct.convert.progress import Progress, peak_rss_bytes
+from megatron_ct.model.llama import padded_vocab_size
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion did, for the CLI summary and the benchmark."""
+
+    output: str
+    tensors: int
+    bytes_written: int
+    largest_tensor_bytes: int
+    seconds: float
+    peak_rss_bytes: int
+    warnings: list[str]
+
+    def summary(self) -> str:
+        mb = self.bytes_written / 1e6
+        return (f"wrote {self.output}: {self.tensors} tensors, {mb:.1f} MB in {self.seconds:.1f}s "
+                f"({mb / max(self.seconds, 1e-9):.1f} MB/s), largest tensor {self.largest_tensor_bytes / 1e6:.1f} MB, "
+                f"peak RSS {self.peak_rss_bytes / 1e6:.0f} MB")
+
+
+def read_hf_config(hf_dir: str) -> dict:
+    import json
+
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isdir(hf_dir):
+        raise ConversionError(f"{hf_dir}: no such directory (expected a Hugging Face model directory)")
+    if not os.path.isfile(path):
+        raise ConversionError(f"{path}: missing (a Hugging Face model directory needs config.json)")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+
+
+def check_layout(m: ModelConfig, tp: int, pp: int) -> CTConfig:
+    """The CTConfig recorded in the checkpoint, after the trainer's own divisibility checks."""
+    cfg = CTConfig(model=m, parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+                   train=TrainConfig(global_batch_size=max(8, 2 * pp)),
+                   data=DataConfig(seq_length=min(DataConfig().seq_length, m.max_position_embeddings)))
+    try:
+        validate_for_world(cfg, tp * pp)
+    except ConfigError as e:
+        raise ConversionError(f"--target-tp {tp} --target-pp {pp}: {e}") from None
+    return cfg
+
+
+def check_hf_tensors(weights: HFWeights, m: ModelConfig, arch: str) -> None:
+    """Every expected tensor present with the expected shape, nothing unexplained left over."""
+    expected = L.expected_hf_shapes(m)
+    where = weights.directory
+    if L.HF_EMBED in weights and weights.shape(L.HF_EMBED)[0] != m.vocab_size:
+        raise ConversionError(
+            f"{weights.file_of(L.HF_EMBED)}: {L.HF_EMBED} has {weights.shape(L.HF_EMBED)[0]} rows but config.json "
+            f"vocab_size is {m.vocab_size}; they must agree")
+    for name, shape in expected.items():
+        if name not in weights:
+            raise ConversionError(f"{where}: missing tensor {name} (expected for {arch} with "
+                                  f"{m.num_layers} layers{', untied lm_head' if name == L.HF_LM_HEAD else ''})")
+        if weights.shape(name) != shape:
+            raise ConversionError(f"{weights.file_of(name)}: tensor {name} has shape {weights.shape(name)}, "
+                                  f"expected {shape} from config.json")
+    tied_head = not m.untie_embeddings_and_output_weights and L.HF_LM_HEAD in weights
+    for name in weights.names():
+        if name in expected or name.endswith(L.IGNORABLE_HF_SUFFIXES) or (tied_head and name == L.HF_LM_HEAD):
+            continue
+        raise ConversionError(f"{weights.file_of(name)}: unexpected tensor {name} for {arch} "
+                              f"(config.json does not account for it)")
+
+
+def plan_chunks(weights: HFWeights, m: ModelConfig, padded_vocab: int,
+                dtype: torch.dtype | None) -> list[ChunkSpec]:
+    """One chunk per layer per stacked tensor, plus the embedding, final norm and output layer.
+    Each chunk's ``produce`` reads its HF tensors, fuses and casts them (never the model)."""
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t if dtype is None else t.to(dtype)
+
+    def out_dtype(name: str) -> torch.dtype:
+        return dtype or weights.dtype(name)
+
+    shapes = L.expected_ct_shapes(m, padded_vocab)
+    chunks = [ChunkSpec(L.CT_EMBED, shapes[L.CT_EMBED], (0, 0), shapes[L.CT_EMBED], out_dtype(L.HF_EMBED),
+                        lambda: L.pad_vocab(cast(weights.load(L.HF_EMBED)), padded_vocab))]
+    fuse = {
+        "copy": lambda ts: ts[0],
+        "qkv": lambda ts: L.fuse_qkv(*ts, num_query_groups=m.num_query_groups),
+        "gate_up": lambda ts: L.fuse_gate_up(*ts),
+    }
+    for i in range(m.num_layers):
+        for lt in L.layer_tensors(m.add_qkv_bias):
+            names = lt.hf_names(i)
+            shape = shapes[lt.ct_key]
+
+            def produce(names=names, kind=lt.kind) -> torch.Tensor:
+                return cast(fuse[kind]([weights.load(n) for n in names]))
+
+            chunks.append(ChunkSpec(lt.ct_key, shape, (i,) + (0,) * (len(shape) - 1), (1, *shape[1:]),
+                                    out_dtype(names[0]), produce))
+    chunks.append(ChunkSpec(L.CT_FINAL_NORM, shapes[L.CT_FINAL_NORM], (0,), shapes[L.CT_FINAL_NORM],
+                            out_dtype(L.HF_FINAL_NORM), lambda: cast(weights.load(L.HF_FINAL_NORM))))
+    if m.untie_embeddings_and_output_weights:
+        chunks.append(ChunkSpec(L.CT_OUTPUT, shapes[L.CT_OUTPUT], (0, 0), shapes[L.CT_OUTPUT], out_dtype(L.HF_LM_HEAD),
+                                lambda: L.pad_vocab(cast(weights.load(L.HF_LM_HEAD)), padded_vocab)))
+    return chunks
+
+
+def extra_state_objects(num_layers: int) -> dict[str, bytes]:
+    """The empty ``_extra_state`` object megatron-core's local linear layers save per layer."""
+    empty = _torch_save_bytes([None])
+    return {f"{L.CT_LAYER}{mod}._extra_state/shard_{i}_{num_layers}": empty
+            for i in range(num_layers) for mod in L.EXTRA_STATE_MODULES}
+
+
+def _torch_save_bytes(obj) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def write_model_yaml(path: str, cfg: CTConfig, out_dir: str) -> None:
+    """A recipe fragment: ``pretrain_ct.py --config OUT/model.yaml`` builds this model."""
+    model = config_to_dict(cfg)["model"]
+    header = (f"# Model of the converted checkpoint {os.path.abspath(out_dir)}.\n"
+              f"# pretrain_ct.py --config {path} checkpoint.load={os.path.abspath(out_dir)} "
+              "checkpoint.load_weights_only=true ...\n")
+    with open(path, "w") as f:
+        f.write(header)
+        yaml.safe_dump({"model": model}, f, sort_keys=False)
+
+
+def convert_hf_to_ct(hf_dir: str, out_dir: str, *, target_tp: int = 1, target_pp: int = 1,
+                     make_vocab_size_divisible_by: int = 128, dtype: str | None = None,
+                     overwrite: bool = False, progress: bool = True) -> ConversionReport:
+    """Convert; raises :class:`ConversionError` on bad input before writing anything."""
+    t0 = time.perf_counter()
+    if dtype is not None and dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype}: expected one of auto, {', '.join(DTYPES)}")
+    hf_config = read_hf_config(hf_dir)
+    source = os.path.join(hf_dir, "config.json")
+    arch, m = L.model_config_from_hf(hf_config, source, make_vocab_size_divisible_by)
+    cfg = check_layout(m, target_tp, target_pp)
+    warnings = [w for w in [L.sliding_window_warning(hf_config, source)] if w]
+    weights = HFWeights(hf_dir)
+    check_hf_tensors(weights, m, arch)
+    torch_dtype = DTYPES.get(dtype) if dtype else None
+    padded = padded_vocab_size(m.vocab_size, make_vocab_size_divisible_by, target_tp)
+    chunks = plan_chunks(weights, m, padded, torch_dtype)
+
+    final = iter_dir(out_dir, 0)
+    if os.path.exists(os.path.join(out_dir, TRACKER)) or os.path.exists(final):
+        if not overwrite:
+            raise ConversionError(f"{out_dir}: already holds a checkpoint; pass --overwrite to replace it")
+        for name in (TRACKER, os.path.basename(final), "hf_assets", "model.yaml"):
+            remove_path(os.path.join(out_dir, name))
+    os.makedirs(out_dir, exist_ok=True)
+    partial = final + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+
+    common = {
+        "ct": {
+            "consumed_samples": 0,
+            "config": config_to_dict(cfg),
+            "model_info": {"true_vocab_size": m.vocab_size, "padded_vocab_size": padded},
+            "iteration": 0,
+            "format_version": FORMAT_VERSION,
+            "layout": {"tp": target_tp, "pp": target_pp},
+            "weights_only": True,
+            "hf": {"architecture": arch, "config": hf_config, "source": os.path.abspath(hf_dir)},
+        },
+        "content_metadata": dict(SHARDING_METADATA),
+    }
+    pickle.dumps(common)  # fail here, not half-way, if config.json held something odd
+    bar = Progress(len(chunks), sum(c.nbytes for c in chunks), "hf -> ct", enabled=progress)
+    write_dist_checkpoint(partial, chunks, extra_state_objects(m.num_layers), common, on_written=lambda c: bar.update(c.nbytes))
+    bar.close()
+
+    assets = os.path.join(out_dir, "hf_assets")
+    shutil.rmtree(assets + ".partial", ignore_errors=True)
+    os.makedirs(assets + ".partial")
+    for name in sorted(os.listdir(hf_dir)):
+        src = os.path.join(hf_dir, name)
+        if os.path.isfile(src) and not is_weight_file(name):
+            shutil.copy2(src, os.path.join(assets + ".partial", name))
+    os.replace(assets + ".partial", assets)
+    write_model_yaml(os.path.join(out_dir, "model.yaml"), cfg, out_dir)
+    os.replace(partial, final)
+    write_tracker(out_dir, 0)
+    return ConversionReport(out_dir, len(chunks), sum(c.nbytes for c in chunks), max(c.nbytes for c in chunks),
+                            time.perf_counter() - t0, peak_rss_bytes(), warnings)
+
+
+def remove_path(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def write_tracker(root: str, iteration: int) -> None:
+    """Atomically point ``latest_checkpointed_iteration.txt`` at ``iteration``."""
+    tmp = os.path.join(root, TRACKER + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(str(iteration))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(root, TRACKER))
