@@ -1,0 +1,59 @@
+"""Forward-only full-vocabulary logits at any TP/PP, through megatron-core's schedules.
+
+Used to check converted checkpoints against Hugging Face and to inspect a model. The batch
+goes through ``get_forward_backward_func(forward_only=True)`` exactly as training batches
+do (same pipeline schedule and P2P shapes), and the TP-split logits are gathered on the
+last pipeline stage.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def forward_logits(model_chunks: list[torch.nn.Module], tokens: torch.Tensor, vocab_size: int,
+                   micro_batch_size: int | None = None) -> torch.Tensor | None:
+    """Logits ``[b, s, vocab_size]`` (fp32, padding columns dropped) for ``tokens`` ``[b, s]``.
+
+    Collective over the model-parallel group: every rank passes the same tokens. Returns the
+    logits on every rank of the last pipeline stage and None on the others.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    b, s = tokens.shape
+    mbs = micro_batch_size or b
+    if b % mbs:
+        raise ValueError(f"batch of {b} sequences is not a multiple of micro_batch_size={mbs}")
+    device = next(model_chunks[0].parameters()).device
+    micro = [tokens[i:i + mbs].to(device) for i in range(0, b, mbs)]
+
+    def forward_step(data_iterator, model):
+        ids = next(data_iterator)
+        positions = torch.arange(s, device=ids.device).unsqueeze(0).expand_as(ids)
+        # No labels: GPTModel returns this TP rank's logits [b, s, padded_vocab / tp].
+        output = model(input_ids=ids, position_ids=positions, attention_mask=None)
+
+        def gather(output_tensor, non_loss_data=True):
+            full = gather_from_tensor_model_parallel_region(output_tensor)  # [b, s, padded_vocab]
+            return full[..., :vocab_size].float()
+
+        return output, gather
+
+    for chunk in model_chunks:
+        chunk.eval()
+    with torch.no_grad():
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=[iter(micro) for _ in model_chunks] if len(model_chunks) > 1 else iter(micro),
+            model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+            num_microbatches=len(micro),
+            seq_length=s,
+            micro_batch_size=mbs,
+            forward_only=True,
+            collect_non_loss_data=True,
+        )
+    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    return torch.cat(list(outputs), dim=0)

@@ -1,0 +1,102 @@
+"""Tiny random HF models for the conversion tests, and a launcher for torchrun scripts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from launch import REPO, free_port
+
+HIDDEN, HEADS, FFN, LAYERS, MAX_POS = 64, 4, 128, 2, 128
+
+# name: (model_type, config kwargs, weight files). Vocabulary 300 pads to 384 at TP1 and 512 at
+# TP2, so loading a TP2-padded checkpoint at TP1 exercises the trainer's vocab resizing.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+CASES = {
+    "llama_tied_gqa_llama3": ("llama", {"vocab_size": 300, "num_key_value_heads": 2, "tie_word_embeddings": True,
+                                        "rms_norm_eps": 1e-6, "rope_theta": 500000.0, "rope_scaling": LLAMA3_ROPE},
+                              "sharded_safetensors"),
+    "llama_untied_mha": ("llama", {"vocab_size": 300, "num_key_value_heads": 4, "tie_word_embeddings": False,
+                                   "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "safetensors"),
+    "mistral": ("mistral", {"vocab_size": 300, "num_key_value_heads": 2, "tie_word_embeddings": False,
+                            "sliding_window": None, "rope_theta": 1000000.0}, "safetensors"),
+    "qwen2_bias_tied": ("qwen2", {"vocab_size": 300, "num_key_value_heads": 2, "tie_word_embeddings": True,
+                                  "rope_theta": 1000000.0, "rms_norm_eps": 1e-6}, "bin"),
+}
+
+
+def hf_config(model_type: str, **overrides):
+    from transformers import AutoConfig
+
+    kwargs = {"hidden_size": HIDDEN, "intermediate_size": FFN, "num_hidden_layers": LAYERS,
+              "num_attention_heads": HEADS, "max_position_embeddings": MAX_POS, "initializer_range": 0.1,
+              "attn_implementation": "eager", **overrides}
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def build_hf_model(model_type: str, kwargs: dict, out_dir: Path, files: str = "safetensors", seed: int = 0):
+    """A random fp32 model saved at ``out_dir``. Norm weights and biases are randomised too
+    (HF initialises them to ones / zeros), so a swapped or dropped tensor shows in the logits."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config(model_type, **kwargs))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.eval()
+    if files == "bin":
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(out_dir)
+        torch.save({k: v.contiguous() for k, v in model.state_dict().items()
+                    if not (k == "lm_head.weight" and model.config.tie_word_embeddings)},
+                   out_dir / "pytorch_model.bin")
+    else:
+        model.save_pretrained(out_dir, max_shard_size="100KB" if files == "sharded_safetensors" else "5GB")
+    return model
+
+
+def run_torchrun(nproc: int, script: Path, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """torchrun a script from the repo root; output via files (see tests/launch.py), process group killed after."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(free_port()), str(script), *args]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        popen = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, cwd=REPO, start_new_session=True)
+        try:
+            rc = popen.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        out.seek(0)
+        err.seek(0)
+        proc = subprocess.CompletedProcess(cmd, rc, out.read(), err.read())
+    if proc.returncode != 0:
+        raise AssertionError(f"{script.name} failed (rc={rc}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def safetensors_dict(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF safetensors directory (tests only: loads them all)."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
