@@ -20,8 +20,11 @@ def main(argv: list[str] | None = None) -> int:
         description="megatron-ct continual pre-training",
         epilog="Any other argument overrides a config key: section.key=value, key=value or --key-name value.",
     )
-    parser.add_argument("--config", help="YAML recipe (sections: model, parallel, train, optim, data, "
-                                         "checkpoint, logging); defaults to the embedded tiny CPU run")
+    parser.add_argument(
+        "--config",
+        help="YAML recipe (sections: model, parallel, train, optim, data, "
+        "checkpoint, logging); defaults to the embedded tiny CPU run",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args, overrides = parser.parse_known_args(argv)
 

@@ -29,10 +29,30 @@ sys.path.insert(0, str(REPO))
 
 SHAPES = {
     # A LLaMA-7B-width slice: full width and sequence, 4 of the 32 layers.
-    "gpu": dict(num_layers=4, hidden_size=4096, num_attention_heads=32, num_query_groups=32, ffn_hidden_size=11008,
-                vocab_size=32000, seq_length=4096, micro_batch_size=1, global_batch_size=8, precision="bf16"),
-    "cpu": dict(num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=704,
-                vocab_size=8000, seq_length=256, micro_batch_size=2, global_batch_size=8, precision="fp32"),
+    "gpu": dict(
+        num_layers=4,
+        hidden_size=4096,
+        num_attention_heads=32,
+        num_query_groups=32,
+        ffn_hidden_size=11008,
+        vocab_size=32000,
+        seq_length=4096,
+        micro_batch_size=1,
+        global_batch_size=8,
+        precision="bf16",
+    ),
+    "cpu": dict(
+        num_layers=4,
+        hidden_size=256,
+        num_attention_heads=8,
+        num_query_groups=4,
+        ffn_hidden_size=704,
+        vocab_size=8000,
+        seq_length=256,
+        micro_batch_size=2,
+        global_batch_size=8,
+        precision="fp32",
+    ),
 }
 
 
@@ -53,16 +73,31 @@ def machine(device: str) -> str:
 def run_ours(shape: dict, device: str, nproc: int, iters: int, extra: list[str]) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [
-            f"model.num_layers={shape['num_layers']}", f"model.hidden_size={shape['hidden_size']}",
+            f"model.num_layers={shape['num_layers']}",
+            f"model.hidden_size={shape['hidden_size']}",
             f"model.num_attention_heads={shape['num_attention_heads']}",
-            f"model.num_query_groups={shape['num_query_groups']}", f"model.ffn_hidden_size={shape['ffn_hidden_size']}",
-            f"model.vocab_size={shape['vocab_size']}", f"model.max_position_embeddings={shape['seq_length']}",
-            f"data.seq_length={shape['seq_length']}", f"train.micro_batch_size={shape['micro_batch_size']}",
-            f"train.global_batch_size={shape['global_batch_size']}", f"train.precision={shape['precision']}",
-            f"train.train_iters={iters}", f"parallel.device={device}", f"logging.log_dir={tmp}", *extra,
+            f"model.num_query_groups={shape['num_query_groups']}",
+            f"model.ffn_hidden_size={shape['ffn_hidden_size']}",
+            f"model.vocab_size={shape['vocab_size']}",
+            f"model.max_position_embeddings={shape['seq_length']}",
+            f"data.seq_length={shape['seq_length']}",
+            f"train.micro_batch_size={shape['micro_batch_size']}",
+            f"train.global_batch_size={shape['global_batch_size']}",
+            f"train.precision={shape['precision']}",
+            f"train.train_iters={iters}",
+            f"parallel.device={device}",
+            f"logging.log_dir={tmp}",
+            *extra,
         ]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), str(REPO / "pretrain_ct.py"),
-               *overrides]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            str(REPO / "pretrain_ct.py"),
+            *overrides,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         if proc.returncode != 0:
             sys.exit(f"pretrain_ct.py failed:\n{proc.stderr[-4000:]}")
@@ -76,9 +111,13 @@ def run_hf_baseline(shape: dict, device: str, iters: int) -> list[float]:
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[shape["precision"]]
     config = LlamaConfig(
-        vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"], intermediate_size=shape["ffn_hidden_size"],
-        num_hidden_layers=shape["num_layers"], num_attention_heads=shape["num_attention_heads"],
-        num_key_value_heads=shape["num_query_groups"], max_position_embeddings=shape["seq_length"],
+        vocab_size=shape["vocab_size"],
+        hidden_size=shape["hidden_size"],
+        intermediate_size=shape["ffn_hidden_size"],
+        num_hidden_layers=shape["num_layers"],
+        num_attention_heads=shape["num_attention_heads"],
+        num_key_value_heads=shape["num_query_groups"],
+        max_position_embeddings=shape["seq_length"],
         attn_implementation="sdpa",
     )
     torch.manual_seed(0)
@@ -93,7 +132,7 @@ def run_hf_baseline(shape: dict, device: str, iters: int) -> list[float]:
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         for i in range(0, gbs, mbs):  # same micro-batching as ours, gradient accumulation
-            chunk = batch[i:i + mbs]
+            chunk = batch[i : i + mbs]
             out = model(input_ids=chunk[:, :-1], labels=chunk[:, :-1])
             (out.loss * mbs / gbs).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -119,9 +158,15 @@ def main() -> None:
     args = ap.parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     shape = SHAPES["gpu" if device == "cuda" else "cpu"]
-    cfg = load_config(None, [f"model.{k}={v}" for k, v in shape.items()
-                             if k in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                                      "ffn_hidden_size", "vocab_size")])
+    cfg = load_config(
+        None,
+        [
+            f"model.{k}={v}"
+            for k, v in shape.items()
+            if k
+            in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size")
+        ],
+    )
     padded = ((shape["vocab_size"] + 127) // 128) * 128
     tokens = shape["global_batch_size"] * shape["seq_length"]
     flops_step = tokens * flops_per_token(cfg.model, shape["seq_length"], padded)
@@ -136,14 +181,25 @@ def main() -> None:
     rows = []
     for name, step_s, ndev in (("megatron-ct (pretrain_ct.py)", ours, args.nproc), ("HF eager baseline", base, 1)):
         tflops = flops_step / step_s / ndev / 1e12
-        rows.append({"impl": name, "devices": ndev, "step_s": step_s, "tokens_per_s": tokens / step_s,
-                     "tflops_per_device": tflops, "mfu": tflops / peak if peak else None})
+        rows.append(
+            {
+                "impl": name,
+                "devices": ndev,
+                "step_s": step_s,
+                "tokens_per_s": tokens / step_s,
+                "tflops_per_device": tflops,
+                "mfu": tflops / peak if peak else None,
+            }
+        )
     print(f"{'impl':30} {'dev':>3} {'step s':>8} {'tokens/s':>10} {'TFLOP/s/dev':>12} {'MFU':>6}")
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"{r['impl']:30} {r['devices']:>3} {r['step_s']:>8.3f} {r['tokens_per_s']:>10.0f} "
-              f"{r['tflops_per_device']:>12.2f} {mfu:>6}")
-    print(f"speed vs baseline (tokens/s per device): {rows[0]['tokens_per_s'] / args.nproc / rows[1]['tokens_per_s']:.2f}x")
+        print(
+            f"{r['impl']:30} {r['devices']:>3} {r['step_s']:>8.3f} {r['tokens_per_s']:>10.0f} "
+            f"{r['tflops_per_device']:>12.2f} {mfu:>6}"
+        )
+    ratio = rows[0]["tokens_per_s"] / args.nproc / rows[1]["tokens_per_s"]
+    print(f"speed vs baseline (tokens/s per device): {ratio:.2f}x")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_train.jsonl"), "a") as f:
         f.write(json.dumps({"machine": machine(device), "shape": shape, "rows": rows, "time": time.time()}) + "\n")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,25 +23,50 @@ def free_port() -> int:
 # A tiny model that still has GQA (4 heads, 2 groups), 4 layers for PP2 x VPP2,
 # and a vocabulary that is not a multiple of 128 so padding is exercised.
 TINY = [
-    "model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2",
-    "model.ffn_hidden_size=128", "model.vocab_size=500", "model.max_position_embeddings=64",
-    "data.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=8", "train.precision=fp32",
-    "optim.lr=1e-3", "optim.lr_decay_style=constant", "parallel.device=cpu",
+    "model.num_layers=4",
+    "model.hidden_size=64",
+    "model.num_attention_heads=4",
+    "model.num_query_groups=2",
+    "model.ffn_hidden_size=128",
+    "model.vocab_size=500",
+    "model.max_position_embeddings=64",
+    "data.seq_length=32",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=8",
+    "train.precision=fp32",
+    "optim.lr=1e-3",
+    "optim.lr_decay_style=constant",
+    "parallel.device=cpu",
 ]
 
 
-def run_trainer(nproc: int, overrides: list[str], timeout: float = 300, check: bool = True,
-                env: dict | None = None, script: Path | None = None) -> subprocess.CompletedProcess:
+def run_trainer(
+    nproc: int,
+    overrides: list[str],
+    timeout: float = 300,
+    check: bool = True,
+    env: dict | None = None,
+    script: Path | None = None,
+) -> subprocess.CompletedProcess:
     """torchrun --nproc_per_node nproc pretrain_ct.py TINY + overrides."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(free_port()), str(script or REPO / "pretrain_ct.py"), *TINY, *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        str(script or REPO / "pretrain_ct.py"),
+        *TINY,
+        *overrides,
+    ]
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
     # Output goes to files, not pipes: a rank killed mid-save orphans megatron-core's
     # writer-manager process, which would hold a pipe open forever. The whole process
     # group is killed afterwards so no orphan outlives the test.
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        popen = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=full_env, cwd=REPO,
-                                 start_new_session=True)
+        popen = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=full_env, cwd=REPO, start_new_session=True)
         try:
             rc = popen.wait(timeout=timeout)
         finally:

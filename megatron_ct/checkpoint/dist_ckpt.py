@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -43,7 +43,7 @@ def iter_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
-def read_tracker(root: str) -> Optional[int]:
+def read_tracker(root: str) -> int | None:
     path = os.path.join(root, TRACKER)
     if not os.path.isfile(path):
         return None
@@ -61,7 +61,9 @@ def resolve_load_dir(load: str) -> tuple[str, int]:
     if it is not None:
         path = iter_dir(load, it)
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"checkpoint.load: {os.path.join(load, TRACKER)} names iteration {it} but {path} is missing")
+            raise FileNotFoundError(
+                f"checkpoint.load: {os.path.join(load, TRACKER)} names iteration {it} but {path} is missing"
+            )
         return path, it
     if os.path.isfile(os.path.join(load, "metadata.json")):
         name = os.path.basename(os.path.normpath(load))
@@ -160,8 +162,9 @@ def _unshare_torch_adam_steps(optimizer) -> None:
                 st["step"] = st["step"].clone()
 
 
-def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, common: dict[str, Any],
-                    keep_last: Optional[int] = None) -> str:
+def save_checkpoint(
+    root: str, iteration: int, chunks, optimizer, scheduler, common: dict[str, Any], keep_last: int | None = None
+) -> str:
     """Collective: every rank calls it. Returns the final directory."""
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
@@ -230,8 +233,14 @@ def read_common(path: str) -> dict[str, Any]:
     return common.get("ct", {})
 
 
-def load_checkpoint(load: str, chunks, optimizer=None, scheduler=None, weights_only: bool = False,
-                    expected_vocab_size: Optional[int] = None) -> LoadedState:
+def load_checkpoint(
+    load: str,
+    chunks,
+    optimizer=None,
+    scheduler=None,
+    weights_only: bool = False,
+    expected_vocab_size: int | None = None,
+) -> LoadedState:
     """Collective. Loads weights (always) and, unless weights_only, optimizer, scheduler,
     RNG and data position. Works across TP/PP layouts."""
     from megatron.core import dist_checkpointing
@@ -247,7 +256,9 @@ def load_checkpoint(load: str, chunks, optimizer=None, scheduler=None, weights_o
     model_sd = _model_sharded_state_dict(chunks)
     request: dict[str, Any] = dict(model_sd)
     same_layout = common.get("layout") == {
-        "tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size()}
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+    }
     if not weights_only:
         _prepare_torch_adam_for_load(optimizer)
         request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=SHARDING_METADATA)

@@ -15,7 +15,18 @@ from megatron_ct.config.schema import (
 from megatron_ct.config.validate import Layout, validate_for_world
 
 __all__ = [
-    "CTConfig", "ModelConfig", "ParallelConfig", "TrainConfig", "OptimConfig", "DataConfig",
-    "CheckpointConfig", "LoggingConfig", "ConfigError", "Layout", "load_config", "parse_overrides",
-    "config_to_dict", "validate_for_world",
+    "CTConfig",
+    "ModelConfig",
+    "ParallelConfig",
+    "TrainConfig",
+    "OptimConfig",
+    "DataConfig",
+    "CheckpointConfig",
+    "LoggingConfig",
+    "ConfigError",
+    "Layout",
+    "load_config",
+    "parse_overrides",
+    "config_to_dict",
+    "validate_for_world",
 ]

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import yaml
 
@@ -36,10 +37,9 @@ def _resolve_key(key: str) -> tuple[str, str]:
         section, name = key.split(".", 1)
         if section not in sections:
             raise ConfigError(f"{key}: unknown section {section!r}; expected one of {', '.join(sections)}")
-        if name not in _field_names(sections[section]):
-            raise ConfigError(
-                f"{key}: unknown key in section {section!r}; expected one of {', '.join(_field_names(sections[section]))}"
-            )
+        fields = _field_names(sections[section])
+        if name not in fields:
+            raise ConfigError(f"{key}: unknown key in section {section!r}; expected one of {', '.join(fields)}")
         return section, name
     owners = [s for s, cls in sections.items() if key in _field_names(cls)]
     if not owners:
@@ -140,7 +140,7 @@ def build_config(raw: dict[str, dict[str, Any]], source: str = "config") -> CTCo
     return CTConfig(**built)
 
 
-def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> CTConfig:
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> CTConfig:
     """Read a YAML recipe (or start from defaults) and apply CLI overrides."""
     raw: dict[str, dict[str, Any]] = {}
     source = "defaults"

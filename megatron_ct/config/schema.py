@@ -13,7 +13,7 @@ flags (``--tensor-model-parallel-size`` -> ``tensor_model_parallel_size``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -39,9 +39,9 @@ class ModelConfig:
     """Model width."""
     num_attention_heads: int = 4
     """Query heads."""
-    num_query_groups: Optional[int] = None
+    num_query_groups: int | None = None
     """Key/value heads for grouped-query attention; None means one per query head (MHA)."""
-    ffn_hidden_size: Optional[int] = None
+    ffn_hidden_size: int | None = None
     """SwiGLU inner width; None means LLaMA's rule: 2/3 * 4h rounded up to a multiple of 256."""
     vocab_size: int = 512
     """True tokenizer vocabulary size. The embedding is padded beyond it (see
@@ -52,7 +52,7 @@ class ModelConfig:
     """Longest sequence the position encoding is set up for."""
     rotary_base: float = 10000.0
     """RoPE theta (HF ``rope_theta``)."""
-    rope_scaling: Optional[dict] = None
+    rope_scaling: dict | None = None
     """HF-style ``rope_scaling`` dict (``rope_type``: linear, dynamic, yarn, llama3); None: plain RoPE."""
     norm_epsilon: float = 1e-5
     """RMSNorm epsilon (HF ``rms_norm_eps``)."""
@@ -98,7 +98,7 @@ class ParallelConfig:
     """TP: each layer's weights split across this many ranks."""
     pipeline_model_parallel_size: int = 1
     """PP: layers split into this many stages (1F1B schedule)."""
-    virtual_pipeline_model_parallel_size: Optional[int] = None
+    virtual_pipeline_model_parallel_size: int | None = None
     """Interleaved 1F1B: model chunks per pipeline rank (needs PP > 1)."""
     sequence_parallel: bool = False
     """Split norms/dropout activations along the sequence across TP ranks (needs TP > 1)."""
@@ -148,7 +148,7 @@ class TrainConfig:
     """On a NaN/Inf loss or grad norm: 'skip' the update and go on, or 'stop' the run."""
     max_skipped_steps: int = 10
     """With nan_policy=skip, stop after this many consecutive skipped steps."""
-    exit_interval: Optional[int] = None
+    exit_interval: int | None = None
     """Stop (after saving) when the iteration is a multiple of this; for tests and job chunks."""
 
     def __post_init__(self) -> None:
@@ -174,9 +174,9 @@ class OptimConfig:
     """Learning rate at the start of warmup. Re-warming a base model: warmup from here again."""
     lr_decay_style: str = "cosine"
     """'constant', 'linear', 'cosine', or 'WSD' (warmup-stable-decay)."""
-    lr_decay_iters: Optional[int] = None
+    lr_decay_iters: int | None = None
     """Steps over which to decay; None: train_iters."""
-    lr_wsd_decay_iters: Optional[int] = None
+    lr_wsd_decay_iters: int | None = None
     """WSD: length of the final decay phase; None: 10% of lr_decay_iters."""
     lr_wsd_decay_style: str = "linear"
     """WSD decay shape: 'linear', 'cosine', 'exponential' or 'minus_sqrt'."""
@@ -196,7 +196,9 @@ class OptimConfig:
         _require(0 <= self.min_lr <= self.lr, "optim.min_lr", f"a number in [0, lr={self.lr}]", self.min_lr)
         _require(self.lr_warmup_iters >= 0, "optim.lr_warmup_iters", "an integer >= 0", self.lr_warmup_iters)
         _require(
-            0 <= self.lr_warmup_init <= self.lr, "optim.lr_warmup_init", f"a number in [0, lr={self.lr}]",
+            0 <= self.lr_warmup_init <= self.lr,
+            "optim.lr_warmup_init",
+            f"a number in [0, lr={self.lr}]",
             self.lr_warmup_init,
         )
         _one_of(self.lr_decay_style, "optim.lr_decay_style", ("constant", "linear", "cosine", "WSD"))
@@ -224,18 +226,18 @@ class DataConfig:
 class CheckpointConfig:
     """Saving and loading megatron-core dist checkpoints."""
 
-    save: Optional[str] = None
+    save: str | None = None
     """Directory to save checkpoints into (iter_XXXXXXX/ plus a 'latest' file)."""
-    save_interval: Optional[int] = None
+    save_interval: int | None = None
     """Save every this many steps (and always at the end when save is set)."""
-    load: Optional[str] = None
+    load: str | None = None
     """Checkpoint directory (or one iter_* directory) to resume from."""
     load_weights_only: bool = False
     """Start a CT run from a base model: take weights only; fresh optimizer, iteration 0,
     fresh LR schedule (re-warm with optim.lr_warmup_iters). Megatron-LM: --finetune."""
     save_on_sigterm: bool = True
     """On SIGTERM (SLURM preemption), save at the end of the current step and exit."""
-    keep_last: Optional[int] = None
+    keep_last: int | None = None
     """Delete older iter_* directories, keeping this many; None keeps all."""
 
     def __post_init__(self) -> None:
@@ -251,11 +253,11 @@ class LoggingConfig:
 
     log_interval: int = 1
     """Report every this many steps."""
-    log_dir: Optional[str] = None
+    log_dir: str | None = None
     """Directory for metrics.jsonl (rank 0); None: the save directory, else no file."""
-    tensorboard_dir: Optional[str] = None
+    tensorboard_dir: str | None = None
     """TensorBoard event directory; used when tensorboard is installed."""
-    peak_tflops: Optional[float] = None
+    peak_tflops: float | None = None
     """Peak dense TFLOP/s per device for MFU; None: looked up from the GPU name (see
     megatron_ct.training.flops.PEAK_TFLOPS), or unknown."""
 

@@ -1,6 +1,8 @@
 """Global-batch bookkeeping: which samples form step k, and which of them this rank gets.
 
-Step k uses global samples ``[k*G, (k+1)*G)`` (G = global batch size). They are cut
+Step k uses global samples ``[c + (k-r)*G, c + (k-r+1)*G)`` where G is the global batch
+size and (r, c) the iteration and consumed-sample count the run resumed from (0, 0 for a
+fresh run), so a job chunk that changes G continues the sample stream. They are cut
 into ``num_microbatches`` micro-batches; micro-batch j on data-parallel rank r holds
 samples ``k*G + j*(mbs*dp) + r*mbs + [0, mbs)``. The loss of a step therefore covers the
 same samples whatever the DP size or micro-batch count, which is what makes losses
@@ -9,7 +11,7 @@ comparable across parallel layouts and resumable by iteration alone.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -17,8 +19,10 @@ import torch
 from megatron_ct.config import CTConfig, Layout
 
 
-def sample_indices(step: int, micro: int, dp_rank: int, global_batch: int, mbs: int, dp: int) -> range:
-    start = step * global_batch + micro * mbs * dp + dp_rank * mbs
+def sample_indices(first_sample: int, micro: int, dp_rank: int, mbs: int, dp: int) -> range:
+    """Samples of micro-batch ``micro`` on data-parallel rank ``dp_rank`` of the step whose
+    global batch starts at ``first_sample``."""
+    start = first_sample + micro * mbs * dp + dp_rank * mbs
     return range(start, start + mbs)
 
 
@@ -50,23 +54,31 @@ class BatchSource:
         self.num_microbatches = layout.num_microbatches
         self.dp_rank = dp_rank
         self.device = device
+        self.resumed_step = 0
+        self.resumed_samples = 0
 
-    def microbatches(self, step: int) -> Iterator[dict[str, torch.Tensor]]:
-        for j in range(self.num_microbatches):
-            idx = sample_indices(step, j, self.dp_rank, self.global_batch, self.mbs, self.dp)
-            yield make_batch([self.dataset[i] for i in idx], self.device)
+    def resume(self, step: int, consumed_samples: int) -> None:
+        """Continue the stream after ``consumed_samples`` samples, at iteration ``step``."""
+        self.resumed_step, self.resumed_samples = step, consumed_samples
 
     def consumed_samples(self, step: int) -> int:
         """Data position after ``step`` steps (stored in checkpoints)."""
-        return step * self.global_batch
+        return self.resumed_samples + (step - self.resumed_step) * self.global_batch
+
+    def microbatches(self, step: int) -> Iterator[dict[str, torch.Tensor]]:
+        first = self.consumed_samples(step)
+        for j in range(self.num_microbatches):
+            idx = sample_indices(first, j, self.dp_rank, self.mbs, self.dp)
+            yield make_batch([self.dataset[i] for i in idx], self.device)
 
 
 def build_batch_source(cfg: CTConfig, layout: Layout, dp_rank: int, device: str) -> BatchSource:
     from megatron_ct.data.synthetic import SyntheticMarkovDataset
 
     if cfg.data.source == "synthetic":
-        ds = SyntheticMarkovDataset(cfg.model.vocab_size, cfg.data.seq_length, cfg.data.synthetic_branching,
-                                    cfg.train.seed)
+        ds = SyntheticMarkovDataset(
+            cfg.model.vocab_size, cfg.data.seq_length, cfg.data.synthetic_branching, cfg.train.seed
+        )
     else:  # pragma: no cover - guarded by DataConfig validation
         raise ValueError(f"data.source: unsupported {cfg.data.source!r}")
     return BatchSource(cfg, layout, ds, dp_rank, device)

@@ -182,9 +182,13 @@ def build_model(cfg: CTConfig, layout: Layout, device: str) -> tuple[list[torch.
         if m.rope_scaling is not None or m.rotary_base != int(m.rotary_base):
             from megatron_ct.model.rope import RopeScaling, install_rope
 
-            install_rope(model, m.hidden_size // m.num_attention_heads, m.rotary_base,
-                         RopeScaling.from_hf_dict(m.rope_scaling or {"rope_type": "default"}),
-                         m.max_position_embeddings)
+            install_rope(
+                model,
+                m.hidden_size // m.num_attention_heads,
+                m.rotary_base,
+                RopeScaling.from_hf_dict(m.rope_scaling or {"rope_type": "default"}),
+                m.max_position_embeddings,
+            )
         if device == "cuda":
             model.cuda(torch.cuda.current_device())
         chunks.append(model)

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -96,7 +97,7 @@ class _Event:
     def query(self) -> bool:
         return True
 
-    def elapsed_time(self, end: "_Event") -> float:
+    def elapsed_time(self, end: _Event) -> float:
         return (end._t - self._t) * 1000.0
 
 
@@ -158,8 +159,7 @@ def _cuda_replacements() -> dict[str, Callable[..., Any]]:
         "Event": _Event,
         "nvtx": _NoNvtx(),
     }
-    for name in ("memory_allocated", "max_memory_allocated", "memory_reserved",
-                 "max_memory_reserved"):
+    for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):
         repl[name] = _zero(name)
     for name in ("set_device", "synchronize", "empty_cache", "reset_peak_memory_stats"):
         repl[name] = _noop(name)
@@ -210,6 +210,7 @@ def activate_cpu_device_layer() -> None:
         # Import megatron-core (and through it torch._dynamo's tables) before patching
         # torch.cuda, so those tables hold the real CUDA functions.
         import megatron.core  # noqa: F401
+
         if torch.cuda.is_available() and torch.cuda.device_count() > 0 and _gpu_in_use():
             raise RuntimeError("device layer: refusing to map CUDA to CPU in a process that already uses a GPU")
         saved = {}

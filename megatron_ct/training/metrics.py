@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -25,7 +25,7 @@ def memory_gib(device: str) -> float:
 class MetricsWriter:
     """Collects per-step metrics and writes them every ``log_interval`` steps."""
 
-    def __init__(self, is_writer: bool, jsonl_dir: Optional[str], tensorboard_dir: Optional[str]) -> None:
+    def __init__(self, is_writer: bool, jsonl_dir: str | None, tensorboard_dir: str | None) -> None:
         self.is_writer = is_writer
         self._jsonl = None
         self._tb = None
@@ -78,7 +78,7 @@ def format_line(r: dict[str, Any], train_iters: int) -> str:
 class Throughput:
     """Wall time between log points -> tokens/s, TFLOP/s per device, MFU, ETA."""
 
-    def __init__(self, tokens_per_step: int, flops_per_step: float, world_size: int, peak_tflops: Optional[float]):
+    def __init__(self, tokens_per_step: int, flops_per_step: float, world_size: int, peak_tflops: float | None):
         self.tokens_per_step = tokens_per_step
         self.flops_per_step = flops_per_step
         self.world_size = world_size

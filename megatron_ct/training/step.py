@@ -8,9 +8,9 @@ the step and either skipped or stops the run (``train.nan_policy``), never appli
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -59,22 +59,34 @@ def reduce_step_loss(reports: list[dict], device: str) -> float:
             total += r["lm loss"].to(total)
         dist.all_reduce(total, group=ps.get_data_parallel_group())
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(total, src=ps.get_pipeline_model_parallel_last_rank(),
-                       group=ps.get_pipeline_model_parallel_group())
+        dist.broadcast(
+            total, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
+        )
     return (total[0] / total[1].clamp(min=1)).item()
 
 
 @dataclass
 class StepResult:
     loss: float
-    grad_norm: Optional[float]
+    grad_norm: float | None
     lr: float
     applied: bool
     reason: str = ""  # why a step was not applied: 'fp16 overflow', 'non-finite loss', ...
 
 
-def train_step(step: int, microbatches: Iterator[dict], model_chunks, optimizer, scheduler, *, num_microbatches: int,
-               seq_length: int, micro_batch_size: int, nan_policy: str, device: str) -> StepResult:
+def train_step(
+    step: int,
+    microbatches: Iterator[dict],
+    model_chunks,
+    optimizer,
+    scheduler,
+    *,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    nan_policy: str,
+    device: str,
+) -> StepResult:
     from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
     from megatron.core.pipeline_parallel import get_forward_backward_func
 

@@ -49,14 +49,23 @@ class Trainer:
         self.iteration = 0
         self._last_saved: int | None = None
         self._first_loss: float | None = None
+        self.batches = build_batch_source(cfg, layout, ps.get_data_parallel_rank(), device)
         ck = cfg.checkpoint
         if ck.load:
-            state = load_checkpoint(ck.load, self.model, self.optimizer, self.scheduler,
-                                    weights_only=ck.load_weights_only, expected_vocab_size=cfg.model.vocab_size)
+            state = load_checkpoint(
+                ck.load,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                weights_only=ck.load_weights_only,
+                expected_vocab_size=cfg.model.vocab_size,
+            )
             self.iteration = state.iteration
+            self.batches.resume(state.iteration, state.consumed_samples)
             self._last_saved = None if ck.load_weights_only else self.iteration
-            log.info("resumed from %s at iteration %d", ck.load, self.iteration)
-        self.batches = build_batch_source(cfg, layout, ps.get_data_parallel_rank(), device)
+            log.info(
+                "resumed from %s at iteration %d (%d samples consumed)", ck.load, self.iteration, state.consumed_samples
+            )
         self.is_writer = dist.get_rank() == 0
         log_dir = cfg.logging.log_dir or ck.save
         self.metrics = MetricsWriter(self.is_writer, log_dir, cfg.logging.tensorboard_dir)
@@ -64,30 +73,49 @@ class Trainer:
 
     def _log_startup(self) -> None:
         info, lay = self.model_info, self.layout
-        total = torch.tensor([info.num_parameters], dtype=torch.float64,
-                             device="cuda" if self.device == "cuda" else "cpu")
+        total = torch.tensor(
+            [info.num_parameters], dtype=torch.float64, device="cuda" if self.device == "cuda" else "cpu"
+        )
         dist.all_reduce(total)
         log.info(
             "model: %.2fM parameters | transformer_impl=%s | norm=%s | vocab %d (padded %d) | "
             "layout TP%d PP%d%s DP%d | %d micro-batches/step | device=%s | precision=%s",
-            total.item() / lay.dp / 1e6, info.transformer_impl, info.norm_impl, info.true_vocab_size,
-            info.padded_vocab_size, lay.tp, lay.pp, f" VPP{lay.vpp}" if lay.vpp else "", lay.dp,
-            lay.num_microbatches, self.device, self.cfg.train.precision,
+            total.item() / lay.dp / 1e6,
+            info.transformer_impl,
+            info.norm_impl,
+            info.true_vocab_size,
+            info.padded_vocab_size,
+            lay.tp,
+            lay.pp,
+            f" VPP{lay.vpp}" if lay.vpp else "",
+            lay.dp,
+            lay.num_microbatches,
+            self.device,
+            self.cfg.train.precision,
         )
 
     def _common_state(self) -> dict:
         return {
             "consumed_samples": self.batches.consumed_samples(self.iteration),
             "config": config_to_dict(self.cfg),
-            "model_info": {"true_vocab_size": self.model_info.true_vocab_size,
-                           "padded_vocab_size": self.model_info.padded_vocab_size},
+            "model_info": {
+                "true_vocab_size": self.model_info.true_vocab_size,
+                "padded_vocab_size": self.model_info.padded_vocab_size,
+            },
         }
 
     def save(self) -> None:
         ck = self.cfg.checkpoint
         t0 = time.perf_counter()
-        path = save_checkpoint(ck.save, self.iteration, self.model, self.optimizer, self.scheduler,
-                               self._common_state(), keep_last=ck.keep_last)
+        path = save_checkpoint(
+            ck.save,
+            self.iteration,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self._common_state(),
+            keep_last=ck.keep_last,
+        )
         self._last_saved = self.iteration
         log.info("saved checkpoint %s in %.1fs", path, time.perf_counter() - t0)
 
@@ -103,8 +131,11 @@ class Trainer:
         seq = cfg.data.seq_length
         tokens_per_step = t.global_batch_size * seq
         throughput = Throughput(
-            tokens_per_step, tokens_per_step * flops_per_token(cfg.model, seq, self.model_info.padded_vocab_size),
-            self.layout.world_size, self._peak_tflops())
+            tokens_per_step,
+            tokens_per_step * flops_per_token(cfg.model, seq, self.model_info.padded_vocab_size),
+            self.layout.world_size,
+            self._peak_tflops(),
+        )
         preempt = PreemptionFlag(cfg.checkpoint.save_on_sigterm and cfg.checkpoint.save is not None, self.device)
         reason, result, skipped_in_a_row, skipped_total, since_log = "finished", None, 0, 0, 0
         if self.device == "cuda":
@@ -112,9 +143,17 @@ class Trainer:
         try:
             while self.iteration < t.train_iters:
                 result = train_step(
-                    self.iteration, self.batches.microbatches(self.iteration), self.model, self.optimizer,
-                    self.scheduler, num_microbatches=self.layout.num_microbatches, seq_length=seq,
-                    micro_batch_size=t.micro_batch_size, nan_policy=t.nan_policy, device=self.device)
+                    self.iteration,
+                    self.batches.microbatches(self.iteration),
+                    self.model,
+                    self.optimizer,
+                    self.scheduler,
+                    num_microbatches=self.layout.num_microbatches,
+                    seq_length=seq,
+                    micro_batch_size=t.micro_batch_size,
+                    nan_policy=t.nan_policy,
+                    device=self.device,
+                )
                 self.iteration += 1
                 since_log += 1
                 if result.applied:
@@ -124,8 +163,10 @@ class Trainer:
                     skipped_total += 1
                     log.warning("iteration %d: %s", self.iteration, result.reason)
                     if skipped_in_a_row > t.max_skipped_steps:
-                        raise RuntimeError(f"{skipped_in_a_row} consecutive steps skipped (train.max_skipped_steps="
-                                           f"{t.max_skipped_steps}); stopping")
+                        raise RuntimeError(
+                            f"{skipped_in_a_row} consecutive steps skipped (train.max_skipped_steps="
+                            f"{t.max_skipped_steps}); stopping"
+                        )
                 if self.iteration % cfg.logging.log_interval == 0 or self.iteration == t.train_iters:
                     self._log(result, throughput.measure(since_log, t.train_iters - self.iteration), skipped_total)
                     since_log = 0
@@ -146,8 +187,9 @@ class Trainer:
         if reason == "preempted":
             log.warning("SIGTERM received: saved iteration %d and stopping", self.iteration)
         if self._first_loss is not None and result is not None:
-            log.info("done (%s) at iteration %d: loss %.4f -> %.4f", reason, self.iteration, self._first_loss,
-                     result.loss)
+            log.info(
+                "done (%s) at iteration %d: loss %.4f -> %.4f", reason, self.iteration, self._first_loss, result.loss
+            )
         return TrainOutcome(self.iteration, reason, result.loss if result else None)
 
     def _log(self, result, perf: dict, skipped_total: int) -> None:
@@ -190,4 +232,3 @@ def run_training(cfg: CTConfig) -> TrainOutcome:
         return Trainer(cfg, layout, device).train()
     finally:
         teardown_distributed()
-

@@ -1,8 +1,8 @@
 """Entry point for tests: pretrain_ct.py with a fault injected, chosen by CT_FAULT.
 
-  CT_FAULT=kill_during_save:N  every rank dies (os._exit) in the middle of writing the
-                               checkpoint of iteration N, after its shards are on disk
-  CT_FAULT=sigterm_after:N     rank 0 receives SIGTERM right after iteration N
+CT_FAULT=kill_during_save:N  every rank dies (os._exit) in the middle of writing the
+                             checkpoint of iteration N, after its shards are on disk
+CT_FAULT=sigterm_after:N     rank 0 receives SIGTERM right after iteration N
 """
 
 import os

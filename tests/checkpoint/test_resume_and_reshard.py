@@ -10,8 +10,12 @@ pytestmark = pytest.mark.slow
 FAULTS = REPO / "tests" / "checkpoint" / "fault_injection.py"
 # Warmup + cosine so the scheduler state matters; DP2 with the distributed optimizer so
 # sharded optimizer state round-trips.
-SCHEDULE = ["train.train_iters=6", "optim.lr_warmup_iters=2", "optim.lr_decay_style=cosine",
-            "--use-distributed-optimizer"]
+SCHEDULE = [
+    "train.train_iters=6",
+    "optim.lr_warmup_iters=2",
+    "optim.lr_decay_style=cosine",
+    "--use-distributed-optimizer",
+]
 
 
 def test_resume_gives_identical_losses(tmp_path):
@@ -34,10 +38,15 @@ def test_reshard_tp2pp2_to_tp1pp1_and_tp1pp2(tmp_path):
     big = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--sequence-parallel"]
     run_trainer(4, SCHEDULE + big + ["train.exit_interval=2", f"checkpoint.save={ck}"])
     first_losses = {}
-    for name, nproc, flags in [("TP2PP2", 4, big), ("TP1PP1", 1, []),
-                               ("TP1PP2", 2, ["--pipeline-model-parallel-size", "2"])]:
+    for name, nproc, flags in [
+        ("TP2PP2", 4, big),
+        ("TP1PP1", 1, []),
+        ("TP1PP2", 2, ["--pipeline-model-parallel-size", "2"]),
+    ]:
         out = tmp_path / name
-        run_trainer(nproc, SCHEDULE + flags + ["train.train_iters=3", f"checkpoint.load={ck}", f"logging.log_dir={out}"])
+        run_trainer(
+            nproc, SCHEDULE + flags + ["train.train_iters=3", f"checkpoint.load={ck}", f"logging.log_dir={out}"]
+        )
         got = losses(out)
         assert sorted(got) == [3], f"{name} should resume at iteration 3, logged {sorted(got)}"
         first_losses[name] = got[3]
@@ -48,16 +57,29 @@ def test_reshard_tp2pp2_to_tp1pp1_and_tp1pp2(tmp_path):
 
 def test_killed_save_keeps_previous_checkpoint_latest(tmp_path):
     ck = tmp_path / "ck"
-    proc = run_trainer(2, SCHEDULE + ["train.train_iters=4", "checkpoint.save_interval=1", f"checkpoint.save={ck}"],
-                       check=False, env={"CT_FAULT": "kill_during_save:2"}, script=FAULTS)
+    proc = run_trainer(
+        2,
+        SCHEDULE + ["train.train_iters=4", "checkpoint.save_interval=1", f"checkpoint.save={ck}"],
+        check=False,
+        env={"CT_FAULT": "kill_during_save:2"},
+        script=FAULTS,
+    )
     assert proc.returncode != 0
     assert (ck / "latest_checkpointed_iteration.txt").read_text() == "1"
     assert (ck / "iter_0000001").is_dir()
     assert not (ck / "iter_0000002").exists()  # only the .partial directory, never the final name
     assert (ck / "iter_0000002.partial").is_dir()
     # The run resumes from the complete checkpoint, and the next save cleans the leftovers.
-    run_trainer(2, SCHEDULE + ["train.train_iters=2", f"checkpoint.load={ck}", f"checkpoint.save={ck}",
-                               f"logging.log_dir={tmp_path / 'after'}"])
+    run_trainer(
+        2,
+        SCHEDULE
+        + [
+            "train.train_iters=2",
+            f"checkpoint.load={ck}",
+            f"checkpoint.save={ck}",
+            f"logging.log_dir={tmp_path / 'after'}",
+        ],
+    )
     assert sorted(losses(tmp_path / "after")) == [2]
     assert (ck / "latest_checkpointed_iteration.txt").read_text() == "2"
     assert not any(name.endswith(".partial") for name in os.listdir(ck))

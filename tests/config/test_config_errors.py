@@ -2,23 +2,38 @@
 
 import pytest
 
-from launch import run_trainer
 from megatron_ct.config import ConfigError, load_config, validate_for_world
+
+from launch import run_trainer
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["--tensor-model-parallel-size", "3", "model.num_attention_heads=6", "model.num_query_groups=6",
-          "model.hidden_size=96", "model.ffn_hidden_size=192"],
-         "expected a divisor of the world size 2, got 3*1=3"),
-        (["--tensor-model-parallel-size", "2", "model.num_query_groups=1"],
-         "parallel.tensor_model_parallel_size: expected a divisor of model.num_query_groups=1, got 2"),
-        (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"],
-         "expected a divisor of the world size 2, got 2*2=4"),
-        (["train.global_batch_size=6", "train.micro_batch_size=2"],
-         "train.global_batch_size: expected a multiple of micro_batch_size*data_parallel_size=2*2=4, got 6"),
+        (
+            [
+                "--tensor-model-parallel-size",
+                "3",
+                "model.num_attention_heads=6",
+                "model.num_query_groups=6",
+                "model.hidden_size=96",
+                "model.ffn_hidden_size=192",
+            ],
+            "expected a divisor of the world size 2, got 3*1=3",
+        ),
+        (
+            ["--tensor-model-parallel-size", "2", "model.num_query_groups=1"],
+            "parallel.tensor_model_parallel_size: expected a divisor of model.num_query_groups=1, got 2",
+        ),
+        (
+            ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"],
+            "expected a divisor of the world size 2, got 2*2=4",
+        ),
+        (
+            ["train.global_batch_size=6", "train.micro_batch_size=2"],
+            "train.global_batch_size: expected a multiple of micro_batch_size*data_parallel_size=2*2=4, got 6",
+        ),
         (["train.trian_iters=3"], "train.trian_iters: unknown key in section 'train'"),
     ],
     ids=["tp-world", "tp-groups", "tpxpp-world", "global-batch", "unknown-key"],
@@ -35,13 +50,19 @@ def test_config_error_on_every_rank_without_hanging(overrides, message):
 
 
 def test_tp_must_divide_heads():
-    cfg = load_config(None, ["model.num_attention_heads=4", "model.num_query_groups=4", "--tensor-model-parallel-size", "8"])
-    with pytest.raises(ConfigError, match=r"tensor_model_parallel_size: expected a divisor of model.num_attention_heads=4, got 8"):
+    cfg = load_config(
+        None, ["model.num_attention_heads=4", "model.num_query_groups=4", "--tensor-model-parallel-size", "8"]
+    )
+    with pytest.raises(
+        ConfigError, match=r"tensor_model_parallel_size: expected a divisor of model.num_attention_heads=4, got 8"
+    ):
         validate_for_world(cfg, 8)
 
 
 def test_pipeline_needs_two_microbatches():
-    cfg = load_config(None, ["--pipeline-model-parallel-size", "2", "train.global_batch_size=2", "train.micro_batch_size=2"])
+    cfg = load_config(
+        None, ["--pipeline-model-parallel-size", "2", "train.global_batch_size=2", "train.micro_batch_size=2"]
+    )
     with pytest.raises(ConfigError, match=r"train.global_batch_size: pipeline parallelism needs >= 2 micro-batches"):
         validate_for_world(cfg, 2)
 
@@ -53,7 +74,8 @@ def test_layers_must_split_over_stages():
 
 
 def test_layout_is_derived():
-    cfg = load_config(None, ["--tensor-model-parallel-size", "2", "train.global_batch_size=16",
-                             "train.micro_batch_size=2"])
+    cfg = load_config(
+        None, ["--tensor-model-parallel-size", "2", "train.global_batch_size=16", "train.micro_batch_size=2"]
+    )
     lay = validate_for_world(cfg, 8)
     assert (lay.tp, lay.pp, lay.dp, lay.num_microbatches) == (2, 1, 4, 2)

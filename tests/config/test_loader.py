@@ -6,8 +6,9 @@ from megatron_ct.config import ConfigError, load_config, parse_overrides
 def test_three_override_spellings(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("train:\n  train_iters: 100\noptim:\n  lr: 1.0e-4\n")
-    cfg = load_config(str(recipe), ["train.train_iters=7", "lr=2e-4", "--tensor-model-parallel-size", "2",
-                                    "--sequence-parallel"])
+    cfg = load_config(
+        str(recipe), ["train.train_iters=7", "lr=2e-4", "--tensor-model-parallel-size", "2", "--sequence-parallel"]
+    )
     assert cfg.train.train_iters == 7
     assert cfg.optim.lr == 2e-4
     assert cfg.parallel.tensor_model_parallel_size == 2 and cfg.parallel.sequence_parallel is True
@@ -15,17 +16,25 @@ def test_three_override_spellings(tmp_path):
 
 def test_yaml_values_keep_types():
     assert parse_overrides(["a=1", "b=1e-3", "c=null", "d=[1, 2]", "--e", "true"]) == [
-        ("a", 1), ("b", 1e-3), ("c", None), ("d", [1, 2]), ("e", True)]
+        ("a", 1),
+        ("b", 1e-3),
+        ("c", None),
+        ("d", [1, 2]),
+        ("e", True),
+    ]
 
 
-@pytest.mark.parametrize("override, message", [
-    ("nope=1", "nope: unknown configuration key"),
-    ("model.nope=1", "model.nope: unknown key in section 'model'"),
-    ("train.train_iters=1.5", "train.train_iters: expected int, got 1.5"),
-    ("train.precision=fp8", "train.precision: expected one of bf16, fp16, fp32, got 'fp8'"),
-    ("model.num_query_groups=3", "model.num_query_groups: expected a divisor of num_attention_heads=4, got 3"),
-    ("train.sequence_parallel=true", "train.sequence_parallel: unknown key in section 'train'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("nope=1", "nope: unknown configuration key"),
+        ("model.nope=1", "model.nope: unknown key in section 'model'"),
+        ("train.train_iters=1.5", "train.train_iters: expected int, got 1.5"),
+        ("train.precision=fp8", "train.precision: expected one of bf16, fp16, fp32, got 'fp8'"),
+        ("model.num_query_groups=3", "model.num_query_groups: expected a divisor of num_attention_heads=4, got 3"),
+        ("train.sequence_parallel=true", "train.sequence_parallel: unknown key in section 'train'"),
+    ],
+)
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])

@@ -8,15 +8,37 @@ def test_nodelist_expansion():
 
 
 def test_torchrun_variables_win():
-    env = read_launch_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1234",
-                           "SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+    env = read_launch_env(
+        {
+            "RANK": "3",
+            "WORLD_SIZE": "8",
+            "LOCAL_RANK": "1",
+            "MASTER_ADDR": "h",
+            "MASTER_PORT": "1234",
+            "SLURM_PROCID": "0",
+            "SLURM_NTASKS": "2",
+        }
+    )
     assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port, env.launcher) == (
-        3, 8, 1, "h", 1234, "torchrun")
+        3,
+        8,
+        1,
+        "h",
+        1234,
+        "torchrun",
+    )
 
 
 def test_srun_without_torchrun():
-    env = read_launch_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
-                           "SLURM_JOB_NODELIST": "dgx[002-003]", "SLURM_JOB_ID": "4242"})
+    env = read_launch_env(
+        {
+            "SLURM_PROCID": "5",
+            "SLURM_NTASKS": "16",
+            "SLURM_LOCALID": "1",
+            "SLURM_JOB_NODELIST": "dgx[002-003]",
+            "SLURM_JOB_ID": "4242",
+        }
+    )
     assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.launcher) == (5, 16, 1, "dgx002", "slurm")
     assert env.master_port == 20000 + 4242
 

@@ -3,8 +3,16 @@ from megatron_ct.training.flops import flops_per_token, peak_tflops_for
 
 
 def test_llama7b_flops_per_token_close_to_6n():
-    m = load_config(None, ["model.num_layers=32", "model.hidden_size=4096", "model.num_attention_heads=32",
-                           "model.vocab_size=32000", "model.max_position_embeddings=4096"]).model
+    m = load_config(
+        None,
+        [
+            "model.num_layers=32",
+            "model.hidden_size=4096",
+            "model.num_attention_heads=32",
+            "model.vocab_size=32000",
+            "model.max_position_embeddings=4096",
+        ],
+    ).model
     n_params = 6.74e9
     f = flops_per_token(m, 4096, 32000)
     # 6N for the weights plus the attention term 12*L*h*s (about 6.4e9 at s=4096).

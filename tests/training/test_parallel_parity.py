@@ -24,8 +24,15 @@ def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("parity")
     run_trainer(1, ["train.train_iters=0", f"checkpoint.save={root / 'init'}"])
     ref = root / "ref"
-    run_trainer(1, ["train.train_iters=3", f"checkpoint.load={root / 'init'}", "checkpoint.load_weights_only=true",
-                    f"logging.log_dir={ref}"])
+    run_trainer(
+        1,
+        [
+            "train.train_iters=3",
+            f"checkpoint.load={root / 'init'}",
+            "checkpoint.load_weights_only=true",
+            f"logging.log_dir={ref}",
+        ],
+    )
     return root, losses(ref)
 
 
@@ -34,8 +41,16 @@ def test_losses_match_single_process(base, name):
     root, ref = base
     nproc, flags = LAYOUTS[name]
     out = root / name
-    run_trainer(nproc, ["train.train_iters=3", f"checkpoint.load={root / 'init'}",
-                        "checkpoint.load_weights_only=true", f"logging.log_dir={out}", *flags])
+    run_trainer(
+        nproc,
+        [
+            "train.train_iters=3",
+            f"checkpoint.load={root / 'init'}",
+            "checkpoint.load_weights_only=true",
+            f"logging.log_dir={out}",
+            *flags,
+        ],
+    )
     got = losses(out)
     assert sorted(got) == [1, 2, 3]
     for it in (1, 2, 3):

@@ -29,13 +29,22 @@ def test_no_warmup_starts_at_peak():
 
 
 def test_warmup_then_cosine_to_min():
-    got = lrs(["optim.lr=1e-3", "optim.min_lr=1e-4", "optim.lr_warmup_iters=4", "optim.lr_warmup_init=0.0",
-               "optim.lr_decay_style=cosine", "train.train_iters=20"], 21)
+    got = lrs(
+        [
+            "optim.lr=1e-3",
+            "optim.min_lr=1e-4",
+            "optim.lr_warmup_iters=4",
+            "optim.lr_warmup_init=0.0",
+            "optim.lr_decay_style=cosine",
+            "train.train_iters=20",
+        ],
+        21,
+    )
     assert got[:5] == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3])
     mid = 4 + 8  # halfway through decay
     assert got[mid] == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))
     assert got[20] == pytest.approx(1e-4)
-    assert all(a >= b for a, b in zip(got[4:], got[5:]))
+    assert all(a >= b for a, b in zip(got[4:], got[5:], strict=False))
 
 
 def test_linear_decay():
@@ -44,15 +53,32 @@ def test_linear_decay():
 
 
 def test_wsd_is_flat_then_decays():
-    got = lrs(["optim.lr=1e-3", "optim.min_lr=1e-5", "optim.lr_decay_style=WSD", "optim.lr_wsd_decay_iters=4",
-               "optim.lr_wsd_decay_style=linear", "train.train_iters=12"], 13)
+    got = lrs(
+        [
+            "optim.lr=1e-3",
+            "optim.min_lr=1e-5",
+            "optim.lr_decay_style=WSD",
+            "optim.lr_wsd_decay_iters=4",
+            "optim.lr_wsd_decay_style=linear",
+            "train.train_iters=12",
+        ],
+        13,
+    )
     assert got[:9] == pytest.approx([1e-3] * 9)  # stable until decay_iters - wsd_decay_iters
     assert got[10] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)
     assert got[12] == pytest.approx(1e-5)
 
 
 def test_rewarm_from_nonzero_init():
-    got = lrs(["optim.lr=2e-4", "optim.lr_warmup_iters=2", "optim.lr_warmup_init=2e-5",
-               "optim.lr_decay_style=constant", "train.train_iters=5"], 4)
+    got = lrs(
+        [
+            "optim.lr=2e-4",
+            "optim.lr_warmup_iters=2",
+            "optim.lr_warmup_init=2e-5",
+            "optim.lr_decay_style=constant",
+            "train.train_iters=5",
+        ],
+        4,
+    )
     assert got == pytest.approx([2e-5, 1.1e-4, 2e-4, 2e-4])
     assert not any(math.isnan(x) for x in got)

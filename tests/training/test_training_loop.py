@@ -11,16 +11,25 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_low_precision_trains_with_fp32_master_weights(tmp_path, precision):
-    run_trainer(1, [f"train.precision={precision}", "train.train_iters=8", "optim.initial_loss_scale=1024",
-                    f"logging.log_dir={tmp_path}"])
+    run_trainer(
+        1,
+        [
+            f"train.precision={precision}",
+            "train.train_iters=8",
+            "optim.initial_loss_scale=1024",
+            f"logging.log_dir={tmp_path}",
+        ],
+    )
     got = losses(tmp_path)
     assert all(math.isfinite(v) for v in got.values())
     assert got[8] < got[1] - 0.03, got
 
 
 def test_fp16_overflow_lowers_loss_scale_and_is_reported(tmp_path):
-    proc = run_trainer(1, ["train.precision=fp16", "train.train_iters=4", "optim.initial_loss_scale=1e30",
-                           f"logging.log_dir={tmp_path}"])
+    proc = run_trainer(
+        1,
+        ["train.precision=fp16", "train.train_iters=4", "optim.initial_loss_scale=1e30", f"logging.log_dir={tmp_path}"],
+    )
     assert "fp16 overflow (loss scale lowered)" in proc.stderr
     records = read_metrics(tmp_path)
     assert records[0]["applied"] is False and records[-1]["skipped_steps"] >= 1
@@ -29,8 +38,9 @@ def test_fp16_overflow_lowers_loss_scale_and_is_reported(tmp_path):
 def test_nan_stop_policy_names_the_step(tmp_path):
     # An absurd LR blows the weights up after the first update: step 2 has a NaN gradient norm
     # (RMSNorm keeps the loss itself finite).
-    proc = run_trainer(1, ["optim.lr=1e30", "train.train_iters=5", "train.nan_policy=stop",
-                           f"logging.log_dir={tmp_path}"], check=False)
+    proc = run_trainer(
+        1, ["optim.lr=1e30", "train.train_iters=5", "train.nan_policy=stop", f"logging.log_dir={tmp_path}"], check=False
+    )
     assert proc.returncode != 0 and "exitcode  : 3" in proc.stderr  # torchrun reports the rank's code
     assert "iteration 2: non-finite grad norm" in proc.stderr
     assert "stopping (train.nan_policy=stop)" in proc.stderr
@@ -38,8 +48,17 @@ def test_nan_stop_policy_names_the_step(tmp_path):
 
 
 def test_nan_skip_policy_skips_then_gives_up(tmp_path):
-    proc = run_trainer(1, ["optim.lr=1e30", "train.train_iters=5", "train.nan_policy=skip",
-                           "train.max_skipped_steps=1", f"logging.log_dir={tmp_path}"], check=False)
+    proc = run_trainer(
+        1,
+        [
+            "optim.lr=1e30",
+            "train.train_iters=5",
+            "train.nan_policy=skip",
+            "train.max_skipped_steps=1",
+            f"logging.log_dir={tmp_path}",
+        ],
+        check=False,
+    )
     assert proc.returncode != 0
     assert "iteration 2: non-finite grad norm" in proc.stderr and "update skipped" in proc.stderr
     assert "2 consecutive steps skipped (train.max_skipped_steps=1)" in proc.stderr
@@ -64,10 +83,16 @@ def test_tied_embeddings_and_qkv_bias_match_across_pipeline(tmp_path):
 def test_weights_only_start_rewarms_and_restarts_iteration(tmp_path):
     base = tmp_path / "base"
     run_trainer(1, ["train.train_iters=6", f"checkpoint.save={base}"])
-    ct = ["train.train_iters=3", "optim.lr=1e-3", "optim.lr_warmup_iters=2", "optim.lr_warmup_init=1e-5",
-          "optim.lr_decay_style=constant"]
-    run_trainer(1, ct + [f"checkpoint.load={base}", "checkpoint.load_weights_only=true",
-                         f"logging.log_dir={tmp_path / 'ct'}"])
+    ct = [
+        "train.train_iters=3",
+        "optim.lr=1e-3",
+        "optim.lr_warmup_iters=2",
+        "optim.lr_warmup_init=1e-5",
+        "optim.lr_decay_style=constant",
+    ]
+    run_trainer(
+        1, ct + [f"checkpoint.load={base}", "checkpoint.load_weights_only=true", f"logging.log_dir={tmp_path / 'ct'}"]
+    )
     run_trainer(1, ct + [f"logging.log_dir={tmp_path / 'scratch'}"])
     ct_records = read_metrics(tmp_path / "ct")
     assert [r["iteration"] for r in ct_records] == [1, 2, 3]
@@ -78,8 +103,16 @@ def test_weights_only_start_rewarms_and_restarts_iteration(tmp_path):
 
 def test_metrics_jsonl_and_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")
-    proc = run_trainer(1, ["train.train_iters=4", "logging.log_interval=2", f"logging.log_dir={tmp_path}",
-                           f"logging.tensorboard_dir={tmp_path / 'tb'}", "logging.peak_tflops=1.0"])
+    proc = run_trainer(
+        1,
+        [
+            "train.train_iters=4",
+            "logging.log_interval=2",
+            f"logging.log_dir={tmp_path}",
+            f"logging.tensorboard_dir={tmp_path / 'tb'}",
+            "logging.peak_tflops=1.0",
+        ],
+    )
     records = read_metrics(tmp_path)
     assert [r["iteration"] for r in records] == [2, 4]
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device", "mfu", "memory_gib", "eta_s"):
