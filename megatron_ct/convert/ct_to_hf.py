@@ -78,8 +78,10 @@ def check_ct_tensors(reader: DistCheckpointReader, m: ModelConfig, true_vocab: i
         raise ConversionError(f"{reader.path}: missing tensor {L.CT_EMBED}")
     padded = reader.shape(L.CT_EMBED)[0]
     if padded < true_vocab:
-        raise ConversionError(f"{reader.path}: {L.CT_EMBED} has {padded} rows, fewer than the true vocabulary "
-                              f"size {true_vocab} in the checkpoint metadata")
+        raise ConversionError(
+            f"{reader.path}: {L.CT_EMBED} has {padded} rows, fewer than the true vocabulary "
+            f"size {true_vocab} in the checkpoint metadata"
+        )
     src = _Source(reader, m)
     aliases = {lt.ct_key: src.key(lt) for lt in L.layer_tensors(m.add_qkv_bias)}
     for key, shape in L.expected_ct_shapes(m, padded).items():
@@ -87,15 +89,18 @@ def check_ct_tensors(reader: DistCheckpointReader, m: ModelConfig, true_vocab: i
         if stored_key not in reader.tensors:
             raise ConversionError(f"{reader.path}: missing tensor {key} (expected from the checkpoint's model config)")
         if reader.shape(stored_key) != shape:
-            raise ConversionError(f"{reader.path}: tensor {stored_key} has shape {reader.shape(stored_key)}, "
-                                  f"expected {shape} from the checkpoint's model config")
+            raise ConversionError(
+                f"{reader.path}: tensor {stored_key} has shape {reader.shape(stored_key)}, "
+                f"expected {shape} from the checkpoint's model config"
+            )
     if m.add_qkv_bias is False and L.CT_LAYER + "self_attention.linear_qkv.bias" in reader.tensors:
         raise ConversionError(f"{reader.path}: has a QKV bias but model.add_qkv_bias is false")
     return padded
 
 
-def plan_hf_tensors(reader: DistCheckpointReader, m: ModelConfig, true_vocab: int,
-                    dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]]:
+def plan_hf_tensors(
+    reader: DistCheckpointReader, m: ModelConfig, true_vocab: int, dtype: torch.dtype
+) -> list[tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]]:
     """``(hf_name, shape, produce)`` in write order: embedding, per layer, norm, lm_head."""
     src = _Source(reader, m)
     shapes = L.expected_hf_shapes(m)
@@ -125,9 +130,18 @@ def _copy_assets(src_dir: str | None, out: str) -> list[str]:
     return copied
 
 
-def convert_ct_to_hf(ckpt: str, out_dir: str, *, architecture: str | None = None, hf_base: str | None = None,
-                     tokenizer: str | None = None, dtype: str | None = None, max_shard_size: str = "5GB",
-                     overwrite: bool = False, progress: bool = True) -> ConversionReport:
+def convert_ct_to_hf(
+    ckpt: str,
+    out_dir: str,
+    *,
+    architecture: str | None = None,
+    hf_base: str | None = None,
+    tokenizer: str | None = None,
+    dtype: str | None = None,
+    max_shard_size: str = "5GB",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ConversionReport:
     """Convert; raises :class:`ConversionError` on bad input before writing anything."""
     t0 = time.perf_counter()
     if dtype is not None and dtype not in DTYPES:
@@ -138,20 +152,27 @@ def convert_ct_to_hf(ckpt: str, out_dir: str, *, architecture: str | None = None
         raise ConversionError(str(e).replace("checkpoint.load: ", "")) from None
     common = read_common(path)
     if "config" not in common or "model_info" not in common:
-        raise ConversionError(f"{path}: no megatron-ct metadata ('ct' common dict with config and model_info); "
-                              "expected a checkpoint written by pretrain_ct.py or this converter")
+        raise ConversionError(
+            f"{path}: no megatron-ct metadata ('ct' common dict with config and model_info); "
+            "expected a checkpoint written by pretrain_ct.py or this converter"
+        )
     try:
         m = ModelConfig(**common["config"]["model"])
     except (TypeError, ValueError) as e:
         raise ConversionError(f"{path}: model config in the checkpoint is not valid here ({e})") from None
     true_vocab = int(common["model_info"]["true_vocab_size"])
     if true_vocab != m.vocab_size:
-        raise ConversionError(f"{path}: model_info.true_vocab_size={true_vocab} disagrees with "
-                              f"config.model.vocab_size={m.vocab_size}")
+        raise ConversionError(
+            f"{path}: model_info.true_vocab_size={true_vocab} disagrees with config.model.vocab_size={m.vocab_size}"
+        )
     record = common.get("hf") or {}
     base = read_hf_config(hf_base) if hf_base else record.get("config")
-    arch = architecture or record.get("architecture") or ((base or {}).get("architectures") or [None])[0] \
+    arch = (
+        architecture
+        or record.get("architecture")
+        or ((base or {}).get("architectures") or [None])[0]
         or L.default_architecture(m)
+    )
     L.check_architecture_fits(arch, m, path)
     if base and (base.get("architectures") or [arch])[0] != arch:
         base = None  # keys of another architecture's config would not apply
@@ -183,13 +204,22 @@ def convert_ct_to_hf(ckpt: str, out_dir: str, *, architecture: str | None = None
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
     root = os.path.dirname(os.path.normpath(path))
-    assets = tokenizer or hf_base or next(
-        (d for d in (os.path.join(root, "hf_assets"), os.path.join(ckpt, "hf_assets")) if os.path.isdir(d)), None)
+    assets = (
+        tokenizer
+        or hf_base
+        or next(
+            (d for d in (os.path.join(root, "hf_assets"), os.path.join(ckpt, "hf_assets")) if os.path.isdir(d)), None
+        )
+    )
     copied = _copy_assets(assets, partial)
-    warnings = [] if any(n.startswith("tokenizer") for n in copied) else [
-        f"{out_dir}: no tokenizer files copied; pass --tokenizer DIR (or --hf-base DIR)"]
+    warnings = (
+        []
+        if any(n.startswith("tokenizer") for n in copied)
+        else [f"{out_dir}: no tokenizer files copied; pass --tokenizer DIR (or --hf-base DIR)"]
+    )
     if os.path.exists(out_dir):
         remove_path(out_dir)
     os.replace(partial, out_dir)
-    return ConversionReport(out_dir, len(tensors), writer.total_bytes, largest, time.perf_counter() - t0,
-                            peak_rss_bytes(), warnings)
+    return ConversionReport(
+        out_dir, len(tensors), writer.total_bytes, largest, time.perf_counter() - t0, peak_rss_bytes(), warnings
+    )

@@ -72,8 +72,9 @@ class ChunkSpec:
 class _StreamingSavePlanner(SavePlanner):
     """A single-process DCP save plan whose tensors are produced at write time."""
 
-    def __init__(self, chunks: list[ChunkSpec], objects: dict[str, bytes],
-                 on_written: Callable[[ChunkSpec], None] | None = None) -> None:
+    def __init__(
+        self, chunks: list[ChunkSpec], objects: dict[str, bytes], on_written: Callable[[ChunkSpec], None] | None = None
+    ) -> None:
         self._chunks = {(c.key, tuple(c.offsets)): c for c in chunks}
         self._objects = objects
         self._on_written = on_written
@@ -114,8 +115,10 @@ class _StreamingSavePlanner(SavePlanner):
         spec = self._chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
         tensor = spec.produce()
         if tensor.numel() != torch.Size(spec.sizes).numel() or tensor.dtype != spec.dtype:
-            raise ConversionError(f"{spec.key} at offset {spec.offsets}: produced {tuple(tensor.shape)} {tensor.dtype}, "
-                                  f"expected {spec.sizes} {spec.dtype}")
+            raise ConversionError(
+                f"{spec.key} at offset {spec.offsets}: produced {tuple(tensor.shape)} {tensor.dtype}, "
+                f"expected {spec.sizes} {spec.dtype}"
+            )
         if self._on_written is not None:
             self._on_written(spec)
         return tensor.reshape(spec.sizes).contiguous()
@@ -129,15 +132,22 @@ def _check_tiling(metadata: Metadata) -> None:
         total = torch.Size(md.size).numel()
         covered = 0
         for c in md.chunks:
-            if any(o + s > d for o, s, d in zip(c.offsets, c.sizes, md.size)):
-                raise ConversionError(f"{key}: chunk at {tuple(c.offsets)} size {tuple(c.sizes)} exceeds {tuple(md.size)}")
+            if any(o + s > d for o, s, d in zip(c.offsets, c.sizes, md.size, strict=True)):
+                raise ConversionError(
+                    f"{key}: chunk at {tuple(c.offsets)} size {tuple(c.sizes)} exceeds {tuple(md.size)}"
+                )
             covered += torch.Size(c.sizes).numel()
         if covered != total:
             raise ConversionError(f"{key}: chunks cover {covered} of {total} elements")
 
 
-def write_dist_checkpoint(path: str, chunks: list[ChunkSpec], objects: dict[str, bytes], common: dict,
-                          on_written: Callable[[ChunkSpec], None] | None = None) -> None:
+def write_dist_checkpoint(
+    path: str,
+    chunks: list[ChunkSpec],
+    objects: dict[str, bytes],
+    common: dict,
+    on_written: Callable[[ChunkSpec], None] | None = None,
+) -> None:
     """Write a megatron-core dist checkpoint into the (new) directory ``path``.
 
     ``objects`` are megatron ShardedObjects by unique key (``key/shard_<offset>_<shape>``),
@@ -165,7 +175,7 @@ class _RegionLoadPlanner:
 
     def resolve_tensor(self, read_item):
         view = self.out
-        for dim, (offset, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+        for dim, (offset, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths, strict=True)):
             view = view.narrow(dim, offset, length)
         return view
 
@@ -187,8 +197,9 @@ class DistCheckpointReader:
         except FileNotFoundError:
             raise ConversionError(f"{path}: missing .metadata (not a torch_dist dist checkpoint)") from None
         self._reader.set_up_storage_reader(self.metadata, True)
-        self.tensors = {k: md for k, md in self.metadata.state_dict_metadata.items()
-                        if isinstance(md, TensorStorageMetadata)}
+        self.tensors = {
+            k: md for k, md in self.metadata.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)
+        }
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.tensors[key].size)
@@ -196,18 +207,22 @@ class DistCheckpointReader:
     def dtype(self, key: str) -> torch.dtype:
         return self.tensors[key].properties.dtype
 
-    def read(self, key: str, offsets: tuple[int, ...] | None = None,
-             sizes: tuple[int, ...] | None = None) -> torch.Tensor:
+    def read(
+        self, key: str, offsets: tuple[int, ...] | None = None, sizes: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
         """The region ``[offsets, offsets + sizes)`` of tensor ``key`` (whole tensor by default)."""
         md = self.tensors[key]
         offsets = tuple(offsets or (0,) * len(md.size))
         sizes = tuple(sizes or md.size)
         out = torch.empty(sizes, dtype=md.properties.dtype)
         items = create_read_items_for_chunk_list(
-            key, md, [ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))])
+            key, md, [ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))]
+        )
         got = sum(torch.Size(it.lengths).numel() for it in items)
         if got != out.numel():
-            raise ConversionError(f"{self.path}: tensor {key} region {offsets}+{sizes} is only partly stored "
-                                  f"({got} of {out.numel()} elements)")
+            raise ConversionError(
+                f"{self.path}: tensor {key} region {offsets}+{sizes} is only partly stored "
+                f"({got} of {out.numel()} elements)"
+            )
         self._reader.read_data(LoadPlan(items), _RegionLoadPlanner(out)).wait()
         return out

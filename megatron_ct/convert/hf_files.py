@@ -33,9 +33,18 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
 _ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
@@ -66,8 +75,9 @@ def _read_safetensors_header(path: str) -> dict[str, _Entry]:
         if name == "__metadata__":
             continue
         if info["dtype"] not in _ST_DTYPES:
-            raise ConversionError(f"{path}: tensor {name} has dtype {info['dtype']}, expected one of "
-                                  f"{', '.join(_ST_DTYPES)}")
+            raise ConversionError(
+                f"{path}: tensor {name} has dtype {info['dtype']}, expected one of {', '.join(_ST_DTYPES)}"
+            )
         begin, end = info["data_offsets"]
         entries[name] = _Entry(path, _ST_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + begin, 8 + n + end)
     return entries
@@ -112,7 +122,8 @@ class HFWeights:
                 return [os.path.join(directory, single)]
         raise ConversionError(
             f"{directory}: no weights found; expected {SAFETENSORS_INDEX}, model.safetensors, {BIN_INDEX} "
-            f"or pytorch_model.bin")
+            f"or pytorch_model.bin"
+        )
 
     @staticmethod
     def _load_bin(path: str) -> dict[str, torch.Tensor]:
@@ -174,8 +185,9 @@ class SafetensorsShardWriter:
     :meth:`write` once per entry, in order, then :meth:`close` (writes the index).
     """
 
-    def __init__(self, directory: str, entries: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
-                 max_shard_bytes: int) -> None:
+    def __init__(
+        self, directory: str, entries: Iterable[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int
+    ) -> None:
         self.directory = directory
         self.entries = list(entries)
         shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
@@ -214,8 +226,9 @@ class SafetensorsShardWriter:
         if name != expected_name:
             raise RuntimeError(f"safetensors writer: expected {expected_name} next, got {name}")
         if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-            raise ConversionError(f"tensor {name}: produced shape {tuple(tensor.shape)} {tensor.dtype}, "
-                                  f"expected {tuple(shape)} {dtype}")
+            raise ConversionError(
+                f"tensor {name}: produced shape {tuple(tensor.shape)} {tensor.dtype}, expected {tuple(shape)} {dtype}"
+            )
         if not self._remaining:
             if self._file is not None:
                 self._file.close()

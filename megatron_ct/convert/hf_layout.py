@@ -87,18 +87,34 @@ class LayerTensor:
 def layer_tensors(qkv_bias: bool) -> list[LayerTensor]:
     """The per-layer tensors of our LLaMA, in the order conversion walks them."""
     out = [
-        LayerTensor("self_attention.linear_qkv.layer_norm_weight", ("input_layernorm.weight",), "copy",
-                    ("input_layernorm.weight",)),
-        LayerTensor("self_attention.linear_qkv.weight",
-                    ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), "qkv"),
+        LayerTensor(
+            "self_attention.linear_qkv.layer_norm_weight",
+            ("input_layernorm.weight",),
+            "copy",
+            ("input_layernorm.weight",),
+        ),
+        LayerTensor(
+            "self_attention.linear_qkv.weight",
+            ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+            "qkv",
+        ),
     ]
     if qkv_bias:
-        out.append(LayerTensor("self_attention.linear_qkv.bias",
-                               ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), "qkv"))
+        out.append(
+            LayerTensor(
+                "self_attention.linear_qkv.bias",
+                ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+                "qkv",
+            )
+        )
     out += [
         LayerTensor("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), "copy"),
-        LayerTensor("mlp.linear_fc1.layer_norm_weight", ("post_attention_layernorm.weight",), "copy",
-                    ("pre_mlp_layernorm.weight",)),
+        LayerTensor(
+            "mlp.linear_fc1.layer_norm_weight",
+            ("post_attention_layernorm.weight",),
+            "copy",
+            ("pre_mlp_layernorm.weight",),
+        ),
         LayerTensor("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "gate_up"),
         LayerTensor("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "copy"),
     ]
@@ -129,8 +145,9 @@ def expected_hf_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
         "mlp.down_proj.weight": (h, f),
     }
     if m.add_qkv_bias:
-        per_layer.update({"self_attn.q_proj.bias": (nq * d,), "self_attn.k_proj.bias": (ng * d,),
-                          "self_attn.v_proj.bias": (ng * d,)})
+        per_layer.update(
+            {"self_attn.q_proj.bias": (nq * d,), "self_attn.k_proj.bias": (ng * d,), "self_attn.v_proj.bias": (ng * d,)}
+        )
     shapes = {HF_EMBED: (m.vocab_size, h), HF_FINAL_NORM: (h,)}
     for i in range(m.num_layers):
         shapes.update({f"model.layers.{i}.{k}": v for k, v in per_layer.items()})
@@ -163,14 +180,16 @@ def expected_ct_shapes(m: ModelConfig, padded_vocab: int) -> dict[str, tuple[int
 
 # --- tensor transforms ---------------------------------------------------------------
 
+
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_query_groups: int) -> torch.Tensor:
     """HF q ``[nq*d, ...]``, k, v ``[ng*d, ...]`` -> megatron-core ``[(nq + 2ng)*d, ...]``
     (per group: its query heads, its key head, its value head). Works for weights and biases."""
     rest = q.shape[1:]
     g = num_query_groups
     # [g, heads_per_group*d | d | d, ...] then flatten the group axis back into rows.
-    return torch.cat([q.reshape(g, -1, *rest), k.reshape(g, -1, *rest), v.reshape(g, -1, *rest)],
-                     dim=1).reshape(-1, *rest)
+    return torch.cat([q.reshape(g, -1, *rest), k.reshape(g, -1, *rest), v.reshape(g, -1, *rest)], dim=1).reshape(
+        -1, *rest
+    )
 
 
 def split_qkv(qkv: torch.Tensor, num_heads: int, num_query_groups: int) -> tuple[torch.Tensor, ...]:
@@ -204,10 +223,19 @@ def pad_vocab(weight: torch.Tensor, padded_vocab: int) -> torch.Tensor:
 
 # --- config.json <-> ModelConfig ---------------------------------------------------------
 
+
 def _rope_from_hf(hf: dict[str, Any], source: str) -> tuple[float, dict | None]:
     """(rope_theta, rope_scaling or None) from transformers 5 ``rope_parameters`` or the
     older top-level ``rope_theta`` + ``rope_scaling``."""
     params = hf.get("rope_parameters")
+    if (
+        params
+        and hf.get("rope_scaling")
+        and hf["rope_scaling"] != {k: v for k, v in params.items() if k != "rope_theta"}
+    ):
+        raise ConversionError(
+            f"{source}: rope_parameters={params} and rope_scaling={hf['rope_scaling']} disagree; keep one"
+        )
     if params:
         theta = params.get("rope_theta", hf.get("rope_theta", _HF_DEFAULTS["rope_theta"]))
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
@@ -225,14 +253,16 @@ def _rope_from_hf(hf: dict[str, Any], source: str) -> tuple[float, dict | None]:
     return float(theta), (scaling or None)
 
 
-def model_config_from_hf(hf: dict[str, Any], source: str,
-                         make_vocab_size_divisible_by: int = 128) -> tuple[str, ModelConfig]:
+def model_config_from_hf(
+    hf: dict[str, Any], source: str, make_vocab_size_divisible_by: int = 128
+) -> tuple[str, ModelConfig]:
     """(architecture, ModelConfig) for an HF ``config.json`` dict, or a one-line error."""
     archs = hf.get("architectures") or []
     arch = archs[0] if archs else None
     if arch not in ARCHITECTURES:
         raise ConversionError(
-            f"{source}: architectures={archs!r} is not supported; expected one of {', '.join(ARCHITECTURES)}")
+            f"{source}: architectures={archs!r} is not supported; expected one of {', '.join(ARCHITECTURES)}"
+        )
     spec = ARCHITECTURES[arch]
 
     def need(key: str) -> Any:
@@ -282,8 +312,10 @@ def sliding_window_warning(hf: dict[str, Any], source: str) -> str | None:
     window = hf.get("sliding_window")
     active = window is not None and hf.get("use_sliding_window", True)
     if active and window < hf.get("max_position_embeddings", 0):
-        return (f"{source}: sliding_window={window} is not implemented (full causal attention); outputs "
-                f"match HF only for sequences of at most {window} tokens")
+        return (
+            f"{source}: sliding_window={window} is not implemented (full causal attention); outputs "
+            f"match HF only for sequences of at most {window} tokens"
+        )
     return None
 
 
@@ -293,27 +325,38 @@ def default_architecture(m: ModelConfig) -> str:
 
 def check_architecture_fits(arch: str, m: ModelConfig, source: str) -> Architecture:
     if arch not in ARCHITECTURES:
-        raise ConversionError(f"{source}: architecture {arch!r} is not supported; expected one of "
-                              f"{', '.join(ARCHITECTURES)}")
+        raise ConversionError(
+            f"{source}: architecture {arch!r} is not supported; expected one of {', '.join(ARCHITECTURES)}"
+        )
     spec = ARCHITECTURES[arch]
     if spec.qkv_bias != m.add_qkv_bias:
         raise ConversionError(
             f"{source}: model.add_qkv_bias={m.add_qkv_bias} does not fit {arch} (QKV bias "
             f"{'required' if spec.qkv_bias else 'not supported'}); choose "
-            f"{'Qwen2ForCausalLM' if m.add_qkv_bias else 'LlamaForCausalLM or MistralForCausalLM'}")
+            f"{'Qwen2ForCausalLM' if m.add_qkv_bias else 'LlamaForCausalLM or MistralForCausalLM'}"
+        )
     return spec
 
 
-def hf_config_from_model(m: ModelConfig, arch: str, dtype: torch.dtype,
-                         base: dict[str, Any] | None = None) -> dict[str, Any]:
+def hf_config_from_model(
+    m: ModelConfig, arch: str, dtype: torch.dtype, base: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """``config.json`` for our model. With ``base`` (the original HF config), every key not
     set by our model is kept, and RoPE is written in the base's style (transformers 5
     ``rope_parameters`` or top-level ``rope_theta`` + ``rope_scaling``); otherwise a fresh
     config in the older style, which transformers 4 and 5 both read."""
     spec = ARCHITECTURES[arch]
-    out: dict[str, Any] = dict(base) if base else {"model_type": spec.model_type, **dict(spec.extra_config),
-                                                   "hidden_act": "silu", "attention_dropout": 0.0,
-                                                   "use_cache": True}
+    out: dict[str, Any] = (
+        dict(base)
+        if base
+        else {
+            "model_type": spec.model_type,
+            **dict(spec.extra_config),
+            "hidden_act": "silu",
+            "attention_dropout": 0.0,
+            "use_cache": True,
+        }
+    )
     theta = int(m.rotary_base) if float(m.rotary_base).is_integer() else m.rotary_base
     out.update(
         architectures=[arch],
@@ -334,12 +377,16 @@ def hf_config_from_model(m: ModelConfig, arch: str, dtype: torch.dtype,
         out["initializer_range"] = m.init_method_std
     if base and "rope_parameters" in base:
         old_theta = (base.get("rope_parameters") or {}).get("rope_theta")
-        out["rope_parameters"] = {**(m.rope_scaling or {"rope_type": "default"}),
-                                  "rope_theta": old_theta if old_theta == m.rotary_base else theta}
+        out["rope_parameters"] = {
+            **(m.rope_scaling or {"rope_type": "default"}),
+            "rope_theta": old_theta if old_theta == m.rotary_base else theta,
+        }
     else:
         old_theta = (base or {}).get("rope_theta")
         out["rope_theta"] = old_theta if old_theta == m.rotary_base else float(m.rotary_base)
         out["rope_scaling"] = dict(m.rope_scaling) if m.rope_scaling else None
-    dtype_key = "dtype" if "dtype" in out else "torch_dtype"
-    out[dtype_key] = str(dtype).removeprefix("torch.")
+    # transformers 5 writes "dtype", 4 "torch_dtype"; keep the base's (or its absence).
+    for key in ("dtype", "torch_dtype"):
+        if key in out or (key == "torch_dtype" and not base):
+            out[key] = str(dtype).removeprefix("torch.")
     return out

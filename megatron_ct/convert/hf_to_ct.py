@@ -61,9 +61,11 @@ class ConversionReport:
 
     def summary(self) -> str:
         mb = self.bytes_written / 1e6
-        return (f"wrote {self.output}: {self.tensors} tensors, {mb:.1f} MB in {self.seconds:.1f}s "
-                f"({mb / max(self.seconds, 1e-9):.1f} MB/s), largest tensor {self.largest_tensor_bytes / 1e6:.1f} MB, "
-                f"peak RSS {self.peak_rss_bytes / 1e6:.0f} MB")
+        return (
+            f"wrote {self.output}: {self.tensors} tensors, {mb:.1f} MB in {self.seconds:.1f}s "
+            f"({mb / max(self.seconds, 1e-9):.1f} MB/s), largest tensor {self.largest_tensor_bytes / 1e6:.1f} MB, "
+            f"peak RSS {self.peak_rss_bytes / 1e6:.0f} MB"
+        )
 
 
 def read_hf_config(hf_dir: str) -> dict:
@@ -83,9 +85,12 @@ def read_hf_config(hf_dir: str) -> dict:
 
 def check_layout(m: ModelConfig, tp: int, pp: int) -> CTConfig:
     """The CTConfig recorded in the checkpoint, after the trainer's own divisibility checks."""
-    cfg = CTConfig(model=m, parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
-                   train=TrainConfig(global_batch_size=max(8, 2 * pp)),
-                   data=DataConfig(seq_length=min(DataConfig().seq_length, m.max_position_embeddings)))
+    cfg = CTConfig(
+        model=m,
+        parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+        train=TrainConfig(global_batch_size=max(8, 2 * pp)),
+        data=DataConfig(seq_length=min(DataConfig().seq_length, m.max_position_embeddings)),
+    )
     try:
         validate_for_world(cfg, tp * pp)
     except ConfigError as e:
@@ -100,24 +105,29 @@ def check_hf_tensors(weights: HFWeights, m: ModelConfig, arch: str) -> None:
     if L.HF_EMBED in weights and weights.shape(L.HF_EMBED)[0] != m.vocab_size:
         raise ConversionError(
             f"{weights.file_of(L.HF_EMBED)}: {L.HF_EMBED} has {weights.shape(L.HF_EMBED)[0]} rows but config.json "
-            f"vocab_size is {m.vocab_size}; they must agree")
+            f"vocab_size is {m.vocab_size}; they must agree"
+        )
     for name, shape in expected.items():
         if name not in weights:
-            raise ConversionError(f"{where}: missing tensor {name} (expected for {arch} with "
-                                  f"{m.num_layers} layers{', untied lm_head' if name == L.HF_LM_HEAD else ''})")
+            raise ConversionError(
+                f"{where}: missing tensor {name} (expected for {arch} with "
+                f"{m.num_layers} layers{', untied lm_head' if name == L.HF_LM_HEAD else ''})"
+            )
         if weights.shape(name) != shape:
-            raise ConversionError(f"{weights.file_of(name)}: tensor {name} has shape {weights.shape(name)}, "
-                                  f"expected {shape} from config.json")
+            raise ConversionError(
+                f"{weights.file_of(name)}: tensor {name} has shape {weights.shape(name)}, "
+                f"expected {shape} from config.json"
+            )
     tied_head = not m.untie_embeddings_and_output_weights and L.HF_LM_HEAD in weights
     for name in weights.names():
         if name in expected or name.endswith(L.IGNORABLE_HF_SUFFIXES) or (tied_head and name == L.HF_LM_HEAD):
             continue
-        raise ConversionError(f"{weights.file_of(name)}: unexpected tensor {name} for {arch} "
-                              f"(config.json does not account for it)")
+        raise ConversionError(
+            f"{weights.file_of(name)}: unexpected tensor {name} for {arch} (config.json does not account for it)"
+        )
 
 
-def plan_chunks(weights: HFWeights, m: ModelConfig, padded_vocab: int,
-                dtype: torch.dtype | None) -> list[ChunkSpec]:
+def plan_chunks(weights: HFWeights, m: ModelConfig, padded_vocab: int, dtype: torch.dtype | None) -> list[ChunkSpec]:
     """One chunk per layer per stacked tensor, plus the embedding, final norm and output layer.
     Each chunk's ``produce`` reads its HF tensors, fuses and casts them (never the model)."""
 
@@ -128,8 +138,16 @@ def plan_chunks(weights: HFWeights, m: ModelConfig, padded_vocab: int,
         return dtype or weights.dtype(name)
 
     shapes = L.expected_ct_shapes(m, padded_vocab)
-    chunks = [ChunkSpec(L.CT_EMBED, shapes[L.CT_EMBED], (0, 0), shapes[L.CT_EMBED], out_dtype(L.HF_EMBED),
-                        lambda: L.pad_vocab(cast(weights.load(L.HF_EMBED)), padded_vocab))]
+    chunks = [
+        ChunkSpec(
+            L.CT_EMBED,
+            shapes[L.CT_EMBED],
+            (0, 0),
+            shapes[L.CT_EMBED],
+            out_dtype(L.HF_EMBED),
+            lambda: L.pad_vocab(cast(weights.load(L.HF_EMBED)), padded_vocab),
+        )
+    ]
     fuse = {
         "copy": lambda ts: ts[0],
         "qkv": lambda ts: L.fuse_qkv(*ts, num_query_groups=m.num_query_groups),
@@ -143,21 +161,43 @@ def plan_chunks(weights: HFWeights, m: ModelConfig, padded_vocab: int,
             def produce(names=names, kind=lt.kind) -> torch.Tensor:
                 return cast(fuse[kind]([weights.load(n) for n in names]))
 
-            chunks.append(ChunkSpec(lt.ct_key, shape, (i,) + (0,) * (len(shape) - 1), (1, *shape[1:]),
-                                    out_dtype(names[0]), produce))
-    chunks.append(ChunkSpec(L.CT_FINAL_NORM, shapes[L.CT_FINAL_NORM], (0,), shapes[L.CT_FINAL_NORM],
-                            out_dtype(L.HF_FINAL_NORM), lambda: cast(weights.load(L.HF_FINAL_NORM))))
+            chunks.append(
+                ChunkSpec(
+                    lt.ct_key, shape, (i,) + (0,) * (len(shape) - 1), (1, *shape[1:]), out_dtype(names[0]), produce
+                )
+            )
+    chunks.append(
+        ChunkSpec(
+            L.CT_FINAL_NORM,
+            shapes[L.CT_FINAL_NORM],
+            (0,),
+            shapes[L.CT_FINAL_NORM],
+            out_dtype(L.HF_FINAL_NORM),
+            lambda: cast(weights.load(L.HF_FINAL_NORM)),
+        )
+    )
     if m.untie_embeddings_and_output_weights:
-        chunks.append(ChunkSpec(L.CT_OUTPUT, shapes[L.CT_OUTPUT], (0, 0), shapes[L.CT_OUTPUT], out_dtype(L.HF_LM_HEAD),
-                                lambda: L.pad_vocab(cast(weights.load(L.HF_LM_HEAD)), padded_vocab)))
+        chunks.append(
+            ChunkSpec(
+                L.CT_OUTPUT,
+                shapes[L.CT_OUTPUT],
+                (0, 0),
+                shapes[L.CT_OUTPUT],
+                out_dtype(L.HF_LM_HEAD),
+                lambda: L.pad_vocab(cast(weights.load(L.HF_LM_HEAD)), padded_vocab),
+            )
+        )
     return chunks
 
 
 def extra_state_objects(num_layers: int) -> dict[str, bytes]:
     """The empty ``_extra_state`` object megatron-core's local linear layers save per layer."""
     empty = _torch_save_bytes([None])
-    return {f"{L.CT_LAYER}{mod}._extra_state/shard_{i}_{num_layers}": empty
-            for i in range(num_layers) for mod in L.EXTRA_STATE_MODULES}
+    return {
+        f"{L.CT_LAYER}{mod}._extra_state/shard_{i}_{num_layers}": empty
+        for i in range(num_layers)
+        for mod in L.EXTRA_STATE_MODULES
+    }
 
 
 def _torch_save_bytes(obj) -> bytes:
@@ -171,17 +211,27 @@ def _torch_save_bytes(obj) -> bytes:
 def write_model_yaml(path: str, cfg: CTConfig, out_dir: str) -> None:
     """A recipe fragment: ``pretrain_ct.py --config OUT/model.yaml`` builds this model."""
     model = config_to_dict(cfg)["model"]
-    header = (f"# Model of the converted checkpoint {os.path.abspath(out_dir)}.\n"
-              f"# pretrain_ct.py --config {path} checkpoint.load={os.path.abspath(out_dir)} "
-              "checkpoint.load_weights_only=true ...\n")
+    header = (
+        f"# Model of the converted checkpoint {os.path.abspath(out_dir)}.\n"
+        f"# pretrain_ct.py --config {path} checkpoint.load={os.path.abspath(out_dir)} "
+        "checkpoint.load_weights_only=true ...\n"
+    )
     with open(path, "w") as f:
         f.write(header)
         yaml.safe_dump({"model": model}, f, sort_keys=False)
 
 
-def convert_hf_to_ct(hf_dir: str, out_dir: str, *, target_tp: int = 1, target_pp: int = 1,
-                     make_vocab_size_divisible_by: int = 128, dtype: str | None = None,
-                     overwrite: bool = False, progress: bool = True) -> ConversionReport:
+def convert_hf_to_ct(
+    hf_dir: str,
+    out_dir: str,
+    *,
+    target_tp: int = 1,
+    target_pp: int = 1,
+    make_vocab_size_divisible_by: int = 128,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ConversionReport:
     """Convert; raises :class:`ConversionError` on bad input before writing anything."""
     t0 = time.perf_counter()
     if dtype is not None and dtype not in DTYPES:
@@ -222,7 +272,9 @@ def convert_hf_to_ct(hf_dir: str, out_dir: str, *, target_tp: int = 1, target_pp
     }
     pickle.dumps(common)  # fail here, not half-way, if config.json held something odd
     bar = Progress(len(chunks), sum(c.nbytes for c in chunks), "hf -> ct", enabled=progress)
-    write_dist_checkpoint(partial, chunks, extra_state_objects(m.num_layers), common, on_written=lambda c: bar.update(c.nbytes))
+    write_dist_checkpoint(
+        partial, chunks, extra_state_objects(m.num_layers), common, on_written=lambda c: bar.update(c.nbytes)
+    )
     bar.close()
 
     assets = os.path.join(out_dir, "hf_assets")
@@ -236,8 +288,15 @@ def convert_hf_to_ct(hf_dir: str, out_dir: str, *, target_tp: int = 1, target_pp
     write_model_yaml(os.path.join(out_dir, "model.yaml"), cfg, out_dir)
     os.replace(partial, final)
     write_tracker(out_dir, 0)
-    return ConversionReport(out_dir, len(chunks), sum(c.nbytes for c in chunks), max(c.nbytes for c in chunks),
-                            time.perf_counter() - t0, peak_rss_bytes(), warnings)
+    return ConversionReport(
+        out_dir,
+        len(chunks),
+        sum(c.nbytes for c in chunks),
+        max(c.nbytes for c in chunks),
+        time.perf_counter() - t0,
+        peak_rss_bytes(),
+        warnings,
+    )
 
 
 def remove_path(path: str) -> None:

@@ -28,8 +28,9 @@ class Progress:
 
         self.total_bytes = total_bytes
         self.done_bytes = 0
-        self.bar = tqdm(total=total_items, desc=desc, unit="tensor", disable=not enabled, file=sys.stderr,
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total_items, desc=desc, unit="tensor", disable=not enabled, file=sys.stderr, dynamic_ncols=True
+        )
 
     def update(self, nbytes: int) -> None:
         self.done_bytes += nbytes

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 
-def forward_logits(model_chunks: list[torch.nn.Module], tokens: torch.Tensor, vocab_size: int,
-                   micro_batch_size: int | None = None) -> torch.Tensor | None:
+def forward_logits(
+    model_chunks: list[torch.nn.Module], tokens: torch.Tensor, vocab_size: int, micro_batch_size: int | None = None
+) -> torch.Tensor | None:
     """Logits ``[b, s, vocab_size]`` (fp32, padding columns dropped) for ``tokens`` ``[b, s]``.
 
     Collective over the model-parallel group: every rank passes the same tokens. Returns the
@@ -27,7 +28,7 @@ def forward_logits(model_chunks: list[torch.nn.Module], tokens: torch.Tensor, vo
     if b % mbs:
         raise ValueError(f"batch of {b} sequences is not a multiple of micro_batch_size={mbs}")
     device = next(model_chunks[0].parameters()).device
-    micro = [tokens[i:i + mbs].to(device) for i in range(0, b, mbs)]
+    micro = [tokens[i : i + mbs].to(device) for i in range(0, b, mbs)]
 
     def forward_step(data_iterator, model):
         ids = next(data_iterator)

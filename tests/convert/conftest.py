@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from convert_helpers import CASES, build_hf_model
+from convert_helpers import CASES, build_hf_model, build_tokenizer
 
 from megatron_ct.convert.hf_to_ct import convert_hf_to_ct
 
@@ -34,6 +34,7 @@ def converted(tmp_path_factory, tokens) -> dict[str, Converted]:
         hf_dir, ct_dir = root / f"{name}_hf", root / f"{name}_ct"
         hf_dir.mkdir()
         model = build_hf_model(model_type, kwargs, hf_dir, files)
+        build_tokenizer(hf_dir, kwargs["vocab_size"])
         with torch.no_grad():
             logits = model(tokens).logits.float()
         convert_hf_to_ct(str(hf_dir), str(ct_dir), target_tp=TARGET_TP, progress=False)

@@ -11,33 +11,81 @@ import tempfile
 from pathlib import Path
 
 import torch
+
 from launch import REPO, free_port
 
 HIDDEN, HEADS, FFN, LAYERS, MAX_POS = 64, 4, 128, 2, 128
 
 # name: (model_type, config kwargs, weight files). Vocabulary 300 pads to 384 at TP1 and 512 at
 # TP2, so loading a TP2-padded checkpoint at TP1 exercises the trainer's vocab resizing.
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 32}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
 CASES = {
-    "llama_tied_gqa_llama3": ("llama", {"vocab_size": 300, "num_key_value_heads": 2, "tie_word_embeddings": True,
-                                        "rms_norm_eps": 1e-6, "rope_theta": 500000.0, "rope_scaling": LLAMA3_ROPE},
-                              "sharded_safetensors"),
-    "llama_untied_mha": ("llama", {"vocab_size": 300, "num_key_value_heads": 4, "tie_word_embeddings": False,
-                                   "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "safetensors"),
-    "mistral": ("mistral", {"vocab_size": 300, "num_key_value_heads": 2, "tie_word_embeddings": False,
-                            "sliding_window": None, "rope_theta": 1000000.0}, "safetensors"),
-    "qwen2_bias_tied": ("qwen2", {"vocab_size": 300, "num_key_value_heads": 2, "tie_word_embeddings": True,
-                                  "rope_theta": 1000000.0, "rms_norm_eps": 1e-6}, "bin"),
+    "llama_tied_gqa_llama3": (
+        "llama",
+        {
+            "vocab_size": 300,
+            "num_key_value_heads": 2,
+            "tie_word_embeddings": True,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 500000.0,
+            "rope_scaling": LLAMA3_ROPE,
+        },
+        "sharded_safetensors",
+    ),
+    "llama_untied_mha": (
+        "llama",
+        {
+            "vocab_size": 300,
+            "num_key_value_heads": 4,
+            "tie_word_embeddings": False,
+            "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+        },
+        "safetensors",
+    ),
+    "mistral": (
+        "mistral",
+        {
+            "vocab_size": 300,
+            "num_key_value_heads": 2,
+            "tie_word_embeddings": False,
+            "sliding_window": None,
+            "rope_theta": 1000000.0,
+        },
+        "safetensors",
+    ),
+    "qwen2_bias_tied": (
+        "qwen2",
+        {
+            "vocab_size": 300,
+            "num_key_value_heads": 2,
+            "tie_word_embeddings": True,
+            "rope_theta": 1000000.0,
+            "rms_norm_eps": 1e-6,
+        },
+        "bin",
+    ),
 }
 
 
 def hf_config(model_type: str, **overrides):
     from transformers import AutoConfig
 
-    kwargs = {"hidden_size": HIDDEN, "intermediate_size": FFN, "num_hidden_layers": LAYERS,
-              "num_attention_heads": HEADS, "max_position_embeddings": MAX_POS, "initializer_range": 0.1,
-              "attn_implementation": "eager", **overrides}
+    kwargs = {
+        "hidden_size": HIDDEN,
+        "intermediate_size": FFN,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "max_position_embeddings": MAX_POS,
+        "initializer_range": 0.1,
+        "attn_implementation": "eager",
+        **overrides,
+    }
     return AutoConfig.for_model(model_type, **kwargs)
 
 
@@ -58,18 +106,45 @@ def build_hf_model(model_type: str, kwargs: dict, out_dir: Path, files: str = "s
     if files == "bin":
         model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(out_dir)
-        torch.save({k: v.contiguous() for k, v in model.state_dict().items()
-                    if not (k == "lm_head.weight" and model.config.tie_word_embeddings)},
-                   out_dir / "pytorch_model.bin")
+        torch.save(
+            {
+                k: v.contiguous()
+                for k, v in model.state_dict().items()
+                if not (k == "lm_head.weight" and model.config.tie_word_embeddings)
+            },
+            out_dir / "pytorch_model.bin",
+        )
     else:
         model.save_pretrained(out_dir, max_shard_size="100KB" if files == "sharded_safetensors" else "5GB")
     return model
 
 
+def build_tokenizer(out_dir: Path, vocab_size: int) -> None:
+    """A word-level HF tokenizer ``w3 .. w{vocab-1}`` plus <unk>/<s>/</s>, saved at ``out_dir``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(
+        out_dir
+    )
+
+
 def run_torchrun(nproc: int, script: Path, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     """torchrun a script from the repo root; output via files (see tests/launch.py), process group killed after."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(free_port()), str(script), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        str(script),
+        *args,
+    ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         popen = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, cwd=REPO, start_new_session=True)

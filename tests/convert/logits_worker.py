@@ -41,8 +41,9 @@ def main(manifest_path: str) -> None:
         model = read_common(resolve_load_dir(ckpt)[0])["config"]["model"]
         return CTConfig(
             model=ModelConfig(**model),
-            parallel=ParallelConfig(tensor_model_parallel_size=spec["tp"], pipeline_model_parallel_size=spec["pp"],
-                                    device="cpu"),
+            parallel=ParallelConfig(
+                tensor_model_parallel_size=spec["tp"], pipeline_model_parallel_size=spec["pp"], device="cpu"
+            ),
             train=TrainConfig(precision="fp32", micro_batch_size=1, global_batch_size=2),
             data=DataConfig(seq_length=tokens.shape[1]),
         )

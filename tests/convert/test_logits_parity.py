@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from convert_helpers import CASES, run_torchrun
+
 from launch import REPO
 
 pytestmark = pytest.mark.slow
