@@ -1,0 +1,103 @@
+"""Bad input to tools/convert_checkpoint.py: exit 2, one line naming the file/tensor/key and what was expected."""
+
+import importlib.util
+import json
+import shutil
+
+import pytest
+
+from launch import REPO
+
+_spec = importlib.util.spec_from_file_location("convert_checkpoint", REPO / "tools" / "convert_checkpoint.py")
+cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cli)
+
+
+def run_cli(capsys, *args) -> str:
+    rc = cli.main([*args, "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, f"expected exit 2, got {rc}: {err}"
+    assert len(err.splitlines()) == 1 and err.startswith("convert_checkpoint.py: error: "), err
+    return err
+
+
+@pytest.fixture
+def hf_copy(converted, tmp_path):
+    """A writable copy of a converted case's HF directory (untied LLaMA, safetensors)."""
+    dst = tmp_path / "hf"
+    shutil.copytree(converted["llama_untied_mha"].hf_dir, dst)
+    return dst
+
+
+def edit_config(hf_dir, **changes):
+    path = hf_dir / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+
+
+def to_ct(capsys, hf_dir, tmp_path, *extra) -> str:
+    return run_cli(capsys, "hf-to-ct", "--input", str(hf_dir), "--output", str(tmp_path / "ct"), *extra)
+
+
+def test_unknown_architecture_lists_supported(capsys, hf_copy, tmp_path):
+    edit_config(hf_copy, architectures=["GPTNeoXForCausalLM"])
+    err = to_ct(capsys, hf_copy, tmp_path)
+    assert "GPTNeoXForCausalLM" in err and "config.json" in err
+    assert all(a in err for a in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"))
+
+
+def test_missing_files(capsys, hf_copy, tmp_path):
+    assert "no such directory" in to_ct(capsys, tmp_path / "nowhere", tmp_path)
+    (hf_copy / "config.json").rename(tmp_path / "config.json")
+    assert "config.json: missing" in to_ct(capsys, hf_copy, tmp_path)
+    (tmp_path / "config.json").rename(hf_copy / "config.json")
+    (hf_copy / "model.safetensors").unlink()
+    assert "no weights found" in to_ct(capsys, hf_copy, tmp_path)
+
+
+def test_index_naming_a_missing_shard(capsys, converted, tmp_path):
+    hf = tmp_path / "sharded"
+    shutil.copytree(converted["llama_tied_gqa_llama3"].hf_dir, hf)
+    shard = sorted(hf.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    err = to_ct(capsys, hf, tmp_path)
+    assert "model.safetensors.index.json" in err and shard.name in err and "missing" in err
+
+
+def test_shape_mismatch_names_tensor_and_both_shapes(capsys, hf_copy, tmp_path):
+    edit_config(hf_copy, intermediate_size=96)
+    err = to_ct(capsys, hf_copy, tmp_path)
+    assert "model.layers.0.mlp.gate_proj.weight" in err and "(128, 64)" in err and "(96, 64)" in err
+
+
+def test_vocab_in_config_disagreeing_with_embedding(capsys, hf_copy, tmp_path):
+    edit_config(hf_copy, vocab_size=320)
+    err = to_ct(capsys, hf_copy, tmp_path)
+    assert "model.embed_tokens.weight has 300 rows" in err and "vocab_size is 320" in err
+
+
+def test_bad_rope_scaling_and_layout(capsys, hf_copy, tmp_path):
+    rope = json.loads((hf_copy / "config.json").read_text())["rope_parameters"]  # transformers 5 style
+    edit_config(hf_copy, rope_parameters={**rope, "rope_type": "longrope"})
+    err = to_ct(capsys, hf_copy, tmp_path)
+    assert "rope_parameters" in err and "longrope" in err
+    edit_config(hf_copy, rope_parameters=None, rope_scaling={"type": "yarn", "factor": 2.0, "beta": 1})
+    assert "rope_scaling.beta is not a known RoPE scaling key" in to_ct(capsys, hf_copy, tmp_path)
+    edit_config(hf_copy, rope_scaling=None)
+    err = to_ct(capsys, hf_copy, tmp_path, "--target-tp", "3")
+    assert "--target-tp 3" in err and "num_attention_heads=4" in err
+    assert not (tmp_path / "ct").exists()  # nothing written on bad input
+
+
+def test_ct_to_hf_errors(capsys, converted, tmp_path):
+    ct = converted["qwen2_bias_tied"].ct_dir
+    err = run_cli(capsys, "ct-to-hf", "--input", str(tmp_path), "--output", str(tmp_path / "o"))
+    assert str(tmp_path) in err and "latest_checkpointed_iteration.txt" in err
+    err = run_cli(
+        capsys, "ct-to-hf", "--input", str(ct), "--output", str(tmp_path / "o"), "--architecture", "LlamaForCausalLM"
+    )
+    assert "add_qkv_bias" in err and "Qwen2ForCausalLM" in err
+    (tmp_path / "o").mkdir()
+    err = run_cli(capsys, "ct-to-hf", "--input", str(ct), "--output", str(tmp_path / "o"))
+    assert "already exists" in err and "--overwrite" in err

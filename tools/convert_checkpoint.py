@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""Convert checkpoints between Hugging Face and megatron-ct, streaming one tensor at a time.
+
+    # HF -> ours: a dist checkpoint the trainer loads at any TP/PP (checked against the target)
+    python tools/convert_checkpoint.py hf-to-ct --input llama-2-7b-hf --output ckpt/llama2 --target-tp 2
+    torchrun --nproc_per_node 2 pretrain_ct.py --config ckpt/llama2/model.yaml \\
+        checkpoint.load=ckpt/llama2 checkpoint.load_weights_only=true --tensor-model-parallel-size 2 ...
+
+    # ours (any checkpoint the trainer saved, any layout) -> HF
+    python tools/convert_checkpoint.py ct-to-hf --input runs/ct/iter_0002000 --output llama2-ct-hf \\
+        --hf-base llama-2-7b-hf --dtype bf16
+
+Supported architectures: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM.
+Exit status 2 and a one-line message on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+# Runnable as a plain script from a checkout, without installing the package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="direction", required=True)
+
+    h = sub.add_parser("hf-to-ct", help="Hugging Face model directory -> megatron-ct checkpoint")
+    h.add_argument("--input", required=True, help="HF model directory (config.json + safetensors or .bin)")
+    h.add_argument("--output", required=True, help="checkpoint root to create (iter_0000000/ + tracker)")
+    h.add_argument("--target-tp", type=int, default=1, help="tensor-parallel size to check and pad the vocab for")
+    h.add_argument("--target-pp", type=int, default=1, help="pipeline-parallel size to check")
+    h.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=int,
+        default=128,
+        help="vocab padding multiple per TP rank (model.make_vocab_size_divisible_by; default 128)",
+    )
+    h.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="stored dtype (auto: as in the input)")
+
+    c = sub.add_parser("ct-to-hf", help="megatron-ct checkpoint -> Hugging Face model directory")
+    c.add_argument("--input", required=True, help="checkpoint root (follows the tracker) or one iter_* directory")
+    c.add_argument("--output", required=True, help="HF model directory to create")
+    c.add_argument(
+        "--architecture",
+        default=None,
+        help="LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM (default: as converted, "
+        "else from --hf-base, else Qwen2 with a QKV bias and LLaMA without)",
+    )
+    c.add_argument(
+        "--hf-base",
+        default=None,
+        help="the HF model CT started from: its config.json keys (token ids, ...) and tokenizer are kept",
+    )
+    c.add_argument("--tokenizer", default=None, help="directory to copy tokenizer files from (overrides --hf-base)")
+    c.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="output dtype (auto: as stored)")
+    c.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+
+    for s in (h, c):
+        s.add_argument("--overwrite", action="store_true", help="replace an existing output")
+        s.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+        s.add_argument("--summary-json", default=None, help="also write the summary (seconds, bytes, peak RSS) here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    from megatron_ct.convert import ConversionError
+
+    dtype = None if args.dtype == "auto" else args.dtype
+    try:
+        if args.direction == "hf-to-ct":
+            from megatron_ct.convert.hf_to_ct import convert_hf_to_ct
+
+            report = convert_hf_to_ct(
+                args.input,
+                args.output,
+                target_tp=args.target_tp,
+                target_pp=args.target_pp,
+                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                dtype=dtype,
+                overwrite=args.overwrite,
+                progress=args.progress,
+            )
+        else:
+            from megatron_ct.convert.ct_to_hf import convert_ct_to_hf
+
+            report = convert_ct_to_hf(
+                args.input,
+                args.output,
+                architecture=args.architecture,
+                hf_base=args.hf_base,
+                tokenizer=args.tokenizer,
+                dtype=dtype,
+                max_shard_size=args.max_shard_size,
+                overwrite=args.overwrite,
+                progress=args.progress,
+            )
+    except ConversionError as e:
+        print(f"convert_checkpoint.py: error: {e}", file=sys.stderr)
+        return 2
+    for w in report.warnings:
+        print(f"convert_checkpoint.py: warning: {w}", file=sys.stderr)
+    print(report.summary())
+    if args.direction == "hf-to-ct":
+        print(
+            f"train from it: pretrain_ct.py --config {os.path.join(args.output, 'model.yaml')} "
+            f"checkpoint.load={args.output} checkpoint.load_weights_only=true"
+        )
+    if args.summary_json:
+        with open(args.summary_json, "w") as f:
+            json.dump(vars(report), f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
