@@ -1,0 +1,120 @@
+"""A converted base model continues training in pretrain_ct.py, and what it saves converts back.
+
+The vocabulary (256) is a multiple of 128 x TP, so no padding rows exist: the trainer's
+cross-entropy runs over the padded vocabulary, and padding rows (logit 0 for zero rows) would
+add to its softmax denominator, making its loss differ from HF's (see the report).
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from convert_helpers import build_hf_model, run_torchrun
+
+from megatron_ct.convert.ct_to_hf import convert_ct_to_hf
+from megatron_ct.convert.dist_io import DistCheckpointReader
+from megatron_ct.convert.hf_to_ct import convert_hf_to_ct
+from megatron_ct.data.synthetic import SyntheticMarkovDataset
+
+from launch import REPO, losses
+
+pytestmark = pytest.mark.slow
+VOCAB, SEQ, GLOBAL_BATCH, SEED, BRANCHING = 256, 32, 4, 1234, 4
+TRAIN = [
+    "parallel.device=cpu",
+    "checkpoint.load_weights_only=true",
+    "train.precision=fp32",
+    f"train.global_batch_size={GLOBAL_BATCH}",
+    "train.micro_batch_size=2",
+    f"data.seq_length={SEQ}",
+    f"train.seed={SEED}",
+    f"data.synthetic_branching={BRANCHING}",
+    "optim.lr=1e-3",
+    "optim.lr_decay_style=constant",
+]
+
+
+def step_batch(step: int) -> torch.Tensor:
+    """The trainer's global batch of ``step`` (synthetic data): ``[G, seq + 1]`` tokens."""
+    ds = SyntheticMarkovDataset(VOCAB, SEQ, BRANCHING, SEED)
+    return torch.from_numpy(np.stack([ds[i] for i in range(step * GLOBAL_BATCH, (step + 1) * GLOBAL_BATCH)]))
+
+
+def hf_loss(model, batch: torch.Tensor) -> float:
+    """Token-mean cross-entropy over the whole batch, as the trainer reports it."""
+    with torch.no_grad():
+        logits = model(batch[:, :-1]).logits.float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)).item()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("continue")
+    (root / "hf").mkdir()
+    model = build_hf_model("llama", {"vocab_size": VOCAB, "num_key_value_heads": 2}, root / "hf", seed=3)
+    convert_hf_to_ct(str(root / "hf"), str(root / "ct"), target_tp=2, progress=False)
+    return root, model
+
+
+def test_first_loss_equals_hf_and_trained_checkpoint_converts_back(base, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    root, model = base
+    ct, save = root / "ct", tmp_path / "run"
+    run_torchrun(
+        2,
+        REPO / "pretrain_ct.py",
+        [
+            "--config",
+            str(ct / "model.yaml"),
+            f"checkpoint.load={ct}",
+            *TRAIN,
+            "train.train_iters=2",
+            "--tensor-model-parallel-size",
+            "2",
+            f"checkpoint.save={save}",
+            "checkpoint.save_interval=1",
+        ],
+    )
+    logged = losses(save)
+    assert logged[1] == pytest.approx(hf_loss(model, step_batch(0)), rel=1e-5)
+
+    # The TP2-sharded checkpoint of iteration 1 (optimizer state, no HF record) back to HF:
+    # its loss on step 1's batch is the trainer's iteration-2 loss.
+    report = convert_ct_to_hf(str(save / "iter_0000001"), str(tmp_path / "hf_after"), progress=False)
+    assert any("tokenizer" in w for w in report.warnings)  # none given: said, not silently skipped
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_after", local_files_only=True)
+    assert type(trained).__name__ == "LlamaForCausalLM"
+    assert hf_loss(trained, step_batch(1)) == pytest.approx(logged[2], rel=1e-5)
+    assert hf_loss(model, step_batch(1)) != pytest.approx(logged[2], rel=1e-3)  # the step changed the weights
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="trainer bug, reported: with bf16/fp16 the optimizer's FP32 main params "
+    "are made before checkpoint.load_weights_only loads the weights and are not "
+    "refreshed (optimizer.reload_model_params()), so the first step overwrites "
+    "the converted weights with the random init",
+)
+def test_bf16_first_step_keeps_the_converted_weights(base, tmp_path):
+    root, _ = base
+    ct, save = root / "ct", tmp_path / "run"
+    run_torchrun(
+        1,
+        REPO / "pretrain_ct.py",
+        [
+            "--config",
+            str(ct / "model.yaml"),
+            f"checkpoint.load={ct}",
+            *TRAIN,
+            "train.precision=bf16",
+            "train.train_iters=1",
+            "optim.lr=1e-7",
+            "optim.min_lr=0",
+            f"checkpoint.save={save}",
+        ],
+    )
+    before = DistCheckpointReader(str(ct / "iter_0000000")).read("decoder.layers.mlp.linear_fc2.weight")
+    after = DistCheckpointReader(str(save / "iter_0000001")).read("decoder.layers.mlp.linear_fc2.weight")
+    # lr 1e-7: one step moves weights by ~1e-7, far below bf16 resolution at this scale.
+    assert (after.float() - before.bfloat16().float()).abs().max() < 1e-2
