@@ -13,8 +13,25 @@ megatron_ct.config.schema (e.g. ``train.train_iters=10``, ``--tensor-model-paral
 import sys
 
 
+# Warnings megatron-core and torch emit on every rank for conditions the start-up log
+# line already reports (which norm/optimizer implementation runs) or that are internal
+# to megatron-core's checkpoint code. Anything else still shows.
+KNOWN_NOISE = (
+    "Transformer Engine and Apex are not installed",
+    "Apex is not installed",
+    "full scope is deprecated",
+    "Please use DTensor instead",
+    "`load_state_dict` is deprecated",
+    "`torch.distributed.all_gather_into_tensor` is deprecated",
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
+    import warnings
+
+    for message in KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=".*" + message)
 
     parser = argparse.ArgumentParser(
         description="megatron-ct continual pre-training",
