@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from megatron_ct.config import CTConfig
+from megatron_ct.model.llama import params_dtype
 
 
 def wrap_ddp(cfg: CTConfig, chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
@@ -48,7 +49,7 @@ def build_optimizer(cfg: CTConfig, ddp_chunks: list[torch.nn.Module]):
         adam_eps=o.adam_eps,
         bf16=t.precision == "bf16",
         fp16=t.precision == "fp16",
-        params_dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[t.precision],
+        params_dtype=params_dtype(t.precision),
         initial_loss_scale=o.initial_loss_scale,
         clip_grad=t.clip_grad,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
