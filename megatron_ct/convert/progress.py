@@ -7,9 +7,21 @@ import sys
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
+    """Peak resident set size of this process so far.
+
+    Linux: ``VmHWM`` of /proc/self/status, the high-water mark of this program's own memory.
+    ``getrusage``'s ``ru_maxrss`` is not used there: it carries over the parent's RSS at fork
+    through exec, so a child of a large process would report the parent's size.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes, others: KiB
 
 
 def format_bytes(n: float) -> str:
@@ -29,7 +41,13 @@ class Progress:
         self.total_bytes = total_bytes
         self.done_bytes = 0
         self.bar = tqdm(
-            total=total_items, desc=desc, unit="tensor", disable=not enabled, file=sys.stderr, dynamic_ncols=True
+            total=total_items,
+            desc=desc,
+            unit="tensor",
+            disable=not enabled,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            mininterval=0.5,  # a redirected log gets a line per refresh
         )
 
     def update(self, nbytes: int) -> None:
