@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from convert_helpers import build_hf_model, run_torchrun
+from convert_helpers import build_hf_model, build_tokenizer, read_json, run_torchrun
 
 from megatron_ct.convert.ct_to_hf import convert_ct_to_hf
 from megatron_ct.convert.dist_io import DistCheckpointReader
@@ -52,6 +52,7 @@ def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("continue")
     (root / "hf").mkdir()
     model = build_hf_model("llama", {"vocab_size": VOCAB, "num_key_value_heads": 2}, root / "hf", seed=3)
+    build_tokenizer(root / "hf", VOCAB)
     convert_hf_to_ct(str(root / "hf"), str(root / "ct"), target_tp=2, progress=False)
     return root, model
 
@@ -82,11 +83,16 @@ def test_first_loss_equals_hf_and_trained_checkpoint_converts_back(base, tmp_pat
     # The TP2-sharded checkpoint of iteration 1 (optimizer state, no HF record) back to HF:
     # its loss on step 1's batch is the trainer's iteration-2 loss.
     report = convert_ct_to_hf(str(save / "iter_0000001"), str(tmp_path / "hf_after"), progress=False)
-    assert any("tokenizer" in w for w in report.warnings)  # none given: said, not silently skipped
+    assert any("tokenizer" in w for w in report.warnings)  # none at hand: said, not silently skipped
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_after", local_files_only=True)
     assert type(trained).__name__ == "LlamaForCausalLM"
     assert hf_loss(trained, step_batch(1)) == pytest.approx(logged[2], rel=1e-5)
     assert hf_loss(model, step_batch(1)) != pytest.approx(logged[2], rel=1e-3)  # the step changed the weights
+
+    # With the base model named, its config.json keys and tokenizer come back too.
+    convert_ct_to_hf(str(save), str(tmp_path / "hf_based"), hf_base=str(root / "hf"), progress=False)
+    assert read_json(tmp_path / "hf_based" / "config.json") == read_json(root / "hf" / "config.json")
+    assert (tmp_path / "hf_based" / "tokenizer.json").read_bytes() == (root / "hf" / "tokenizer.json").read_bytes()
 
 
 @pytest.mark.xfail(

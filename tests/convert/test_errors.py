@@ -101,3 +101,12 @@ def test_ct_to_hf_errors(capsys, converted, tmp_path):
     (tmp_path / "o").mkdir()
     err = run_cli(capsys, "ct-to-hf", "--input", str(ct), "--output", str(tmp_path / "o"))
     assert "already exists" in err and "--overwrite" in err
+
+
+def test_mistral_sliding_window_shorter_than_context_is_a_warning(capsys, converted, tmp_path):
+    hf = tmp_path / "mistral"
+    shutil.copytree(converted["mistral"].hf_dir, hf)
+    edit_config(hf, sliding_window=16)
+    assert cli.main(["hf-to-ct", "--input", str(hf), "--output", str(tmp_path / "ct"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and "sliding_window=16" in err and "at most 16 tokens" in err

@@ -8,6 +8,7 @@ import torch
 from convert_helpers import CASES, build_hf_model, build_tokenizer, safetensors_dict
 
 from megatron_ct.convert.ct_to_hf import convert_ct_to_hf
+from megatron_ct.convert.dist_io import DistCheckpointReader
 from megatron_ct.convert.hf_files import HFWeights
 from megatron_ct.convert.hf_to_ct import convert_hf_to_ct
 
@@ -54,3 +55,17 @@ def test_bf16_round_trip_and_transformers_loads_it_offline(tmp_path, tokens):
         AutoTokenizer.from_pretrained(tmp_path / "back", local_files_only=True)(text)["input_ids"]
         == AutoTokenizer.from_pretrained(src, local_files_only=True)(text)["input_ids"]
     )
+
+
+def test_dtype_options_cast_both_ways(converted, tmp_path):
+    case = converted["llama_untied_mha"]
+    convert_hf_to_ct(str(case.hf_dir), str(tmp_path / "ct"), dtype="bf16", progress=False)
+    reader = DistCheckpointReader(str(tmp_path / "ct" / "iter_0000000"))
+    assert {reader.dtype(k) for k in reader.tensors} == {torch.bfloat16}
+    convert_ct_to_hf(str(tmp_path / "ct"), str(tmp_path / "hf"), dtype="fp32", progress=False)
+    back = safetensors_dict(tmp_path / "hf")
+    original = HFWeights(str(case.hf_dir))
+    for name in original.names():
+        assert back[name].dtype == torch.float32
+        assert torch.equal(back[name], original.load(name).bfloat16().float()), name
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "float32"
