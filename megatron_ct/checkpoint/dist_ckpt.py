@@ -270,6 +270,10 @@ def load_checkpoint(
     for i, chunk in enumerate(chunks):
         unwrap(chunk).load_state_dict(loaded[_model_key(i, n)], strict=True)
     if weights_only:
+        if optimizer is not None:
+            # bf16/fp16: the optimizer made its FP32 main copies from the initial weights;
+            # without a refresh the first step would write those back over the loaded ones.
+            optimizer.reload_model_params()
         log.info("loaded weights only from %s (iteration %d); optimizer and schedule start fresh", path, iteration)
         return LoadedState(iteration=0, consumed_samples=0, common=common)
 

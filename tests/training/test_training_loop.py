@@ -101,6 +101,21 @@ def test_weights_only_start_rewarms_and_restarts_iteration(tmp_path):
     assert ct_records[0]["loss"] < losses(tmp_path / "scratch")[1] - 0.1
 
 
+def test_bf16_weights_only_start_keeps_the_loaded_weights(tmp_path):
+    """The optimizer's FP32 main params must be refreshed from the loaded weights, or the
+    first update would write the random initialisation back over them."""
+    bf16 = ["train.precision=bf16", "optim.lr=1e-4", "optim.lr_decay_style=constant"]
+    base = tmp_path / "base"
+    run_trainer(1, bf16 + ["train.train_iters=8", "optim.lr=1e-3", f"checkpoint.save={base}"])
+    run_trainer(1, bf16 + ["train.train_iters=2", f"checkpoint.load={base}", "checkpoint.load_weights_only=true",
+                           f"logging.log_dir={tmp_path / 'ct'}"])
+    run_trainer(1, bf16 + ["train.train_iters=2", f"logging.log_dir={tmp_path / 'scratch'}"])
+    ct, scratch = losses(tmp_path / "ct"), losses(tmp_path / "scratch")
+    # Iteration 2 runs on the weights after one small update: still the trained model's level.
+    assert ct[2] < scratch[2] - 0.3, (ct, scratch)
+    assert abs(ct[2] - ct[1]) < 0.1
+
+
 def test_metrics_jsonl_and_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")
     proc = run_trainer(
