@@ -115,12 +115,16 @@ def plan_hf_tensors(
     return [(name, shape, (lambda p=produce: p().to(dtype))) for name, shape, produce in out]
 
 
+def _assets_beside(iter_path: str) -> str | None:
+    """``hf_assets/`` that hf-to-ct wrote next to the iteration directory, if any."""
+    candidate = os.path.join(os.path.dirname(os.path.normpath(iter_path)), "hf_assets")
+    return candidate if os.path.isdir(candidate) else None
+
+
 def _copy_assets(src_dir: str | None, out: str) -> list[str]:
     """Tokenizer/generation files (not weights, not config.json) from ``src_dir``."""
     if not src_dir:
         return []
-    if not os.path.isdir(src_dir):
-        raise ConversionError(f"{src_dir}: no such directory (expected tokenizer files)")
     copied = []
     for name in sorted(os.listdir(src_dir)):
         path = os.path.join(src_dir, name)
@@ -182,6 +186,9 @@ def convert_ct_to_hf(
     torch_dtype = DTYPES[dtype] if dtype else reader.dtype(L.CT_EMBED)
     tensors = plan_hf_tensors(reader, m, true_vocab, torch_dtype)
 
+    assets = tokenizer or hf_base or _assets_beside(path)
+    if assets and not os.path.isdir(assets):
+        raise ConversionError(f"{assets}: no such directory (expected tokenizer files)")
     if os.path.exists(out_dir) and not overwrite:
         raise ConversionError(f"{out_dir}: already exists; pass --overwrite to replace it")
     partial = out_dir.rstrip("/") + ".partial"
@@ -203,14 +210,6 @@ def convert_ct_to_hf(
     with open(os.path.join(partial, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
-    root = os.path.dirname(os.path.normpath(path))
-    assets = (
-        tokenizer
-        or hf_base
-        or next(
-            (d for d in (os.path.join(root, "hf_assets"), os.path.join(ckpt, "hf_assets")) if os.path.isdir(d)), None
-        )
-    )
     copied = _copy_assets(assets, partial)
     warnings = (
         []

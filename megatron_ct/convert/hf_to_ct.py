@@ -17,6 +17,7 @@ records next to the true size. The trainer loads it with ``checkpoint.load_weigh
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import shutil
@@ -134,58 +135,33 @@ def plan_chunks(weights: HFWeights, m: ModelConfig, padded_vocab: int, dtype: to
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t if dtype is None else t.to(dtype)
 
-    def out_dtype(name: str) -> torch.dtype:
-        return dtype or weights.dtype(name)
-
     shapes = L.expected_ct_shapes(m, padded_vocab)
-    chunks = [
-        ChunkSpec(
-            L.CT_EMBED,
-            shapes[L.CT_EMBED],
-            (0, 0),
-            shapes[L.CT_EMBED],
-            out_dtype(L.HF_EMBED),
-            lambda: L.pad_vocab(cast(weights.load(L.HF_EMBED)), padded_vocab),
-        )
-    ]
+
+    def whole(key: str, hf_name: str, produce) -> ChunkSpec:
+        """A tensor stored as one chunk (the global ones)."""
+        shape = shapes[key]
+        return ChunkSpec(key, shape, (0,) * len(shape), shape, dtype or weights.dtype(hf_name), produce)
+
     fuse = {
         "copy": lambda ts: ts[0],
         "qkv": lambda ts: L.fuse_qkv(*ts, num_query_groups=m.num_query_groups),
         "gate_up": lambda ts: L.fuse_gate_up(*ts),
     }
+    chunks = [whole(L.CT_EMBED, L.HF_EMBED, lambda: L.pad_vocab(cast(weights.load(L.HF_EMBED)), padded_vocab))]
     for i in range(m.num_layers):
         for lt in L.layer_tensors(m.add_qkv_bias):
-            names = lt.hf_names(i)
-            shape = shapes[lt.ct_key]
+            names, shape = lt.hf_names(i), shapes[lt.ct_key]
 
             def produce(names=names, kind=lt.kind) -> torch.Tensor:
                 return cast(fuse[kind]([weights.load(n) for n in names]))
 
-            chunks.append(
-                ChunkSpec(
-                    lt.ct_key, shape, (i,) + (0,) * (len(shape) - 1), (1, *shape[1:]), out_dtype(names[0]), produce
-                )
-            )
-    chunks.append(
-        ChunkSpec(
-            L.CT_FINAL_NORM,
-            shapes[L.CT_FINAL_NORM],
-            (0,),
-            shapes[L.CT_FINAL_NORM],
-            out_dtype(L.HF_FINAL_NORM),
-            lambda: cast(weights.load(L.HF_FINAL_NORM)),
-        )
-    )
+            # Layer i of the stacked [L, ...] tensor: offset (i, 0, ..), size (1, ...).
+            offsets, sizes = (i,) + (0,) * (len(shape) - 1), (1, *shape[1:])
+            chunks.append(ChunkSpec(lt.ct_key, shape, offsets, sizes, dtype or weights.dtype(names[0]), produce))
+    chunks.append(whole(L.CT_FINAL_NORM, L.HF_FINAL_NORM, lambda: cast(weights.load(L.HF_FINAL_NORM))))
     if m.untie_embeddings_and_output_weights:
         chunks.append(
-            ChunkSpec(
-                L.CT_OUTPUT,
-                shapes[L.CT_OUTPUT],
-                (0, 0),
-                shapes[L.CT_OUTPUT],
-                out_dtype(L.HF_LM_HEAD),
-                lambda: L.pad_vocab(cast(weights.load(L.HF_LM_HEAD)), padded_vocab),
-            )
+            whole(L.CT_OUTPUT, L.HF_LM_HEAD, lambda: L.pad_vocab(cast(weights.load(L.HF_LM_HEAD)), padded_vocab))
         )
     return chunks
 
@@ -201,8 +177,6 @@ def extra_state_objects(num_layers: int) -> dict[str, bytes]:
 
 
 def _torch_save_bytes(obj) -> bytes:
-    import io
-
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
