@@ -150,6 +150,10 @@ class TrainConfig:
     """With nan_policy=skip, stop after this many consecutive skipped steps."""
     exit_interval: int | None = None
     """Stop (after saving) when the iteration is a multiple of this; for tests and job chunks."""
+    trainable_params: list[str] | None = None
+    """Train only these parameters (glob patterns over TP1/PP1 names, or the aliases
+    'embeddings', 'layers:<i>,<j>', 'new_blocks'; see megatron_ct/training/freeze.py). The
+    rest stay bit-identical. None trains everything."""
 
     def __post_init__(self) -> None:
         for key in ("micro_batch_size", "global_batch_size"):

@@ -95,14 +95,9 @@ def test_first_loss_equals_hf_and_trained_checkpoint_converts_back(base, tmp_pat
     assert (tmp_path / "hf_based" / "tokenizer.json").read_bytes() == (root / "hf" / "tokenizer.json").read_bytes()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trainer bug, reported: with bf16/fp16 the optimizer's FP32 main params "
-    "are made before checkpoint.load_weights_only loads the weights and are not "
-    "refreshed (optimizer.reload_model_params()), so the first step overwrites "
-    "the converted weights with the random init",
-)
 def test_bf16_first_step_keeps_the_converted_weights(base, tmp_path):
+    """bf16 training keeps FP32 main copies of the weights; they must be the converted ones
+    (the optimizer is built before the weights-only load, which has to refresh them)."""
     root, _ = base
     ct, save = root / "ct", tmp_path / "run"
     run_torchrun(
