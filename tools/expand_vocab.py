@@ -48,13 +48,25 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--addition-model", metavar="MODEL", help="take pieces from this SentencePiece model")
     p.add_argument("--vocab-size", type=int, default=20000, help="size of the trained model (default 20000)")
     p.add_argument("--character-coverage", type=float, default=0.9995)
-    p.add_argument("--no-byte-fallback", dest="byte_fallback", action="store_false",
-                   help="train without byte pieces (default: as the base model)")
+    p.add_argument(
+        "--no-byte-fallback",
+        dest="byte_fallback",
+        action="store_false",
+        help="train without byte pieces (default: as the base model)",
+    )
     p.add_argument("--max-new-pieces", type=int, default=None, help="cap on appended pieces")
-    p.add_argument("--low-frequency-only", action="store_true",
-                   help="append only pieces that do not change how frequent old strings segment")
-    p.add_argument("--protect-text", nargs="+", default=[], metavar="FILE",
-                   help="general text whose frequent strings --low-frequency-only keeps stable")
+    p.add_argument(
+        "--low-frequency-only",
+        action="store_true",
+        help="append only pieces that do not change how frequent old strings segment",
+    )
+    p.add_argument(
+        "--protect-text",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="general text whose frequent strings --low-frequency-only keeps stable",
+    )
     p.add_argument("--protect-top-k", type=int, default=20000)
     p.add_argument("--heldout-domain", nargs="*", default=[], metavar="FILE")
     p.add_argument("--heldout-general", nargs="*", default=[], metavar="FILE")
@@ -85,7 +97,9 @@ def addition_pieces(args, base: str) -> list[str]:
     if not args.byte_fallback:
         overrides["byte_fallback"] = False
     sp_file = base if os.path.isfile(base) else os.path.join(base, "tokenizer.model")
-    config = SPTrainConfig.like(load_proto(sp_file), **overrides) if os.path.isfile(sp_file) else SPTrainConfig(**overrides)
+    config = (
+        SPTrainConfig.like(load_proto(sp_file), **overrides) if os.path.isfile(sp_file) else SPTrainConfig(**overrides)
+    )
     model = train_sentencepiece(args.train_text, os.path.join(args.output_dir, "addition"), config)
     return candidate_pieces(load_proto(model))
 
@@ -115,32 +129,49 @@ def run(args) -> dict:
     base = args.base_tokenizer or args.hf_model
     if base is None:
         raise ValueError("give --base-tokenizer or --hf-model (whose tokenizer is the base)")
-    os.makedirs(args.output_dir, exist_ok=True)
-    candidates = addition_pieces(args, base)
-
     if args.low_frequency_only != bool(args.protect_text):
         raise ValueError("--low-frequency-only and --protect-text go together (the text defines frequent strings)")
+    os.makedirs(args.output_dir, exist_ok=True)
+    candidates = addition_pieces(args, base)
     protect = frequent_strings(read_lines(args.protect_text), args.protect_top_k) if args.protect_text else []
-    result, merged_path = merge_tokenizer(base, candidates, args.output_dir,
-                                          max_new=args.max_new_pieces, protect=protect)
+    result, merged_path = merge_tokenizer(
+        base, candidates, args.output_dir, max_new=args.max_new_pieces, protect=protect
+    )
 
-    corpora = {name: read_lines(paths) for name, paths in
-               (("domain", args.heldout_domain), ("general", args.heldout_general)) if paths}
+    corpora = {
+        name: read_lines(paths)
+        for name, paths in (("domain", args.heldout_domain), ("general", args.heldout_general))
+        if paths
+    }
     report = compression_report(load_tokenizer(base), load_tokenizer(merged_path), corpora, len(result.new_pieces))
     print(format_report(report))
 
-    summary = {"base_tokenizer": os.path.abspath(base), "merged_tokenizer": os.path.abspath(merged_path),
-               "first_new_id": result.first_new_id, "new_pieces": result.new_pieces, "report": report}
+    summary = {
+        "base_tokenizer": os.path.abspath(base),
+        "merged_tokenizer": os.path.abspath(merged_path),
+        "first_new_id": result.first_new_id,
+        "new_pieces": result.new_pieces,
+        "report": report,
+    }
     if args.hf_model:
         from transformers import AutoModelForCausalLM
 
         sources = base_segmenter(base)(result.new_pieces)
-        plan = VocabResizePlan(old_vocab_size=result.first_new_id, sources=tuple(map(tuple, sources)),
-                               init=args.init, divisible_by=args.pad_to_multiple_of, seed=args.seed)
+        plan = VocabResizePlan(
+            old_vocab_size=result.first_new_id,
+            sources=tuple(map(tuple, sources)),
+            init=args.init,
+            divisible_by=args.pad_to_multiple_of,
+            seed=args.seed,
+        )
         model = AutoModelForCausalLM.from_pretrained(args.hf_model, local_files_only=True, dtype="auto")
         resize_hf_causal_lm(model, plan)
         model.save_pretrained(args.output_dir)
-        summary["model"] = {"init": args.init, "vocab_rows": plan.padded_size(), "dir": os.path.abspath(args.output_dir)}
+        summary["model"] = {
+            "init": args.init,
+            "vocab_rows": plan.padded_size(),
+            "dir": os.path.abspath(args.output_dir),
+        }
         print(f"resized model: {plan.padded_size()} vocabulary rows ({args.init}) -> {args.output_dir}")
     with open(os.path.join(args.output_dir, "expand_vocab.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, ensure_ascii=False, indent=1)
