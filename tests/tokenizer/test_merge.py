@@ -201,3 +201,42 @@ def test_unsupported_inputs_fail_in_one_line(work, hf_base):
     (work / "not_a_model").write_bytes(b"\x00\x01garbage")
     with pytest.raises(ValueError, match="not_a_model is not a readable SentencePiece model file"):
         load_proto(work / "not_a_model")
+
+
+def test_compression_report(merged_sp, heldout_zh):
+    from megatron_ct.tokenizer.report import compression_report, format_report
+
+    result, path = merged_sp
+    report = compression_report(
+        load_tokenizer(llama_sp_model_path()), load_tokenizer(path), {"domain": heldout_zh, "general": ENGLISH}, 7
+    )
+    assert (report["vocab_size_before"], report["vocab_size_after"], report["new_pieces"]) == (
+        32000,
+        result.vocab_size,
+        7,
+    )
+    domain, general = report["corpora"]
+    assert domain["chars"] == sum(len(t) for t in heldout_zh)
+    assert domain["bytes"] == sum(len(t.encode("utf-8")) for t in heldout_zh)
+    assert domain["tokens_per_char_after"] < domain["tokens_per_char_before"]
+    assert domain["bytes_per_token_after"] > domain["bytes_per_token_before"]
+    assert general["tokens_after"] == general["tokens_before"]
+    table = format_report(report).splitlines()
+    assert table[0] == f"vocabulary 32000 -> {result.vocab_size} (+7 pieces)"
+    assert [line.split()[0] for line in table[2:]] == ["domain", "general"]
+
+
+def test_training_config_copies_the_base_text_handling_and_checks_values(work):
+    config = SPTrainConfig.like(load_proto(llama_sp_model_path()), vocab_size=500)
+    assert (config.vocab_size, config.normalization_rule_name, config.add_dummy_prefix) == (500, "identity", True)
+    assert (config.remove_extra_whitespaces, config.split_digits, config.byte_fallback) == (False, True, True)
+    with pytest.raises(ValueError, match=r"SPTrainConfig.vocab_size=100; expected >= 300"):
+        SPTrainConfig(vocab_size=100)
+    with pytest.raises(ValueError, match=r"SPTrainConfig.character_coverage=1.5; expected \(0, 1\]"):
+        SPTrainConfig(character_coverage=1.5)
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        train_sentencepiece([str(work / "missing.txt")], str(work / "x"), config)
+    tiny = work / "tiny.txt"
+    tiny.write_text("我们\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"SentencePiece training on .*tiny\.txt failed: "):
+        train_sentencepiece([str(tiny)], str(work / "x"), SPTrainConfig(character_coverage=0.5))
