@@ -3,7 +3,8 @@
 Overrides take three spellings, applied left to right after the YAML:
   ``train.train_iters=10``           dotted path
   ``train_iters=10``                 a field name that exists in exactly one section
-  ``--train-iters 10``               Megatron-LM style flag (dashes become underscores)
+  ``--train-iters 10``               Megatron-LM style flag (dashes become underscores);
+  ``--data-path 0.3 a 0.7 b``        several words after a flag make a list
 Values are parsed as YAML scalars (``true``, ``1e-4``, ``null``, ``[1, 2]``). Unknown keys
 are errors that name the key and list the section's fields.
 """
@@ -71,14 +72,22 @@ def parse_overrides(argv: Sequence[str]) -> list[tuple[str, Any]]:
         word = argv[i]
         if word.startswith("--"):
             name = word[2:]
+            words = []
             if "=" in name:
                 name, value = name.split("=", 1)
-            elif i + 1 < len(argv) and not argv[i + 1].startswith("--") and "=" not in argv[i + 1]:
-                i += 1
-                value = argv[i]
+                words = [value]
             else:
-                value = "true"  # a bare flag: --sequence-parallel
-            out.append((name.replace("-", "_"), _parse_value(value)))
+                # Megatron-LM's multi-value flags: --data-path 0.3 a_document 0.7 b_document
+                while i + 1 < len(argv) and not argv[i + 1].startswith("--") and "=" not in argv[i + 1]:
+                    i += 1
+                    words.append(argv[i])
+            if not words:
+                parsed = True  # a bare flag: --sequence-parallel
+            elif len(words) == 1:
+                parsed = _parse_value(words[0])
+            else:
+                parsed = [_parse_value(w) for w in words]
+            out.append((name.replace("-", "_"), parsed))
         elif "=" in word:
             key, value = word.split("=", 1)
             out.append((key, _parse_value(value)))

@@ -209,21 +209,269 @@ class OptimConfig:
         _one_of(self.lr_wsd_decay_style, "optim.lr_wsd_decay_style", ("linear", "cosine", "exponential", "minus_sqrt"))
 
 
+PACKING_MODES = ("concat", "by_source")
+
+
+def _check_keys(raw: dict, cls: type, key: str) -> None:
+    """Unknown keys inside a nested data entry are errors naming the entry."""
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(cls)]
+    for name in raw:
+        _require(name in names, f"{key}.{name}", "one of " + ", ".join(names) + " (unknown key)", raw[name])
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(kw_only=True)
+class DatasetConfig:
+    """A named corpus: one or more megatron-core IndexedDataset prefixes read as one stream.
+
+    In YAML a dataset is a prefix string, ``{prefix: p}`` or ``{prefixes: [p1, p2]}``,
+    optionally with ``doc_range`` and ``tag``.
+    """
+
+    prefixes: list[str]
+    """Path prefixes of ``.bin``/``.idx`` pairs (tools/preprocess_data.py outputs), read in
+    this order; relative ones are resolved against ``data.data_root``."""
+    doc_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    """Fraction ``[start, end)`` of every prefix's documents to use; Megatron's ``--split``
+    carves the train and valid parts of a file this way."""
+    tag: str | None = None
+    """Free-form source label (``zh``, ``code``, ...), shown in logs."""
+
+    @classmethod
+    def parse(cls, raw: Any, key: str) -> DatasetConfig:
+        if isinstance(raw, DatasetConfig):
+            return raw
+        if isinstance(raw, str):
+            return cls(prefixes=[raw])
+        _require(isinstance(raw, dict), key, "a prefix string or a mapping with prefix/prefixes", raw)
+        raw = dict(raw)
+        if "prefix" in raw:
+            _require("prefixes" not in raw, key, "only one of prefix, prefixes", raw)
+            raw["prefixes"] = [raw.pop("prefix")]
+        _check_keys(raw, cls, key)
+        prefixes = raw.get("prefixes")
+        _require(
+            isinstance(prefixes, list) and prefixes and all(isinstance(p, str) and p for p in prefixes),
+            f"{key}.prefixes",
+            "a non-empty list of path prefixes (or prefix: one path)",
+            prefixes,
+        )
+        rng = raw.get("doc_range", [0.0, 1.0])
+        _require(
+            isinstance(rng, list) and len(rng) == 2 and all(_is_number(x) for x in rng) and 0 <= rng[0] < rng[1] <= 1,
+            f"{key}.doc_range",
+            "[start, end) fractions with 0 <= start < end <= 1",
+            rng,
+        )
+        return cls(prefixes=list(prefixes), doc_range=[float(rng[0]), float(rng[1])], tag=raw.get("tag"))
+
+
+@dataclass(kw_only=True)
+class StageConfig:
+    """One curriculum stage: a length, a blend (optionally ramped), a packing mode."""
+
+    name: str
+    """Stage name (logs, checkpoint data state, eval records)."""
+    iters: int | None = None
+    """Length in optimizer steps. Give iters or tokens; the last stage may give neither and
+    runs to train.train_iters."""
+    tokens: int | None = None
+    """Length in training tokens, rounded up to whole steps of global_batch_size*seq_length."""
+    blend: dict[str, float]
+    """Dataset name -> weight at the stage start (normalised to sum 1)."""
+    end_blend: dict[str, float] | None = None
+    """Weights at the stage end; the blend ramps linearly from ``blend`` (None: no ramp)."""
+    packing: str = "concat"
+    """'concat': documents concatenated and cut into seq_length+1 windows; 'by_source': whole
+    documents of one dataset per sequence, padded (padding masked out of the loss)."""
+    reset_position_ids: bool = False
+    """Position ids restart at 0 at every document start inside a sequence."""
+    reset_attention_mask: bool = False
+    """Block-diagonal causal attention: a token attends only to its own document."""
+    eod_mask_loss: bool = False
+    """No loss on the prediction made from a document's last token (EOD) of the next
+    document's first token."""
+    lr_rewarm_iters: int = 0
+    """Re-warm the LR linearly from optim.lr_warmup_init to the schedule's value over this
+    many steps from the stage start (0: no re-warm)."""
+
+    @classmethod
+    def parse(cls, raw: Any, key: str) -> StageConfig:
+        if isinstance(raw, StageConfig):
+            return raw
+        _require(isinstance(raw, dict), key, "a mapping with name, iters or tokens, blend", raw)
+        _check_keys(raw, cls, key)
+        raw = dict(raw)
+        name_ = raw.get("name")
+        _require(isinstance(name_, str) and bool(name_), f"{key}.name", "a non-empty string", name_)
+        for name in ("iters", "tokens"):
+            value = raw.get(name)
+            if isinstance(value, float) and value.is_integer():  # YAML reads 1.0e9 as a float
+                raw[name] = value = int(value)
+            if value is not None:
+                _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, f"{key}.{name}",
+                         "a positive integer or null", value)
+        _require(raw.get("iters") is None or raw.get("tokens") is None, f"{key}.tokens", "null when iters is given",
+                 raw.get("tokens"))
+        for name in ("blend", "end_blend"):
+            value = raw.get(name)
+            if value is None and name == "end_blend":
+                continue
+            _require(
+                isinstance(value, dict) and value and all(_is_number(w) and w >= 0 for w in value.values())
+                and sum(value.values()) > 0,
+                f"{key}.{name}",
+                "a mapping dataset -> weight >= 0 with a positive sum",
+                value,
+            )
+        _one_of(raw.get("packing", "concat"), f"{key}.packing", PACKING_MODES)
+        for name in ("reset_position_ids", "reset_attention_mask", "eod_mask_loss"):
+            _require(isinstance(raw.get(name, False), bool), f"{key}.{name}", "true or false", raw.get(name))
+        rewarm = raw.get("lr_rewarm_iters", 0)
+        _require(isinstance(rewarm, int) and not isinstance(rewarm, bool) and rewarm >= 0, f"{key}.lr_rewarm_iters",
+                 "an integer >= 0", rewarm)
+        return cls(**raw)
+
+
 @dataclass(kw_only=True)
 class DataConfig:
-    """Where training sequences come from."""
+    """Where training sequences come from, and what is evaluated.
 
-    source: str = "synthetic"
-    """'synthetic': a deterministic, learnable token stream (smoke tests and the default run)."""
+    Either the synthetic stream (default) or named indexed datasets mixed by a curriculum::
+
+        datasets: {en: data/en_text_document, zh: {prefixes: [zh1, zh2]}}
+        stages:
+          - {name: warm, iters: 100, blend: {en: 0.7, zh: 0.3}, end_blend: {en: 0.5, zh: 0.5}}
+          - {name: zh, tokens: 1.0e9, blend: {zh: 0.9, en: 0.1}, packing: by_source, lr_rewarm_iters: 10}
+        valid: {general: en_valid, zh: data/zh_valid_text_document}
+
+    Megatron-LM's ``--data-path w1 p1 w2 p2 --split 98,2,0`` is accepted as a one-stage
+    curriculum (datasets named after the prefixes' file names, valid set ``valid``).
+    """
+
+    source: str | None = None
+    """'synthetic' (a learnable token stream for smoke tests) or 'indexed' (datasets and
+    stages); None: 'indexed' when stages or data_path are given, else 'synthetic'."""
     seq_length: int = 64
     """Tokens per training sequence."""
     synthetic_branching: int = 4
     """Synthetic data: successors each token can have; the loss floor is about ln(this)."""
+    datasets: dict[str, Any] = field(default_factory=dict)
+    """Name -> dataset (prefix string or DatasetConfig mapping); stages and valid refer to names."""
+    stages: list[Any] = field(default_factory=list)
+    """The curriculum: StageConfig mappings, run in order."""
+    valid: dict[str, Any] = field(default_factory=dict)
+    """Validation set name -> dataset name, prefix or dataset mapping; each evaluated separately."""
+    data_root: str | None = None
+    """Directory relative dataset prefixes are resolved against (None: the working directory)."""
+    data_path: list | None = None
+    """Megatron-LM style ``[w1, p1, w2, p2, ...]`` (or one prefix): a one-stage curriculum."""
+    split: str | None = None
+    """With data_path: Megatron-LM's train,valid,test document split of every prefix, e.g.
+    '98,2,0'; the valid part becomes the validation set 'valid'."""
+    eval_interval: int | None = None
+    """Evaluate every validation set every this many steps (and at every stage end)."""
+    eval_iters: int = 2
+    """Global batches of each validation set per evaluation (the same first documents each time)."""
+    tokenizer: str | None = None
+    """Tokenizer of the data (SentencePiece .model or HF directory): needed for bits per byte
+    (document bytes are measured by detokenizing) and checked against model.vocab_size."""
+    index_cache_dir: str | None = None
+    """Where per-dataset shuffle/packing indices are cached (None: ``ct_index_cache/`` next to
+    each dataset's first prefix)."""
+    log_samples: bool = False
+    """Write every step's (dataset, stream position) list to samples.jsonl in the log dir."""
 
     def __post_init__(self) -> None:
-        _one_of(self.source, "data.source", ("synthetic",))
         _require(self.seq_length >= 2, "data.seq_length", "an integer >= 2", self.seq_length)
         _require(self.synthetic_branching >= 1, "data.synthetic_branching", "an integer >= 1", self.synthetic_branching)
+        _require(self.eval_iters >= 1, "data.eval_iters", "an integer >= 1", self.eval_iters)
+        if self.eval_interval is not None:
+            _require(self.eval_interval >= 1, "data.eval_interval", "an integer >= 1 or null", self.eval_interval)
+        if self.data_path is not None:
+            self._from_megatron_data_path()
+            # Kept in resolved form only, so a saved config reloads as the same curriculum.
+            self.data_path = self.split = None
+        elif self.split is not None:
+            raise ConfigError(f"data.split: expected null unless data.data_path is given, got {self.split!r}")
+        if self.source is None:
+            self.source = "indexed" if self.stages else "synthetic"
+        _one_of(self.source, "data.source", ("synthetic", "indexed"))
+        if self.source == "synthetic":
+            for key in ("stages", "valid", "datasets"):
+                _require(not getattr(self, key), f"data.{key}", "empty when data.source is 'synthetic'", "...")
+            return
+        _require(bool(self.stages), "data.stages", "at least one stage when data.source is 'indexed'", self.stages)
+        self.datasets = {
+            name: DatasetConfig.parse(raw, f"data.datasets.{name}") for name, raw in self.datasets.items()
+        }
+        self.stages = [StageConfig.parse(raw, f"data.stages[{i}]") for i, raw in enumerate(self.stages)]
+        names = [s.name for s in self.stages]
+        for i, stage in enumerate(self.stages):
+            key = f"data.stages[{i}]"
+            _require(names.count(stage.name) == 1, f"{key}.name", "a name no other stage has", stage.name)
+            for part in ("blend", "end_blend"):
+                for ds in getattr(stage, part) or {}:
+                    _require(ds in self.datasets, f"{key}.{part}.{ds}",
+                             "a dataset named in data.datasets (" + ", ".join(sorted(self.datasets)) + ")", ds)
+            if stage.iters is None and stage.tokens is None:
+                _require(i == len(self.stages) - 1, f"{key}.iters", "a length (iters or tokens); only the last "
+                         "stage may run open-ended", None)
+                _require(stage.end_blend is None, f"{key}.end_blend", "null for an open-ended stage (a ramp "
+                         "needs a length)", stage.end_blend)
+        for name, raw in list(self.valid.items()):
+            if isinstance(raw, str) and raw in self.datasets:
+                self.valid[name] = self.datasets[raw]
+            else:
+                self.valid[name] = DatasetConfig.parse(raw, f"data.valid.{name}")
+
+    @property
+    def uses_document_attention_mask(self) -> bool:
+        """Some stage needs an explicit (block-diagonal) attention mask."""
+        return self.source == "indexed" and any(s.reset_attention_mask for s in self.stages)
+
+    def _from_megatron_data_path(self) -> None:
+        """``--data-path w1 p1 w2 p2 --split 98,2,0`` -> datasets, one stage, valid set 'valid'."""
+        import os
+
+        key = "data.data_path"
+        _require(not self.stages and not self.datasets, key, "null when data.stages/data.datasets are given",
+                 self.data_path)
+        words = self.data_path
+        if len(words) == 1:
+            pairs = [(1.0, words[0])]
+        else:
+            _require(len(words) % 2 == 0 and all(_is_number(w) for w in words[0::2]), key,
+                     "weight/prefix pairs (w1 p1 w2 p2 ...) or a single prefix", words)
+            pairs = list(zip(words[0::2], words[1::2], strict=True))
+        for _, prefix in pairs:
+            _require(isinstance(prefix, str) and prefix, key, "path prefixes after each weight", prefix)
+        train_range, valid_range = [0.0, 1.0], None
+        if self.split is not None:
+            try:
+                parts = [float(x) for x in str(self.split).replace("/", ",").split(",")]
+            except ValueError:
+                parts = []
+            _require(len(parts) in (1, 2, 3) and all(p >= 0 for p in parts) and sum(parts) > 0 and parts[0] > 0,
+                     "data.split", "train,valid,test weights such as '98,2,0'", self.split)
+            parts = [p / sum(parts) for p in parts] + [0.0] * (3 - len(parts))
+            train_range = [0.0, parts[0]]
+            if parts[1] > 0:
+                valid_range = [parts[0], parts[0] + parts[1]]
+        names: list[str] = []
+        for i, (_, prefix) in enumerate(pairs):
+            base = os.path.basename(prefix.rstrip("/")) or f"dataset{i}"
+            names.append(base if base not in names else f"{base}_{i}")
+        self.datasets = {n: {"prefixes": [p], "doc_range": train_range} for n, (_, p) in zip(names, pairs, strict=True)}
+        blend = {n: float(w) for n, (w, _) in zip(names, pairs, strict=True)}
+        self.stages = [{"name": "main", "blend": blend}]
+        if valid_range is not None and not self.valid:
+            self.valid = {"valid": {"prefixes": [p for _, p in pairs], "doc_range": valid_range}}
 
 
 @dataclass(kw_only=True)

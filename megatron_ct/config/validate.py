@@ -76,4 +76,21 @@ def validate_for_world(cfg: CTConfig, world_size: int) -> Layout:
             f"train.global_batch_size: the interleaved schedule needs micro-batches ({num_micro}) to be a "
             f"multiple of pipeline_model_parallel_size={pp}"
         )
+    _validate_curriculum(cfg)
     return Layout(world_size=world_size, tp=tp, pp=pp, vpp=vpp, dp=dp, num_microbatches=num_micro)
+
+
+def _validate_curriculum(cfg: CTConfig) -> None:
+    """The stages must cover the run (stage lengths in tokens need the global batch size)."""
+    d = cfg.data
+    if d.source != "indexed":
+        return
+    from megatron_ct.data.schedule import stage_iters
+
+    lengths = stage_iters(d, cfg.train.global_batch_size)
+    if None not in lengths and sum(lengths) < cfg.train.train_iters:
+        stages = ", ".join(f"{s.name}={n}" for s, n in zip(d.stages, lengths, strict=True))
+        raise ConfigError(
+            f"train.train_iters: expected at most the curriculum's {sum(lengths)} steps (data.stages: {stages}; "
+            f"leave the last stage's iters/tokens out to run it to the end), got {cfg.train.train_iters}"
+        )

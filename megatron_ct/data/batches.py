@@ -57,9 +57,19 @@ class BatchSource:
         self.resumed_step = 0
         self.resumed_samples = 0
 
-    def resume(self, step: int, consumed_samples: int) -> None:
-        """Continue the stream after ``consumed_samples`` samples, at iteration ``step``."""
+    schedule = None  # no curriculum: one endless stream
+
+    def resume(self, step: int, consumed_samples: int, state: dict | None = None) -> None:
+        """Continue the stream after ``consumed_samples`` samples, at iteration ``step``.
+        (The synthetic stream has no state beyond the sample count; ``state`` is unused.)"""
         self.resumed_step, self.resumed_samples = step, consumed_samples
+
+    def state_dict(self) -> dict | None:
+        """Data state for the checkpoint: none beyond consumed_samples."""
+        return None
+
+    def close(self) -> None:
+        pass
 
     def consumed_samples(self, step: int) -> int:
         """Data position after ``step`` steps (stored in checkpoints)."""
@@ -72,9 +82,14 @@ class BatchSource:
             yield make_batch([self.dataset[i] for i in idx], self.device)
 
 
-def build_batch_source(cfg: CTConfig, layout: Layout, dp_rank: int, device: str) -> BatchSource:
+def build_batch_source(cfg: CTConfig, layout: Layout, dp_rank: int, device: str, log_dir: str | None = None):
+    """The synthetic stream, or a curriculum over indexed datasets (data.source='indexed')."""
     from megatron_ct.data.synthetic import SyntheticMarkovDataset
 
+    if cfg.data.source == "indexed":
+        from megatron_ct.data.curriculum import CurriculumSource
+
+        return CurriculumSource(cfg, layout, dp_rank, device, log_dir)
     if cfg.data.source == "synthetic":
         ds = SyntheticMarkovDataset(
             cfg.model.vocab_size, cfg.data.seq_length, cfg.data.synthetic_branching, cfg.train.seed

@@ -104,7 +104,10 @@ def transformer_config(cfg: CTConfig, layout: Layout, device: str):
         bias_activation_fusion=not on_cpu,
         bias_dropout_fusion=not on_cpu,
         apply_rope_fusion=False,
-        masked_softmax_fusion=not on_cpu and have_fused_softmax_kernels(),
+        # megatron-ct data: curriculum stages with reset_attention_mask pass a block-diagonal
+        # mask; the fused causal softmax kernel ignores explicit masks, the unfused one applies
+        # them (see megatron_ct/data/packing.py).
+        masked_softmax_fusion=not on_cpu and have_fused_softmax_kernels() and not cfg.data.uses_document_attention_mask,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         # gloo's batch_isend_irecv can pair the interleaved schedule's concurrent

@@ -2,7 +2,9 @@
 
 Reads like megatron-core's ``run_simple_mcore_train_loop.py`` plus what continual
 pre-training needs: weights-only starts from a base model, preemption-safe saves,
-per-step NaN policy and throughput/MFU reporting.
+per-step NaN policy and throughput/MFU reporting, and curricula over indexed datasets
+(data state in checkpoints, LR re-warm at stage starts, named validation sets evaluated
+every ``data.eval_interval`` steps and at stage ends).
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from megatron_ct.checkpoint.dist_ckpt import load_checkpoint, save_checkpoint
 from megatron_ct.checkpoint.preemption import PreemptionFlag
 from megatron_ct.config import CTConfig, Layout, config_to_dict
 from megatron_ct.data.batches import build_batch_source
+from megatron_ct.data.curriculum import check_attention_masks
 from megatron_ct.model.llama import build_model
+from megatron_ct.training.evaluate import Evaluator
 from megatron_ct.training.flops import flops_per_token, peak_tflops_for
 from megatron_ct.training.metrics import MetricsWriter, Throughput, format_line, memory_gib
 from megatron_ct.training.optimizer import build_optimizer, build_scheduler, hook_model_config, wrap_ddp
+from megatron_ct.training.stage_lr import install_stage_rewarm, rewarm_windows
 from megatron_ct.training.step import train_step
 
 log = logging.getLogger("megatron_ct")
@@ -41,15 +46,22 @@ class Trainer:
         from megatron.core import parallel_state as ps
 
         self.cfg, self.layout, self.device = cfg, layout, device
+        # Data first: a missing dataset file or a bad data option is a ConfigError on every
+        # rank before any collective.
+        check_attention_masks(cfg, device)
+        dp_rank = ps.get_data_parallel_rank()
+        log_dir = cfg.logging.log_dir or cfg.checkpoint.save
+        self.batches = build_batch_source(cfg, layout, dp_rank, device, log_dir)
+        self.evaluator = Evaluator(cfg, layout, dp_rank, device, getattr(self.batches, "cache", None), log_dir)
         chunks, self.model_info = build_model(cfg, layout, device)
         self.model = wrap_ddp(cfg, chunks)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
+        install_stage_rewarm(self.scheduler, rewarm_windows(cfg), cfg.optim.lr_warmup_init)
         hook_model_config(self.model, self.optimizer)
         self.iteration = 0
         self._last_saved: int | None = None
         self._first_loss: float | None = None
-        self.batches = build_batch_source(cfg, layout, ps.get_data_parallel_rank(), device)
         ck = cfg.checkpoint
         if ck.load:
             state = load_checkpoint(
@@ -61,13 +73,13 @@ class Trainer:
                 expected_vocab_size=cfg.model.vocab_size,
             )
             self.iteration = state.iteration
-            self.batches.resume(state.iteration, state.consumed_samples)
+            data_state = None if ck.load_weights_only else state.common.get("data")
+            self.batches.resume(state.iteration, state.consumed_samples, data_state)
             self._last_saved = None if ck.load_weights_only else self.iteration
             log.info(
                 "resumed from %s at iteration %d (%d samples consumed)", ck.load, self.iteration, state.consumed_samples
             )
         self.is_writer = dist.get_rank() == 0
-        log_dir = cfg.logging.log_dir or ck.save
         self.metrics = MetricsWriter(self.is_writer, log_dir, cfg.logging.tensorboard_dir)
         self._log_startup()
 
@@ -97,6 +109,9 @@ class Trainer:
     def _common_state(self) -> dict:
         return {
             "consumed_samples": self.batches.consumed_samples(self.iteration),
+            # Curriculum data state (per-dataset stream positions, interleave segment); None
+            # for the synthetic stream, whose position is consumed_samples alone.
+            "data": self.batches.state_dict(),
             "config": config_to_dict(self.cfg),
             "model_info": {
                 "true_vocab_size": self.model_info.true_vocab_size,
@@ -142,6 +157,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats()
         try:
             while self.iteration < t.train_iters:
+                self._announce_stage()
                 result = train_step(
                     self.iteration,
                     self.batches.microbatches(self.iteration),
@@ -170,6 +186,7 @@ class Trainer:
                 if self.iteration % cfg.logging.log_interval == 0 or self.iteration == t.train_iters:
                     self._log(result, throughput.measure(since_log, t.train_iters - self.iteration), skipped_total)
                     since_log = 0
+                self._maybe_evaluate()
                 ck = cfg.checkpoint
                 if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0:
                     self.save()
@@ -184,6 +201,8 @@ class Trainer:
         finally:
             preempt.restore()
             self.metrics.close()
+            self.evaluator.close()
+            self.batches.close()
         if reason == "preempted":
             log.warning("SIGTERM received: saved iteration %d and stopping", self.iteration)
         if self._first_loss is not None and result is not None:
@@ -191,6 +210,50 @@ class Trainer:
                 "done (%s) at iteration %d: loss %.4f -> %.4f", reason, self.iteration, self._first_loss, result.loss
             )
         return TrainOutcome(self.iteration, reason, result.loss if result else None)
+
+    def _announce_stage(self) -> None:
+        """Log the curriculum stage when the next step starts one (or the run resumes in one)."""
+        schedule = self.batches.schedule
+        if schedule is None:
+            return
+        stage = schedule.stage_at(self.iteration)
+        if getattr(self, "_stage", None) is stage:
+            return
+        self._stage = stage
+        blend = ", ".join(
+            f"{n} {a:.3f}" + (f"->{b:.3f}" if stage.ramped else "")
+            for n, a, b in zip(schedule.names, stage.start_weights, stage.end_weights, strict=True)
+            if a > 0 or b > 0
+        )
+        end = stage.end_iter if stage.end_iter is not None else self.cfg.train.train_iters
+        log.info(
+            "stage %d/%d %r: iterations %d-%d from %d | packing %s | blend %s%s",
+            stage.index + 1,
+            len(schedule.stages),
+            stage.name,
+            stage.start_iter + 1,
+            end,
+            self.iteration + 1,
+            stage.packing,
+            blend,
+            f" | LR re-warm over {stage.lr_rewarm_iters} steps" if stage.lr_rewarm_iters else "",
+        )
+
+    def _maybe_evaluate(self) -> None:
+        """Validation sets every data.eval_interval steps, at stage ends and at the end of training."""
+        schedule = self.batches.schedule
+        stage_end = self.iteration == self.cfg.train.train_iters or (
+            schedule is not None and schedule.is_stage_end(self.iteration)
+        )
+        if not self.evaluator.due(self.iteration, stage_end):
+            return
+        stage = schedule.stage_at(self.iteration - 1).name if schedule is not None else ""
+        trigger = "interval"
+        if schedule is not None and schedule.is_stage_end(self.iteration):
+            trigger = "stage_end"
+        elif self.iteration == self.cfg.train.train_iters:
+            trigger = "end"
+        self.evaluator.evaluate(self.model, self.iteration, stage, trigger)
 
     def _log(self, result, perf: dict, skipped_total: int) -> None:
         record = {
@@ -204,6 +267,8 @@ class Trainer:
             "memory_gib": memory_gib(self.device),
             **perf,
         }
+        if self.batches.schedule is not None:
+            record["stage"] = self.batches.schedule.stage_at(self.iteration - 1).name
         if self._first_loss is None:
             self._first_loss = result.loss
         if self.is_writer:

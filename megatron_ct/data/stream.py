@@ -1,0 +1,227 @@
+"""A named dataset read as one endless token stream over megatron-core IndexedDataset files.
+
+The stream of a dataset is epoch 0, epoch 1, ... back to back; epoch ``e`` is all of the
+dataset's documents (every sequence of every prefix within ``doc_range``) in an order
+shuffled by ``(seed, dataset name, e)``, concatenated. A dataset's whole read state is one
+integer, its *position* (tokens of the stream consumed so far), which is what the
+checkpoint stores and what makes consumption sequential: a sample is always taken at the
+current position, so nothing is repeated or skipped, whatever packing or blend comes next.
+
+Samples:
+- ``concat``: the window ``[p, p + seq_length + 1)``; the position advances by
+  ``seq_length`` (the last token is the next window's first input, as in Megatron-LM).
+- ``by_source``: whole documents from ``p`` to the next *pack boundary*. Boundaries come from
+  a greedy packing of each epoch (documents in order, a new pack when the next document
+  does not fit in ``seq_length + 1`` tokens; a longer document is cut into full packs), so
+  a sample holds whole documents of this dataset only. Starting mid-pack (after a
+  ``concat`` stage) yields the rest of that pack.
+
+Document boundaries are taken from the index, not from EOD tokens, so masks and resets work
+for data preprocessed without ``--append-eod`` too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from megatron_ct.config.schema import ConfigError, DatasetConfig
+from megatron_ct.data.index_cache import IndexCache, cache_key
+
+log = logging.getLogger("megatron_ct")
+
+
+def resolve_prefix(prefix: str, data_root: str | None) -> str:
+    return prefix if os.path.isabs(prefix) or data_root is None else os.path.join(data_root, prefix)
+
+
+def check_prefix(prefix: str, key: str) -> None:
+    """One-line ConfigError naming the key when a prefix's .bin/.idx pair is missing."""
+    missing = [ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
+    if missing:
+        raise ConfigError(
+            f"{key}: expected {prefix}.bin and {prefix}.idx (megatron-core IndexedDataset from "
+            f"tools/preprocess_data.py), missing {' and '.join(prefix + m for m in missing)}"
+        )
+
+
+def _open_indexed(prefix: str):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+    return IndexedDataset(prefix, mmap=True)
+
+
+def greedy_pack_boundaries(lengths: np.ndarray, capacity: int) -> np.ndarray:
+    """Start offsets of the packs of documents of ``lengths`` (in order), plus the end.
+
+    A pack holds whole documents up to ``capacity`` tokens; a longer document fills
+    ``len // capacity`` packs alone and its remainder starts the next pack.
+    """
+    bounds = [0]
+    pos = 0
+    used = 0  # tokens in the open pack
+    for n in lengths.tolist():
+        if used and used + n > capacity:
+            bounds.append(pos)
+            used = 0
+        if n > capacity:
+            full = n // capacity
+            bounds.extend(range(pos + capacity, pos + full * capacity + 1, capacity))
+            if n % capacity == 0:
+                bounds.pop()  # the document's end is the next pack's start only once
+                used = capacity
+            else:
+                used = n % capacity
+        else:
+            used += n
+        pos += n
+    if bounds[-1] != pos:
+        bounds.append(pos)
+    return np.asarray(bounds, dtype=np.int64)
+
+
+@dataclass
+class Window:
+    """Tokens of a sample and where documents start in it (offsets into ``tokens``)."""
+
+    tokens: np.ndarray  # int64 [n], n <= seq_length + 1
+    doc_starts: np.ndarray  # int64 offsets, ascending; 0 when the sample starts a document
+
+
+class DocumentStream:
+    """Epoch-shuffled (or natural-order) token stream of one named dataset."""
+
+    def __init__(
+        self,
+        name: str,
+        cfg: DatasetConfig,
+        *,
+        key: str,
+        seed: int,
+        seq_length: int,
+        cache: IndexCache,
+        data_root: str | None = None,
+        shuffle: bool = True,
+    ) -> None:
+        self.name, self.seed, self.seq_length, self.cache, self.shuffle = name, seed, seq_length, cache, shuffle
+        self.prefixes = [resolve_prefix(p, data_root) for p in cfg.prefixes]
+        lengths, self._doc_prefix, self._doc_local, files = [], [], [], []
+        self._datasets = []
+        for i, prefix in enumerate(self.prefixes):
+            check_prefix(prefix, f"{key}.prefixes[{i}]")
+            ds = _open_indexed(prefix)
+            n = len(ds)
+            lo, hi = (int(round(f * n)) for f in cfg.doc_range)
+            seq_lengths = np.asarray(ds.sequence_lengths[lo:hi], dtype=np.int64)
+            lengths.append(seq_lengths)
+            self._doc_prefix.append(np.full(hi - lo, i, dtype=np.int32))
+            self._doc_local.append(np.arange(lo, hi, dtype=np.int64))
+            self._datasets.append(ds)
+            files.append([os.path.abspath(prefix), os.path.getsize(prefix + ".idx"), n, lo, hi])
+        self.lengths = np.concatenate(lengths)
+        self._doc_prefix = np.concatenate(self._doc_prefix)
+        self._doc_local = np.concatenate(self._doc_local)
+        self.num_docs = len(self.lengths)
+        self.tokens_per_epoch = int(self.lengths.sum())
+        if self.tokens_per_epoch == 0:
+            raise ConfigError(f"{key}: expected documents with tokens, got none in {', '.join(self.prefixes)}")
+        self.fingerprint = cache_key({"files": files})
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._packs: dict[int, np.ndarray] = {}
+
+    # --- per-epoch index -------------------------------------------------------------
+    def _key(self, epoch: int, **extra) -> str:
+        return cache_key(
+            {"data": self.fingerprint, "name": self.name, "seed": self.seed, "epoch": epoch, "shuffle": self.shuffle}
+            | extra
+        )
+
+    def epoch_index(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(document order, cumulative token offsets [num_docs + 1]) of ``epoch``."""
+        if epoch not in self._epochs:
+            if len(self._epochs) >= 2:  # a stream moves forward: keep the current and the next epoch
+                del self._epochs[min(self._epochs)]
+            if not self.shuffle:
+                order = np.arange(self.num_docs, dtype=np.int64)
+                cum = np.concatenate([[0], np.cumsum(self.lengths)])
+            else:
+                key = self._key(epoch)
+                order = self.cache.get(self.prefixes[0], self.name, key, "order", lambda: self._build_order(epoch))
+                cum = self.cache.get(
+                    self.prefixes[0],
+                    self.name,
+                    key,
+                    "cum",
+                    lambda: np.concatenate([[0], np.cumsum(self.lengths[order])]).astype(np.int64),
+                )
+            self._epochs[epoch] = (order, cum)
+        return self._epochs[epoch]
+
+    def _build_order(self, epoch: int) -> np.ndarray:
+        name_key = zlib.crc32(self.name.encode())
+        rng = np.random.default_rng([self.seed, name_key, epoch])
+        dtype = np.int32 if self.num_docs < 2**31 else np.int64
+        return rng.permutation(self.num_docs).astype(dtype)
+
+    def pack_bounds(self, epoch: int) -> np.ndarray:
+        """``by_source`` pack start offsets within ``epoch`` (plus its end)."""
+        if epoch not in self._packs:
+            if len(self._packs) >= 2:
+                del self._packs[min(self._packs)]
+            order, _ = self.epoch_index(epoch)
+            capacity = self.seq_length + 1
+            self._packs[epoch] = self.cache.get(
+                self.prefixes[0],
+                self.name,
+                self._key(epoch, capacity=capacity),
+                "packs",
+                lambda: greedy_pack_boundaries(self.lengths[order], capacity),
+            )
+        return self._packs[epoch]
+
+    # --- samples -----------------------------------------------------------------------
+    def sample_span(self, position: int, packing: str) -> tuple[int, int]:
+        """(tokens, position advance) of the sample that starts at ``position``."""
+        if packing == "concat":
+            return self.seq_length + 1, self.seq_length
+        epoch, offset = divmod(position, self.tokens_per_epoch)
+        bounds = self.pack_bounds(epoch)
+        end = int(bounds[np.searchsorted(bounds, offset, side="right")])
+        return end - offset, end - offset
+
+    def read(self, position: int, length: int) -> Window:
+        """Tokens ``[position, position + length)`` of the stream, with document starts."""
+        out = np.empty(length, dtype=np.int64)
+        starts: list[int] = []
+        filled = 0
+        while filled < length:
+            epoch, offset = divmod(position + filled, self.tokens_per_epoch)
+            order, cum = self.epoch_index(epoch)
+            i = int(np.searchsorted(cum, offset, side="right")) - 1
+            while filled < length and i < self.num_docs:
+                doc_start = int(cum[i])
+                within = offset - doc_start
+                if within == 0:
+                    starts.append(filled)
+                take = min(int(cum[i + 1]) - offset, length - filled)
+                out[filled : filled + take] = self._doc_tokens(int(order[i]), within, take)
+                filled += take
+                offset += take
+                i += 1
+        return Window(out, np.asarray(starts, dtype=np.int64))
+
+    def read_document(self, doc: int, length: int | None = None) -> np.ndarray:
+        """The first ``length`` tokens (all: None) of document ``doc`` in file order."""
+        n = int(self.lengths[doc]) if length is None else length
+        return self._doc_tokens(doc, 0, n)
+
+    def _doc_tokens(self, doc: int, offset: int, length: int) -> np.ndarray:
+        ds = self._datasets[self._doc_prefix[doc]]
+        return ds.get(int(self._doc_local[doc]), offset=offset, length=length)

@@ -1,0 +1,145 @@
+"""Evaluate every named validation set, separately: loss per token and bits per byte.
+
+Runs every ``data.eval_interval`` steps and at the end of every curriculum stage, through
+megatron-core's ``get_forward_backward_func(forward_only=True)`` with the training
+``forward_step`` (same pipeline schedule, same per-token loss sums), so any TP/PP/DP layout
+evaluates. Results go to the log, to ``eval.jsonl`` (rank 0, in the metrics directory) and to
+TensorBoard as ``eval/<set>/loss`` and ``eval/<set>/bits_per_byte``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+
+import torch
+import torch.distributed as dist
+
+from megatron_ct.data.index_cache import IndexCache
+from megatron_ct.data.valid import ValidationSet, build_validation_sets
+
+log = logging.getLogger("megatron_ct")
+
+
+def _reduce_sums(reports: list[dict], device: str) -> tuple[float, float]:
+    """(loss sum, token count) of this rank's reports, summed over data-parallel ranks on the
+    last pipeline stage and broadcast along the pipeline so every rank has them."""
+    from megatron.core import parallel_state as ps
+
+    dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+    total = torch.zeros(2, dtype=torch.float64, device=dev)
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        for r in reports:
+            total += r["lm loss"].to(total)
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(
+            total, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
+        )
+    return total[0].item(), total[1].item()
+
+
+class Evaluator:
+    """Owns the validation sets and their eval.jsonl / TensorBoard output."""
+
+    def __init__(self, cfg, layout, dp_rank: int, device: str, cache: IndexCache, log_dir: str | None) -> None:
+        self.cfg, self.layout, self.dp_rank, self.device = cfg, layout, dp_rank, device
+        self.sets: list[ValidationSet] = build_validation_sets(cfg, cache)
+        self.interval = cfg.data.eval_interval
+        self.is_writer = dist.get_rank() == 0
+        self._jsonl = self._tb = None
+        if self.is_writer and self.sets:
+            if log_dir:
+                os.makedirs(log_dir, exist_ok=True)
+                self._jsonl = open(os.path.join(log_dir, "eval.jsonl"), "a", buffering=1)
+            if cfg.logging.tensorboard_dir:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self._tb = SummaryWriter(cfg.logging.tensorboard_dir)
+                except ImportError:
+                    pass  # MetricsWriter already warned
+        for vs in self.sets:
+            log.info(
+                "valid set %r: %d documents, %s tokens scored%s",
+                vs.name,
+                vs.num_docs,
+                f"{vs.predicted_tokens:,}",
+                f", {vs.bytes:,} bytes" if vs.bytes is not None else "",
+            )
+
+    def due(self, iteration: int, stage_end: bool) -> bool:
+        """Evaluate after ``iteration`` steps? (every eval_interval, and at stage ends)."""
+        if not self.sets:
+            return False
+        return stage_end or bool(self.interval and iteration % self.interval == 0)
+
+    def evaluate(self, model_chunks, iteration: int, stage: str, trigger: str) -> dict[str, dict]:
+        """Collective: every rank calls it. Returns {set: record}."""
+        results = {}
+        for chunk in model_chunks:
+            chunk.eval()
+        try:
+            with torch.no_grad():
+                for vs in self.sets:
+                    results[vs.name] = self._one(model_chunks, vs, iteration, stage, trigger)
+        finally:
+            for chunk in model_chunks:
+                chunk.train()
+        if self.is_writer:
+            parts = [
+                f"{name} loss {r['loss']:.4f}" + (f" bpb {r['bits_per_byte']:.4f}" if r["bits_per_byte"] else "")
+                for name, r in results.items()
+            ]
+            log.info("eval iter %d (%s, stage %s) | %s", iteration, trigger, stage, " | ".join(parts))
+        return results
+
+    def _one(self, model_chunks, vs: ValidationSet, iteration: int, stage: str, trigger: str) -> dict:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from megatron_ct.training.step import forward_step
+
+        t = self.cfg.train
+        loss_sum = tokens = 0.0
+        for it in range(vs.eval_iters):
+            batches = list(
+                vs.microbatches(it, self.dp_rank, t.micro_batch_size, self.layout.dp, self.layout.num_microbatches,
+                                self.device)
+            )
+            data = [iter(batches) for _ in model_chunks] if len(model_chunks) > 1 else iter(batches)
+            reports = get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=data,
+                model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+                num_microbatches=self.layout.num_microbatches,
+                seq_length=self.cfg.data.seq_length,
+                micro_batch_size=t.micro_batch_size,
+                forward_only=True,
+            )
+            s, n = _reduce_sums(reports, self.device)
+            loss_sum, tokens = loss_sum + s, tokens + n
+        record = {
+            "iteration": iteration,
+            "stage": stage,
+            "trigger": trigger,
+            "set": vs.name,
+            "loss": loss_sum / max(tokens, 1.0),
+            "tokens": int(tokens),
+            "bytes": vs.bytes,
+            "bits_per_byte": loss_sum / math.log(2) / vs.bytes if vs.bytes else None,
+        }
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            self._tb.add_scalar(f"eval/{vs.name}/loss", record["loss"], iteration)
+            if record["bits_per_byte"] is not None:
+                self._tb.add_scalar(f"eval/{vs.name}/bits_per_byte", record["bits_per_byte"], iteration)
+        return record
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
