@@ -136,9 +136,7 @@ def _old_stats(old: torch.Tensor) -> _OldStats:
     return _OldStats(mean_row=col_sum / n, std=math.sqrt(var))
 
 
-def _subword_means(
-    old: torch.Tensor, sources: Sequence[Sequence[int]], fallback: torch.Tensor
-) -> torch.Tensor:
+def _subword_means(old: torch.Tensor, sources: Sequence[Sequence[int]], fallback: torch.Tensor) -> torch.Tensor:
     """[len(sources), h] float64: mean of ``old`` rows per source list (``fallback`` if empty).
 
     Tokens are grouped by source length L and their L rows added left to right, elementwise,
@@ -164,8 +162,7 @@ def _rows(old_full: torch.Tensor, plan: VocabResizePlan, start: int, stop: int) 
     v_old, v_new = plan.old_vocab_size, plan.new_vocab_size
     if old_full.dim() != 2 or old_full.shape[0] < v_old:
         raise ValueError(
-            f"vocab matrix has shape {tuple(old_full.shape)}; expected [rows >= old vocab size "
-            f"{v_old}, hidden]"
+            f"vocab matrix has shape {tuple(old_full.shape)}; expected [rows >= old vocab size {v_old}, hidden]"
         )
     dtype, device = old_full.dtype, old_full.device
     old = old_full[:v_old].detach().cpu()  # [V_old, h]; statistics are computed on CPU
@@ -235,9 +232,7 @@ def shard_rows(plan: VocabResizePlan, rank: int, tp: int) -> tuple[int, int]:
     return rank * per_rank, (rank + 1) * per_rank
 
 
-def resize_vocab_shard_from_full(
-    old_full: torch.Tensor, plan: VocabResizePlan, rank: int, tp: int
-) -> torch.Tensor:
+def resize_vocab_shard_from_full(old_full: torch.Tensor, plan: VocabResizePlan, rank: int, tp: int) -> torch.Tensor:
     """TP rank ``rank``'s resized shard [plan.padded_size(tp) / tp, h] from the whole old matrix."""
     if not 0 <= rank < tp:
         raise ValueError(f"TP rank {rank} is outside [0, {tp})")
@@ -265,16 +260,12 @@ def resize_vocab_shard(
     if world != tp:
         raise ValueError(f"resize_vocab_shard: group has {world} ranks, expected tp={tp}")
     if dist.get_rank(group) != rank:
-        raise ValueError(
-            f"resize_vocab_shard: this process is rank {dist.get_rank(group)} of the group, not {rank}"
-        )
+        raise ValueError(f"resize_vocab_shard: this process is rank {dist.get_rank(group)} of the group, not {rank}")
     # Shards must be equal-sized for all_gather; a mismatch means a different old TP.
     sizes = [None] * tp
     dist.all_gather_object(sizes, tuple(shard.shape), group=group)
     if len(set(sizes)) != 1:
-        raise ValueError(
-            f"resize_vocab_shard: TP shards have shapes {sizes}; expected equal [V_old_padded/tp, h]"
-        )
+        raise ValueError(f"resize_vocab_shard: TP shards have shapes {sizes}; expected equal [V_old_padded/tp, h]")
     gathered = [torch.empty_like(shard) for _ in range(tp)]
     dist.all_gather(gathered, shard.contiguous(), group=group)
     return resize_vocab_shard_from_full(torch.cat(gathered), plan, rank, tp)

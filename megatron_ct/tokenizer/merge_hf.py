@@ -143,16 +143,14 @@ def merge_hf_dir(
     """:func:`merge_hf` on a tokenizer directory, written to ``out_dir``.
 
     The other tokenizer files (``tokenizer_config.json``, ``special_tokens_map.json``,
-    ``added_tokens.json``, chat templates) are copied; a ``tokenizer.model`` next to ``tokenizer.json`` is merged with the same pieces
-    (``merge_sp``), so the two files keep agreeing. The output is checked to load in
-    ``transformers``.
+    ``added_tokens.json``, chat templates) are copied; a ``tokenizer.model`` next to
+    ``tokenizer.json`` is merged with the same pieces (``merge_sp``), so the two files keep
+    agreeing. The output is checked to load in ``transformers``.
     """
     base_dir, out_dir = os.fspath(base_dir), os.fspath(out_dir)
     path = os.path.join(base_dir, TOKENIZER_JSON)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{path} not found; expected a Hugging Face tokenizer directory with tokenizer.json"
-        )
+        raise FileNotFoundError(f"{path} not found; expected a Hugging Face tokenizer directory with tokenizer.json")
     merged, result = merge_hf(load_tokenizer_json(path), candidates, **kwargs)
     os.makedirs(out_dir, exist_ok=True)
     # Only tokenizer files: the base directory may be a whole model directory.

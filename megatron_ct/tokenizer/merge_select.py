@@ -78,9 +78,7 @@ def _needed(piece: str, have: Collection[str], pool: Collection[str], memo: dict
     return best
 
 
-def select_buildable(
-    candidates: Sequence[str], base_vocab: Collection[str], max_new: int | None = None
-) -> list[str]:
+def select_buildable(candidates: Sequence[str], base_vocab: Collection[str], max_new: int | None = None) -> list[str]:
     """Candidates not in ``base_vocab`` that BPE can build, at most ``max_new``, in candidate order.
 
     Walks candidates in order; each is taken together with the missing pieces it needs (from
@@ -142,7 +140,7 @@ def drop_unstable(
     max_len = max(len(p) for p in pieces)
     for _ in range(100):
         after = segmenter_for(pieces)(protect)
-        changed = [s for s, a, b in zip(protect, after, before) if a != b]
+        changed = [s for s, a, b in zip(protect, after, before, strict=True) if a != b]
         if not changed:
             return pieces
         current = set(pieces)
@@ -184,9 +182,7 @@ def choose_new_pieces(
     return pieces
 
 
-def frequent_strings(
-    lines: Iterable[str], top_k: int = 20000, max_ngram: int = 4, space: str = "▁"
-) -> list[str]:
+def frequent_strings(lines: Iterable[str], top_k: int = 20000, max_ngram: int = 4, space: str = "▁") -> list[str]:
     """The ``top_k`` most frequent strings of ``lines``, in piece form, for ``protect``.
 
     Counted: each whitespace-separated word as it appears after a space (``'▁word'``), and

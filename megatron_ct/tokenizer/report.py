@@ -54,9 +54,7 @@ class CorpusCompression:
 
 
 def _count(tokenizer: Tokenizer, texts: list[str], batch: int = 1024) -> int:
-    return sum(
-        len(ids) for i in range(0, len(texts), batch) for ids in tokenizer.encode_batch(texts[i : i + batch])
-    )
+    return sum(len(ids) for i in range(0, len(texts), batch) for ids in tokenizer.encode_batch(texts[i : i + batch]))
 
 
 def measure(name: str, texts: list[str], before: Tokenizer, after: Tokenizer) -> CorpusCompression:
@@ -71,9 +69,7 @@ def measure(name: str, texts: list[str], before: Tokenizer, after: Tokenizer) ->
     )
 
 
-def compression_report(
-    before: Tokenizer, after: Tokenizer, corpora: dict[str, list[str]], num_new: int
-) -> dict:
+def compression_report(before: Tokenizer, after: Tokenizer, corpora: dict[str, list[str]], num_new: int) -> dict:
     """JSON-ready report: vocabulary sizes, pieces added, and per-corpus compression."""
     return {
         "vocab_size_before": before.vocab_size,
@@ -86,8 +82,7 @@ def compression_report(
 def format_report(report: dict) -> str:
     """Human-readable table of :func:`compression_report`'s output."""
     header = (
-        f"{'corpus':<16}{'docs':>8}{'chars':>12}{'tok/char before':>17}{'after':>8}"
-        f"{'bytes/tok before':>18}{'after':>8}"
+        f"{'corpus':<16}{'docs':>8}{'chars':>12}{'tok/char before':>17}{'after':>8}{'bytes/tok before':>18}{'after':>8}"
     )
     sizes = f"vocabulary {report['vocab_size_before']} -> {report['vocab_size_after']}"
     lines = [f"{sizes} (+{report['new_pieces']} pieces)", header]

