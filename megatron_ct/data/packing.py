@@ -75,7 +75,7 @@ def build_batch(
         "tokens": torch.from_numpy(seqs[:, :-1].copy()),
         "labels": torch.from_numpy(seqs[:, 1:].copy()),
         "loss_mask": torch.from_numpy(loss_mask),
-        "position_ids": torch.from_numpy(np.ascontiguousarray(position_ids)),
+        "position_ids": torch.from_numpy(np.array(position_ids, dtype=np.int64)),  # writable copy
     }
     if options.reset_attention_mask:
         seg_t = torch.from_numpy(seg_in)
