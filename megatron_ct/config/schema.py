@@ -385,7 +385,8 @@ class DataConfig:
     """Where per-dataset shuffle/packing indices are cached (None: ``ct_index_cache/`` next to
     each dataset's first prefix)."""
     log_samples: bool = False
-    """Write every step's (dataset, stream position) list to samples.jsonl in the log dir."""
+    """Write every step's samples as [dataset, stream position, position after] to samples.jsonl in the
+    log dir (rank 0): an audit of which data each step saw."""
 
     def __post_init__(self) -> None:
         _require(self.seq_length >= 2, "data.seq_length", "an integer >= 2", self.seq_length)

@@ -49,6 +49,7 @@ class SampleRef:
     dataset: int  # index into the schedule's names
     position: int  # stream position of its first token
     length: int  # tokens (seq_length + 1, or fewer for by_source)
+    next_position: int  # the dataset's position after it (concat windows overlap by one token)
 
 
 def open_streams(cfg: CTConfig, names: list[str], cache: IndexCache) -> dict[str, DocumentStream]:
@@ -199,7 +200,7 @@ class CurriculumSource:
             name = self.schedule.names[i]
             stream, pos = self.streams[name], self.positions[name]
             length, advance = stream.sample_span(pos, stage.packing)
-            refs.append(SampleRef(i, pos, length))
+            refs.append(SampleRef(i, pos, length, pos + advance))
             self.positions[name] = pos + advance
             self.samples_taken[name] += 1
         self.next_step = step + 1
@@ -208,12 +209,9 @@ class CurriculumSource:
     def microbatches(self, step: int) -> Iterator[dict[str, torch.Tensor]]:
         stage, refs = self.plan(step)
         if self._sample_log is not None:
-            record = {
-                "iteration": step + 1,
-                "stage": stage.name,
-                "samples": [[self.schedule.names[r.dataset], r.position] for r in refs],
-            }
-            self._sample_log.write(json.dumps(record) + "\n")
+            # [dataset, stream position, position after]: each dataset's samples tile its stream.
+            samples = [[self.schedule.names[r.dataset], r.position, r.next_position] for r in refs]
+            self._sample_log.write(json.dumps({"iteration": step + 1, "stage": stage.name, "samples": samples}) + "\n")
         options = PackingOptions(stage.reset_position_ids, stage.reset_attention_mask, stage.eod_mask_loss)
         return self._batches(refs, options)
 

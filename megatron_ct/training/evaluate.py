@@ -105,8 +105,9 @@ class Evaluator:
         loss_sum = tokens = 0.0
         for it in range(vs.eval_iters):
             batches = list(
-                vs.microbatches(it, self.dp_rank, t.micro_batch_size, self.layout.dp, self.layout.num_microbatches,
-                                self.device)
+                vs.microbatches(
+                    it, self.dp_rank, t.micro_batch_size, self.layout.dp, self.layout.num_microbatches, self.device
+                )
             )
             data = [iter(batches) for _ in model_chunks] if len(model_chunks) > 1 else iter(batches)
             reports = get_forward_backward_func()(

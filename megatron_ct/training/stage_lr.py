@@ -39,6 +39,8 @@ def install_stage_rewarm(scheduler, windows: list[tuple[int, int]], init_lr: flo
 
     def get_lr(self, param_group: dict) -> float:
         lr = base_get_lr(param_group)
+        if param_group.get("max_lr", self.max_lr) == 0.0:
+            return lr  # a group held at LR 0 (frozen parameters) stays there
         for start, length in windows:
             if start <= self.num_steps < start + length:
                 return init_lr + (lr - init_lr) * (self.num_steps - start) / length
