@@ -32,6 +32,7 @@ TRACKER = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
 
 # Passed to sharded_state_dict() of model and optimizer and stored with the checkpoint.
+# Always pass a copy: megatron-core adds process groups to the dict it is given.
 SHARDING_METADATA = {
     "distrib_optim_sharding_type": "fully_reshardable",
     "singleton_local_shards": False,
@@ -77,7 +78,9 @@ def _model_key(i: int, n: int) -> str:
 
 def _model_sharded_state_dict(chunks) -> dict[str, Any]:
     n = len(chunks)
-    return {_model_key(i, n): unwrap(c).sharded_state_dict(metadata=SHARDING_METADATA) for i, c in enumerate(chunks)}
+    return {
+        _model_key(i, n): unwrap(c).sharded_state_dict(metadata=dict(SHARDING_METADATA)) for i, c in enumerate(chunks)
+    }
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -183,7 +186,7 @@ def save_checkpoint(
 
     model_sd = _model_sharded_state_dict(chunks)
     state: dict[str, Any] = dict(model_sd)
-    state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=SHARDING_METADATA)
+    state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=dict(SHARDING_METADATA))
     state["scheduler"] = scheduler.state_dict()
     state["rng_state"] = _rng_sharded(_rng_state())
     state["ct"] = dict(
@@ -192,7 +195,7 @@ def save_checkpoint(
         format_version=FORMAT_VERSION,
         layout={"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size()},
     )
-    dist_checkpointing.save(state, partial, content_metadata=SHARDING_METADATA)
+    dist_checkpointing.save(state, partial, content_metadata=dict(SHARDING_METADATA))
     dist.barrier()
     if dist.get_rank() == 0:
         os.replace(partial, final)
@@ -261,7 +264,7 @@ def load_checkpoint(
     }
     if not weights_only:
         _prepare_torch_adam_for_load(optimizer)
-        request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=SHARDING_METADATA)
+        request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=dict(SHARDING_METADATA))
         if same_layout:
             request["rng_state"] = _rng_sharded(_rng_state())
     loaded = dist_checkpointing.load(request, path)

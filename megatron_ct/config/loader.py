@@ -12,6 +12,7 @@ are errors that name the key and list the section's fields.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -101,7 +102,7 @@ def _coerce(section: str, name: str, value: Any, annotation: Any) -> Any:
     """Check a value against its field's type; int -> float is allowed."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
-    if origin is typing.Union:  # Optional[X]
+    if origin is typing.Union or origin is types.UnionType:  # Optional[X] / X | None
         if value is None:
             return None
         annotation = next(a for a in args if a is not type(None))
@@ -114,6 +115,8 @@ def _coerce(section: str, name: str, value: Any, annotation: Any) -> Any:
         except ValueError:
             pass
     expected = origin or annotation
+    if expected is list and isinstance(value, str):
+        return [value]  # train.trainable_params=embeddings on the command line
     if expected in (int, float, str, bool, dict, list):
         # bool is an int subclass in Python; reject True for an int field and 1 for a bool one.
         ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))

@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import torch
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_ct.config import CTConfig
 from megatron_ct.model.llama import params_dtype
+
+
+class FrozenAwareScheduler(OptimizerParamScheduler):
+    """megatron-core's scheduler, except that groups with peak LR 0 (parameters frozen by
+    train.trainable_params) stay at 0, also during a warmup from a non-zero lr_warmup_init."""
+
+    def get_lr(self, param_group: dict) -> float:
+        if param_group.get("max_lr", self.max_lr) == 0.0:
+            return 0.0
+        return super().get_lr(param_group)
 
 
 def wrap_ddp(cfg: CTConfig, chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
@@ -54,7 +65,13 @@ def build_optimizer(cfg: CTConfig, ddp_chunks: list[torch.nn.Module]):
         clip_grad=t.clip_grad,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
-    return get_megatron_optimizer(opt_config, ddp_chunks)
+    from megatron.core.optimizer import ParamKey, get_standard_config_overrides
+    from megatron.core.optimizer_param_scheduler import ParamGroupOverride
+
+    overrides = get_standard_config_overrides(opt_config)  # no weight decay on norms and biases
+    # Parameters frozen by train.trainable_params but kept in the optimizer (freeze.py).
+    overrides[ParamKey(attr="ct_frozen")] = ParamGroupOverride(max_lr=0.0, min_lr=0.0, wd_mult=0.0)
+    return get_megatron_optimizer(opt_config, ddp_chunks, config_overrides=overrides)
 
 
 def build_scheduler(cfg: CTConfig, optimizer):
@@ -64,12 +81,10 @@ def build_scheduler(cfg: CTConfig, optimizer):
     schedule on resume (only the step count is taken from the checkpoint), so a CT
     recipe can change its schedule between job chunks.
     """
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     o = cfg.optim
     decay_iters = max(o.lr_decay_iters or cfg.train.train_iters, o.lr_warmup_iters + 1)
     wsd = o.lr_wsd_decay_iters if o.lr_wsd_decay_iters is not None else max(1, decay_iters // 10)
-    return OptimizerParamScheduler(
+    return FrozenAwareScheduler(
         optimizer,
         init_lr=o.lr_warmup_init,
         max_lr=o.lr,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_ct.checkpoint.dist_ckpt import load_checkpoint, save_checkpoint
+from megatron_ct.checkpoint.dist_ckpt import load_checkpoint, read_common, resolve_load_dir, save_checkpoint
 from megatron_ct.checkpoint.preemption import PreemptionFlag
 from megatron_ct.config import CTConfig, Layout, config_to_dict
 from megatron_ct.data.batches import build_batch_source
@@ -24,6 +24,7 @@ from megatron_ct.data.curriculum import check_attention_masks
 from megatron_ct.model.llama import build_model
 from megatron_ct.training.evaluate import Evaluator
 from megatron_ct.training.flops import flops_per_token, peak_tflops_for
+from megatron_ct.training.freeze import apply_trainable_params
 from megatron_ct.training.metrics import MetricsWriter, Throughput, format_line, memory_gib
 from megatron_ct.training.optimizer import build_optimizer, build_scheduler, hook_model_config, wrap_ddp
 from megatron_ct.training.stage_lr import install_stage_rewarm, rewarm_windows
@@ -54,6 +55,9 @@ class Trainer:
         self.batches = build_batch_source(cfg, layout, dp_rank, device, log_dir)
         self.evaluator = Evaluator(cfg, layout, dp_rank, device, getattr(self.batches, "cache", None), log_dir)
         chunks, self.model_info = build_model(cfg, layout, device)
+        ck = cfg.checkpoint
+        added = read_common(resolve_load_dir(ck.load)[0]).get("new_block_layers") if ck.load else None
+        self.trainable = apply_trainable_params(chunks, cfg.train.trainable_params, cfg.model.num_layers, added)
         self.model = wrap_ddp(cfg, chunks)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
@@ -62,7 +66,6 @@ class Trainer:
         self.iteration = 0
         self._last_saved: int | None = None
         self._first_loss: float | None = None
-        ck = cfg.checkpoint
         if ck.load:
             state = load_checkpoint(
                 ck.load,
@@ -89,6 +92,12 @@ class Trainer:
             [info.num_parameters], dtype=torch.float64, device="cuda" if self.device == "cuda" else "cpu"
         )
         dist.all_reduce(total)
+        if self.cfg.train.trainable_params:
+            log.info(
+                "training %d of %d parameter elements on rank 0 (train.trainable_params=%s)",
+                *self.trainable,
+                self.cfg.train.trainable_params,
+            )
         log.info(
             "model: %.2fM parameters | transformer_impl=%s | norm=%s | vocab %d (padded %d) | "
             "layout TP%d PP%d%s DP%d | %d micro-batches/step | device=%s | precision=%s",

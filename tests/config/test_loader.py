@@ -33,6 +33,9 @@ def test_yaml_values_keep_types():
         ("train.precision=fp8", "train.precision: expected one of bf16, fp16, fp32, got 'fp8'"),
         ("model.num_query_groups=3", "model.num_query_groups: expected a divisor of num_attention_heads=4, got 3"),
         ("train.sequence_parallel=true", "train.sequence_parallel: unknown key in section 'train'"),
+        ("checkpoint.save_interval=often", "checkpoint.save_interval: expected int, got 'often'"),
+        ("parallel.virtual_pipeline_model_parallel_size=true", "expected int, got True"),
+        ("train.trainable_params=3", "train.trainable_params: expected list, got 3"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -52,6 +55,10 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
 def test_missing_file():
     with pytest.raises(ConfigError, match="no/such.yaml: config file not found"):
         load_config("no/such.yaml")
+
+
+def test_single_string_for_a_list_field():
+    assert load_config(None, ["train.trainable_params=embeddings"]).train.trainable_params == ["embeddings"]
 
 
 def test_llama_ffn_rule():

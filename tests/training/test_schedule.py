@@ -82,3 +82,15 @@ def test_rewarm_from_nonzero_init():
     )
     assert got == pytest.approx([2e-5, 1.1e-4, 2e-4, 2e-4])
     assert not any(math.isnan(x) for x in got)
+
+
+def test_frozen_group_stays_at_zero_during_warmup():
+    cfg = load_config(None, ["optim.lr=1e-3", "optim.lr_warmup_iters=4", "optim.lr_warmup_init=1e-4",
+                             "train.train_iters=10"])
+    opt = FakeOptimizer()
+    opt.param_groups.append({"params": [], "max_lr": 0.0, "min_lr": 0.0})
+    sched = build_scheduler(cfg, opt)
+    for _ in range(6):
+        assert opt.param_groups[1]["lr"] == 0.0
+        sched.step(1)
+    assert opt.param_groups[0]["lr"] > 0

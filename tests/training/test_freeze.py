@@ -1,0 +1,56 @@
+"""Partial training: frozen parameters stay bit-identical, the chosen ones learn."""
+
+import pytest
+
+from launch import run_trainer
+from megatron_ct.convert.dist_io import DistCheckpointReader
+from megatron_ct.training.freeze import expand_patterns
+
+pytestmark = pytest.mark.slow
+
+
+def tensors(path):
+    reader = DistCheckpointReader(str(path))
+    return {k: reader.read(k) for k in reader.tensors if not k.startswith("optimizer")}
+
+
+@pytest.mark.parametrize(
+    "nproc, flags, trainable, expect_changed",
+    [
+        # Vocabulary expansion's first stage: only embeddings and output layer learn (TP2: sharded rows).
+        (2, ["--tensor-model-parallel-size", "2"], "embeddings",
+         {"embedding.word_embeddings.weight", "output_layer.weight"}),
+        # LLaMA-Pro: only some blocks learn (PP2: global layer numbers across stages).
+        (2, ["--pipeline-model-parallel-size", "2"], "layers:1,3", "layers"),
+    ],
+    ids=["embeddings-TP2", "layers-PP2"],
+)
+def test_frozen_parameters_stay_bit_identical(tmp_path, nproc, flags, trainable, expect_changed):
+    run_trainer(1, ["train.train_iters=0", f"checkpoint.save={tmp_path / 'init'}"])
+    run_trainer(nproc, flags + ["train.train_iters=3", f"train.trainable_params={trainable}",
+                                f"checkpoint.load={tmp_path / 'init'}", "checkpoint.load_weights_only=true",
+                                f"checkpoint.save={tmp_path / 'after'}"])
+    before = tensors(tmp_path / "init" / "iter_0000000")
+    after = tensors(tmp_path / "after" / "iter_0000003")
+    changed = {k for k in before if not before[k].equal(after[k])}
+    if expect_changed == "layers":
+        # Layers are stacked in the checkpoint: [L, ...]; only rows 1 and 3 may differ.
+        for k in before:
+            if k.startswith("decoder.layers."):
+                diff = [i for i in range(before[k].shape[0]) if not before[k][i].equal(after[k][i])]
+                assert diff == [1, 3] or (diff == [] and "norm" in k), (k, diff)
+        assert {k for k in changed if not k.startswith("decoder.layers.")} == set()
+    else:
+        assert changed == expect_changed
+
+
+def test_bad_pattern_is_a_config_error_on_every_rank(tmp_path):
+    proc = run_trainer(2, ["train.train_iters=1", "train.trainable_params=[decoder.lyers.*]"], check=False, timeout=120)
+    errors = [li for li in proc.stderr.splitlines() if "config error" in li]
+    assert len(errors) == 2 and "['decoder.lyers.*'] match no parameter" in errors[0], proc.stderr[-2000:]
+
+
+def test_aliases():
+    assert expand_patterns(["embeddings", "layers:2,5"], None) == [
+        "embedding.word_embeddings.weight", "output_layer.weight", "decoder.layers.2.*", "decoder.layers.5.*"]
+    assert expand_patterns(["new_blocks"], [4, 9]) == ["decoder.layers.4.*", "decoder.layers.9.*"]
