@@ -71,10 +71,20 @@ def open_streams(cfg: CTConfig, names: list[str], cache: IndexCache) -> dict[str
 def build_indices(schedule: Schedule, streams: dict[str, DocumentStream]) -> None:
     """Epoch-0 index of every dataset (and by_source packs where a stage packs that way)."""
     by_source = {n for st in schedule.stages if st.packing == "by_source" for n in _stage_datasets(st, schedule)}
-    for name, stream in streams.items():
+    last_report = time.perf_counter()
+    for i, (name, stream) in enumerate(streams.items()):
+        t0 = time.perf_counter()
         stream.epoch_index(0)
         if name in by_source:
             stream.pack_bounds(0)
+        now = time.perf_counter()
+        if now - t0 > 2.0:
+            log.info("data: index of %r (%s documents) ready in %.1fs", name, f"{stream.num_docs:,}", now - t0)
+        elif now - last_report > 10.0:
+            log.info("data: indices of %d/%d datasets ready", i + 1, len(streams))
+        else:
+            continue
+        last_report = now
 
 
 def _stage_datasets(stage: Stage, schedule: Schedule) -> list[str]:

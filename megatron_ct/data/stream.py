@@ -112,24 +112,23 @@ class DocumentStream:
     ) -> None:
         self.name, self.seed, self.seq_length, self.cache, self.shuffle = name, seed, seq_length, cache, shuffle
         self.prefixes = [resolve_prefix(p, data_root) for p in cfg.prefixes]
-        lengths, self._doc_prefix, self._doc_local, files = [], [], [], []
-        self._datasets = []
+        lengths, files = [], []
+        self._datasets, self._first_doc, starts = [], [], [0]  # per prefix
         for i, prefix in enumerate(self.prefixes):
             check_prefix(prefix, f"{key}.prefixes[{i}]")
             ds = _open_indexed(prefix)
             n = len(ds)
             lo, hi = (int(round(f * n)) for f in cfg.doc_range)
-            seq_lengths = np.asarray(ds.sequence_lengths[lo:hi], dtype=np.int64)
-            lengths.append(seq_lengths)
-            self._doc_prefix.append(np.full(hi - lo, i, dtype=np.int32))
-            self._doc_local.append(np.arange(lo, hi, dtype=np.int64))
+            lengths.append(ds.sequence_lengths[lo:hi])  # int32 view of the memory-mapped .idx
             self._datasets.append(ds)
+            self._first_doc.append(lo)
+            starts.append(starts[-1] + hi - lo)
             files.append([os.path.abspath(prefix), os.path.getsize(prefix + ".idx"), n, lo, hi])
-        self.lengths = np.concatenate(lengths)
-        self._doc_prefix = np.concatenate(self._doc_prefix)
-        self._doc_local = np.concatenate(self._doc_local)
+        # Document g of the stream is document first_doc[k] + g - starts[k] of prefix k.
+        self._starts = np.asarray(starts, dtype=np.int64)
+        self.lengths = lengths[0] if len(lengths) == 1 else np.concatenate(lengths)  # [num_docs] int32
         self.num_docs = len(self.lengths)
-        self.tokens_per_epoch = int(self.lengths.sum())
+        self.tokens_per_epoch = int(self.lengths.sum(dtype=np.int64))
         if self.tokens_per_epoch == 0:
             raise ConfigError(f"{key}: expected documents with tokens, got none in {', '.join(self.prefixes)}")
         self.fingerprint = cache_key({"files": files})
@@ -150,7 +149,7 @@ class DocumentStream:
                 del self._epochs[min(self._epochs)]
             if not self.shuffle:
                 order = np.arange(self.num_docs, dtype=np.int64)
-                cum = np.concatenate([[0], np.cumsum(self.lengths)])
+                cum = np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)])
             else:
                 key = self._key(epoch)
                 order = self.cache.get(self.prefixes[0], self.name, key, "order", lambda: self._build_order(epoch))
@@ -159,9 +158,11 @@ class DocumentStream:
                     self.name,
                     key,
                     "cum",
-                    lambda: np.concatenate([[0], np.cumsum(self.lengths[order])]).astype(np.int64),
+                    lambda: np.concatenate([[0], np.cumsum(self.lengths[order], dtype=np.int64)]),
                 )
             self._epochs[epoch] = (order, cum)
+            if epoch > 0 and self.shuffle:
+                log.info("dataset %r: epoch %d begins (its documents again, reshuffled)", self.name, epoch)
         return self._epochs[epoch]
 
     def _build_order(self, epoch: int) -> np.ndarray:
@@ -223,5 +224,6 @@ class DocumentStream:
         return self._doc_tokens(doc, 0, n)
 
     def _doc_tokens(self, doc: int, offset: int, length: int) -> np.ndarray:
-        ds = self._datasets[self._doc_prefix[doc]]
-        return ds.get(int(self._doc_local[doc]), offset=offset, length=length)
+        k = int(np.searchsorted(self._starts, doc, side="right")) - 1
+        local = self._first_doc[k] + doc - int(self._starts[k])
+        return self._datasets[k].get(local, offset=offset, length=length)
