@@ -1,0 +1,11 @@
+"""Training data: the synthetic stream, corpus preprocessing, and curricula over indexed datasets.
+
+Curriculum modules, from the config to a batch:
+  schedule.py    stages -> steps, sample ranges and blend vectors
+  interleave.py  global sample -> dataset (low-discrepancy, ramp-aware)
+  stream.py      dataset -> endless epoch-shuffled token stream; concat / by_source samples
+  index_cache.py per-dataset index arrays cached on disk
+  packing.py     samples -> tokens/labels/loss_mask/position_ids (+ document attention mask)
+  curriculum.py  all of the above per step, with the checkpointed data state
+  valid.py       named validation sets and their byte counts (bits per byte)
+"""

@@ -7,6 +7,10 @@ into ``num_microbatches`` micro-batches; micro-batch j on data-parallel rank r h
 samples ``k*G + j*(mbs*dp) + r*mbs + [0, mbs)``. The loss of a step therefore covers the
 same samples whatever the DP size or micro-batch count, which is what makes losses
 comparable across parallel layouts and resumable by iteration alone.
+
+Two sources follow this layout: :class:`BatchSource` over the synthetic stream (sample i is
+a function of (seed, i)), and :class:`megatron_ct.data.curriculum.CurriculumSource`, which
+maps each global sample to a dataset and a position in it (stages, blends, packing).
 """
 
 from __future__ import annotations
