@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from megatron_ct.config import ConfigError, load_config, validate_for_world
 from megatron_ct.config.loader import build_config
@@ -307,3 +308,14 @@ def test_index_cache_falls_back_to_memory_when_unwritable(tmp_path, caplog):
     arr = cache.get("p", "ds", "k", "order", lambda: np.arange(3))
     assert arr.tolist() == [0, 1, 2] and cache.built == 1
     assert "not writable" in caplog.text
+
+
+def test_data_parallel_ranks_partition_each_global_batch(corpora, tmp_path):
+    cfg1, layout1 = make_cfg(corpora, SHORT, iters=24, world=1)
+    cfg2, layout2 = make_cfg(corpora, SHORT, iters=24, world=2)
+    one = _run(source(cfg1, layout1, tmp_path), range(24))
+    ranks = [_run(source(cfg2, layout2, tmp_path, r), range(24)) for r in (0, 1)]
+    for step in (0, 10, 23):  # one step per stage
+        whole = torch.cat([b["tokens"] for b in one[step]])  # sample order: micro-batch, then row
+        parts = torch.cat([torch.cat([ranks[r][step][j]["tokens"] for r in (0, 1)]) for j in range(2)])
+        assert whole.equal(parts)

@@ -155,3 +155,18 @@ def test_megatron_data_path_and_split_train(runs, tmp_path):
     assert sorted(losses(tmp_path)) == [1, 2, 3]
     evals = read_jsonl(tmp_path / "eval.jsonl")
     assert [(e["iteration"], e["set"]) for e in evals] == [(3, "valid")] and evals[0]["bits_per_byte"] is None
+
+
+def test_missing_dataset_is_a_one_line_error_on_every_rank(runs, tmp_path):
+    proc = run_trainer(
+        2,
+        ["data.datasets={zh: no_such_text_document}", "data.stages=[{name: a, blend: {zh: 1}}]"]
+        + [f"data.data_root={tmp_path}", "model.vocab_size=32000", "train.train_iters=2"],
+        check=False,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "config error" in line]
+    assert len(errors) == 2, proc.stderr[-3000:]
+    assert all("data.datasets.zh.prefixes[0]: expected" in e and "no_such_text_document.bin" in e for e in errors)
+    assert "megatron_ct/" not in proc.stderr  # no traceback from our code
