@@ -240,7 +240,7 @@ class DatasetConfig:
     """Fraction ``[start, end)`` of every prefix's documents to use; Megatron's ``--split``
     carves the train and valid parts of a file this way."""
     tag: str | None = None
-    """Free-form source label (``zh``, ``code``, ...), shown in logs."""
+    """Free-form source label (``zh``, ``code``, ...) for bookkeeping; not used by the engine."""
 
     @classmethod
     def parse(cls, raw: Any, key: str) -> DatasetConfig:
@@ -373,7 +373,7 @@ class DataConfig:
     """Megatron-LM style ``[w1, p1, w2, p2, ...]`` (or one prefix): a one-stage curriculum."""
     split: str | None = None
     """With data_path: Megatron-LM's train,valid,test document split of every prefix, e.g.
-    '98,2,0'; the valid part becomes the validation set 'valid'."""
+    '98,2,0'; the valid part becomes the validation set 'valid' (the test part is not used)."""
     eval_interval: int | None = None
     """Evaluate every validation set every this many steps (and at every stage end)."""
     eval_iters: int = 2
