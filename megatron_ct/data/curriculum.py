@@ -129,9 +129,6 @@ class CurriculumSource:
     def consumed_samples(self, step: int) -> int:
         return self.resumed_samples + (step - self.resumed_step) * self.global_batch
 
-    def stage_at(self, step: int) -> Stage:
-        return self.schedule.stage_at(step)
-
     # --- checkpointed data state ---------------------------------------------------------
     def state_dict(self) -> dict:
         seg = self.segment
@@ -165,6 +162,8 @@ class CurriculumSource:
                 log.warning("checkpoint has no curriculum data state: replaying the schedule for %d steps", step)
                 self._replay_to(step, consumed_samples)
             return
+        if state.get("next_step", step) != step:
+            log.warning("checkpoint data state is for step %s, resuming at step %d", state.get("next_step"), step)
         saved = state.get("datasets", {})
         for name, entry in saved.items():
             # Datasets no stage uses now keep their position in the state for a later edit.
@@ -257,10 +256,15 @@ def _open_and_index(cfg: CTConfig, schedule: Schedule, cache: IndexCache) -> dic
     return streams
 
 
-def check_attention_masks(cfg: CTConfig, device: str) -> None:
-    """Document attention masks need an attention path that applies explicit masks: megatron-core's
-    local DotProductAttention (the fused causal kernel is switched off for such runs, see
-    megatron_ct/model/llama.py). Transformer Engine's causal attention ignores them."""
+def check_data_options(cfg: CTConfig, device: str) -> None:
+    """Data options that need the run's context (ConfigError naming the key):
+
+    - ``data.tokenizer`` must fit in ``model.vocab_size``;
+    - document attention masks need an attention path that applies explicit masks:
+      megatron-core's local DotProductAttention (the fused causal kernel is switched off for
+      such runs, see megatron_ct/model/llama.py). Transformer Engine's causal attention
+      ignores them.
+    """
     from megatron_ct.config import ConfigError
     from megatron_ct.model.llama import choose_transformer_impl
 

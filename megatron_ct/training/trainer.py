@@ -20,7 +20,7 @@ from megatron_ct.checkpoint.dist_ckpt import load_checkpoint, read_common, resol
 from megatron_ct.checkpoint.preemption import PreemptionFlag
 from megatron_ct.config import CTConfig, Layout, config_to_dict
 from megatron_ct.data.batches import build_batch_source
-from megatron_ct.data.curriculum import check_attention_masks
+from megatron_ct.data.curriculum import check_data_options
 from megatron_ct.model.llama import build_model
 from megatron_ct.training.evaluate import Evaluator
 from megatron_ct.training.flops import flops_per_token, peak_tflops_for
@@ -49,7 +49,7 @@ class Trainer:
         self.cfg, self.layout, self.device = cfg, layout, device
         # Data first: a missing dataset file or a bad data option is a ConfigError on every
         # rank before any collective.
-        check_attention_masks(cfg, device)
+        check_data_options(cfg, device)
         dp_rank = ps.get_data_parallel_rank()
         log_dir = cfg.logging.log_dir or cfg.checkpoint.save
         self.batches = build_batch_source(cfg, layout, dp_rank, device, log_dir)
