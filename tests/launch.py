@@ -40,15 +40,15 @@ TINY = [
 ]
 
 
-def run_trainer(
+def run_torchrun(
     nproc: int,
-    overrides: list[str],
+    script: Path,
+    args: list[str],
     timeout: float = 300,
     check: bool = True,
     env: dict | None = None,
-    script: Path | None = None,
 ) -> subprocess.CompletedProcess:
-    """torchrun --nproc_per_node nproc pretrain_ct.py TINY + overrides."""
+    """torchrun --nproc_per_node nproc SCRIPT ARGS from the repo root."""
     cmd = [
         sys.executable,
         "-m",
@@ -57,9 +57,8 @@ def run_trainer(
         str(nproc),
         "--master_port",
         str(free_port()),
-        str(script or REPO / "pretrain_ct.py"),
-        *TINY,
-        *overrides,
+        str(script),
+        *args,
     ]
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
     # Output goes to files, not pipes: a rank killed mid-save orphans megatron-core's
@@ -78,8 +77,20 @@ def run_trainer(
         err.seek(0)
         proc = subprocess.CompletedProcess(cmd, rc, out.read(), err.read())
     if check and proc.returncode != 0:
-        raise AssertionError(f"trainer failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(f"{Path(script).name} failed (rc={rc}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def run_trainer(
+    nproc: int,
+    overrides: list[str],
+    timeout: float = 300,
+    check: bool = True,
+    env: dict | None = None,
+    script: Path | None = None,
+) -> subprocess.CompletedProcess:
+    """torchrun --nproc_per_node nproc pretrain_ct.py TINY + overrides."""
+    return run_torchrun(nproc, script or REPO / "pretrain_ct.py", [*TINY, *overrides], timeout, check, env)
 
 
 def read_metrics(log_dir: Path) -> list[dict]:

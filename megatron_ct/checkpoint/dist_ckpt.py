@@ -26,9 +26,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_ct.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 TRACKER = "latest_checkpointed_iteration.txt"
+# Common-dict keys that record where the weights came from (the HF model a checkpoint was
+# converted from, blocks added by expansion, ...); training keeps them in every save so
+# later tools (ct -> HF export, train.trainable_params=new_blocks) still find them.
+PROVENANCE_KEYS = ("hf", "new_block_layers", "vocab_expansion")
 FORMAT_VERSION = 1
 
 # Passed to sharded_state_dict() of model and optimizer and stored with the checkpoint.
@@ -253,8 +259,13 @@ def load_checkpoint(
     common = read_common(path)
     saved_vocab = common.get("model_info", {}).get("true_vocab_size")
     if expected_vocab_size is not None and saved_vocab is not None and saved_vocab != expected_vocab_size:
-        raise ValueError(
-            f"{path}: checkpoint vocabulary has {saved_vocab} tokens but model.vocab_size is {expected_vocab_size}"
+        raise ConfigError(
+            f"model.vocab_size: expected {saved_vocab} (the vocabulary of checkpoint {path}), got {expected_vocab_size}"
+        )
+    if common.get("weights_only") and not weights_only:
+        raise ConfigError(
+            f"checkpoint.load_weights_only: expected true for {path}, which holds weights only "
+            "(a converted or expanded model: no optimizer state to resume)"
         )
     model_sd = _model_sharded_state_dict(chunks)
     request: dict[str, Any] = dict(model_sd)

@@ -186,7 +186,10 @@ def convert_ct_to_hf(
     torch_dtype = DTYPES[dtype] if dtype else reader.dtype(L.CT_EMBED)
     tensors = plan_hf_tensors(reader, m, true_vocab, torch_dtype)
 
-    assets = tokenizer or hf_base or _assets_beside(path)
+    # Tokenizer files: as given, else next to a converted checkpoint, else the HF model it
+    # was converted from (the record survives training), if that directory still exists.
+    source = record.get("source")
+    assets = tokenizer or hf_base or _assets_beside(path) or (source if source and os.path.isdir(source) else None)
     if assets and not os.path.isdir(assets):
         raise ConversionError(f"{assets}: no such directory (expected tokenizer files)")
     if os.path.exists(out_dir) and not overwrite:

@@ -116,6 +116,27 @@ def transformer_config(cfg: CTConfig, layout: Layout, device: str):
     )
 
 
+def mask_padded_vocab(model: torch.nn.Module, true_vocab_size: int) -> None:
+    """Give the padding rows of the vocabulary a logit of -inf.
+
+    The output layer has ``padded_vocab_size`` rows (a multiple of divisible_by x TP); left
+    alone, the padding logits would take part in the softmax, so the loss would differ from
+    Hugging Face's and between TP sizes. Each TP rank holds a contiguous slice of the rows.
+    """
+    from megatron.core import parallel_state
+
+    def hook(module, inputs, output):
+        logits, bias = output  # logits: [s, b, padded_vocab / tp]
+        local = logits.shape[-1]
+        start = parallel_state.get_tensor_model_parallel_rank() * local
+        if start + local <= true_vocab_size:
+            return output
+        cols = torch.arange(start, start + local, device=logits.device) >= true_vocab_size
+        return logits.masked_fill(cols, float("-inf")), bias
+
+    model.output_layer.register_forward_hook(hook)
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What a built model is, for logs, FLOP counts and checkpoint metadata."""
@@ -192,6 +213,8 @@ def build_model(cfg: CTConfig, layout: Layout, device: str) -> tuple[list[torch.
                 RopeScaling.from_hf_dict(m.rope_scaling or {"rope_type": "default"}),
                 m.max_position_embeddings,
             )
+        if model.post_process and vocab > m.vocab_size:
+            mask_padded_vocab(model, m.vocab_size)
         if device == "cuda":
             model.cuda(torch.cuda.current_device())
         chunks.append(model)

@@ -16,7 +16,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_ct.checkpoint.dist_ckpt import load_checkpoint, read_common, resolve_load_dir, save_checkpoint
+from megatron_ct.checkpoint.dist_ckpt import (
+    PROVENANCE_KEYS,
+    load_checkpoint,
+    read_common,
+    resolve_load_dir,
+    save_checkpoint,
+)
 from megatron_ct.checkpoint.preemption import PreemptionFlag
 from megatron_ct.config import CTConfig, Layout, config_to_dict
 from megatron_ct.data.batches import build_batch_source
@@ -56,7 +62,9 @@ class Trainer:
         self.evaluator = Evaluator(cfg, layout, dp_rank, device, getattr(self.batches, "cache", None), log_dir)
         chunks, self.model_info = build_model(cfg, layout, device)
         ck = cfg.checkpoint
-        added = read_common(resolve_load_dir(ck.load)[0]).get("new_block_layers") if ck.load else None
+        loaded_common = read_common(resolve_load_dir(ck.load)[0]) if ck.load else {}
+        self._provenance = {k: loaded_common[k] for k in PROVENANCE_KEYS if k in loaded_common}
+        added = loaded_common.get("new_block_layers")
         self.trainable = apply_trainable_params(chunks, cfg.train.trainable_params, cfg.model.num_layers, added)
         self.model = wrap_ddp(cfg, chunks)
         self.optimizer = build_optimizer(cfg, self.model)
@@ -126,6 +134,7 @@ class Trainer:
                 "true_vocab_size": self.model_info.true_vocab_size,
                 "padded_vocab_size": self.model_info.padded_vocab_size,
             },
+            **self._provenance,
         }
 
     def save(self) -> None:

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from launch import REPO, free_port
+from launch import REPO, run_torchrun  # noqa: F401  (re-exported for the convert tests)
 
 HIDDEN, HEADS, FFN, LAYERS, MAX_POS = 64, 4, 128, 2, 128
 
@@ -130,37 +125,6 @@ def build_tokenizer(out_dir: Path, vocab_size: int) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(
         out_dir
     )
-
-
-def run_torchrun(nproc: int, script: Path, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """torchrun a script from the repo root; output via files (see tests/launch.py), process group killed after."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_port",
-        str(free_port()),
-        str(script),
-        *args,
-    ]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        popen = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, cwd=REPO, start_new_session=True)
-        try:
-            rc = popen.wait(timeout=timeout)
-        finally:
-            try:
-                os.killpg(popen.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        out.seek(0)
-        err.seek(0)
-        proc = subprocess.CompletedProcess(cmd, rc, out.read(), err.read())
-    if proc.returncode != 0:
-        raise AssertionError(f"{script.name} failed (rc={rc}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
 
 
 def safetensors_dict(directory: Path) -> dict[str, torch.Tensor]:
