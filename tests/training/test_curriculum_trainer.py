@@ -88,10 +88,22 @@ def test_example_runs_three_stages_and_evaluates_each_validation_set(runs):
             assert e["tokens"] > 0 and e["bytes"] > 0
             assert e["bits_per_byte"] == pytest.approx(e["loss"] * e["tokens"] / math.log(2) / e["bytes"], rel=1e-6)
     assert {e["set"]: e["loss"] for e in evals if e["iteration"] == 12}["zh"] < evals[0]["loss"] + 1  # sane values
-    assert list((root / "tb").glob("events.out.tfevents.*"))
+    tags = set()
+    for events in (root / "tb").glob("events.out.tfevents.*"):
+        tags |= set(_scalar_tags(events))
+    assert {"eval/general/loss", "eval/zh/bits_per_byte", "eval/code/bits_per_byte", "train/loss"} <= tags
     log = runs["straight_log"]
     assert "stage 2/3 'zh_ramp': iterations 5-8" in log and "stage 3/3 'focused'" in log
     assert "indices ready" in log
+
+
+def _scalar_tags(path: Path) -> list[str]:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(path))
+    acc.Reload()
+    return acc.Tags()["scalars"]
 
 
 def test_lr_rewarms_at_the_stage_start(runs):
