@@ -283,7 +283,8 @@ class StageConfig:
     tokens: int | None = None
     """Length in training tokens, rounded up to whole steps of global_batch_size*seq_length."""
     blend: dict[str, float]
-    """Dataset name -> weight at the stage start (normalised to sum 1)."""
+    """Dataset name -> weight at the stage start: its share of the stage's sequences
+    (normalised to sum 1)."""
     end_blend: dict[str, float] | None = None
     """Weights at the stage end; the blend ramps linearly from ``blend`` (None: no ramp)."""
     packing: str = "concat"
