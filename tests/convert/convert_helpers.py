@@ -54,6 +54,27 @@ CASES = {
         },
         "safetensors",
     ),
+    # Every other HF rope_scaling type (issue 6): YaRN with its attention factor, and
+    # dynamic NTK, which only differs from plain RoPE past max_position_embeddings (32 < 48).
+    "llama_yarn": (
+        "llama",
+        {
+            "vocab_size": 300,
+            "num_key_value_heads": 2,
+            "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+        },
+        "safetensors",
+    ),
+    "llama_dynamic_ntk": (
+        "llama",
+        {
+            "vocab_size": 300,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 32,
+            "rope_scaling": {"rope_type": "dynamic", "factor": 2.0},
+        },
+        "safetensors",
+    ),
     "qwen2_bias_tied": (
         "qwen2",
         {

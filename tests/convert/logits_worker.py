@@ -45,7 +45,9 @@ def main(manifest_path: str) -> None:
                 tensor_model_parallel_size=spec["tp"], pipeline_model_parallel_size=spec["pp"], device="cpu"
             ),
             train=TrainConfig(precision="fp32", micro_batch_size=1, global_batch_size=2),
-            data=DataConfig(seq_length=tokens.shape[1]),
+            # Training's seq_length limit; forward_logits runs the whole input (dynamic NTK
+            # RoPE is tested beyond max_position_embeddings).
+            data=DataConfig(seq_length=min(tokens.shape[1], model["max_position_embeddings"])),
         )
 
     first = config_for(spec["cases"][0]["ckpt"])
