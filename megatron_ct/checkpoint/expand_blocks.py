@@ -1,0 +1,133 @@
+"""LLaMA-Pro block expansion: grow a checkpoint by identity blocks.
+
+After every ``every`` blocks, ``add`` new blocks are inserted. Each new block copies the
+block before it, with the attention output projection (``linear_proj``) and the MLP down
+projection (``linear_fc2``) zeroed: the block's residual branches then add exactly zero,
+so the expanded model computes the same function. Training only the new blocks
+(``train.trainable_params=new_blocks``) adds capacity without touching what the base knows.
+
+Works on our dist checkpoints (any TP/PP they were saved at: tensors are stored in global
+coordinates), streamed one layer slice at a time. The output holds weights only
+(iteration 0) and records the new layers' global indices as ``new_block_layers``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+
+from megatron_ct.checkpoint.dist_ckpt import FORMAT_VERSION, SHARDING_METADATA, TRACKER, iter_dir, resolve_load_dir
+from megatron_ct.convert.dist_io import ChunkSpec, DistCheckpointReader, write_dist_checkpoint
+from megatron_ct.convert.errors import ConversionError
+from megatron_ct.convert.hf_to_ct import extra_state_objects
+
+LAYER_PREFIX = "decoder.layers."
+# Output projections of the two residual branches: zero them and the block is an identity.
+ZEROED = (
+    "decoder.layers.self_attention.linear_proj.weight",
+    "decoder.layers.mlp.linear_fc2.weight",
+    "decoder.layers.self_attention.linear_proj.bias",
+    "decoder.layers.mlp.linear_fc2.bias",
+)
+
+
+@dataclass(frozen=True)
+class ExpansionPlan:
+    """``sources[j]``: the old layer that new-model layer ``j`` copies; ``new[j]``: added."""
+
+    sources: tuple[int, ...]
+    new_layers: tuple[int, ...]
+
+    @classmethod
+    def make(cls, num_layers: int, every: int, add: int) -> ExpansionPlan:
+        if every < 1 or num_layers % every != 0:
+            raise ConversionError(f"--every {every}: expected a divisor of the model's {num_layers} layers")
+        if add < 1:
+            raise ConversionError(f"--add {add}: expected at least 1 new block per group")
+        sources, new = [], []
+        for group in range(num_layers // every):
+            last = group * every + every - 1
+            sources.extend(range(group * every, last + 1))
+            for _ in range(add):
+                new.append(len(sources))
+                sources.append(last)  # copy of its predecessor
+        return cls(tuple(sources), tuple(new))
+
+
+def _model_keys(reader: DistCheckpointReader) -> list[str]:
+    return [k for k in reader.tensors if not k.startswith("optimizer.")]
+
+
+def plan_chunks(reader: DistCheckpointReader, plan: ExpansionPlan) -> list[ChunkSpec]:
+    chunks = []
+    new = set(plan.new_layers)
+    for key in _model_keys(reader):
+        shape, dtype = reader.shape(key), reader.dtype(key)
+        if not key.startswith(LAYER_PREFIX):
+            chunks.append(ChunkSpec(key, shape, (0,) * len(shape), shape, dtype, lambda k=key: reader.read(k)))
+            continue
+        out_shape = (len(plan.sources), *shape[1:])
+        for j, src in enumerate(plan.sources):
+            offsets, sizes = (j,) + (0,) * (len(shape) - 1), (1, *shape[1:])
+            zero = j in new and key in ZEROED
+
+            def produce(k=key, s=src, z=zero, sizes=sizes, dtype=dtype) -> torch.Tensor:
+                if z:
+                    return torch.zeros(sizes, dtype=dtype)
+                return reader.read(k, (s,) + (0,) * (len(sizes) - 1), sizes)  # [1, ...] of layer s
+
+            chunks.append(ChunkSpec(key, out_shape, offsets, sizes, dtype, produce))
+    return chunks
+
+
+def expand_blocks(ckpt: str, out_dir: str, every: int, add: int, overwrite: bool = False) -> ExpansionPlan:
+    """Write the expanded checkpoint to ``out_dir`` (a save root: ``iter_0000000`` + tracker)."""
+    path, _ = resolve_load_dir(ckpt)
+    reader = DistCheckpointReader(path)
+    common = torch.load(os.path.join(path, "common.pt"), weights_only=False)
+    ct = common.get("ct") or {}
+    if "config" not in ct:
+        raise ConversionError(f"{path}: no megatron-ct metadata (common.pt has no 'ct' config)")
+    num_layers = ct["config"]["model"]["num_layers"]
+    stacked = [k for k in _model_keys(reader) if k.startswith(LAYER_PREFIX)]
+    if any(reader.shape(k)[0] != num_layers for k in stacked):
+        raise ConversionError(f"{path}: stacked layer tensors do not have {num_layers} layers")
+    plan = ExpansionPlan.make(num_layers, every, add)
+
+    final = iter_dir(out_dir, 0)
+    if os.path.exists(os.path.join(out_dir, TRACKER)) or os.path.exists(final):
+        if not overwrite:
+            raise ConversionError(f"{out_dir}: already holds a checkpoint; pass --overwrite to replace it")
+        shutil.rmtree(final, ignore_errors=True)
+    os.makedirs(out_dir, exist_ok=True)
+
+    new_ct = copy.deepcopy(ct)
+    new_ct["config"]["model"]["num_layers"] = len(plan.sources)
+    earlier = [plan.sources.index(i) for i in ct.get("new_block_layers", [])]  # a second expansion keeps them
+    new_ct.update(
+        iteration=0,
+        consumed_samples=0,
+        weights_only=True,
+        format_version=FORMAT_VERSION,
+        new_block_layers=sorted(set(plan.new_layers) | set(earlier)),
+        expansion={"source": os.path.abspath(path), "every": every, "add": add},
+    )
+    new_ct.pop("data", None)
+    partial = final + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    write_dist_checkpoint(
+        partial,
+        plan_chunks(reader, plan),
+        extra_state_objects(len(plan.sources)),
+        {"ct": new_ct, "content_metadata": dict(SHARDING_METADATA)},
+    )
+    os.replace(partial, final)
+    tmp = os.path.join(out_dir, TRACKER + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("0")
+    os.replace(tmp, os.path.join(out_dir, TRACKER))
+    return plan
