@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from launch import REPO, run_torchrun, run_trainer
 from megatron_ct.checkpoint.expand_blocks import ExpansionPlan
 from megatron_ct.convert.dist_io import DistCheckpointReader
+
+from launch import REPO, run_torchrun, run_trainer
 
 pytestmark = pytest.mark.slow
 WORKER = REPO / "tests" / "convert" / "logits_worker.py"
