@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout-domain", nargs="*", default=[], metavar="FILE")
     p.add_argument("--heldout-general", nargs="*", default=[], metavar="FILE")
     p.add_argument("--hf-model", metavar="DIR", help="HF causal-LM directory to resize")
+    p.add_argument(
+        "--ct-checkpoint",
+        metavar="DIR",
+        help="megatron-ct checkpoint (save root or iter_* dir, any TP/PP) to resize; needs --base-tokenizer",
+    )
+    p.add_argument("--ct-output", metavar="DIR", help="save root for the resized megatron-ct checkpoint")
     p.add_argument("--init", choices=INIT_METHODS, default="subword_mean", help="new-row init (default subword_mean)")
     p.add_argument("--seed", type=int, default=0, help="seed of --init random")
     p.add_argument("--pad-to-multiple-of", type=int, default=1, help="pad the resized vocabulary (default 1: none)")
@@ -173,6 +179,22 @@ def run(args) -> dict:
             "dir": os.path.abspath(args.output_dir),
         }
         print(f"resized model: {plan.padded_size()} vocabulary rows ({args.init}) -> {args.output_dir}")
+    if args.ct_checkpoint:
+        from megatron_ct.checkpoint.resize_vocab import resize_ct_checkpoint
+        from megatron_ct.checkpoint.rewrite import open_checkpoint
+
+        divisible_by = open_checkpoint(args.ct_checkpoint)[2]["config"]["model"]["make_vocab_size_divisible_by"]
+        plan = VocabResizePlan(
+            old_vocab_size=result.first_new_id,
+            sources=tuple(map(tuple, base_segmenter(base)(result.new_pieces))),
+            init=args.init,
+            divisible_by=divisible_by,
+            seed=args.seed,
+        )
+        out = args.ct_output or os.path.join(args.output_dir, "ct_checkpoint")
+        rows = resize_ct_checkpoint(args.ct_checkpoint, out, plan)
+        summary["ct_checkpoint"] = {"dir": os.path.abspath(out), "vocab_size": plan.new_vocab_size, "rows": rows}
+        print(f"resized megatron-ct checkpoint: vocab {plan.new_vocab_size} ({rows} rows, {args.init}) -> {out}")
     with open(os.path.join(args.output_dir, "expand_vocab.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, ensure_ascii=False, indent=1)
     return summary

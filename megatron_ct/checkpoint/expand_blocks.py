@@ -13,19 +13,14 @@ coordinates), streamed one layer slice at a time. The output holds weights only
 
 from __future__ import annotations
 
-import copy
-import os
-import shutil
 from dataclasses import dataclass
 
 import torch
 
-from megatron_ct.checkpoint.dist_ckpt import FORMAT_VERSION, SHARDING_METADATA, TRACKER, iter_dir, resolve_load_dir
-from megatron_ct.convert.dist_io import ChunkSpec, DistCheckpointReader, write_dist_checkpoint
+from megatron_ct.checkpoint.rewrite import LAYER_PREFIX, copied, model_keys, open_checkpoint, write_weights_only
+from megatron_ct.convert.dist_io import ChunkSpec, DistCheckpointReader
 from megatron_ct.convert.errors import ConversionError
-from megatron_ct.convert.hf_to_ct import extra_state_objects
 
-LAYER_PREFIX = "decoder.layers."
 # Output projections of the two residual branches: zero them and the block is an identity.
 ZEROED = (
     "decoder.layers.self_attention.linear_proj.weight",
@@ -58,18 +53,14 @@ class ExpansionPlan:
         return cls(tuple(sources), tuple(new))
 
 
-def _model_keys(reader: DistCheckpointReader) -> list[str]:
-    return [k for k in reader.tensors if not k.startswith("optimizer.")]
-
-
 def plan_chunks(reader: DistCheckpointReader, plan: ExpansionPlan) -> list[ChunkSpec]:
     chunks = []
     new = set(plan.new_layers)
-    for key in _model_keys(reader):
-        shape, dtype = reader.shape(key), reader.dtype(key)
+    for key in model_keys(reader):
         if not key.startswith(LAYER_PREFIX):
-            chunks.append(ChunkSpec(key, shape, (0,) * len(shape), shape, dtype, lambda k=key: reader.read(k)))
+            chunks.extend(copied(reader, key))
             continue
+        shape, dtype = reader.shape(key), reader.dtype(key)
         out_shape = (len(plan.sources), *shape[1:])
         for j, src in enumerate(plan.sources):
             offsets, sizes = (j,) + (0,) * (len(shape) - 1), (1, *shape[1:])
@@ -86,48 +77,14 @@ def plan_chunks(reader: DistCheckpointReader, plan: ExpansionPlan) -> list[Chunk
 
 def expand_blocks(ckpt: str, out_dir: str, every: int, add: int, overwrite: bool = False) -> ExpansionPlan:
     """Write the expanded checkpoint to ``out_dir`` (a save root: ``iter_0000000`` + tracker)."""
-    path, _ = resolve_load_dir(ckpt)
-    reader = DistCheckpointReader(path)
-    common = torch.load(os.path.join(path, "common.pt"), weights_only=False)
-    ct = common.get("ct") or {}
-    if "config" not in ct:
-        raise ConversionError(f"{path}: no megatron-ct metadata (common.pt has no 'ct' config)")
+    path, reader, ct = open_checkpoint(ckpt)
     num_layers = ct["config"]["model"]["num_layers"]
-    stacked = [k for k in _model_keys(reader) if k.startswith(LAYER_PREFIX)]
-    if any(reader.shape(k)[0] != num_layers for k in stacked):
+    if any(reader.shape(k)[0] != num_layers for k in model_keys(reader) if k.startswith(LAYER_PREFIX)):
         raise ConversionError(f"{path}: stacked layer tensors do not have {num_layers} layers")
     plan = ExpansionPlan.make(num_layers, every, add)
-
-    final = iter_dir(out_dir, 0)
-    if os.path.exists(os.path.join(out_dir, TRACKER)) or os.path.exists(final):
-        if not overwrite:
-            raise ConversionError(f"{out_dir}: already holds a checkpoint; pass --overwrite to replace it")
-        shutil.rmtree(final, ignore_errors=True)
-    os.makedirs(out_dir, exist_ok=True)
-
-    new_ct = copy.deepcopy(ct)
-    new_ct["config"]["model"]["num_layers"] = len(plan.sources)
+    ct["config"]["model"]["num_layers"] = len(plan.sources)
     earlier = [plan.sources.index(i) for i in ct.get("new_block_layers", [])]  # a second expansion keeps them
-    new_ct.update(
-        iteration=0,
-        consumed_samples=0,
-        weights_only=True,
-        format_version=FORMAT_VERSION,
-        new_block_layers=sorted(set(plan.new_layers) | set(earlier)),
-        expansion={"source": os.path.abspath(path), "every": every, "add": add},
-    )
-    new_ct.pop("data", None)
-    partial = final + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    write_dist_checkpoint(
-        partial,
-        plan_chunks(reader, plan),
-        extra_state_objects(len(plan.sources)),
-        {"ct": new_ct, "content_metadata": dict(SHARDING_METADATA)},
-    )
-    os.replace(partial, final)
-    tmp = os.path.join(out_dir, TRACKER + ".tmp")
-    with open(tmp, "w") as f:
-        f.write("0")
-    os.replace(tmp, os.path.join(out_dir, TRACKER))
+    ct["new_block_layers"] = sorted(set(plan.new_layers) | set(earlier))
+    ct["expansion"] = {"source": path, "every": every, "add": add}
+    write_weights_only(out_dir, plan_chunks(reader, plan), ct, overwrite)
     return plan

@@ -388,7 +388,8 @@ def install_rope(
     )
     if rope.attention_factor != 1.0 and config.apply_rope_fusion:
         warnings.warn(
-            "apply_rope_fusion: TE's fused RoPE ignores mscale; megatron-core falls back to unfused RoPE"
+            "apply_rope_fusion: TE's fused RoPE ignores mscale; megatron-core falls back to unfused RoPE",
+            stacklevel=2,
         )
     gpt_model.rotary_pos_emb = rope
     gpt_model.rotary_pos_emb_cache = {}  # inference cos/sin cache built from the old module

@@ -7,7 +7,10 @@ so a recipe means the same thing at every layout. Aliases:
 - ``embeddings``: input embedding and output layer (``embedding.word_embeddings.weight``,
   ``output_layer.weight``);
 - ``layers:3,7``: every parameter of global layers 3 and 7;
-- ``new_blocks``: the layers a checkpoint's block expansion added (its ``new_block_layers``).
+- ``new_blocks``: the layers a checkpoint's block expansion added (its ``new_block_layers``);
+- ``new_vocab_rows``: only the rows of embedding and output layer that a vocabulary
+  expansion appended (its ``vocab_expansion``); old rows get zero gradient and no weight
+  decay, so Adam moves them by exactly 0.
 
 Two ways to freeze, chosen per parameter before megatron-core's DDP and optimizer exist:
 
@@ -55,7 +58,7 @@ def global_named_parameters(chunk: torch.nn.Module) -> dict[str, torch.nn.Parame
 def expand_patterns(patterns: list[str], new_block_layers: list[int] | None) -> list[str]:
     out = []
     for p in patterns:
-        if p == "embeddings":
+        if p in ("embeddings", "new_vocab_rows"):
             out.extend(EMBEDDINGS)
         elif p.startswith("layers:"):
             ids = [s for s in p[len("layers:") :].split(",") if s.strip()]
@@ -79,21 +82,54 @@ def _stack_template(name: str) -> str | None:
     return "decoder.layers.{}." + name[m.end() :] if m else None
 
 
+def _train_rows_from(param: torch.nn.Parameter, first_new_row: int) -> None:
+    """Zero the gradient of vocabulary rows below ``first_new_row`` (this TP rank holds the
+    contiguous rows ``[tp_rank * local, (tp_rank + 1) * local)``). The hook runs before
+    megatron-core's DDP accumulates the gradient into its buffer."""
+    from megatron.core import parallel_state
+
+    local = param.shape[0]
+    start = parallel_state.get_tensor_model_parallel_rank() * local
+    frozen = max(0, min(local, first_new_row - start))
+    if frozen == 0:
+        return
+    param.ct_rows_from = first_new_row  # optimizer.py: no weight decay on it
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[:frozen] = 0
+        return grad
+
+    param.register_hook(hook)
+
+
 def apply_trainable_params(
     chunks: list[torch.nn.Module],
     patterns: list[str] | None,
     num_layers: int,
-    new_block_layers: list[int] | None = None,
+    provenance: dict | None = None,
 ) -> tuple[int, int]:
     """Freeze every parameter no pattern matches. Collective (checks that each pattern
-    matches something on some rank). Returns (trainable, total) elements on this rank."""
+    matches something on some rank). ``provenance``: the loaded checkpoint's record of added
+    blocks / vocabulary. Returns (trainable, total) elements on this rank."""
+    provenance = provenance or {}
     params = {}
     for chunk in chunks:
         params.update(global_named_parameters(chunk))
     total = sum(p.numel() for p in params.values())
     if not patterns:
         return total, total
-    globs = expand_patterns(patterns, new_block_layers)
+    globs = expand_patterns(patterns, provenance.get("new_block_layers"))
+    if "new_vocab_rows" in patterns:
+        expansion = provenance.get("vocab_expansion")
+        if not expansion:
+            raise ConfigError(
+                "train.trainable_params: 'new_vocab_rows' needs a checkpoint resized by tools/expand_vocab.py "
+                "(its metadata records the old vocabulary size); checkpoint.load has none"
+            )
+        for name in EMBEDDINGS:
+            if name in params:  # tied or untied, on this rank's stages
+                _train_rows_from(params[name], expansion["old_vocab_size"])
 
     def matching(name: str) -> list[int]:
         return [i for i, g in enumerate(globs) if fnmatch.fnmatchcase(name, g)]

@@ -71,6 +71,8 @@ def build_optimizer(cfg: CTConfig, ddp_chunks: list[torch.nn.Module]):
     overrides = get_standard_config_overrides(opt_config)  # no weight decay on norms and biases
     # Parameters frozen by train.trainable_params but kept in the optimizer (freeze.py).
     overrides[ParamKey(attr="ct_frozen")] = ParamGroupOverride(max_lr=0.0, min_lr=0.0, wd_mult=0.0)
+    # Vocabulary matrices whose old rows are frozen (freeze.py): decay would move those rows.
+    overrides[ParamKey(attr="ct_rows_from")] = ParamGroupOverride(wd_mult=0.0)
     return get_megatron_optimizer(opt_config, ddp_chunks, config_overrides=overrides)
 
 

@@ -64,8 +64,9 @@ class Trainer:
         ck = cfg.checkpoint
         loaded_common = read_common(resolve_load_dir(ck.load)[0]) if ck.load else {}
         self._provenance = {k: loaded_common[k] for k in PROVENANCE_KEYS if k in loaded_common}
-        added = loaded_common.get("new_block_layers")
-        self.trainable = apply_trainable_params(chunks, cfg.train.trainable_params, cfg.model.num_layers, added)
+        self.trainable = apply_trainable_params(
+            chunks, cfg.train.trainable_params, cfg.model.num_layers, self._provenance
+        )
         self.model = wrap_ddp(cfg, chunks)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
