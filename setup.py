@@ -27,8 +27,9 @@ setup(
         "transformers>=4.45",
     ],
     extras_require={
-        "test": ["pytest>=8", "snownlp", "mistral-common"],
+        "test": ["pytest>=8", "snownlp", "mistral-common", "matplotlib"],
         "tensorboard": ["tensorboard"],
+        "plot": ["matplotlib"],  # tools/plot_run.py
         # GPU-only; never pulled by default. Detected at run time.
         "gpu": ["transformer-engine[pytorch]", "flash-attn", "apex"],
     },

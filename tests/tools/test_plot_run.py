@@ -1,0 +1,32 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytest.importorskip("matplotlib")
+
+
+def test_plot_has_training_and_every_validation_set(tmp_path):
+    sys.path.insert(0, str(REPO / "tools"))
+    from plot_run import plot, stage_starts
+
+    train = [{"iteration": i, "loss": 6 - i / 10, "stage": "s1" if i <= 5 else "s2"} for i in range(1, 11)]
+    evals = [
+        {"iteration": i, "set": s, "loss": 3.0, "bits_per_byte": 2 - i / 20} for i in (5, 10) for s in ("zh", "en")
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+    assert stage_starts(train, evals) == [(1, "s1"), (6, "s2")]
+    out = plot(str(tmp_path), str(tmp_path / "run.png"))
+    assert Path(out).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_empty_directory_is_a_one_line_error(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "plot_run.py"), str(tmp_path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "no metrics.jsonl or eval.jsonl" in proc.stderr

@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""Plot a run: training loss and every validation set's bits per byte over iterations.
+
+    python tools/plot_run.py runs/curriculum_3stage            # -> runs/curriculum_3stage/run.png
+    python tools/plot_run.py RUN_DIR --output plot.png --title "zh CT"
+
+Reads ``metrics.jsonl`` (training steps) and ``eval.jsonl`` (validation sets) that
+pretrain_ct.py writes into its log directory. Curriculum stage boundaries (the ``stage``
+field the trainer logs) are drawn as vertical lines and labelled. Bits per byte is the
+tokenizer-independent measure; sets without it (no ``data.tokenizer``) fall back to loss
+per token, said in the legend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+
+
+def read_jsonl(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise ValueError(f"{path}:{n}: not a JSON line") from None
+    return rows
+
+
+def stage_starts(train: list[dict], evals: list[dict]) -> list[tuple[int, str]]:
+    """(first iteration, stage name) for each stage seen, from training records (or evals)."""
+    starts, last = [], object()
+    for r in sorted(train or evals, key=lambda r: r["iteration"]):
+        stage = r.get("stage")
+        if stage is not None and stage != last:
+            starts.append((r["iteration"], str(stage)))
+            last = stage
+    return starts
+
+
+def plot(run_dir: str, output: str, title: str | None = None) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    train = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    evals = read_jsonl(os.path.join(run_dir, "eval.jsonl"))
+    if not train and not evals:
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl or eval.jsonl (expected a pretrain_ct.py log directory)")
+
+    fig, (ax_loss, ax_eval) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    if train:
+        ax_loss.plot([r["iteration"] for r in train], [r["loss"] for r in train], lw=1.2, label="train loss")
+    ax_loss.set_ylabel("loss per token (nats)")
+    ax_loss.legend(loc="upper right")
+
+    by_set: dict[str, list[dict]] = defaultdict(list)
+    for r in evals:
+        by_set[r["set"]].append(r)
+    for name, rows in sorted(by_set.items()):
+        rows.sort(key=lambda r: r["iteration"])
+        bpb = all(r.get("bits_per_byte") is not None for r in rows)
+        ys = [r["bits_per_byte"] if bpb else r["loss"] for r in rows]
+        ax_eval.plot(
+            [r["iteration"] for r in rows], ys, marker="o", ms=3, label=name + ("" if bpb else " (loss/token)")
+        )
+    ax_eval.set_ylabel("validation bits per byte")
+    ax_eval.set_xlabel("iteration")
+    if by_set:
+        ax_eval.legend(loc="upper right")
+
+    for i, (it, name) in enumerate(stage_starts(train, evals)):
+        for ax in (ax_loss, ax_eval):
+            if i > 0:
+                ax.axvline(it - 0.5, color="gray", ls="--", lw=0.8)
+        ax_loss.annotate(name, (it, 1.0), xycoords=("data", "axes fraction"), va="top", fontsize=8, color="gray")
+    fig.suptitle(title or os.path.basename(os.path.normpath(run_dir)))
+    fig.tight_layout()
+    tmp = output + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, output)  # never a half-written PNG under the final name
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="log directory of a run (holds metrics.jsonl / eval.jsonl)")
+    parser.add_argument("--output", help="PNG path (default RUN_DIR/run.png)")
+    parser.add_argument("--title")
+    args = parser.parse_args(argv)
+    try:
+        path = plot(args.run_dir, args.output or os.path.join(args.run_dir, "run.png"), args.title)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"plot_run.py: error: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
