@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from launch import REPO, free_port, losses, read_metrics, run_trainer
+from launch import REPO, losses, read_metrics, run_torchrun, run_trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 
@@ -22,26 +19,9 @@ pytestmark = pytest.mark.slow
 EXAMPLE = REPO / "examples" / "curriculum_3stage.yaml"
 
 
-def run_example(overrides: list[str], nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_example(overrides: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
     """torchrun pretrain_ct.py --config examples/curriculum_3stage.yaml + overrides."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-    cmd += ["--master_port", str(free_port()), str(REPO / "pretrain_ct.py"), "--config", str(EXAMPLE), *overrides]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        popen = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, cwd=REPO, start_new_session=True)
-        try:
-            rc = popen.wait(timeout=timeout)
-        finally:
-            try:
-                os.killpg(popen.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        out.seek(0)
-        err.seek(0)
-        proc = subprocess.CompletedProcess(cmd, rc, out.read(), err.read())
-    if proc.returncode != 0:
-        raise AssertionError(f"trainer failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
+    return run_torchrun(nproc, REPO / "pretrain_ct.py", ["--config", str(EXAMPLE), *overrides])
 
 
 def read_jsonl(path: Path) -> list[dict]:
