@@ -75,6 +75,7 @@ class Trainer:
         self.iteration = 0
         self._last_saved: int | None = None
         self._first_loss: float | None = None
+        self._stage = None  # curriculum stage of the last step (announced when it changes)
         if ck.load:
             state = load_checkpoint(
                 ck.load,
@@ -236,7 +237,7 @@ class Trainer:
         if schedule is None:
             return
         stage = schedule.stage_at(self.iteration)
-        if getattr(self, "_stage", None) is stage:
+        if self._stage is stage:
             return
         self._stage = stage
         blend = ", ".join(
