@@ -300,6 +300,10 @@ class StageConfig:
     lr_rewarm_iters: int = 0
     """Re-warm the LR linearly from optim.lr_warmup_init to the schedule's value over this
     many steps from the stage start (0: no re-warm)."""
+    trainable_params: list[str] | None = None
+    """What learns during this stage (same patterns as train.trainable_params, e.g.
+    ``[embeddings]`` or ``[new_vocab_rows]`` for a tune-embeddings-first stage); None: as
+    train.trainable_params. Frozen parameters stay bit-identical through the stage."""
 
     @classmethod
     def parse(cls, raw: Any, key: str) -> StageConfig:
@@ -315,16 +319,26 @@ class StageConfig:
             if isinstance(value, float) and value.is_integer():  # YAML reads 1.0e9 as a float
                 raw[name] = value = int(value)
             if value is not None:
-                _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, f"{key}.{name}",
-                         "a positive integer or null", value)
-        _require(raw.get("iters") is None or raw.get("tokens") is None, f"{key}.tokens", "null when iters is given",
-                 raw.get("tokens"))
+                _require(
+                    isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                    f"{key}.{name}",
+                    "a positive integer or null",
+                    value,
+                )
+        _require(
+            raw.get("iters") is None or raw.get("tokens") is None,
+            f"{key}.tokens",
+            "null when iters is given",
+            raw.get("tokens"),
+        )
         for name in ("blend", "end_blend"):
             value = raw.get(name)
             if value is None and name == "end_blend":
                 continue
             _require(
-                isinstance(value, dict) and value and all(_is_number(w) and w >= 0 for w in value.values())
+                isinstance(value, dict)
+                and value
+                and all(_is_number(w) and w >= 0 for w in value.values())
                 and sum(value.values()) > 0,
                 f"{key}.{name}",
                 "a mapping dataset -> weight >= 0 with a positive sum",
@@ -334,8 +348,21 @@ class StageConfig:
         for name in ("reset_position_ids", "reset_attention_mask", "eod_mask_loss"):
             _require(isinstance(raw.get(name, False), bool), f"{key}.{name}", "true or false", raw.get(name))
         rewarm = raw.get("lr_rewarm_iters", 0)
-        _require(isinstance(rewarm, int) and not isinstance(rewarm, bool) and rewarm >= 0, f"{key}.lr_rewarm_iters",
-                 "an integer >= 0", rewarm)
+        _require(
+            isinstance(rewarm, int) and not isinstance(rewarm, bool) and rewarm >= 0,
+            f"{key}.lr_rewarm_iters",
+            "an integer >= 0",
+            rewarm,
+        )
+        trainable = raw.get("trainable_params")
+        if isinstance(trainable, str):
+            raw["trainable_params"] = trainable = [trainable]
+        _require(
+            trainable is None or (isinstance(trainable, list) and all(isinstance(t, str) for t in trainable)),
+            f"{key}.trainable_params",
+            "a list of parameter patterns or null",
+            trainable,
+        )
         return cls(**raw)
 
 
@@ -409,9 +436,7 @@ class DataConfig:
                 _require(not getattr(self, key), f"data.{key}", "empty when data.source is 'synthetic'", "...")
             return
         _require(bool(self.stages), "data.stages", "at least one stage when data.source is 'indexed'", self.stages)
-        self.datasets = {
-            name: DatasetConfig.parse(raw, f"data.datasets.{name}") for name, raw in self.datasets.items()
-        }
+        self.datasets = {name: DatasetConfig.parse(raw, f"data.datasets.{name}") for name, raw in self.datasets.items()}
         self.stages = [StageConfig.parse(raw, f"data.stages[{i}]") for i, raw in enumerate(self.stages)]
         names = [s.name for s in self.stages]
         for i, stage in enumerate(self.stages):
@@ -419,13 +444,25 @@ class DataConfig:
             _require(names.count(stage.name) == 1, f"{key}.name", "a name no other stage has", stage.name)
             for part in ("blend", "end_blend"):
                 for ds in getattr(stage, part) or {}:
-                    _require(ds in self.datasets, f"{key}.{part}.{ds}",
-                             "a dataset named in data.datasets (" + ", ".join(sorted(self.datasets)) + ")", ds)
+                    _require(
+                        ds in self.datasets,
+                        f"{key}.{part}.{ds}",
+                        "a dataset named in data.datasets (" + ", ".join(sorted(self.datasets)) + ")",
+                        ds,
+                    )
             if stage.iters is None and stage.tokens is None:
-                _require(i == len(self.stages) - 1, f"{key}.iters", "a length (iters or tokens); only the last "
-                         "stage may run open-ended", None)
-                _require(stage.end_blend is None, f"{key}.end_blend", "null for an open-ended stage (a ramp "
-                         "needs a length)", stage.end_blend)
+                _require(
+                    i == len(self.stages) - 1,
+                    f"{key}.iters",
+                    "a length (iters or tokens); only the last stage may run open-ended",
+                    None,
+                )
+                _require(
+                    stage.end_blend is None,
+                    f"{key}.end_blend",
+                    "null for an open-ended stage (a ramp needs a length)",
+                    stage.end_blend,
+                )
         for name, raw in list(self.valid.items()):
             if isinstance(raw, str) and raw in self.datasets:
                 self.valid[name] = self.datasets[raw]
@@ -442,14 +479,19 @@ class DataConfig:
         import os
 
         key = "data.data_path"
-        _require(not self.stages and not self.datasets, key, "null when data.stages/data.datasets are given",
-                 self.data_path)
+        _require(
+            not self.stages and not self.datasets, key, "null when data.stages/data.datasets are given", self.data_path
+        )
         words = self.data_path
         if len(words) == 1:
             pairs = [(1.0, words[0])]
         else:
-            _require(len(words) % 2 == 0 and all(_is_number(w) for w in words[0::2]), key,
-                     "weight/prefix pairs (w1 p1 w2 p2 ...) or a single prefix", words)
+            _require(
+                len(words) % 2 == 0 and all(_is_number(w) for w in words[0::2]),
+                key,
+                "weight/prefix pairs (w1 p1 w2 p2 ...) or a single prefix",
+                words,
+            )
             pairs = list(zip(words[0::2], words[1::2], strict=True))
         for _, prefix in pairs:
             _require(isinstance(prefix, str) and prefix, key, "path prefixes after each weight", prefix)
@@ -459,8 +501,12 @@ class DataConfig:
                 parts = [float(x) for x in str(self.split).replace("/", ",").split(",")]
             except ValueError:
                 parts = []
-            _require(len(parts) in (1, 2, 3) and all(p >= 0 for p in parts) and sum(parts) > 0 and parts[0] > 0,
-                     "data.split", "train,valid,test weights such as '98,2,0'", self.split)
+            _require(
+                len(parts) in (1, 2, 3) and all(p >= 0 for p in parts) and sum(parts) > 0 and parts[0] > 0,
+                "data.split",
+                "train,valid,test weights such as '98,2,0'",
+                self.split,
+            )
             parts = [p / sum(parts) for p in parts] + [0.0] * (3 - len(parts))
             train_range = [0.0, parts[0]]
             if parts[1] > 0:

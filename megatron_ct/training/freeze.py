@@ -93,9 +93,10 @@ def _train_rows_from(param: torch.nn.Parameter, first_new_row: int) -> None:
     frozen = max(0, min(local, first_new_row - start))
     if frozen == 0:
         return
-    param.ct_rows_from = first_new_row  # optimizer.py: no weight decay on it
 
     def hook(grad: torch.Tensor) -> torch.Tensor:
+        if not getattr(param, "ct_rows_active", True):  # a stage that trains all rows
+            return grad
         grad = grad.clone()
         grad[:frozen] = 0
         return grad
@@ -130,6 +131,7 @@ def apply_trainable_params(
         for name in EMBEDDINGS:
             if name in params:  # tied or untied, on this rank's stages
                 _train_rows_from(params[name], expansion["old_vocab_size"])
+                params[name].ct_rows_from = expansion["old_vocab_size"]  # optimizer.py: no weight decay
 
     def matching(name: str) -> list[int]:
         return [i for i, g in enumerate(globs) if fnmatch.fnmatchcase(name, g)]
@@ -160,3 +162,120 @@ def apply_trainable_params(
         example = next(iter(params))
         raise ConfigError(f"train.trainable_params: {unmatched} match no parameter (names look like {example})")
     return trainable, total
+
+
+def stage_trainable_windows(cfg) -> list[tuple[int, int | None, list[str] | None]]:
+    """(start step, end step, patterns) per curriculum stage when any stage sets its own
+    trainable_params; [] otherwise (the run-level train.trainable_params applies)."""
+    if cfg.data.source != "indexed" or not any(s.trainable_params for s in cfg.data.stages):
+        return []
+    from megatron_ct.data.schedule import Schedule
+
+    schedule = Schedule(cfg.data, cfg.train.global_batch_size)
+    return [
+        (st.start_iter, st.end_iter, cfg.data.stages[st.index].trainable_params or cfg.train.trainable_params)
+        for st in schedule.stages
+    ]
+
+
+class StageFreezer:
+    """Per-curriculum-stage ``trainable_params`` (tune embeddings first, unfreeze later).
+
+    Rebuilding megatron-core's DDP and optimizer mid-run is not safe (the old wrapper's
+    gradient hooks stay on the parameters), so when stages differ in what trains, every
+    parameter stays in DDP and the optimizer, and freezing is done by LR: parameters are
+    grouped by their pattern of trainable/frozen across stages (one optimizer param group
+    per pattern), and at each stage start a frozen group gets peak LR 0 and no weight decay.
+    Adam then moves those weights by exactly 0; their gradients are still computed.
+    ``new_vocab_rows`` stages also zero the gradient of the old vocabulary rows.
+    """
+
+    def __init__(
+        self,
+        chunks,
+        windows: list[tuple[int, int | None, list[str] | None]],
+        num_layers: int,
+        provenance: dict | None = None,
+    ) -> None:
+        provenance = provenance or {}
+        self.windows = windows
+        params = {}
+        for chunk in chunks:
+            params.update(global_named_parameters(chunk))
+        # A class is named by its trainable/frozen pattern over the stages ("10": trains in
+        # stage 1 only): megatron-core matches param groups across ranks by these values, so
+        # they must mean the same on every pipeline stage.
+        classes: dict[str, tuple[bool, ...]] = {}
+        self.row_windows = [bool(p and "new_vocab_rows" in p) for _, _, p in windows]
+        for name, param in params.items():
+            flags = []
+            for _, _, patterns in windows:
+                if not patterns:
+                    flags.append(True)
+                    continue
+                globs = expand_patterns(patterns, provenance.get("new_block_layers"))
+                flags.append(any(fnmatch.fnmatchcase(name, g) for g in globs))
+            key = "".join("1" if f else "0" for f in flags)
+            classes[key] = tuple(flags)
+            param.ct_freeze_class = key
+        self.classes = classes
+        if any(self.row_windows):
+            expansion = provenance.get("vocab_expansion")
+            if not expansion:
+                raise ConfigError(
+                    "data.stages[].trainable_params: 'new_vocab_rows' needs a checkpoint resized by "
+                    "tools/expand_vocab.py; checkpoint.load has none"
+                )
+            for name in EMBEDDINGS:
+                if name in params:
+                    _train_rows_from(params[name], expansion["old_vocab_size"])
+                    params[name].ct_rows_active = False
+        self._rows_params = [params[n] for n in EMBEDDINGS if n in params]
+        self.current: int | None = None
+
+    def overrides(self) -> dict:
+        """One optimizer param group per freeze class (merged into megatron-core's groups)."""
+        from megatron.core.optimizer import ParamKey, ParamPredicate
+        from megatron.core.optimizer_param_scheduler import ParamGroupOverride
+
+        out = {}
+        # Every class of every stage pattern, also those absent on this rank, is harmless:
+        # groups are aligned across ranks by value and may be empty here.
+        for k in self.classes:
+            pred = ParamPredicate(
+                name=f"ct_freeze_class_{k}", fn=lambda p, k=k: getattr(p, "ct_freeze_class", None) == k
+            )
+            # megatron-core re-matches loaded param groups by (wd_mult, lr_mult, ...) only; its
+            # scheduler never reads lr_mult, so lr_mult carries the class to keep groups apart.
+            out[ParamKey(predicate=pred)] = ParamGroupOverride(ct_freeze_class=k, lr_mult=f"ct-freeze:{k}")
+        return out
+
+    def window_at(self, iteration: int) -> int:
+        for i, (start, end, _) in enumerate(self.windows):
+            if start <= iteration and (end is None or iteration < end):
+                return i
+        return len(self.windows) - 1
+
+    def apply(self, optimizer, scheduler, iteration: int) -> bool:
+        """Set the groups for the stage of step ``iteration``; True if anything changed."""
+        w = self.window_at(iteration)
+        if w == self.current:
+            return False
+        self.current = w
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+            for group in opt.param_groups:
+                k = group.get("ct_freeze_class")
+                if k is None:
+                    continue
+                # wd_mult identifies groups on load, so decay is switched by ct_no_decay
+                # (optimizer.FrozenAwareScheduler); a frozen group's LR 0 already stops it.
+                if self.classes[k][w]:
+                    group.pop("max_lr", None)
+                    group.pop("min_lr", None)
+                    group["ct_no_decay"] = self.row_windows[w]  # old vocabulary rows must not decay
+                else:
+                    group["max_lr"], group["min_lr"], group["ct_no_decay"] = 0.0, 0.0, True
+        for p in self._rows_params:
+            p.ct_rows_active = self.row_windows[w]
+        scheduler.step(0)  # recompute every group's LR now
+        return True

@@ -18,6 +18,11 @@ class FrozenAwareScheduler(OptimizerParamScheduler):
             return 0.0
         return super().get_lr(param_group)
 
+    def get_wd(self, param_group: dict | None = None) -> float:
+        if param_group is not None and param_group.get("ct_no_decay"):
+            return 0.0
+        return super().get_wd(param_group)
+
 
 def wrap_ddp(cfg: CTConfig, chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
     """megatron-core DistributedDataParallel: contiguous FP32 grad buffers, bucketed
@@ -45,7 +50,7 @@ def wrap_ddp(cfg: CTConfig, chunks: list[torch.nn.Module]) -> list[torch.nn.Modu
     ]
 
 
-def build_optimizer(cfg: CTConfig, ddp_chunks: list[torch.nn.Module]):
+def build_optimizer(cfg: CTConfig, ddp_chunks: list[torch.nn.Module], extra_overrides: dict | None = None):
     """AdamW with FP32 master weights (and dynamic loss scaling in fp16)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -73,6 +78,7 @@ def build_optimizer(cfg: CTConfig, ddp_chunks: list[torch.nn.Module]):
     overrides[ParamKey(attr="ct_frozen")] = ParamGroupOverride(max_lr=0.0, min_lr=0.0, wd_mult=0.0)
     # Vocabulary matrices whose old rows are frozen (freeze.py): decay would move those rows.
     overrides[ParamKey(attr="ct_rows_from")] = ParamGroupOverride(wd_mult=0.0)
+    overrides.update(extra_overrides or {})  # e.g. per-stage freeze classes (freeze.StageFreezer)
     return get_megatron_optimizer(opt_config, ddp_chunks, config_overrides=overrides)
 
 

@@ -30,7 +30,7 @@ from megatron_ct.data.curriculum import check_data_options
 from megatron_ct.model.llama import build_model
 from megatron_ct.training.evaluate import Evaluator
 from megatron_ct.training.flops import flops_per_token, peak_tflops_for
-from megatron_ct.training.freeze import apply_trainable_params
+from megatron_ct.training.freeze import StageFreezer, apply_trainable_params, stage_trainable_windows
 from megatron_ct.training.metrics import MetricsWriter, Throughput, format_line, memory_gib
 from megatron_ct.training.optimizer import build_optimizer, build_scheduler, hook_model_config, wrap_ddp
 from megatron_ct.training.stage_lr import install_stage_rewarm, rewarm_windows
@@ -64,11 +64,17 @@ class Trainer:
         ck = cfg.checkpoint
         loaded_common = read_common(resolve_load_dir(ck.load)[0]) if ck.load else {}
         self._provenance = {k: loaded_common[k] for k in PROVENANCE_KEYS if k in loaded_common}
-        self.trainable = apply_trainable_params(
-            chunks, cfg.train.trainable_params, cfg.model.num_layers, self._provenance
-        )
+        windows = stage_trainable_windows(cfg)
+        if windows:  # curriculum stages differ in what learns: switch by LR at stage starts
+            self.freezer = StageFreezer(chunks, windows, cfg.model.num_layers, self._provenance)
+            self.trainable = apply_trainable_params(chunks, None, cfg.model.num_layers)
+        else:
+            self.freezer = None
+            self.trainable = apply_trainable_params(
+                chunks, cfg.train.trainable_params, cfg.model.num_layers, self._provenance
+            )
         self.model = wrap_ddp(cfg, chunks)
-        self.optimizer = build_optimizer(cfg, self.model)
+        self.optimizer = build_optimizer(cfg, self.model, self.freezer.overrides() if self.freezer else None)
         self.scheduler = build_scheduler(cfg, self.optimizer)
         install_stage_rewarm(self.scheduler, rewarm_windows(cfg), cfg.optim.lr_warmup_init)
         hook_model_config(self.model, self.optimizer)
@@ -178,6 +184,9 @@ class Trainer:
         try:
             while self.iteration < t.train_iters:
                 self._announce_stage()
+                if self.freezer is not None and self.freezer.apply(self.optimizer, self.scheduler, self.iteration):
+                    _, _, patterns = self.freezer.windows[self.freezer.current]
+                    log.info("iteration %d on: training %s", self.iteration + 1, patterns or "all parameters")
                 result = train_step(
                     self.iteration,
                     self.batches.microbatches(self.iteration),
