@@ -107,6 +107,7 @@ class CurriculumSource:
         self.cache = IndexCache(d.index_cache_dir)
         t0 = time.perf_counter()
         self.streams = _open_and_index(cfg, self.schedule, self.cache)
+        check_token_ids(self.streams, cfg.model.vocab_size, "data.datasets")
         log.info(
             "data: %d datasets, %s tokens per epoch; indices ready in %.1fs (%d built, %d from cache)",
             len(self.streams),
@@ -254,6 +255,20 @@ def _open_and_index(cfg: CTConfig, schedule: Schedule, cache: IndexCache) -> dic
     streams = open_streams(cfg, schedule.names, cache)
     rank0_first(lambda: build_indices(schedule, streams))
     return streams
+
+
+def check_token_ids(streams: dict[str, DocumentStream], vocab_size: int, key: str) -> None:
+    """Every token id must index the model's vocabulary: a dataset tokenized with another
+    (larger) tokenizer is a one-line error here, not an index error inside a kernel."""
+    from megatron_ct.config import ConfigError
+
+    for name, stream in streams.items():
+        top, prefix = stream.max_token_id()
+        if top >= vocab_size:
+            raise ConfigError(
+                f"{key}.{name}: token id {top} in {prefix} does not fit model.vocab_size={vocab_size} "
+                f"(expected ids < {vocab_size}; tokenized with a different tokenizer?)"
+            )
 
 
 def check_data_options(cfg: CTConfig, device: str) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -134,6 +135,31 @@ class DocumentStream:
         self.fingerprint = cache_key({"files": files})
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._packs: dict[int, np.ndarray] = {}
+
+    def max_token_id(self) -> tuple[int, str]:
+        """(largest token id, the prefix holding it) over this stream's files. One pass over
+        each ``.bin`` the first time, cached on disk afterwards (keyed by the files)."""
+        best, where = -1, self.prefixes[0]
+        for prefix, ds in zip(self.prefixes, self._datasets, strict=True):
+
+            def scan(prefix=prefix, ds=ds) -> np.ndarray:
+                t0 = time.perf_counter()
+                tokens = np.memmap(prefix + ".bin", dtype=ds.index.dtype, mode="r")
+                top = int(tokens.max()) if len(tokens) else -1
+                log.info(
+                    "dataset %r: scanned %s tokens of %s for the largest id in %.1fs",
+                    self.name,
+                    f"{len(tokens):,}",
+                    prefix,
+                    time.perf_counter() - t0,
+                )
+                return np.array([top], dtype=np.int64)
+
+            key = cache_key({"file": [os.path.abspath(prefix), os.path.getsize(prefix + ".bin")]})
+            top = int(self.cache.get(prefix, self.name, key, "maxid", scan)[0])
+            if top > best:
+                best, where = top, prefix
+        return best, where
 
     # --- per-epoch index -------------------------------------------------------------
     def _key(self, epoch: int, **extra) -> str:

@@ -17,6 +17,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from megatron_ct.data.curriculum import check_token_ids
 from megatron_ct.data.index_cache import IndexCache
 from megatron_ct.data.valid import ValidationSet, build_validation_sets
 
@@ -47,6 +48,7 @@ class Evaluator:
     def __init__(self, cfg, layout, dp_rank: int, device: str, cache: IndexCache, log_dir: str | None) -> None:
         self.cfg, self.layout, self.dp_rank, self.device = cfg, layout, dp_rank, device
         self.sets: list[ValidationSet] = build_validation_sets(cfg, cache)
+        check_token_ids({vs.name: vs.stream for vs in self.sets}, cfg.model.vocab_size, "data.valid")
         self.interval = cfg.data.eval_interval
         self.is_writer = dist.get_rank() == 0
         self._jsonl = self._tb = None

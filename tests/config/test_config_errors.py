@@ -42,8 +42,9 @@ def test_config_error_on_every_rank_without_hanging(overrides, message):
     proc = run_trainer(2, overrides, check=False, timeout=90)
     assert proc.returncode != 0
     err_lines = [line for line in proc.stderr.splitlines() if "config error" in line]
-    # Both ranks report it (unknown keys are caught before ranks even diverge).
-    assert len(err_lines) == 2, proc.stderr[-3000:]
+    # Every rank raises it before any collective; torchrun may stop the other rank before it
+    # prints once one has exited, so one or two lines, and no hang (the timeout above).
+    assert 1 <= len(err_lines) <= 2, proc.stderr[-3000:]
     assert all(message in line for line in err_lines), err_lines
     # No Python traceback from our code (torchrun prints its own summary of failed ranks).
     assert "raise ConfigError" not in proc.stderr and "megatron_ct/" not in proc.stderr
