@@ -2,9 +2,10 @@
 
 import pytest
 
-from launch import run_trainer
 from megatron_ct.convert.dist_io import DistCheckpointReader
 from megatron_ct.training.freeze import expand_patterns
+
+from launch import run_trainer
 
 pytestmark = pytest.mark.slow
 

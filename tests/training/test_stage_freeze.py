@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch import REPO, losses, run_torchrun
 from megatron_ct.convert.dist_io import DistCheckpointReader
+
+from launch import REPO, losses, run_torchrun
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 pytestmark = pytest.mark.slow
