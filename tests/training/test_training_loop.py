@@ -142,7 +142,8 @@ def test_metrics_jsonl_and_tensorboard(tmp_path):
 def test_vocab_padding_does_not_change_the_loss(tmp_path):
     """Vocab 500 pads to 512 at TP1 (divisible by 128) and to 768 at TP2 (by 384 = 3x128):
     padding logits are masked, so the loss is the same and equals the unpadded softmax."""
-    run_trainer(1, ["train.train_iters=0", "model.make_vocab_size_divisible_by=128", f"checkpoint.save={tmp_path / 'i'}"])
+    init = ["train.train_iters=0", "model.make_vocab_size_divisible_by=128", f"checkpoint.save={tmp_path / 'i'}"]
+    run_trainer(1, init)
     start = [f"checkpoint.load={tmp_path / 'i'}", "checkpoint.load_weights_only=true", "train.train_iters=1"]
     run_trainer(1, start + [f"logging.log_dir={tmp_path / 'a'}"])
     run_trainer(2, start + ["--tensor-model-parallel-size", "2", "model.make_vocab_size_divisible_by=384",
