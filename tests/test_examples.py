@@ -7,7 +7,13 @@ import pytest
 from megatron_ct.config import load_config, validate_for_world
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-WORLD = {"tiny_cpu_tp2pp2.yaml": 4, "llama2_7b_ct_bf16.yaml": 32, "curriculum_3stage.yaml": 1}
+WORLD = {
+    "tiny_cpu_tp2pp2.yaml": 4,
+    "llama2_7b_ct_bf16.yaml": 32,
+    "curriculum_3stage.yaml": 1,
+    "llama2_13b_zh_ct_3stage.yaml": 64,
+    "llama2_7b_long_context_yarn.yaml": 16,
+}
 
 
 @pytest.mark.parametrize("name", sorted(WORLD))

@@ -150,6 +150,9 @@ class TrainConfig:
     """With nan_policy=skip, stop after this many consecutive skipped steps."""
     exit_interval: int | None = None
     """Stop (after saving) when the iteration is a multiple of this; for tests and job chunks."""
+    recompute_granularity: str | None = None
+    """Activation recomputation (megatron-core): 'selective' (attention core only, cheap) or
+    'full' (whole layers, for long sequences); None keeps all activations."""
     trainable_params: list[str] | None = None
     """Train only these parameters (glob patterns over TP1/PP1 names, or the aliases
     'embeddings', 'layers:<i>,<j>', 'new_blocks'; see megatron_ct/training/freeze.py). The
@@ -161,6 +164,7 @@ class TrainConfig:
         _require(self.train_iters >= 0, "train.train_iters", "an integer >= 0", self.train_iters)
         _one_of(self.precision, "train.precision", ("bf16", "fp16", "fp32"))
         _one_of(self.nan_policy, "train.nan_policy", ("skip", "stop"))
+        _one_of(self.recompute_granularity, "train.recompute_granularity", (None, "selective", "full"))
         _require(self.clip_grad >= 0, "train.clip_grad", "a number >= 0", self.clip_grad)
 
 

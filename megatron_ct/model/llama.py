@@ -113,6 +113,10 @@ def transformer_config(cfg: CTConfig, layout: Layout, device: str):
         # gloo's batch_isend_irecv can pair the interleaved schedule's concurrent
         # same-peer messages wrongly (micro-batches swap); plain isend/irecv keeps order.
         batch_p2p_comm=not on_cpu,
+        recompute_granularity=t.recompute_granularity,
+        # Full recompute: every layer, checkpointing each layer's input.
+        recompute_method="uniform" if t.recompute_granularity == "full" else None,
+        recompute_num_layers=1 if t.recompute_granularity == "full" else None,
     )
 
 

@@ -182,6 +182,35 @@ _lock = threading.Lock()
 _state: dict[str, Any] = {"mode": None, "saved": {}, "saved_random": {}}
 
 
+def _cpu_mask_builders() -> dict[tuple[Any, str], Any]:
+    """megatron-core builds attention masks with a literal ``device="cuda"``. Under activation
+    recomputation that code runs inside an autograd Function, where no torch-function mode
+    is active, so the mode cannot rewrite it; these two helpers are replaced by CPU ones
+    (same values) in every module that imported them."""
+    import megatron.core.fusions.fused_softmax as fused_softmax
+    import megatron.core.transformer.utils as tutils
+
+    def get_default_causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, device="cpu"), diagonal=1).bool()
+
+    def get_sliding_window_causal_mask(sq, skv, window_size):
+        m = torch.ones(sq, skv, dtype=torch.bool, device="cpu")
+        mu = torch.triu(m, diagonal=skv - sq - window_size[0])
+        ml = torch.tril(mu, diagonal=skv - sq + window_size[1])
+        return ~ml
+
+    saved = {}
+    for module in (tutils, fused_softmax):
+        for name, fn in (
+            ("get_default_causal_mask", get_default_causal_mask),
+            ("get_sliding_window_causal_mask", get_sliding_window_causal_mask),
+        ):
+            if hasattr(module, name):
+                saved[(module, name)] = getattr(module, name)
+                setattr(module, name, fn)
+    return saved
+
+
 def _patch_cuda_rng_module() -> dict[str, Any]:
     """megatron-core's tensor_parallel.random keeps its own handle on the CUDA RNG
     setter; point it at the CPU generator so its RNG tracker forks and restores the
@@ -219,6 +248,7 @@ def activate_cpu_device_layer() -> None:
             setattr(torch.cuda, name, fn)
         _state["saved"] = saved
         _state["saved_random"] = _patch_cuda_rng_module()
+        _state["saved_masks"] = _cpu_mask_builders()
         mode = _CudaToCpuMode()
         mode.__enter__()
         _state["mode"] = mode
@@ -240,7 +270,9 @@ def deactivate_cpu_device_layer() -> None:
 
         for name, fn in _state["saved_random"].items():
             setattr(mrandom, name, fn)
-        _state.update(mode=None, saved={}, saved_random={})
+        for (module, name), fn in _state.get("saved_masks", {}).items():
+            setattr(module, name, fn)
+        _state.update(mode=None, saved={}, saved_random={}, saved_masks={})
 
 
 def cpu_device_layer_active() -> bool:

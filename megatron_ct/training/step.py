@@ -110,7 +110,8 @@ def train_step(
         forward_only=False,
     )
     loss = reduce_step_loss(reports, device)
-    lr = scheduler.optimizer.param_groups[0]["lr"]
+    # The scheduled LR: the largest over param groups (groups of frozen parameters sit at 0).
+    lr = max(g["lr"] for g in scheduler.optimizer.param_groups)
 
     # --- the update, checked (megatron-core's ChainedOptimizer.step, opened up) ---
     if optimizer.prepare_grads():  # fp16 loss-scale overflow: megatron-core's normal skip

@@ -10,7 +10,7 @@ import yaml
 
 from megatron_ct.convert.dist_io import DistCheckpointReader
 
-from launch import REPO, losses, run_torchrun
+from launch import REPO, losses, read_metrics, run_torchrun
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 pytestmark = pytest.mark.slow
@@ -66,6 +66,7 @@ def test_embeddings_first_then_all_and_resume_across_the_switch(tmp_path):
     changed2 = {k for k in init if not stage1[k].equal(end[k])}
     assert changed1 == EMBEDDINGS  # stage 1: everything else bit-identical
     assert changed2 == set(init)  # stage 2: all of it learns
+    assert all(r["lr"] > 0 for r in read_metrics(tmp_path / "straight"))  # the trained groups' LR is logged
 
     # A job chunk that ends at the switch resumes into stage 2 with the same losses.
     run(*start, "train.exit_interval=3", f"checkpoint.save={tmp_path / 'chunked'}")

@@ -149,3 +149,12 @@ def test_vocab_padding_does_not_change_the_loss(tmp_path):
     run_trainer(2, start + ["--tensor-model-parallel-size", "2", "model.make_vocab_size_divisible_by=384",
                             f"logging.log_dir={tmp_path / 'b'}"])
     assert losses(tmp_path / "b")[1] == pytest.approx(losses(tmp_path / "a")[1], rel=1e-6)
+
+
+@pytest.mark.parametrize("granularity", ["selective", "full"])
+def test_activation_recompute_gives_the_same_losses(tmp_path, granularity):
+    run_trainer(1, ["train.train_iters=0", f"checkpoint.save={tmp_path / 'i'}"])
+    start = [f"checkpoint.load={tmp_path / 'i'}", "checkpoint.load_weights_only=true", "train.train_iters=2"]
+    run_trainer(1, start + [f"logging.log_dir={tmp_path / 'plain'}"])
+    run_trainer(1, start + [f"train.recompute_granularity={granularity}", f"logging.log_dir={tmp_path / 'r'}"])
+    assert losses(tmp_path / "r") == pytest.approx(losses(tmp_path / "plain"), rel=1e-6)
