@@ -12,7 +12,6 @@ megatron_ct.config.schema (e.g. ``train.train_iters=10``, ``--tensor-model-paral
 # that re-import this file, and they need none of the heavy modules.
 import sys
 
-
 # Warnings megatron-core and torch emit on every rank for conditions the start-up log
 # line already reports (which norm/optimizer implementation runs) or that are internal
 # to megatron-core's checkpoint code. Anything else still shows.

@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
-from launch import REPO, run_torchrun, run_trainer
 from megatron_ct.checkpoint.resize_vocab import resize_ct_checkpoint
 from megatron_ct.convert.dist_io import DistCheckpointReader
 from megatron_ct.model.vocab_resize import VocabResizePlan
+
+from launch import REPO, run_torchrun, run_trainer
 
 pytestmark = pytest.mark.slow
 WORKER = REPO / "tests" / "convert" / "logits_worker.py"

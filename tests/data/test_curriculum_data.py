@@ -26,7 +26,8 @@ def make_cfg(corpora, stages, *, gbs=8, mbs=2, seq=SEQ, iters=None, world=1, **d
     raw = {
         "train": {"global_batch_size": gbs, "micro_batch_size": mbs, "train_iters": iters or 10},
         "data": {"seq_length": seq, "datasets": datasets, "stages": stages, **data},
-        "model": {"max_position_embeddings": max(seq, 64)},
+        # The corpora use the 32k LLaMA tokenizer; the start-up check refuses smaller models.
+        "model": {"max_position_embeddings": max(seq, 64), "vocab_size": 32000},
     }
     cfg = build_config(raw)
     return cfg, validate_for_world(cfg, world)
@@ -223,6 +224,7 @@ def test_megatron_data_path_and_split(corpora, tmp_path):
             corpora["en"],
             "--split",
             "90,10,0",
+            "model.vocab_size=32000",
             "data.seq_length=32",
             "train.train_iters=4",
         ],
@@ -281,6 +283,7 @@ def test_index_cache_makes_200_dataset_blends_start_fast(tmp_path):
     weights = dict(zip(datasets, rng.dirichlet(np.ones(200)).tolist(), strict=True))
     raw = {
         "train": {"global_batch_size": 8, "micro_batch_size": 8, "train_iters": 4},
+        "model": {"vocab_size": 1000},  # the synthetic documents' ids are < 1000
         "data": {
             "seq_length": 32,
             "datasets": datasets,
@@ -297,8 +300,9 @@ def test_index_cache_makes_200_dataset_blends_start_fast(tmp_path):
         times.append(time.perf_counter() - t0)
         caches = src.cache
     print(f"200 datasets: cold start {times[0]:.2f}s, warm start {times[1]:.2f}s")
-    assert caches.built == 0 and caches.loaded == 600  # order, cumulative lengths and packs of each
-    assert len(list((tmp_path / "cache").glob("*.npy"))) == 600
+    # order, cumulative lengths, packs and the largest token id of each dataset
+    assert caches.built == 0 and caches.loaded == 800
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 800
     assert times[1] < 30
 
 

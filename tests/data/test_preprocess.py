@@ -85,7 +85,7 @@ def test_jsonl_round_trip(tmp_path, backend, sp_path, hf_dir):
     assert prefix.endswith("corpus_text_document")
     docs = read_ids(prefix)
     assert len(docs) == len(DOCS)
-    for ids, text in zip(docs, DOCS):
+    for ids, text in zip(docs, DOCS, strict=True):
         assert ids[-1] == tok.eod_id and tok.eod_id not in ids[:-1]
         assert ids[:-1] == tok.encode(text)
         assert tok.decode(ids[:-1]) == text
