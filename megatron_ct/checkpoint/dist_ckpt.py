@@ -205,14 +205,16 @@ def save_checkpoint(
     dist.barrier()
     if dist.get_rank() == 0:
         os.replace(partial, final)
-        _write_tracker(root, iteration)
+        write_tracker(root, iteration)
         if keep_last:
             _prune(root, keep_last)
     dist.barrier()
     return final
 
 
-def _write_tracker(root: str, iteration: int) -> None:
+def write_tracker(root: str, iteration: int) -> None:
+    """Atomically point ``latest_checkpointed_iteration.txt`` at ``iteration`` (temp, fsync,
+    rename): call only once that checkpoint is complete."""
     tmp = os.path.join(root, TRACKER + ".tmp")
     with open(tmp, "w") as f:
         f.write(str(iteration))

@@ -16,7 +16,14 @@ import shutil
 
 import torch
 
-from megatron_ct.checkpoint.dist_ckpt import FORMAT_VERSION, SHARDING_METADATA, TRACKER, iter_dir, resolve_load_dir
+from megatron_ct.checkpoint.dist_ckpt import (
+    FORMAT_VERSION,
+    SHARDING_METADATA,
+    TRACKER,
+    iter_dir,
+    resolve_load_dir,
+    write_tracker,
+)
 from megatron_ct.convert.dist_io import ChunkSpec, DistCheckpointReader, write_dist_checkpoint
 from megatron_ct.convert.errors import ConversionError
 from megatron_ct.convert.hf_to_ct import extra_state_objects
@@ -70,8 +77,5 @@ def write_weights_only(out_dir: str, chunks: list[ChunkSpec], ct: dict, overwrit
         partial, chunks, extra_state_objects(num_layers), {"ct": ct, "content_metadata": dict(SHARDING_METADATA)}
     )
     os.replace(partial, final)
-    tmp = os.path.join(out_dir, TRACKER + ".tmp")
-    with open(tmp, "w") as f:
-        f.write("0")
-    os.replace(tmp, os.path.join(out_dir, TRACKER))  # last: only now is the checkpoint "latest"
+    write_tracker(out_dir, 0)  # last: only now is the checkpoint "latest"
     return final

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import yaml
 
-from megatron_ct.checkpoint.dist_ckpt import FORMAT_VERSION, SHARDING_METADATA, TRACKER, iter_dir
+from megatron_ct.checkpoint.dist_ckpt import FORMAT_VERSION, SHARDING_METADATA, TRACKER, iter_dir, write_tracker
 from megatron_ct.config import (
     ConfigError,
     CTConfig,
@@ -278,13 +278,3 @@ def remove_path(path: str) -> None:
         shutil.rmtree(path)
     elif os.path.lexists(path):
         os.remove(path)
-
-
-def write_tracker(root: str, iteration: int) -> None:
-    """Atomically point ``latest_checkpointed_iteration.txt`` at ``iteration``."""
-    tmp = os.path.join(root, TRACKER + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(str(iteration))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(root, TRACKER))

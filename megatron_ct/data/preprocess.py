@@ -93,9 +93,7 @@ class PreprocessConfig:
             raise PreprocessError(f"--json-keys must be non-empty and distinct, got {self.json_keys}")
         if self.instruction_keys is not None:
             if len(self.instruction_keys) != 2 or self.instruction_keys[0] == self.instruction_keys[1]:
-                raise PreprocessError(
-                    f"--instruction-keys needs two distinct keys, got {self.instruction_keys}"
-                )
+                raise PreprocessError(f"--instruction-keys needs two distinct keys, got {self.instruction_keys}")
             if self.json_keys != ["text"]:
                 raise PreprocessError("--instruction-keys replaces --json-keys; pass only one of them")
             self.instruction_keys = tuple(self.instruction_keys)
@@ -253,9 +251,11 @@ def _tokenize_and_write(
     next_refresh = config.log_interval
     # closing(): on an error the worker pool is torn down at once, not when the
     # generator happens to be garbage collected.
-    with _progress_bar(files, config) as bar, logging_redirect_tqdm(), closing(
-        _encoded_chunks(files, spec, config, tokenizer)
-    ) as chunks:
+    with (
+        _progress_bar(files, config) as bar,
+        logging_redirect_tqdm(),
+        closing(_encoded_chunks(files, spec, config, tokenizer)) as chunks,
+    ):
         for enc in chunks:
             for key in writer.prefixes:
                 writer.add_documents(key, enc.tokens[key], enc.lengths[key])

@@ -78,9 +78,7 @@ def resolve_inputs(patterns: list[str]) -> list[InputFile]:
                 raise PreprocessError(f"input glob {pattern!r} matches no file")
             paths.extend(matches)
         elif os.path.isdir(pattern):
-            raise PreprocessError(
-                f"input {pattern} is a directory; pass files or a glob such as {pattern}/*.jsonl"
-            )
+            raise PreprocessError(f"input {pattern} is a directory; pass files or a glob such as {pattern}/*.jsonl")
         elif not os.path.isfile(pattern):
             raise PreprocessError(f"input file {pattern} does not exist")
         else:
@@ -95,9 +93,7 @@ def resolve_inputs(patterns: list[str]) -> list[InputFile]:
     return [_describe(p) for p in unique]
 
 
-def read_chunks(
-    files: list[InputFile], lines_per_chunk: int, max_chunk_bytes: int = 4 << 20
-) -> Iterator[Chunk]:
+def read_chunks(files: list[InputFile], lines_per_chunk: int, max_chunk_bytes: int = 4 << 20) -> Iterator[Chunk]:
     """Yield each file's lines in order, grouped into chunks that never span two files."""
     done_before = 0
     for index, spec in enumerate(files):

@@ -54,9 +54,7 @@ class FP32StatsRMSNorm(torch.nn.Module):
         if config.normalization != "RMSNorm":
             raise ValueError(f"normalization={config.normalization!r}: FP32StatsRMSNorm needs 'RMSNorm'")
         if config.layernorm_zero_centered_gamma:
-            raise ValueError(
-                "layernorm_zero_centered_gamma is not supported by HF-style RMSNorm; set it False"
-            )
+            raise ValueError("layernorm_zero_centered_gamma is not supported by HF-style RMSNorm; set it False")
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
         # Read by megatron-core's finalize_model_grads: sum this grad over the TP group.

@@ -83,15 +83,11 @@ class RopeScaling:
 
     def __post_init__(self) -> None:
         if self.rope_type not in ROPE_TYPES:
-            raise ValueError(
-                f"rope_scaling.rope_type={self.rope_type!r} is not supported; use one of {ROPE_TYPES}"
-            )
+            raise ValueError(f"rope_scaling.rope_type={self.rope_type!r} is not supported; use one of {ROPE_TYPES}")
         allowed = _KEYS_BY_TYPE[self.rope_type]
         for f in dataclasses.fields(self):
             if f.name != "rope_type" and getattr(self, f.name) is not None and f.name not in allowed:
-                raise ValueError(
-                    f"rope_scaling.{f.name} is not used by rope_type={self.rope_type!r}; remove it"
-                )
+                raise ValueError(f"rope_scaling.{f.name} is not used by rope_type={self.rope_type!r}; remove it")
         needs_factor = self.rope_type in ("linear", "dynamic", "llama3")
         if needs_factor and self.factor is None:
             raise ValueError(f"rope_scaling.factor is required for rope_type={self.rope_type!r}")
@@ -105,9 +101,7 @@ class RopeScaling:
                 f"got {self.original_max_position_embeddings}"
             )
         if self.rope_type == "yarn" and (self.beta_fast or 32) < (self.beta_slow or 1):
-            raise ValueError(
-                f"rope_scaling.beta_fast ({self.beta_fast}) must be >= beta_slow ({self.beta_slow})"
-            )
+            raise ValueError(f"rope_scaling.beta_fast ({self.beta_fast}) must be >= beta_slow ({self.beta_slow})")
         if self.rope_type == "llama3":
             if self.low_freq_factor is None or self.high_freq_factor is None:
                 raise ValueError("rope_scaling.low_freq_factor and high_freq_factor are required for llama3")
@@ -142,11 +136,7 @@ class RopeScaling:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """HF ``rope_scaling`` dict: ``rope_type`` plus the fields that are set."""
-        return {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if getattr(self, f.name) is not None
-        }
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
 
 
 def _default_inv_freq(head_dim: int, base: float) -> torch.Tensor:
@@ -254,11 +244,7 @@ def compute_cos_sin(
 def _activation_device() -> torch.device:
     # GPTModel.forward passes only a length to the rotary module, so the device of the angle
     # table cannot come from an input; megatron-core's own module uses the current CUDA device.
-    return (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 class HFRotaryEmbedding(RotaryEmbedding):
@@ -345,9 +331,7 @@ def _set_attention_factor(config: Any, attention_factor: float) -> None:
     config.yarn_mscale_all_dim = 0.0
     got = _yarn_get_concentration_factor_from_config(config)
     if not math.isclose(got, attention_factor, rel_tol=1e-12):
-        raise RuntimeError(
-            f"megatron-core computes mscale={got}, expected attention_factor={attention_factor}"
-        )
+        raise RuntimeError(f"megatron-core computes mscale={got}, expected attention_factor={attention_factor}")
 
 
 def install_rope(
@@ -366,9 +350,7 @@ def install_rope(
     from megatron.core.models.gpt import GPTModel
 
     if not isinstance(gpt_model, GPTModel):
-        raise TypeError(
-            f"install_rope needs an unwrapped megatron-core GPTModel, got {type(gpt_model).__name__}"
-        )
+        raise TypeError(f"install_rope needs an unwrapped megatron-core GPTModel, got {type(gpt_model).__name__}")
     config = gpt_model.config
     if gpt_model.position_embedding_type != "rope" or config.multi_latent_attention:
         raise ValueError(
@@ -377,9 +359,7 @@ def install_rope(
     if config.rotary_interleaved:
         raise ValueError("rotary_interleaved=True does not match HF's rotate_half layout; set it to False")
     if gpt_model.rotary_percent != 1.0:
-        raise ValueError(
-            f"rotary_percent must be 1.0 (HF partial_rotary_factor=1), got {gpt_model.rotary_percent}"
-        )
+        raise ValueError(f"rotary_percent must be 1.0 (HF partial_rotary_factor=1), got {gpt_model.rotary_percent}")
     if config.kv_channels != head_dim:
         raise ValueError(f"head_dim={head_dim} differs from config.kv_channels={config.kv_channels}")
 

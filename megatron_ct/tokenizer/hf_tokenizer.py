@@ -18,14 +18,10 @@ class HFTokenizer(Tokenizer):
         try:
             # model_max_length: documents are tokenized whole and chunked later,
             # so the "sequence longer than max length" warning would only be noise.
-            self._tok = AutoTokenizer.from_pretrained(
-                directory, local_files_only=True, model_max_length=sys.maxsize
-            )
+            self._tok = AutoTokenizer.from_pretrained(directory, local_files_only=True, model_max_length=sys.maxsize)
         except Exception as exc:  # transformers raises many types for a bad directory
             first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ValueError(
-                f"{directory} is not a loadable Hugging Face tokenizer directory ({first_line})"
-            ) from None
+            raise ValueError(f"{directory} is not a loadable Hugging Face tokenizer directory ({first_line})") from None
         if self._tok.eos_token_id is None:
             raise ValueError(f"Hugging Face tokenizer {directory} defines no eos_token to use as EOD")
         self.name = f"hf:{os.path.abspath(directory)} ({type(self._tok).__name__})"
@@ -45,12 +41,8 @@ class HFTokenizer(Tokenizer):
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         # Fast (Rust) tokenizers encode a list in one native call.
-        out = self._tok(
-            texts, add_special_tokens=False, split_special_tokens=True, return_attention_mask=False
-        )
+        out = self._tok(texts, add_special_tokens=False, split_special_tokens=True, return_attention_mask=False)
         return out["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(
-            [int(i) for i in ids], skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True, clean_up_tokenization_spaces=False)

@@ -23,16 +23,12 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         raise FileNotFoundError(f"tokenizer path {path} does not exist; {_EXPECTED}")
     if os.path.isdir(path):
         if not any(os.path.exists(os.path.join(path, m)) for m in _HF_MARKERS):
-            raise ValueError(
-                f"tokenizer directory {path} has none of {', '.join(_HF_MARKERS)}; {_EXPECTED}"
-            )
+            raise ValueError(f"tokenizer directory {path} has none of {', '.join(_HF_MARKERS)}; {_EXPECTED}")
         from megatron_ct.tokenizer.hf_tokenizer import HFTokenizer
 
         return HFTokenizer(path)
     if path.endswith(".json"):
-        raise ValueError(
-            f"{path} is a JSON file; pass the Hugging Face directory that holds it ({_EXPECTED})"
-        )
+        raise ValueError(f"{path} is a JSON file; pass the Hugging Face directory that holds it ({_EXPECTED})")
     from megatron_ct.tokenizer.sp_tokenizer import SentencePieceTokenizer
 
     return SentencePieceTokenizer(path)

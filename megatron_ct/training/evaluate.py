@@ -20,26 +20,9 @@ import torch.distributed as dist
 from megatron_ct.data.curriculum import check_token_ids
 from megatron_ct.data.index_cache import IndexCache
 from megatron_ct.data.valid import ValidationSet, build_validation_sets
+from megatron_ct.training.step import reduce_loss_sums
 
 log = logging.getLogger("megatron_ct")
-
-
-def _reduce_sums(reports: list[dict], device: str) -> tuple[float, float]:
-    """(loss sum, token count) of this rank's reports, summed over data-parallel ranks on the
-    last pipeline stage and broadcast along the pipeline so every rank has them."""
-    from megatron.core import parallel_state as ps
-
-    dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
-    total = torch.zeros(2, dtype=torch.float64, device=dev)
-    if ps.is_pipeline_last_stage(ignore_virtual=True):
-        for r in reports:
-            total += r["lm loss"].to(total)
-        dist.all_reduce(total, group=ps.get_data_parallel_group())
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(
-            total, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
-        )
-    return total[0].item(), total[1].item()
 
 
 class Evaluator:
@@ -121,7 +104,7 @@ class Evaluator:
                 micro_batch_size=t.micro_batch_size,
                 forward_only=True,
             )
-            s, n = _reduce_sums(reports, self.device)
+            s, n = reduce_loss_sums(reports, self.device)
             loss_sum, tokens = loss_sum + s, tokens + n
         record = {
             "iteration": iteration,

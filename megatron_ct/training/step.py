@@ -43,8 +43,8 @@ def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
     return output, partial(loss_func, batch["loss_mask"])
 
 
-def reduce_step_loss(reports: list[dict], device: str) -> float:
-    """Token-weighted mean loss of the global batch, identical on every rank.
+def reduce_loss_sums(reports: list[dict], device: str) -> tuple[float, float]:
+    """(loss sum, token count) of the global batch, identical on every rank.
 
     Reports exist on the last pipeline stage only; they are summed over data-parallel
     ranks there, then broadcast along each pipeline so all stages see the value (and
@@ -62,7 +62,13 @@ def reduce_step_loss(reports: list[dict], device: str) -> float:
         dist.broadcast(
             total, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
         )
-    return (total[0] / total[1].clamp(min=1)).item()
+    return total[0].item(), total[1].item()
+
+
+def reduce_step_loss(reports: list[dict], device: str) -> float:
+    """Token-weighted mean loss of the global batch, identical on every rank."""
+    loss_sum, tokens = reduce_loss_sums(reports, device)
+    return loss_sum / max(tokens, 1.0)
 
 
 @dataclass
