@@ -31,7 +31,7 @@ from megatron_ct.convert import hf_layout as L
 from megatron_ct.convert.dist_io import DistCheckpointReader
 from megatron_ct.convert.errors import ConversionError
 from megatron_ct.convert.hf_files import SafetensorsShardWriter, is_weight_file, parse_size
-from megatron_ct.convert.hf_to_ct import DTYPES, ConversionReport, read_hf_config, remove_path
+from megatron_ct.convert.hf_to_ct import ConversionReport, parse_dtype, read_hf_config, remove_path
 from megatron_ct.convert.progress import Progress, peak_rss_bytes
 
 
@@ -148,8 +148,7 @@ def convert_ct_to_hf(
 ) -> ConversionReport:
     """Convert; raises :class:`ConversionError` on bad input before writing anything."""
     t0 = time.perf_counter()
-    if dtype is not None and dtype not in DTYPES:
-        raise ConversionError(f"--dtype {dtype}: expected one of auto, {', '.join(DTYPES)}")
+    wanted_dtype = parse_dtype(dtype)
     try:
         path, _ = resolve_load_dir(ckpt)
     except FileNotFoundError as e:
@@ -183,7 +182,7 @@ def convert_ct_to_hf(
 
     reader = DistCheckpointReader(path)
     check_ct_tensors(reader, m, true_vocab)
-    torch_dtype = DTYPES[dtype] if dtype else reader.dtype(L.CT_EMBED)
+    torch_dtype = wanted_dtype or reader.dtype(L.CT_EMBED)
     tensors = plan_hf_tensors(reader, m, true_vocab, torch_dtype)
 
     # Tokenizer files: as given, else next to a converted checkpoint, else the HF model it

@@ -48,6 +48,13 @@ from megatron_ct.model.llama import padded_vocab_size
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def parse_dtype(dtype: str | None) -> torch.dtype | None:
+    """``--dtype`` of either direction: None keeps the source's dtype."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype}: expected one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype] if dtype else None
+
+
 @dataclass
 class ConversionReport:
     """What a conversion did, for the CLI summary and the benchmark."""
@@ -208,8 +215,7 @@ def convert_hf_to_ct(
 ) -> ConversionReport:
     """Convert; raises :class:`ConversionError` on bad input before writing anything."""
     t0 = time.perf_counter()
-    if dtype is not None and dtype not in DTYPES:
-        raise ConversionError(f"--dtype {dtype}: expected one of auto, {', '.join(DTYPES)}")
+    torch_dtype = parse_dtype(dtype)
     hf_config = read_hf_config(hf_dir)
     source = os.path.join(hf_dir, "config.json")
     arch, m = L.model_config_from_hf(hf_config, source, make_vocab_size_divisible_by)
@@ -217,7 +223,6 @@ def convert_hf_to_ct(
     warnings = [w for w in [L.sliding_window_warning(hf_config, source)] if w]
     weights = HFWeights(hf_dir)
     check_hf_tensors(weights, m, arch)
-    torch_dtype = DTYPES.get(dtype) if dtype else None
     padded = padded_vocab_size(m.vocab_size, make_vocab_size_divisible_by, target_tp)
     chunks = plan_chunks(weights, m, padded, torch_dtype)
 

@@ -110,3 +110,14 @@ def test_mistral_sliding_window_shorter_than_context_is_a_warning(capsys, conver
     assert cli.main(["hf-to-ct", "--input", str(hf), "--output", str(tmp_path / "ct"), "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "warning" in err and "sliding_window=16" in err and "at most 16 tokens" in err
+
+
+def test_unknown_dtype_either_direction(tmp_path):
+    from megatron_ct.convert import ConversionError
+    from megatron_ct.convert.ct_to_hf import convert_ct_to_hf
+    from megatron_ct.convert.hf_to_ct import convert_hf_to_ct
+
+    for convert in (convert_hf_to_ct, convert_ct_to_hf):
+        with pytest.raises(ConversionError, match="--dtype fp8: expected one of auto, fp32, bf16, fp16"):
+            convert(str(tmp_path / "in"), str(tmp_path / "out"), dtype="fp8", progress=False)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
