@@ -6,7 +6,7 @@ Builds a JSON-lines corpus of real Chinese and English text (repeated up to
 
 * ``naive``: one process, ``json.loads`` + ``sp.encode`` per line, ids packed
   with ``struct`` into a flat file (what a first script would do);
-* ``preprocess``: ``megatron_ct.data.preprocess`` at each ``--workers`` count.
+* ``preprocess``: ``megatron_ct.preprocess.pipeline`` at each ``--workers`` count.
 
 Rates exclude setup (tokenizer load, megatron-core import, reported apart);
 the naive ``.bin`` must equal ours byte for byte, which checks that both did
@@ -34,7 +34,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ct.data.preprocess import PreprocessConfig, output_prefixes, preprocess  # noqa: E402
+from megatron_ct.preprocess.pipeline import PreprocessConfig, output_prefixes, preprocess  # noqa: E402
 
 
 def chinese_docs() -> tuple[list[str], str]:
@@ -168,17 +168,17 @@ def machine_info() -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mb", type=float, default=30, help="corpus size in MiB (default 30)")
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2],
-                   help="worker counts to time (default 1 2)")
-    p.add_argument("--tokenizer", default=None,
-                   help="SentencePiece .model (default: mistral-common's LLaMA-layout model)")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to time (default 1 2)")
+    p.add_argument(
+        "--tokenizer", default=None, help="SentencePiece .model (default: mistral-common's LLaMA-layout model)"
+    )
     p.add_argument("--repeat", type=int, default=3, help="runs per method; the fastest is kept (default 3)")
     p.add_argument("--out-dir", default="runs/bench_preprocess", help="where results JSONL is appended")
     args = p.parse_args(argv)
     if args.tokenizer is None:
-        from megatron_ct.tokenizer.testing import llama_sp_model_path
+        from importlib import resources  # mistral-common (a test extra) ships a LLaMA-layout model
 
-        args.tokenizer = llama_sp_model_path()
+        args.tokenizer = str(resources.files("mistral_common").joinpath("data/tokenizer.model.v1"))
     os.makedirs(args.out_dir, exist_ok=True)
     machine = machine_info()
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")

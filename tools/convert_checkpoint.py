@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from megatron_ct.convert import ConversionError
+    from megatron_ct.errors import ConversionError
 
     dtype = None if args.dtype == "auto" else args.dtype
     try:

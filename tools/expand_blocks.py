@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
 
-    from megatron_ct.checkpoint.expand_blocks import expand_blocks
-    from megatron_ct.convert import ConversionError
+    from megatron_ct.errors import ConversionError
+    from megatron_ct.expansion.blocks import expand_blocks
 
     try:
         plan = expand_blocks(args.input, args.output, args.every, args.add, overwrite=args.overwrite)

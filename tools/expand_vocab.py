@@ -30,11 +30,11 @@ import sys
 # Runnable as a plain script from a checkout, without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ct.model.vocab_resize import INIT_METHODS, VocabResizePlan, resize_embeddings  # noqa: E402
+from megatron_ct.expansion.vocab.merge import base_segmenter, merge_tokenizer  # noqa: E402
+from megatron_ct.expansion.vocab.report import compression_report, format_report  # noqa: E402
+from megatron_ct.expansion.vocab.resize import INIT_METHODS, VocabResizePlan, resize_embeddings  # noqa: E402
+from megatron_ct.expansion.vocab.select import frequent_strings  # noqa: E402
 from megatron_ct.tokenizer import load_tokenizer  # noqa: E402
-from megatron_ct.tokenizer.merge_select import frequent_strings  # noqa: E402
-from megatron_ct.tokenizer.merge_tokenizer import base_segmenter, merge_tokenizer  # noqa: E402
-from megatron_ct.tokenizer.report import compression_report, format_report  # noqa: E402
 
 log = logging.getLogger("expand_vocab")
 
@@ -93,11 +93,11 @@ def read_lines(paths: list[str]) -> list[str]:
 
 def addition_pieces(args, base: str) -> list[str]:
     """Candidate pieces: from --addition-model, or from a model trained on --train-text."""
-    from megatron_ct.tokenizer.merge_sp import candidate_pieces, load_proto
+    from megatron_ct.expansion.vocab.merge_sp import candidate_pieces, load_proto
 
     if args.addition_model:
         return candidate_pieces(load_proto(args.addition_model))
-    from megatron_ct.tokenizer.train_sp import SPTrainConfig, train_sentencepiece
+    from megatron_ct.expansion.vocab.train_sp import SPTrainConfig, train_sentencepiece
 
     overrides = {"vocab_size": args.vocab_size, "character_coverage": args.character_coverage}
     if not args.byte_fallback:
@@ -180,8 +180,8 @@ def run(args) -> dict:
         }
         print(f"resized model: {plan.padded_size()} vocabulary rows ({args.init}) -> {args.output_dir}")
     if args.ct_checkpoint:
-        from megatron_ct.checkpoint.resize_vocab import resize_ct_checkpoint
         from megatron_ct.checkpoint.rewrite import open_checkpoint
+        from megatron_ct.expansion.vocab.checkpoint import resize_ct_checkpoint
 
         divisible_by = open_checkpoint(args.ct_checkpoint)[2]["config"]["model"]["make_vocab_size_divisible_by"]
         plan = VocabResizePlan(

@@ -22,7 +22,7 @@ import sys
 # Runnable as a plain script from a checkout, without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ct.data.preprocess import (  # noqa: E402
+from megatron_ct.preprocess.pipeline import (  # noqa: E402
     PreprocessConfig,
     PreprocessError,
     format_summary,

@@ -42,8 +42,6 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from megatron_ct.tokenizer.testing import build_hf_llama_tokenizer  # noqa: E402
-
 ZH_PROMPT = "这家酒店的服务"
 SETS = ("en", "zh", "instruct")
 
@@ -84,8 +82,9 @@ def run_cmd(cmd: list[str], log: Path, timeout: float = 1800) -> None:
     log.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
-        raise RuntimeError(f"command failed (exit {proc.returncode}): {' '.join(cmd)}\n"
-                           f"full log: {log}\n--- last lines ---\n{tail}")
+        raise RuntimeError(
+            f"command failed (exit {proc.returncode}): {' '.join(cmd)}\nfull log: {log}\n--- last lines ---\n{tail}"
+        )
 
 
 def tool(name: str, *args: str) -> list[str]:
@@ -135,23 +134,28 @@ def en_topics() -> list[tuple[str, list[str]]]:
 def build_corpus(data: Path, sizes: Sizes) -> dict[str, dict[str, Path]]:
     """Write {en,zh,instruct}_{train,valid}.jsonl and zh_train.txt; returns the paths."""
     reviews = zh_reviews()
-    zh_docs = ["".join(r for r, _ in reviews[i:i + 4]) for i in range(0, 4 * sizes.zh_docs, 4)]
+    zh_docs = ["".join(r for r, _ in reviews[i : i + 4]) for i in range(0, 4 * sizes.zh_docs, 4)]
     topics = en_topics()
     en_docs = [p for _, ps in topics for p in ps][: sizes.en_docs]
     random.Random(1).shuffle(en_docs)
     instruct = []
-    for i, (review, label) in enumerate(reviews[-sizes.instruct_pairs:]):
+    for i, (review, label) in enumerate(reviews[-sizes.instruct_pairs :]):
         if i % 3 == 2:  # one in three is English: explain a Python docs topic
             name, paragraphs = topics[i % len(topics)]
             instruct.append({"instruction": f"Explain the Python topic '{name}'.", "response": paragraphs[0]})
         else:
             instruct.append({"instruction": f"判断这条评论的情感：{review}", "response": label})
     paths: dict[str, dict[str, Path]] = {}
-    for name, records in (("zh", [{"text": d} for d in zh_docs]), ("en", [{"text": d} for d in en_docs]),
-                          ("instruct", instruct)):
+    for name, records in (
+        ("zh", [{"text": d} for d in zh_docs]),
+        ("en", [{"text": d} for d in en_docs]),
+        ("instruct", instruct),
+    ):
         train, valid = split(records)
-        paths[name] = {part: write_jsonl(data / f"{name}_{part}.jsonl", recs)
-                       for part, recs in (("train", train), ("valid", valid))}
+        paths[name] = {
+            part: write_jsonl(data / f"{name}_{part}.jsonl", recs)
+            for part, recs in (("train", train), ("valid", valid))
+        }
     for name in ("zh", "en"):  # one document per line, for the tokenizer trainer and its report
         for part in ("train", "valid"):
             lines = [json.loads(x)["text"] for x in paths[name][part].read_text(encoding="utf-8").splitlines()]
@@ -166,13 +170,26 @@ def build_corpus(data: Path, sizes: Sizes) -> dict[str, dict[str, Path]]:
 
 def build_base_model(out_dir: Path, seq_length: int) -> Path:
     """A randomly initialised tiny LLaMA with the 32k LLaMA tokenizer, in HF format."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import shutil
 
-    build_hf_llama_tokenizer(out_dir)
-    config = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=seq_length,
-                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+
+    # mistral-common ships a LLaMA-layout SentencePiece model; transformers converts it.
+    shutil.copyfile(resources.files("mistral_common").joinpath("data/tokenizer.model.v1"), out_dir / "tokenizer.model")
+    LlamaTokenizer.from_pretrained(str(out_dir), local_files_only=True).save_pretrained(out_dir)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=seq_length,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(out_dir)
     return out_dir
@@ -180,12 +197,30 @@ def build_base_model(out_dir: Path, seq_length: int) -> Path:
 
 def expand_vocab(base: Path, corpus: dict, out_dir: Path, sizes: Sizes, logs: Path) -> Path:
     """Merge Chinese pieces into the base tokenizer and resize the model (subword-mean init)."""
-    run_cmd(tool("expand_vocab", "--hf-model", str(base), "--output-dir", str(out_dir),
-                 "--train-text", str(corpus["zh"]["train_txt"]), "--vocab-size", str(sizes.sp_vocab),
-                 "--max-new-pieces", str(sizes.max_new_pieces), "--character-coverage", "0.98",
-                 "--init", "subword_mean",
-                 "--heldout-domain", str(corpus["zh"]["valid_txt"]),
-                 "--heldout-general", str(corpus["en"]["valid_txt"])), logs / "expand_vocab.log")
+    run_cmd(
+        tool(
+            "expand_vocab",
+            "--hf-model",
+            str(base),
+            "--output-dir",
+            str(out_dir),
+            "--train-text",
+            str(corpus["zh"]["train_txt"]),
+            "--vocab-size",
+            str(sizes.sp_vocab),
+            "--max-new-pieces",
+            str(sizes.max_new_pieces),
+            "--character-coverage",
+            "0.98",
+            "--init",
+            "subword_mean",
+            "--heldout-domain",
+            str(corpus["zh"]["valid_txt"]),
+            "--heldout-general",
+            str(corpus["en"]["valid_txt"]),
+        ),
+        logs / "expand_vocab.log",
+    )
     return out_dir
 
 
@@ -197,9 +232,22 @@ def preprocess(corpus: dict, tokenizer: Path, data: Path, logs: Path) -> dict[st
         kind = "instruction" if name == "instruct" else "text"
         for part in ("train", "valid"):
             out = data / f"{name}_{part}"
-            jobs.append((tool("preprocess_data", "--input", str(parts[part]), "--tokenizer", str(tokenizer),
-                              "--output-prefix", str(out), "--no-progress", *keys),
-                         logs / f"preprocess_{name}_{part}.log"))
+            jobs.append(
+                (
+                    tool(
+                        "preprocess_data",
+                        "--input",
+                        str(parts[part]),
+                        "--tokenizer",
+                        str(tokenizer),
+                        "--output-prefix",
+                        str(out),
+                        "--no-progress",
+                        *keys,
+                    ),
+                    logs / f"preprocess_{name}_{part}.log",
+                )
+            )
             prefixes[f"{name}_{part}"] = f"{out}_{kind}_document"
     # Each run is mostly interpreter and tokenizer start-up: overlap them, one per core.
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
@@ -210,8 +258,9 @@ def preprocess(corpus: dict, tokenizer: Path, data: Path, logs: Path) -> dict[st
 # ----------------------------------------------------------------------------- 6. curriculum
 
 
-def curriculum_config(base_ckpt: Path, tokenizer: Path, prefixes: dict, save: Path, steps: int,
-                      seq_length: int) -> dict:
+def curriculum_config(
+    base_ckpt: Path, tokenizer: Path, prefixes: dict, save: Path, steps: int, seq_length: int
+) -> dict:
     """The 3-stage recipe: embeddings warm-up, mixed zh/en with replay, instruction format."""
     model = yaml.safe_load((base_ckpt / "model.yaml").read_text())["model"]
     model.update(max_position_embeddings=seq_length, transformer_impl="local")
@@ -219,22 +268,42 @@ def curriculum_config(base_ckpt: Path, tokenizer: Path, prefixes: dict, save: Pa
         "model": model,
         "parallel": {"device": "cpu"},
         "train": {"micro_batch_size": 4, "global_batch_size": 8, "train_iters": 3 * steps, "precision": "fp32"},
-        "optim": {"lr": 5e-3, "min_lr": 5e-4, "lr_warmup_iters": max(1, steps // 5), "lr_warmup_init": 1e-5,
-                  "lr_decay_style": "cosine"},
+        "optim": {
+            "lr": 5e-3,
+            "min_lr": 5e-4,
+            "lr_warmup_iters": max(1, steps // 5),
+            "lr_warmup_init": 1e-5,
+            "lr_decay_style": "cosine",
+        },
         "data": {
             "seq_length": seq_length,
             "tokenizer": str(tokenizer),
             "datasets": {name: prefixes[f"{name}_train"] for name in SETS},
             "stages": [
                 # New rows start at their subwords' mean; let the embeddings settle first.
-                {"name": "embed_warmup", "iters": steps, "blend": {"zh": 0.8, "en": 0.2},
-                 "trainable_params": ["embeddings"]},
+                {
+                    "name": "embed_warmup",
+                    "iters": steps,
+                    "blend": {"zh": 0.8, "en": 0.2},
+                    "trainable_params": ["embeddings"],
+                },
                 # Everything trains; English replay keeps the base's language from eroding.
-                {"name": "mixed", "iters": steps, "blend": {"zh": 0.5, "en": 0.5}, "end_blend": {"zh": 0.7, "en": 0.3},
-                 "reset_position_ids": True, "reset_attention_mask": True, "eod_mask_loss": True},
+                {
+                    "name": "mixed",
+                    "iters": steps,
+                    "blend": {"zh": 0.5, "en": 0.5},
+                    "end_blend": {"zh": 0.7, "en": 0.3},
+                    "reset_position_ids": True,
+                    "reset_attention_mask": True,
+                    "eod_mask_loss": True,
+                },
                 # Whole instruction documents per sequence, with some replay; LR re-warmed.
-                {"name": "instruct", "blend": {"instruct": 0.6, "zh": 0.2, "en": 0.2}, "packing": "by_source",
-                 "lr_rewarm_iters": max(1, steps // 10)},
+                {
+                    "name": "instruct",
+                    "blend": {"instruct": 0.6, "zh": 0.2, "en": 0.2},
+                    "packing": "by_source",
+                    "lr_rewarm_iters": max(1, steps // 10),
+                },
             ],
             "valid": {name: prefixes[f"{name}_valid"] for name in SETS},
             "eval_interval": max(1, steps // 2),
@@ -254,8 +323,21 @@ def free_port() -> int:
 def train(config: dict, config_path: Path, logs: Path) -> None:
     """pretrain_ct.py on one CPU process."""
     config_path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
-    run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
-             str(free_port()), str(REPO / "pretrain_ct.py"), "--config", str(config_path)], logs / "train.log")
+    run_cmd(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "1",
+            "--master_port",
+            str(free_port()),
+            str(REPO / "pretrain_ct.py"),
+            "--config",
+            str(config_path),
+        ],
+        logs / "train.log",
+    )
 
 
 def eval_summary(run_dir: Path) -> dict[str, dict]:
@@ -279,11 +361,17 @@ def generate(hf_dir: Path, out_file: Path, max_new_tokens: int = 16) -> str:
     model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval()
     ids = tok(ZH_PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.3,
-                             pad_token_id=tok.eos_token_id)
-    text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    out_file.write_text(json.dumps({"prompt": ZH_PROMPT, "continuation": text,
-                                    "new_token_ids": out[0, ids.shape[1]:].tolist()}, ensure_ascii=False) + "\n")
+        out = model.generate(
+            ids, max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.3, pad_token_id=tok.eos_token_id
+        )
+    text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    out_file.write_text(
+        json.dumps(
+            {"prompt": ZH_PROMPT, "continuation": text, "new_token_ids": out[0, ids.shape[1] :].tolist()},
+            ensure_ascii=False,
+        )
+        + "\n"
+    )
     return text
 
 
@@ -310,8 +398,19 @@ def run_pipeline(out: Path, steps: int, small: bool) -> dict:
     done("expand_vocab")
     header(4, "convert the resized model to a megatron-ct checkpoint (hf-to-ct)")
     base_ckpt = out / "ckpt_base"
-    run_cmd(tool("convert_checkpoint", "hf-to-ct", "--input", str(expanded), "--output", str(base_ckpt),
-                 "--overwrite", "--no-progress"), logs / "hf_to_ct.log")
+    run_cmd(
+        tool(
+            "convert_checkpoint",
+            "hf-to-ct",
+            "--input",
+            str(expanded),
+            "--output",
+            str(base_ckpt),
+            "--overwrite",
+            "--no-progress",
+        ),
+        logs / "hf_to_ct.log",
+    )
     done("hf_to_ct")
     header(5, "preprocess corpora into indexed datasets (tools/preprocess_data.py)")
     prefixes = preprocess(corpus, expanded, data, logs)
@@ -322,8 +421,21 @@ def run_pipeline(out: Path, steps: int, small: bool) -> dict:
     done("train")
     header(7, "export to Hugging Face (ct-to-hf)")
     hf_out = out / "export_hf"
-    run_cmd(tool("convert_checkpoint", "ct-to-hf", "--input", str(run_dir), "--output", str(hf_out),
-                 "--hf-base", str(expanded), "--overwrite", "--no-progress"), logs / "ct_to_hf.log")
+    run_cmd(
+        tool(
+            "convert_checkpoint",
+            "ct-to-hf",
+            "--input",
+            str(run_dir),
+            "--output",
+            str(hf_out),
+            "--hf-base",
+            str(expanded),
+            "--overwrite",
+            "--no-progress",
+        ),
+        logs / "ct_to_hf.log",
+    )
     done("ct_to_hf")
     header(8, f"generate with transformers from the export: {ZH_PROMPT!r}")
     text = generate(hf_out, out / "generation.json")
@@ -359,7 +471,7 @@ def print_summary(summary: dict, path: Path) -> None:
     """Every artifact path, the last evaluation of each set and the timings."""
     print("\nartifacts:")
     for name, value in summary["artifacts"].items():
-        for key, p in (value.items() if isinstance(value, dict) else [(name, value)]):
+        for key, p in value.items() if isinstance(value, dict) else [(name, value)]:
             print(f"  {key:28s} {p}")
     for name, record in summary["final_eval"].items():
         bpb = record.get("bits_per_byte")
@@ -371,8 +483,12 @@ def print_summary(summary: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "quickstart", help="output directory")
-    parser.add_argument("--steps-per-stage", type=int, default=None,
-                        help="optimizer steps per curriculum stage (default 30; 4 with --small)")
+    parser.add_argument(
+        "--steps-per-stage",
+        type=int,
+        default=None,
+        help="optimizer steps per curriculum stage (default 30; 4 with --small)",
+    )
     parser.add_argument("--small", action="store_true", help="small corpus, vocab and sequences (tests)")
     args = parser.parse_args(argv)
     steps = args.steps_per_stage or (4 if args.small else 30)

@@ -3,7 +3,7 @@
 Shared by the tools that change a model's shape offline: block expansion (more layers)
 and vocabulary resizing (more embedding rows). Tensors are read from the source's dist
 checkpoint region by region (global coordinates: any TP/PP it was saved at) and written
-through :func:`megatron_ct.convert.dist_io.write_dist_checkpoint`; the result is a save root
+through :func:`megatron_ct.checkpoint.dist_io.write_dist_checkpoint`; the result is a save root
 (``iter_0000000`` + tracker, tracker written last) that the trainer loads with
 ``checkpoint.load_weights_only=true`` at any layout.
 """
@@ -24,11 +24,9 @@ from megatron_ct.checkpoint.dist_ckpt import (
     resolve_load_dir,
     write_tracker,
 )
-from megatron_ct.convert.dist_io import ChunkSpec, DistCheckpointReader, write_dist_checkpoint
-from megatron_ct.convert.errors import ConversionError
-from megatron_ct.convert.hf_to_ct import extra_state_objects
-
-LAYER_PREFIX = "decoder.layers."
+from megatron_ct.checkpoint.dist_io import ChunkSpec, DistCheckpointReader, write_dist_checkpoint
+from megatron_ct.checkpoint.keys import LAYER_PREFIX, extra_state_objects
+from megatron_ct.errors import ConversionError
 
 
 def open_checkpoint(ckpt: str) -> tuple[str, DistCheckpointReader, dict]:

@@ -15,9 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A bad configuration value. The message names the key and what was expected."""
+from megatron_ct.errors import ConfigError
 
 
 def _require(cond: bool, key: str, expected: str, got: Any) -> None:

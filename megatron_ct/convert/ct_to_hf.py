@@ -26,13 +26,13 @@ from collections.abc import Callable
 import torch
 
 from megatron_ct.checkpoint.dist_ckpt import read_common, resolve_load_dir
+from megatron_ct.checkpoint.dist_io import DistCheckpointReader
 from megatron_ct.config import ModelConfig
 from megatron_ct.convert import hf_layout as L
-from megatron_ct.convert.dist_io import DistCheckpointReader
-from megatron_ct.convert.errors import ConversionError
 from megatron_ct.convert.hf_files import SafetensorsShardWriter, is_weight_file, parse_size
 from megatron_ct.convert.hf_to_ct import ConversionReport, parse_dtype, read_hf_config, remove_path
 from megatron_ct.convert.progress import Progress, peak_rss_bytes
+from megatron_ct.errors import ConversionError
 
 
 class _Source:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from megatron_ct.convert.errors import ConversionError
+from megatron_ct.errors import ConversionError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"

@@ -28,8 +28,9 @@ from typing import Any
 
 import torch
 
+from megatron_ct.checkpoint import keys
 from megatron_ct.config import ModelConfig
-from megatron_ct.convert.errors import ConversionError
+from megatron_ct.errors import ConversionError
 from megatron_ct.model.rope import RopeScaling
 
 
@@ -59,10 +60,10 @@ HF_EMBED = "model.embed_tokens.weight"
 HF_FINAL_NORM = "model.norm.weight"
 HF_LM_HEAD = "lm_head.weight"
 
-CT_EMBED = "embedding.word_embeddings.weight"
-CT_FINAL_NORM = "decoder.final_layernorm.weight"
-CT_OUTPUT = "output_layer.weight"
-CT_LAYER = "decoder.layers."
+CT_EMBED = keys.EMBEDDING
+CT_FINAL_NORM = keys.FINAL_NORM
+CT_OUTPUT = keys.OUTPUT
+CT_LAYER = keys.LAYER_PREFIX
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,6 @@ def layer_tensors(qkv_bias: bool) -> list[LayerTensor]:
 
 # megatron-core's local linear layers save an (empty) ``_extra_state`` object per layer; a
 # checkpoint must have them or loading reports missing keys.
-EXTRA_STATE_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
 
 # HF tensors that carry no weights (old checkpoints saved RoPE buffers).
 IGNORABLE_HF_SUFFIXES = ("rotary_emb.inv_freq",)

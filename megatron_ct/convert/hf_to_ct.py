@@ -17,7 +17,6 @@ records next to the true size. The trainer loads it with ``checkpoint.load_weigh
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import shutil
@@ -27,7 +26,9 @@ from dataclasses import dataclass
 import torch
 import yaml
 
+from megatron_ct.checkpoint import keys
 from megatron_ct.checkpoint.dist_ckpt import FORMAT_VERSION, SHARDING_METADATA, TRACKER, iter_dir, write_tracker
+from megatron_ct.checkpoint.dist_io import ChunkSpec, write_dist_checkpoint
 from megatron_ct.config import (
     ConfigError,
     CTConfig,
@@ -39,10 +40,9 @@ from megatron_ct.config import (
     validate_for_world,
 )
 from megatron_ct.convert import hf_layout as L
-from megatron_ct.convert.dist_io import ChunkSpec, write_dist_checkpoint
-from megatron_ct.convert.errors import ConversionError
 from megatron_ct.convert.hf_files import HFWeights, is_weight_file
 from megatron_ct.convert.progress import Progress, peak_rss_bytes
+from megatron_ct.errors import ConversionError
 from megatron_ct.model.llama import padded_vocab_size
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -173,22 +173,6 @@ def plan_chunks(weights: HFWeights, m: ModelConfig, padded_vocab: int, dtype: to
     return chunks
 
 
-def extra_state_objects(num_layers: int) -> dict[str, bytes]:
-    """The empty ``_extra_state`` object megatron-core's local linear layers save per layer."""
-    empty = _torch_save_bytes([None])
-    return {
-        f"{L.CT_LAYER}{mod}._extra_state/shard_{i}_{num_layers}": empty
-        for i in range(num_layers)
-        for mod in L.EXTRA_STATE_MODULES
-    }
-
-
-def _torch_save_bytes(obj) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
 def write_model_yaml(path: str, cfg: CTConfig, out_dir: str) -> None:
     """A recipe fragment: ``pretrain_ct.py --config OUT/model.yaml`` builds this model."""
     model = config_to_dict(cfg)["model"]
@@ -252,7 +236,7 @@ def convert_hf_to_ct(
     pickle.dumps(common)  # fail here, not half-way, if config.json held something odd
     bar = Progress(len(chunks), sum(c.nbytes for c in chunks), "hf -> ct", enabled=progress)
     write_dist_checkpoint(
-        partial, chunks, extra_state_objects(m.num_layers), common, on_written=lambda c: bar.update(c.nbytes)
+        partial, chunks, keys.extra_state_objects(m.num_layers), common, on_written=lambda c: bar.update(c.nbytes)
     )
     bar.close()
 

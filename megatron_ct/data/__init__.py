@@ -1,4 +1,5 @@
-"""Training data: the synthetic stream, corpus preprocessing, and curricula over indexed datasets.
+"""Training data at run time: the synthetic stream and curricula over indexed datasets (offline
+preprocessing lives in megatron_ct/preprocess).
 
 Curriculum modules, from the config to a batch:
   schedule.py    stages -> steps, sample ranges and blend vectors

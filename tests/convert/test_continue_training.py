@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from convert_helpers import build_hf_model, build_tokenizer, read_json, run_torchrun
 
+from megatron_ct.checkpoint.dist_io import DistCheckpointReader
 from megatron_ct.convert.ct_to_hf import convert_ct_to_hf
-from megatron_ct.convert.dist_io import DistCheckpointReader
 from megatron_ct.convert.hf_to_ct import convert_hf_to_ct
 from megatron_ct.data.synthetic import SyntheticMarkovDataset
 

@@ -113,9 +113,9 @@ def test_mistral_sliding_window_shorter_than_context_is_a_warning(capsys, conver
 
 
 def test_unknown_dtype_either_direction(tmp_path):
-    from megatron_ct.convert import ConversionError
     from megatron_ct.convert.ct_to_hf import convert_ct_to_hf
     from megatron_ct.convert.hf_to_ct import convert_hf_to_ct
+    from megatron_ct.errors import ConversionError
 
     for convert in (convert_hf_to_ct, convert_ct_to_hf):
         with pytest.raises(ConversionError, match="--dtype fp8: expected one of auto, fp32, bf16, fp16"):

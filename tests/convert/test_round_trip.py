@@ -7,8 +7,8 @@ import pytest
 import torch
 from convert_helpers import CASES, build_hf_model, build_tokenizer, safetensors_dict
 
+from megatron_ct.checkpoint.dist_io import DistCheckpointReader
 from megatron_ct.convert.ct_to_hf import convert_ct_to_hf
-from megatron_ct.convert.dist_io import DistCheckpointReader
 from megatron_ct.convert.hf_files import HFWeights
 from megatron_ct.convert.hf_to_ct import convert_hf_to_ct
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from megatron_ct.checkpoint.dist_io import ChunkSpec, DistCheckpointReader, write_dist_checkpoint
 from megatron_ct.convert import hf_layout as L
-from megatron_ct.convert.dist_io import ChunkSpec, DistCheckpointReader, write_dist_checkpoint
 from megatron_ct.convert.hf_files import HFWeights, SafetensorsShardWriter
 
 

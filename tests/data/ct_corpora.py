@@ -16,8 +16,9 @@ import json
 import os
 from pathlib import Path
 
-from megatron_ct.data.preprocess import PreprocessConfig, preprocess
-from megatron_ct.tokenizer.testing import llama_sp_model_path
+from material import llama_sp_model_path
+
+from megatron_ct.preprocess.pipeline import PreprocessConfig, preprocess
 
 VOCAB = 32000
 

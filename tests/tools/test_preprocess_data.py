@@ -12,8 +12,9 @@ import pytest
 
 pytest.importorskip("mistral_common", reason="test tokenizer ships with mistral-common (test extra)")
 
+from material import build_hf_llama_tokenizer, llama_sp_model_path  # noqa: E402
+
 from megatron_ct.tokenizer import load_tokenizer  # noqa: E402
-from megatron_ct.tokenizer.testing import build_hf_llama_tokenizer, llama_sp_model_path  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "tools", "preprocess_data.py")

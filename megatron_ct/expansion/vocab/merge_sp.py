@@ -18,7 +18,7 @@ import sentencepiece
 from google.protobuf.message import DecodeError
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from megatron_ct.tokenizer.merge_select import MergeResult, Segmenter, choose_new_pieces
+from megatron_ct.expansion.vocab.select import MergeResult, Segmenter, choose_new_pieces
 
 NORMAL = sp_pb2.ModelProto.SentencePiece.NORMAL
 BPE = sp_pb2.TrainerSpec.BPE

@@ -16,15 +16,16 @@ import pytest
 
 pytest.importorskip("mistral_common", reason="test tokenizer ships with mistral-common (test extra)")
 
-from megatron_ct.data import indexed_writer  # noqa: E402
-from megatron_ct.data.preprocess import (  # noqa: E402
+from material import build_hf_llama_tokenizer, llama_sp_model_path  # noqa: E402
+
+from megatron_ct.preprocess import writer as indexed_writer  # noqa: E402
+from megatron_ct.preprocess.pipeline import (  # noqa: E402
     PreprocessConfig,
     PreprocessError,
     output_prefixes,
     preprocess,
 )
 from megatron_ct.tokenizer import load_tokenizer  # noqa: E402
-from megatron_ct.tokenizer.testing import build_hf_llama_tokenizer, llama_sp_model_path  # noqa: E402
 
 DOCS = [
     "Hello world. This is the first document.",
@@ -261,7 +262,7 @@ def test_dtype_follows_vocabulary_size(tmp_path, sp_path, monkeypatch):
     big = load_tokenizer(sp_path)
     big.vocab_size = 100_000  # pretend a large vocabulary; the ids stay the same
 
-    monkeypatch.setattr("megatron_ct.data.preprocess.load_tokenizer", lambda path: big)
+    monkeypatch.setattr("megatron_ct.preprocess.pipeline.load_tokenizer", lambda path: big)
     src = write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in DOCS])
     summary = preprocess(config(tmp_path, [src], sp_path))
     prefix = str(tmp_path / "out" / "corpus_text_document")

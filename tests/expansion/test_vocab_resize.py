@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from megatron_ct.model.vocab_resize import (
+from megatron_ct.expansion.vocab.resize import (
     VocabResizePlan,
     make_plan,
     resize_embeddings,
@@ -95,7 +95,7 @@ def test_collective_shard_resize_over_gloo_matches_unsharded(tmp_path):
         import os, sys, torch, torch.distributed as dist
         sys.path.insert(0, {REPO!r}); sys.path.insert(0, {os.path.dirname(__file__)!r})
         from test_vocab_resize import old_matrix, plan
-        from megatron_ct.model.vocab_resize import resize_vocab_shard
+        from megatron_ct.expansion.vocab.resize import resize_vocab_shard
         dist.init_process_group("gloo")
         rank = dist.get_rank()
         shard = old_matrix().chunk(2)[rank]  # [V_old_padded / 2, h]

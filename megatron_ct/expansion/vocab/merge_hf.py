@@ -1,7 +1,7 @@
 """Append pieces to a Hugging Face ``tokenizer.json`` BPE tokenizer, keeping every old id.
 
 Supported layout: the LLaMA/SentencePiece-style BPE that ``transformers`` converts from a
-SentencePiece model (``megatron_ct.tokenizer.testing.build_hf_llama_tokenizer``): vocab
+SentencePiece model (tests/material.py: ``build_hf_llama_tokenizer``): vocab
 strings use ``'▁'`` for a space (a ``Metaspace`` pre-tokenizer, or the older
 ``Prepend('▁')`` + ``Replace(' ', '▁')`` normaliser), usually with ``byte_fallback``.
 Byte-level BPE (GPT-2, LLaMA-3, Qwen: a ``ByteLevel`` pre-tokenizer) is refused: there a
@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 
-from megatron_ct.tokenizer.merge_select import MergeResult, Segmenter, choose_new_pieces
+from megatron_ct.expansion.vocab.select import MergeResult, Segmenter, choose_new_pieces
 
 TOKENIZER_JSON = "tokenizer.json"
 # Files of a HF tokenizer directory besides tokenizer.json (copied unchanged).
@@ -168,7 +168,7 @@ def merge_hf_dir(
     Tokenizer.from_str(json.dumps(merged, ensure_ascii=False)).save(os.path.join(out_dir, TOKENIZER_JSON))
     sp_path = os.path.join(base_dir, "tokenizer.model")
     if os.path.isfile(sp_path):
-        from megatron_ct.tokenizer.merge_sp import append_pieces, load_proto, save_proto
+        from megatron_ct.expansion.vocab.merge_sp import append_pieces, load_proto, save_proto
 
         base_sp = load_proto(sp_path)
         if len(base_sp.pieces) != result.first_new_id:

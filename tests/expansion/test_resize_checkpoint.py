@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from megatron_ct.checkpoint.resize_vocab import resize_ct_checkpoint
-from megatron_ct.convert.dist_io import DistCheckpointReader
-from megatron_ct.model.vocab_resize import VocabResizePlan
+from megatron_ct.checkpoint.dist_io import DistCheckpointReader
+from megatron_ct.expansion.vocab.checkpoint import resize_ct_checkpoint
+from megatron_ct.expansion.vocab.resize import VocabResizePlan
 
 from launch import REPO, run_torchrun, run_trainer
 

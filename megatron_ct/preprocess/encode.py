@@ -13,7 +13,7 @@ from itertools import chain
 
 import numpy as np
 
-from megatron_ct.data.preprocess_inputs import Chunk
+from megatron_ct.preprocess.inputs import Chunk
 from megatron_ct.tokenizer import Tokenizer, load_tokenizer
 
 SKIP_REASONS = ("invalid_utf8", "invalid_json", "missing_key", "not_string", "empty")

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_ct.checkpoint.rewrite import LAYER_PREFIX, copied, model_keys, open_checkpoint, write_weights_only
-from megatron_ct.convert.dist_io import ChunkSpec, DistCheckpointReader
-from megatron_ct.convert.errors import ConversionError
+from megatron_ct.checkpoint.dist_io import ChunkSpec, DistCheckpointReader
+from megatron_ct.checkpoint.keys import LAYER_PREFIX
+from megatron_ct.checkpoint.rewrite import copied, model_keys, open_checkpoint, write_weights_only
+from megatron_ct.errors import ConversionError
 
 # Output projections of the two residual branches: zero them and the block is an identity.
 ZEROED = (

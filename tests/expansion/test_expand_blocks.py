@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from megatron_ct.checkpoint.expand_blocks import ExpansionPlan
-from megatron_ct.convert.dist_io import DistCheckpointReader
+from megatron_ct.checkpoint.dist_io import DistCheckpointReader
+from megatron_ct.expansion.blocks import ExpansionPlan
 
 from launch import REPO, run_torchrun, run_trainer
 

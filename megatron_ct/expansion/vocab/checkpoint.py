@@ -1,7 +1,7 @@
 """Grow the vocabulary of a megatron-ct checkpoint (after a tokenizer merge).
 
 The input embedding and, when untied, the output layer are rebuilt with
-:func:`megatron_ct.model.vocab_resize.resize_vocab_matrix` (old rows bit-identical, new rows
+:func:`megatron_ct.expansion.vocab.resize.resize_vocab_matrix` (old rows bit-identical, new rows
 by the plan's init, padding for ``make_vocab_size_divisible_by``); every other tensor is
 copied. Checkpoints store global tensors, so this serves a checkpoint saved at any TP/PP
 and the result loads at any TP/PP (the trainer pads the rows further for larger TP). The
@@ -11,13 +11,11 @@ new_vocab_rows``.
 
 from __future__ import annotations
 
+from megatron_ct.checkpoint.dist_io import ChunkSpec
+from megatron_ct.checkpoint.keys import EMBEDDING, OUTPUT
 from megatron_ct.checkpoint.rewrite import copied, model_keys, open_checkpoint, write_weights_only
-from megatron_ct.convert.dist_io import ChunkSpec
-from megatron_ct.convert.errors import ConversionError
-from megatron_ct.model.vocab_resize import VocabResizePlan, resize_vocab_matrix
-
-EMBEDDING = "embedding.word_embeddings.weight"
-OUTPUT = "output_layer.weight"
+from megatron_ct.errors import ConversionError
+from megatron_ct.expansion.vocab.resize import VocabResizePlan, resize_vocab_matrix
 
 
 def resize_ct_checkpoint(ckpt: str, out_dir: str, plan: VocabResizePlan, overwrite: bool = False) -> int:

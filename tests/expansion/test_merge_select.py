@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_ct.tokenizer.merge_select import (
+from megatron_ct.expansion.vocab.select import (
     MergeResult,
     choose_new_pieces,
     frequent_strings,
