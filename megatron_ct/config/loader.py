@@ -161,7 +161,11 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> CTCon
         if not p.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); expected a YAML recipe") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: unreadable ({e.strerror}); expected a YAML recipe") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
         source = str(path)

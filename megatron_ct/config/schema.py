@@ -12,6 +12,7 @@ flags (``--tensor-model-parallel-size`` -> ``tensor_model_parallel_size``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,20 @@ def _require(cond: bool, key: str, expected: str, got: Any) -> None:
 
 def _one_of(value: Any, key: str, choices: tuple) -> None:
     _require(value in choices, key, "one of " + ", ".join(map(str, choices)), value)
+
+
+def _number(value: Any, key: str, expected: str, ok: bool) -> None:
+    """A finite number satisfying ``ok`` (NaN and inf are refused: they train silently to NaN)."""
+    finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    _require(finite and ok, key, expected, value)
+
+
+def check_param_patterns(patterns: list[str] | None, key: str) -> None:
+    """Syntax of ``trainable_params`` patterns (what they match is checked against the model)."""
+    for p in patterns or []:
+        if p.startswith("layers:"):
+            ids = [s.strip() for s in p[len("layers:") :].split(",") if s.strip()]
+            _require(bool(ids) and all(s.isdigit() for s in ids), key, "'layers:<i>,<j>,...'", p)
 
 
 @dataclass(kw_only=True)
@@ -86,6 +101,18 @@ class ModelConfig:
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 256 * ((int(8 * self.hidden_size / 3) + 255) // 256)
         _one_of(self.transformer_impl, "model.transformer_impl", ("auto", "local", "transformer_engine"))
+        _number(self.rotary_base, "model.rotary_base", "a number > 0", self.rotary_base > 0)
+        _number(self.norm_epsilon, "model.norm_epsilon", "a number > 0", self.norm_epsilon > 0)
+        _number(self.init_method_std, "model.init_method_std", "a number > 0", self.init_method_std > 0)
+        if self.rope_scaling is not None:
+            from megatron_ct.config.rope import RopeScaling
+
+            _require(isinstance(self.rope_scaling, dict), "model.rope_scaling", "a mapping or null", self.rope_scaling)
+            try:
+                RopeScaling.from_hf_dict(self.rope_scaling)
+            except (TypeError, ValueError) as e:
+                message = f"model.{e}" if str(e).startswith("rope_scaling") else f"model.rope_scaling: {e}"
+                raise ConfigError(message) from None
 
 
 @dataclass(kw_only=True)
@@ -163,7 +190,11 @@ class TrainConfig:
         _one_of(self.precision, "train.precision", ("bf16", "fp16", "fp32"))
         _one_of(self.nan_policy, "train.nan_policy", ("skip", "stop"))
         _one_of(self.recompute_granularity, "train.recompute_granularity", (None, "selective", "full"))
-        _require(self.clip_grad >= 0, "train.clip_grad", "a number >= 0", self.clip_grad)
+        _number(self.clip_grad, "train.clip_grad", "a finite number >= 0", self.clip_grad >= 0)
+        _require(self.max_skipped_steps >= 0, "train.max_skipped_steps", "an integer >= 0", self.max_skipped_steps)
+        if self.exit_interval is not None:
+            _require(self.exit_interval >= 1, "train.exit_interval", "an integer >= 1 or null", self.exit_interval)
+        check_param_patterns(self.trainable_params, "train.trainable_params")
 
 
 @dataclass(kw_only=True)
@@ -198,15 +229,23 @@ class OptimConfig:
     """fp16 only: starting dynamic loss scale."""
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, "optim.lr", "a number > 0", self.lr)
-        _require(0 <= self.min_lr <= self.lr, "optim.min_lr", f"a number in [0, lr={self.lr}]", self.min_lr)
+        _number(self.lr, "optim.lr", "a finite number > 0", self.lr > 0)
+        _number(self.min_lr, "optim.min_lr", f"a number in [0, lr={self.lr}]", 0 <= self.min_lr <= self.lr)
         _require(self.lr_warmup_iters >= 0, "optim.lr_warmup_iters", "an integer >= 0", self.lr_warmup_iters)
-        _require(
-            0 <= self.lr_warmup_init <= self.lr,
+        _number(
+            self.lr_warmup_init,
             "optim.lr_warmup_init",
             f"a number in [0, lr={self.lr}]",
-            self.lr_warmup_init,
+            0 <= self.lr_warmup_init <= self.lr,
         )
+        _number(self.weight_decay, "optim.weight_decay", "a finite number >= 0", self.weight_decay >= 0)
+        for key in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, key)
+            _number(value, f"optim.{key}", "a number in [0, 1)", 0 <= value < 1)
+        _number(self.adam_eps, "optim.adam_eps", "a finite number > 0", self.adam_eps > 0)
+        _number(self.initial_loss_scale, "optim.initial_loss_scale", "a finite number > 0", self.initial_loss_scale > 0)
+        if self.lr_decay_iters is not None:
+            _require(self.lr_decay_iters >= 1, "optim.lr_decay_iters", "an integer >= 1 or null", self.lr_decay_iters)
         _one_of(self.lr_decay_style, "optim.lr_decay_style", ("constant", "linear", "cosine", "WSD"))
         _one_of(self.lr_wsd_decay_style, "optim.lr_wsd_decay_style", ("linear", "cosine", "exponential", "minus_sqrt"))
 
@@ -224,7 +263,7 @@ def _check_keys(raw: dict, cls: type, key: str) -> None:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(kw_only=True)
@@ -365,6 +404,7 @@ class StageConfig:
             "a list of parameter patterns or null",
             trainable,
         )
+        check_param_patterns(trainable, f"{key}.trainable_params")
         return cls(**raw)
 
 
@@ -593,3 +633,25 @@ class CTConfig:
             f"at most model.max_position_embeddings={self.model.max_position_embeddings}",
             self.data.seq_length,
         )
+        if self.data.uses_document_attention_mask and self.model.transformer_impl == "transformer_engine":
+            i = next(i for i, s in enumerate(self.data.stages) if s.reset_attention_mask)
+            raise ConfigError(
+                f"data.stages[{i}].reset_attention_mask: needs model.transformer_impl=local (megatron-core's "
+                "DotProductAttention applies document masks; Transformer Engine's causal attention ignores them), "
+                "got transformer_engine"
+            )
+        if self.data.source == "indexed":
+            self._check_curriculum_covers_the_run()
+
+    def _check_curriculum_covers_the_run(self) -> None:
+        """The stages must last at least train.train_iters (token lengths need the global batch)."""
+        from megatron_ct.config.schedule import stage_iters
+
+        d = self.data
+        lengths = stage_iters(d, self.train.global_batch_size)
+        if None not in lengths and sum(lengths) < self.train.train_iters:
+            stages = ", ".join(f"{s.name}={n}" for s, n in zip(d.stages, lengths, strict=True))
+            raise ConfigError(
+                f"train.train_iters: expected at most the curriculum's {sum(lengths)} steps (data.stages: {stages}; "
+                f"leave the last stage's iters/tokens out to run it to the end), got {self.train.train_iters}"
+            )

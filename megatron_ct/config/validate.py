@@ -1,20 +1,26 @@
-"""Checks that need the world size. Run on every rank before any collective.
+"""The parallel layout of a run: the config checked against the world size.
 
 Every rank computes the same verdict from the same config and ``WORLD_SIZE``, so a bad
 layout stops all ranks with the same one-line error instead of leaving some of them
-waiting in a collective that never completes.
+waiting in a collective that never completes. The trainer's start-up function
+(:func:`megatron_ct.training.startup.check_startup`) calls this with the resolved device.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from megatron_ct.config.schema import ConfigError, CTConfig
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Derived sizes of a run's parallel layout."""
+    """The resolved ``parallel`` section: sizes derived from the world, and the device.
+
+    Builders take their own config section plus this.
+    """
 
     world_size: int
     tp: int
@@ -22,9 +28,18 @@ class Layout:
     vpp: int | None
     dp: int
     num_microbatches: int
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    """Where this rank computes: ``cuda:<local rank>`` or ``cpu`` (resolved once at start-up)."""
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
 
 
-def validate_for_world(cfg: CTConfig, world_size: int) -> Layout:
+def validate_for_world(cfg: CTConfig, world_size: int, device: torch.device | None = None) -> Layout:
     """Raise ConfigError (naming the key and the expected value) or return the layout."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     tp, pp, vpp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
@@ -76,21 +91,15 @@ def validate_for_world(cfg: CTConfig, world_size: int) -> Layout:
             f"train.global_batch_size: the interleaved schedule needs micro-batches ({num_micro}) to be a "
             f"multiple of pipeline_model_parallel_size={pp}"
         )
-    _validate_curriculum(cfg)
-    return Layout(world_size=world_size, tp=tp, pp=pp, vpp=vpp, dp=dp, num_microbatches=num_micro)
-
-
-def _validate_curriculum(cfg: CTConfig) -> None:
-    """The stages must cover the run (stage lengths in tokens need the global batch size)."""
-    d = cfg.data
-    if d.source != "indexed":
-        return
-    from megatron_ct.data.schedule import stage_iters
-
-    lengths = stage_iters(d, cfg.train.global_batch_size)
-    if None not in lengths and sum(lengths) < cfg.train.train_iters:
-        stages = ", ".join(f"{s.name}={n}" for s, n in zip(d.stages, lengths, strict=True))
-        raise ConfigError(
-            f"train.train_iters: expected at most the curriculum's {sum(lengths)} steps (data.stages: {stages}; "
-            f"leave the last stage's iters/tokens out to run it to the end), got {cfg.train.train_iters}"
-        )
+    return Layout(
+        world_size=world_size,
+        tp=tp,
+        pp=pp,
+        vpp=vpp,
+        dp=dp,
+        num_microbatches=num_micro,
+        sequence_parallel=p.sequence_parallel,
+        use_distributed_optimizer=p.use_distributed_optimizer,
+        overlap_grad_reduce=p.overlap_grad_reduce,
+        device=device or torch.device("cpu"),
+    )

@@ -1,0 +1,145 @@
+"""The curriculum in iterations: the run's stages, built once from the config and shared.
+
+A :class:`Schedule` is what the data source, the freeze plan, the LR scheduler and the
+trainer's stage-start hook all read; nothing else derives stages from the config. Stage
+lengths are steps (``iters``, or ``tokens`` rounded up to whole steps of
+``global_batch_size * seq_length``), laid end to end from iteration 0; an open-ended last
+stage runs to ``train.train_iters``. A step belongs wholly to one stage.
+
+A run on the synthetic stream has one implicit stage, ``main``, with no datasets: the same
+code path then covers curricula and plain runs (what trains is the run-level
+``train.trainable_params``, which is simply every stage's default).
+
+Blends are vectors over ``names`` (every dataset any stage uses, sorted), normalised to sum
+1. Where those weights fall in the global *sample* stream depends on the data position, which
+the data source owns (:mod:`megatron_ct.data.interleave`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from megatron_ct.config.schema import CTConfig, DataConfig
+
+
+@dataclass(frozen=True, eq=False)
+class Stage:
+    """One curriculum stage, in iterations (compared by identity: one object per stage)."""
+
+    index: int
+    name: str
+    start_iter: int
+    end_iter: int | None  # exclusive; None: open-ended (runs to the end of training)
+    start_weights: np.ndarray  # [len(schedule.names)], sums to 1 (empty for the synthetic stream)
+    end_weights: np.ndarray  # == start_weights without a ramp
+    packing: str = "concat"
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
+    lr_rewarm_iters: int = 0
+    trainable_params: tuple[str, ...] | None = None  # the stage's patterns, else the run's; None: all
+    trainable_key: str = "train.trainable_params"  # the config key those patterns come from
+
+    @property
+    def ramped(self) -> bool:
+        return not np.array_equal(self.start_weights, self.end_weights)
+
+    @property
+    def iters(self) -> int | None:
+        return None if self.end_iter is None else self.end_iter - self.start_iter
+
+
+def stage_iters(data: DataConfig, global_batch_size: int) -> list[int | None]:
+    """Length of each configured stage in steps (None for an open-ended last stage)."""
+    out: list[int | None] = []
+    for s in data.stages:
+        if s.iters is not None:
+            out.append(s.iters)
+        elif s.tokens is not None:
+            out.append(math.ceil(s.tokens / (global_batch_size * data.seq_length)))
+        else:
+            out.append(None)
+    return out
+
+
+def dataset_names(data: DataConfig) -> list[str]:
+    """Datasets used by any stage, sorted (the interleave's fixed order)."""
+    return sorted({n for s in data.stages for part in (s.blend, s.end_blend or {}) for n in part})
+
+
+def _vector(blend: dict[str, float], names: list[str]) -> np.ndarray:
+    v = np.array([float(blend.get(n, 0.0)) for n in names], dtype=np.float64)
+    return v / v.sum()
+
+
+class Schedule:
+    """The run's stages, in order."""
+
+    def __init__(self, stages: list[Stage], names: list[str], curriculum: bool) -> None:
+        self.stages = stages
+        self.names = names  # datasets, in interleave order
+        self.curriculum = curriculum  # False: the synthetic stream's single implicit stage
+
+    @classmethod
+    def from_config(cls, cfg: CTConfig) -> Schedule:
+        run_trainable = tuple(cfg.train.trainable_params) if cfg.train.trainable_params else None
+        d = cfg.data
+        if d.source != "indexed":
+            empty = np.zeros(0)
+            return cls([Stage(0, "main", 0, None, empty, empty, trainable_params=run_trainable)], [], False)
+        names = dataset_names(d)
+        stages, start = [], 0
+        for i, (s, iters) in enumerate(zip(d.stages, stage_iters(d, cfg.train.global_batch_size), strict=True)):
+            a = _vector(s.blend, names)
+            stages.append(
+                Stage(
+                    index=i,
+                    name=s.name,
+                    start_iter=start,
+                    end_iter=None if iters is None else start + iters,
+                    start_weights=a,
+                    end_weights=_vector(s.end_blend, names) if s.end_blend else a,
+                    packing=s.packing,
+                    reset_position_ids=s.reset_position_ids,
+                    reset_attention_mask=s.reset_attention_mask,
+                    eod_mask_loss=s.eod_mask_loss,
+                    lr_rewarm_iters=s.lr_rewarm_iters,
+                    trainable_params=tuple(s.trainable_params) if s.trainable_params else run_trainable,
+                    trainable_key=f"data.stages[{i}].trainable_params"
+                    if s.trainable_params
+                    else "train.trainable_params",
+                )
+            )
+            if iters is not None:
+                start += iters
+        return cls(stages, names, True)
+
+    def stage_at(self, iteration: int) -> Stage:
+        """The stage step ``iteration`` (0-based) belongs to; past the last stage's end, the last."""
+        for stage in self.stages:
+            if stage.end_iter is None or iteration < stage.end_iter:
+                return stage
+        return self.stages[-1]
+
+    def is_stage_end(self, iterations_done: int) -> bool:
+        """Whether ``iterations_done`` steps complete a (bounded) stage."""
+        return any(s.end_iter == iterations_done for s in self.stages)
+
+    def describe(self, stage: Stage, train_iters: int) -> str:
+        """One log line for a stage start."""
+        end = stage.end_iter if stage.end_iter is not None else train_iters
+        parts = [f"stage {stage.index + 1}/{len(self.stages)} {stage.name!r}: iterations {stage.start_iter + 1}-{end}"]
+        if self.curriculum:
+            blend = ", ".join(
+                f"{n} {a:.3f}" + (f"->{b:.3f}" if stage.ramped else "")
+                for n, a, b in zip(self.names, stage.start_weights, stage.end_weights, strict=True)
+                if a > 0 or b > 0
+            )
+            parts += [f"packing {stage.packing}", f"blend {blend}"]
+        if stage.lr_rewarm_iters:
+            parts.append(f"LR re-warm over {stage.lr_rewarm_iters} steps")
+        parts.append("training " + (", ".join(stage.trainable_params) if stage.trainable_params else "everything"))
+        return " | ".join(parts)
