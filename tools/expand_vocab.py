@@ -183,7 +183,7 @@ def run(args) -> dict:
         from megatron_ct.checkpoint.rewrite import open_checkpoint
         from megatron_ct.expansion.vocab.checkpoint import resize_ct_checkpoint
 
-        divisible_by = open_checkpoint(args.ct_checkpoint)[2]["config"]["model"]["make_vocab_size_divisible_by"]
+        divisible_by = open_checkpoint(args.ct_checkpoint)[2].model["make_vocab_size_divisible_by"]
         plan = VocabResizePlan(
             old_vocab_size=result.first_new_id,
             sources=tuple(map(tuple, base_segmenter(base)(result.new_pieces))),

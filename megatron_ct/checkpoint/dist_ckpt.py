@@ -1,22 +1,19 @@
-"""Save and load megatron-core dist checkpoints, resumable and reshardable.
+"""Save and load the training state as megatron-core dist checkpoints, resumable and reshardable.
 
-Layout of ``checkpoint.save``::
+What a checkpoint holds is the :class:`TrainState`: the model chunks, the optimizer, the LR
+scheduler and the data source, each saved and restored through its own state dict, plus the
+:class:`~megatron_ct.checkpoint.meta.CheckpointMeta` record and the RNG states. Where it goes
+on disk (``iter_N.partial`` -> ``iter_N`` -> tracker, retention) is
+:mod:`megatron_ct.checkpoint.root`'s.
 
-    iter_0000100/                     one megatron-core dist checkpoint
-    latest_checkpointed_iteration.txt "100" (Megatron-LM's tracker name)
-
-A checkpoint is written into ``iter_XXXXXXX.partial`` and renamed, then the tracker is
-replaced atomically (write temp, rename). A save killed at any point therefore leaves
-the tracker on the previous complete checkpoint; leftover ``.partial`` directories are
-removed by the next save.
-
-Tensors are stored in megatron-core's global (unsharded) coordinates, so a checkpoint
-saved at one TP/PP/DP layout loads at another. The optimizer is saved in the
-distributed optimizer's ``fully_reshardable`` format when that optimizer is used.
+Tensors are stored in megatron-core's global (unsharded) coordinates, so a checkpoint saved
+at one TP/PP/DP layout loads at another. The optimizer is saved in the distributed
+optimizer's ``fully_reshardable`` format when that optimizer is used.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -26,16 +23,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_ct.config import ConfigError
+from megatron_ct.checkpoint import root as ckpt_root
+from megatron_ct.checkpoint.meta import CheckpointMeta, check_dcp_metadata
+from megatron_ct.errors import CheckpointError
 
 log = logging.getLogger(__name__)
-
-TRACKER = "latest_checkpointed_iteration.txt"
-# Common-dict keys that record where the weights came from (the HF model a checkpoint was
-# converted from, blocks added by expansion, ...); training keeps them in every save so
-# later tools (ct -> HF export, train.trainable_params=new_blocks) still find them.
-PROVENANCE_KEYS = ("hf", "new_block_layers", "vocab_expansion")
-FORMAT_VERSION = 1
 
 # Passed to sharded_state_dict() of model and optimizer and stored with the checkpoint.
 # Always pass a copy: megatron-core adds process groups to the dict it is given.
@@ -46,36 +38,14 @@ SHARDING_METADATA = {
 }
 
 
-def iter_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
+@dataclass
+class TrainState:
+    """The stateful components of a run (torchtitan's model): saved and restored together."""
 
-
-def read_tracker(root: str) -> int | None:
-    path = os.path.join(root, TRACKER)
-    if not os.path.isfile(path):
-        return None
-    text = open(path).read().strip()
-    if not text.isdigit():
-        raise ValueError(f"{path}: expected an iteration number, got {text!r}")
-    return int(text)
-
-
-def resolve_load_dir(load: str) -> tuple[str, int]:
-    """``load`` may be a save root (follow its tracker) or one ``iter_*`` directory."""
-    if not os.path.exists(load):
-        raise FileNotFoundError(f"checkpoint.load: {load} does not exist")
-    it = read_tracker(load)
-    if it is not None:
-        path = iter_dir(load, it)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(
-                f"checkpoint.load: {os.path.join(load, TRACKER)} names iteration {it} but {path} is missing"
-            )
-        return path, it
-    if os.path.isfile(os.path.join(load, "metadata.json")):
-        name = os.path.basename(os.path.normpath(load))
-        return load, int(name.split("_")[-1]) if name.startswith("iter_") else 0
-    raise FileNotFoundError(f"checkpoint.load: {load} has neither {TRACKER} nor a dist checkpoint (metadata.json)")
+    model: list  # DDP-wrapped model chunks
+    optimizer: Any = None
+    scheduler: Any = None
+    data: Any = None  # a megatron_ct.data.batches.DataSource
 
 
 def _model_key(i: int, n: int) -> str:
@@ -171,136 +141,131 @@ def _unshare_torch_adam_steps(optimizer) -> None:
                 st["step"] = st["step"].clone()
 
 
-def save_checkpoint(
-    root: str, iteration: int, chunks, optimizer, scheduler, common: dict[str, Any], keep_last: int | None = None
-) -> str:
-    """Collective: every rank calls it. Returns the final directory."""
+def save_checkpoint(root: str, state: TrainState, meta: CheckpointMeta, keep_last: int | None = None) -> str:
+    """Collective: every rank calls it. Writes ``meta.iteration``; returns the final directory.
+
+    A failed write (disk full, an unwritable directory) removes the partial, leaves the
+    previous latest checkpoint as it was, and raises :class:`CheckpointError` on every rank.
+    """
+    from megatron.core import dist_checkpointing
+
+    iteration = meta.iteration
+    partial = ckpt_root.iter_dir(root, iteration) + ".partial"
+    error: BaseException | None = None
+    if dist.get_rank() == 0:
+        try:
+            ckpt_root.stage(root, iteration)
+        except OSError as e:
+            error = e
+    if _any_rank(error is not None):
+        raise CheckpointError(_write_error(root, partial, error))
+
+    model_sd = _model_sharded_state_dict(state.model)
+    sd: dict[str, Any] = dict(model_sd)
+    sd["optimizer"] = state.optimizer.sharded_state_dict(model_sd, metadata=dict(SHARDING_METADATA))
+    sd["scheduler"] = state.scheduler.state_dict()
+    sd["rng_state"] = _rng_sharded(_rng_state())
+    sd["ct"] = meta.to_dict()
+    try:
+        dist_checkpointing.save(sd, partial, content_metadata=dict(SHARDING_METADATA))
+    except Exception as e:  # DCP wraps per-rank failures (e.g. ENOSPC) in its own exception types
+        error = e
+    if _any_rank(error is not None):
+        if dist.get_rank() == 0:
+            ckpt_root.discard(root, iteration)
+        dist.barrier()
+        raise CheckpointError(_write_error(root, partial, error))
+    if dist.get_rank() == 0:
+        ckpt_root.publish(root, iteration, keep_last)
+    dist.barrier()
+    return ckpt_root.iter_dir(root, iteration)
+
+
+def _any_rank(flag: bool) -> bool:
+    """Collective: True on every rank if ``flag`` is True on any."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _is_no_space(error: BaseException | None, depth: int = 0) -> bool:
+    """ENOSPC anywhere in an exception, its causes, or DCP's per-rank failures."""
+    if error is None or depth > 8:
+        return False
+    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left" in str(error):
+        return True
+    nested = getattr(error, "failures", None)  # torch DCP's CheckpointException: {rank: exception}
+    if isinstance(nested, dict) and any(_is_no_space(e, depth + 1) for e in nested.values()):
+        return True
+    return _is_no_space(error.__cause__ or error.__context__, depth + 1)
+
+
+def _write_error(root: str, partial: str, error: BaseException | None) -> str:
+    exists = os.path.isdir(root)
+    free = shutil.disk_usage(root).free if exists else None
+    latest = ckpt_root.read_tracker(root) if exists else None
+    kept = f"; the previous checkpoint (iteration {latest}) is intact" if latest is not None else ""
+    if _is_no_space(error) or (free is not None and free < 16 * 2**20):
+        return f"checkpoint.save: no space left on device writing {partial} ({free or 0} bytes free){kept}"
+    what = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}" if error else "unknown error"
+    return f"checkpoint.save: writing {partial} failed ({what}){kept}"
+
+
+def load_weights(load: str, chunks: list, key: str = "checkpoint.load") -> CheckpointMeta:
+    """Collective: weights only into ``chunks`` (e.g. for inference or evaluation), from a save
+    root or iter_* directory at any saved layout; returns the checkpoint's record."""
+    from megatron_ct.checkpoint.meta import read_meta
+
+    path, _ = ckpt_root.resolve_load_dir(load, key)
+    meta = read_meta(path)
+    load_checkpoint(path, TrainState(chunks), meta, weights_only=True)
+    return meta
+
+
+def load_checkpoint(path: str, state: TrainState, meta: CheckpointMeta, weights_only: bool = False) -> None:
+    """Collective. Loads weights (always) and, unless ``weights_only``, optimizer, scheduler,
+    data position and (at the same layout) RNG states. Works across TP/PP layouts.
+    ``path`` and ``meta`` come from the start-up check (``resolve_load_dir`` + ``read_meta``)."""
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
-    final = iter_dir(root, iteration)
-    partial = final + ".partial"
-    if dist.get_rank() == 0:
-        os.makedirs(root, exist_ok=True)
-        for name in os.listdir(root):  # leftovers of interrupted saves
-            if name.endswith(".partial"):
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-        if os.path.exists(final):  # re-saving the same iteration (e.g. end == interval)
-            shutil.rmtree(final)
-        os.makedirs(partial)
-    dist.barrier()
-
-    model_sd = _model_sharded_state_dict(chunks)
-    state: dict[str, Any] = dict(model_sd)
-    state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=dict(SHARDING_METADATA))
-    state["scheduler"] = scheduler.state_dict()
-    state["rng_state"] = _rng_sharded(_rng_state())
-    state["ct"] = dict(
-        common,
-        iteration=iteration,
-        format_version=FORMAT_VERSION,
-        layout={"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size()},
-    )
-    dist_checkpointing.save(state, partial, content_metadata=dict(SHARDING_METADATA))
-    dist.barrier()
-    if dist.get_rank() == 0:
-        os.replace(partial, final)
-        write_tracker(root, iteration)
-        if keep_last:
-            _prune(root, keep_last)
-    dist.barrier()
-    return final
-
-
-def write_tracker(root: str, iteration: int) -> None:
-    """Atomically point ``latest_checkpointed_iteration.txt`` at ``iteration`` (temp, fsync,
-    rename): call only once that checkpoint is complete."""
-    tmp = os.path.join(root, TRACKER + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(str(iteration))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(root, TRACKER))
-
-
-def _prune(root: str, keep_last: int) -> None:
-    iters = sorted(n for n in os.listdir(root) if n.startswith("iter_") and n[5:].isdigit())
-    for name in iters[:-keep_last]:
-        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-
-
-@dataclass
-class LoadedState:
-    iteration: int
-    consumed_samples: int
-    common: dict[str, Any]
-
-
-def read_common(path: str) -> dict[str, Any]:
-    """The checkpoint's plain metadata (config, vocab sizes, iteration), without tensors."""
-    from megatron.core import dist_checkpointing
-
-    common = dist_checkpointing.load_common_state_dict(path)
-    return common.get("ct", {})
-
-
-def load_checkpoint(
-    load: str,
-    chunks,
-    optimizer=None,
-    scheduler=None,
-    weights_only: bool = False,
-    expected_vocab_size: int | None = None,
-) -> LoadedState:
-    """Collective. Loads weights (always) and, unless weights_only, optimizer, scheduler,
-    RNG and data position. Works across TP/PP layouts."""
-    from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
-
-    path, iteration = resolve_load_dir(load)
-    common = read_common(path)
-    saved_vocab = common.get("model_info", {}).get("true_vocab_size")
-    if expected_vocab_size is not None and saved_vocab is not None and saved_vocab != expected_vocab_size:
-        raise ConfigError(
-            f"model.vocab_size: expected {saved_vocab} (the vocabulary of checkpoint {path}), got {expected_vocab_size}"
-        )
-    if common.get("weights_only") and not weights_only:
-        raise ConfigError(
-            f"checkpoint.load_weights_only: expected true for {path}, which holds weights only "
-            "(a converted or expanded model: no optimizer state to resume)"
-        )
-    model_sd = _model_sharded_state_dict(chunks)
+    check_dcp_metadata(path)  # DCP unpickles it: only checkpoint metadata classes may be in it
+    model_sd = _model_sharded_state_dict(state.model)
     request: dict[str, Any] = dict(model_sd)
-    same_layout = common.get("layout") == {
+    same_layout = meta.layout == {
         "tp": ps.get_tensor_model_parallel_world_size(),
         "pp": ps.get_pipeline_model_parallel_world_size(),
     }
     if not weights_only:
-        _prepare_torch_adam_for_load(optimizer)
-        request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=dict(SHARDING_METADATA))
+        _prepare_torch_adam_for_load(state.optimizer)
+        request["optimizer"] = state.optimizer.sharded_state_dict(
+            model_sd, is_loading=True, metadata=dict(SHARDING_METADATA)
+        )
         if same_layout:
             request["rng_state"] = _rng_sharded(_rng_state())
     loaded = dist_checkpointing.load(request, path)
 
-    n = len(chunks)
-    for i, chunk in enumerate(chunks):
+    n = len(state.model)
+    for i, chunk in enumerate(state.model):
         unwrap(chunk).load_state_dict(loaded[_model_key(i, n)], strict=True)
     if weights_only:
-        if optimizer is not None:
+        if state.optimizer is not None:
             # bf16/fp16: the optimizer made its FP32 main copies from the initial weights;
             # without a refresh the first step would write those back over the loaded ones.
-            optimizer.reload_model_params()
-        log.info("loaded weights only from %s (iteration %d); optimizer and schedule start fresh", path, iteration)
-        return LoadedState(iteration=0, consumed_samples=0, common=common)
+            state.optimizer.reload_model_params()
+        log.info("loaded weights only from %s (iteration %d); optimizer and schedule start fresh", path, meta.iteration)
+        return
 
-    optimizer.load_state_dict(loaded["optimizer"])
-    _unshare_torch_adam_steps(optimizer)
-    scheduler.load_state_dict(loaded["scheduler"])
+    state.optimizer.load_state_dict(loaded["optimizer"])
+    _unshare_torch_adam_steps(state.optimizer)
+    state.scheduler.load_state_dict(loaded["scheduler"])
+    if state.data is not None and meta.data is not None:
+        state.data.load_state_dict(meta.data)
     if "rng_state" in loaded:
         _restore_rng(loaded["rng_state"])
     else:
-        log.info("checkpoint layout %s differs from this run's; RNG states not restored", common.get("layout"))
-    return LoadedState(iteration=iteration, consumed_samples=int(common.get("consumed_samples", 0)), common=common)
+        log.info("checkpoint layout %s differs from this run's; RNG states not restored", meta.layout)
 
 
 def _restore_rng(state: dict) -> None:

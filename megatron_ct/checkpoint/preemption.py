@@ -1,9 +1,11 @@
-"""SIGTERM handling for SLURM preemption: remember the signal, save at the step boundary.
+"""SIGTERM handling for SLURM preemption: remember the signal, save at a step boundary.
 
-SLURM sends SIGTERM to every task some time (``--signal``/``KillWait``) before killing
-it. The handler only sets a flag; the training loop checks it after each step with an
-all-reduce, so every rank agrees to save the same iteration even if only some of them
-received the signal.
+SLURM sends SIGTERM to every task some time (``--signal``/``KillWait``) before killing it.
+The handler only sets a flag; after each step the trainer asks :meth:`PreemptionFlag.poll`,
+an all-reduce of the flags, so every rank agrees to save the same iteration even if only
+some of them received the signal. The flags travel through a CPU (gloo) group and are read
+through a NumPy view: the check never synchronises the GPU. With ``save_on_sigterm`` off
+nothing is installed and nothing is exchanged.
 """
 
 from __future__ import annotations
@@ -16,23 +18,33 @@ import torch.distributed as dist
 
 
 class PreemptionFlag:
-    def __init__(self, enabled: bool, device: str) -> None:
+    def __init__(self, enabled: bool, on_gpu: bool = False) -> None:
+        """Collective when ``enabled`` (the same on every rank: it comes from the config)."""
+        self.enabled = enabled
         self._received = False
-        self._device = device
         self._previous: Any = None
-        if enabled:
-            self._previous = signal.signal(signal.SIGTERM, self._handler)
+        self._group = None
+        if not enabled:
+            return
+        self._previous = signal.signal(signal.SIGTERM, self._handler)
+        if on_gpu and dist.is_initialized():
+            self._group = dist.new_group(backend="gloo")  # host tensors: no device round trip
+        self._flag = torch.zeros(1, dtype=torch.int32)
+        self._view = self._flag.numpy()  # shares memory: reading it is not a torch call
 
     def _handler(self, signum, frame) -> None:  # noqa: ARG002
         self._received = True
 
-    def any_rank_received(self) -> bool:
-        """Collective: True on all ranks if any rank got SIGTERM."""
-        dev = torch.device("cuda", torch.cuda.current_device()) if self._device == "cuda" else torch.device("cpu")
-        flag = torch.tensor([1 if self._received else 0], dtype=torch.int32, device=dev)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def poll(self) -> bool:
+        """Collective when enabled: True on all ranks if any rank got SIGTERM."""
+        if not self.enabled:
+            return False
+        self._view[0] = 1 if self._received else 0
+        if dist.is_initialized():
+            dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group)
+        return bool(self._view[0])
 
     def restore(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None

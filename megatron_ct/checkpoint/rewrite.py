@@ -1,43 +1,33 @@
 """Derive a weights-only checkpoint from another one, streamed tensor slice by slice.
 
-Shared by the tools that change a model's shape offline: block expansion (more layers)
-and vocabulary resizing (more embedding rows). Tensors are read from the source's dist
-checkpoint region by region (global coordinates: any TP/PP it was saved at) and written
-through :func:`megatron_ct.checkpoint.dist_io.write_dist_checkpoint`; the result is a save root
-(``iter_0000000`` + tracker, tracker written last) that the trainer loads with
-``checkpoint.load_weights_only=true`` at any layout.
+Shared by the offline tools that change a model (block expansion, vocabulary resize,
+checkpoint merges): tensors are read from the source's dist checkpoint region by region
+(global coordinates: any TP/PP it was saved at) and written through
+:func:`megatron_ct.checkpoint.dist_io.write_dist_checkpoint`; the result is a save root
+(``iter_0000000`` + tracker, published by :mod:`megatron_ct.checkpoint.root`) that the trainer
+loads with ``checkpoint.load_weights_only=true`` at any layout.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
-import shutil
 
-import torch
-
-from megatron_ct.checkpoint.dist_ckpt import (
-    FORMAT_VERSION,
-    SHARDING_METADATA,
-    TRACKER,
-    iter_dir,
-    resolve_load_dir,
-    write_tracker,
-)
+from megatron_ct.checkpoint import root as ckpt_root
+from megatron_ct.checkpoint.dist_ckpt import SHARDING_METADATA
 from megatron_ct.checkpoint.dist_io import ChunkSpec, DistCheckpointReader, write_dist_checkpoint
 from megatron_ct.checkpoint.keys import LAYER_PREFIX, extra_state_objects
+from megatron_ct.checkpoint.meta import CheckpointMeta, check_dcp_metadata, read_meta
 from megatron_ct.errors import ConversionError
 
 
-def open_checkpoint(ckpt: str) -> tuple[str, DistCheckpointReader, dict]:
-    """(iteration directory, tensor reader, a copy of its ``ct`` metadata)."""
-    path, _ = resolve_load_dir(ckpt)
-    reader = DistCheckpointReader(path)
-    common = torch.load(os.path.join(path, "common.pt"), weights_only=False)
-    ct = common.get("ct") or {}
-    if "config" not in ct:
-        raise ConversionError(f"{path}: no megatron-ct metadata (common.pt has no 'ct' config)")
-    return path, reader, copy.deepcopy(ct)
+def open_checkpoint(ckpt: str) -> tuple[str, DistCheckpointReader, CheckpointMeta]:
+    """(iteration directory, tensor reader, a copy of its metadata) of a save root or iter_* dir."""
+    path, _ = ckpt_root.resolve_load_dir(ckpt, key=ckpt)
+    meta = read_meta(path)
+    check_dcp_metadata(path)
+    return path, DistCheckpointReader(path), copy.deepcopy(meta)
 
 
 def model_keys(reader: DistCheckpointReader) -> list[str]:
@@ -57,23 +47,27 @@ def copied(reader: DistCheckpointReader, key: str) -> list[ChunkSpec]:
     return chunks
 
 
-def write_weights_only(out_dir: str, chunks: list[ChunkSpec], ct: dict, overwrite: bool = False) -> str:
-    """Write ``chunks`` as iteration 0 of the save root ``out_dir`` with metadata ``ct``
-    (whose ``config`` must describe the new shapes)."""
-    final = iter_dir(out_dir, 0)
-    if os.path.exists(os.path.join(out_dir, TRACKER)) or os.path.exists(final):
-        if not overwrite:
-            raise ConversionError(f"{out_dir}: already holds a checkpoint; pass --overwrite to replace it")
-        shutil.rmtree(final, ignore_errors=True)
-    os.makedirs(out_dir, exist_ok=True)
-    ct = dict(ct, iteration=0, consumed_samples=0, weights_only=True, format_version=FORMAT_VERSION)
-    ct.pop("data", None)  # a data position belongs to the run that made the source
-    num_layers = ct["config"]["model"]["num_layers"]
-    partial = final + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    write_dist_checkpoint(
-        partial, chunks, extra_state_objects(num_layers), {"ct": ct, "content_metadata": dict(SHARDING_METADATA)}
-    )
-    os.replace(partial, final)
-    write_tracker(out_dir, 0)  # last: only now is the checkpoint "latest"
-    return final
+def write_weights_only(
+    out_dir: str, chunks: list[ChunkSpec], meta: CheckpointMeta, overwrite: bool = False, on_written=None
+) -> str:
+    """Write ``chunks`` as iteration 0 of the save root ``out_dir`` with ``meta`` (whose
+    ``config`` must describe the new shapes); the tracker is written last."""
+    exists = ckpt_root.read_tracker(out_dir) is not None or os.path.exists(ckpt_root.iter_dir(out_dir, 0))
+    if exists and not overwrite:
+        raise ConversionError(f"{out_dir}: already holds a checkpoint; pass --overwrite to replace it")
+    meta = dataclasses.replace(meta, iteration=0, weights_only=True, data=None)
+    partial = ckpt_root.stage(out_dir, 0)
+    os.rmdir(partial)  # write_dist_checkpoint creates it
+    num_layers = meta.model["num_layers"]
+    try:
+        write_dist_checkpoint(
+            partial,
+            chunks,
+            extra_state_objects(num_layers),
+            {"ct": meta.to_dict(), "content_metadata": dict(SHARDING_METADATA)},
+            on_written=on_written,
+        )
+    except BaseException:
+        ckpt_root.discard(out_dir, 0)
+        raise
+    return ckpt_root.publish(out_dir, 0)

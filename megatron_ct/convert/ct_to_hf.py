@@ -25,14 +25,15 @@ from collections.abc import Callable
 
 import torch
 
-from megatron_ct.checkpoint.dist_ckpt import read_common, resolve_load_dir
 from megatron_ct.checkpoint.dist_io import DistCheckpointReader
+from megatron_ct.checkpoint.meta import check_dcp_metadata, read_meta
+from megatron_ct.checkpoint.root import resolve_load_dir
 from megatron_ct.config import ModelConfig
 from megatron_ct.convert import hf_layout as L
 from megatron_ct.convert.hf_files import SafetensorsShardWriter, is_weight_file, parse_size
 from megatron_ct.convert.hf_to_ct import ConversionReport, parse_dtype, read_hf_config, remove_path
 from megatron_ct.convert.progress import Progress, peak_rss_bytes
-from megatron_ct.errors import ConversionError
+from megatron_ct.errors import ConversionError, CTError
 
 
 class _Source:
@@ -134,6 +135,26 @@ def _copy_assets(src_dir: str | None, out: str) -> list[str]:
     return copied
 
 
+def _ours(name: str, asset_names: set[str]) -> bool:
+    """A file ct-to-hf writes (so --overwrite may replace it)."""
+    weights = name.startswith("model") and (name.endswith(".safetensors") or name.endswith(".safetensors.index.json"))
+    return weights or name == "config.json" or name in asset_names
+
+
+def _check_replaceable(out_dir: str, assets: str | None) -> None:
+    """--overwrite replaces an earlier export, never a directory holding anything else."""
+    asset_names = set(os.listdir(assets)) if assets else set()
+    if not os.path.isdir(out_dir):
+        raise ConversionError(f"{out_dir}: exists and is not a directory; expected an earlier export to replace")
+    foreign = sorted(n for n in os.listdir(out_dir) if not _ours(n, asset_names))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise ConversionError(
+            f"{out_dir}: holds files this export does not write ({shown}); expected an earlier export "
+            "(--overwrite replaces only what ct-to-hf writes): choose another --output or move them"
+        )
+
+
 def convert_ct_to_hf(
     ckpt: str,
     out_dir: str,
@@ -150,25 +171,21 @@ def convert_ct_to_hf(
     t0 = time.perf_counter()
     wanted_dtype = parse_dtype(dtype)
     try:
-        path, _ = resolve_load_dir(ckpt)
-    except FileNotFoundError as e:
-        raise ConversionError(str(e).replace("checkpoint.load: ", "")) from None
-    common = read_common(path)
-    if "config" not in common or "model_info" not in common:
-        raise ConversionError(
-            f"{path}: no megatron-ct metadata ('ct' common dict with config and model_info); "
-            "expected a checkpoint written by pretrain_ct.py or this converter"
-        )
+        path, _ = resolve_load_dir(ckpt, key=ckpt)
+        meta = read_meta(path)
+        check_dcp_metadata(path)
+    except CTError as e:
+        raise ConversionError(str(e)) from None
     try:
-        m = ModelConfig(**common["config"]["model"])
+        m = ModelConfig(**meta.model)
     except (TypeError, ValueError) as e:
         raise ConversionError(f"{path}: model config in the checkpoint is not valid here ({e})") from None
-    true_vocab = int(common["model_info"]["true_vocab_size"])
+    true_vocab = meta.true_vocab_size
     if true_vocab != m.vocab_size:
         raise ConversionError(
             f"{path}: model_info.true_vocab_size={true_vocab} disagrees with config.model.vocab_size={m.vocab_size}"
         )
-    record = common.get("hf") or {}
+    record = meta.hf or {}
     base = read_hf_config(hf_base) if hf_base else record.get("config")
     arch = (
         architecture
@@ -191,36 +208,46 @@ def convert_ct_to_hf(
     assets = tokenizer or hf_base or _assets_beside(path) or (source if source and os.path.isdir(source) else None)
     if assets and not os.path.isdir(assets):
         raise ConversionError(f"{assets}: no such directory (expected tokenizer files)")
-    if os.path.exists(out_dir) and not overwrite:
-        raise ConversionError(f"{out_dir}: already exists; pass --overwrite to replace it")
+    if os.path.exists(out_dir):
+        if not overwrite:
+            raise ConversionError(f"{out_dir}: already exists; pass --overwrite to replace it")
+        _check_replaceable(out_dir, assets)
     partial = out_dir.rstrip("/") + ".partial"
     remove_path(partial)
     os.makedirs(partial)
-    writer = SafetensorsShardWriter(partial, [(n, s, torch_dtype) for n, s, _ in tensors], parse_size(max_shard_size))
-    bar = Progress(len(tensors), writer.total_bytes, "ct -> hf", enabled=progress)
-    largest = 0
-    for name, _, produce in tensors:
-        t = produce()
-        largest = max(largest, t.numel() * t.element_size())
-        writer.write(name, t)
-        bar.update(t.numel() * t.element_size())
-        del t
-    writer.close()
-    bar.close()
-
-    config = L.hf_config_from_model(m, arch, torch_dtype, base)
-    with open(os.path.join(partial, "config.json"), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
-    copied = _copy_assets(assets, partial)
+    try:
+        writer = SafetensorsShardWriter(
+            partial, [(n, s, torch_dtype) for n, s, _ in tensors], parse_size(max_shard_size)
+        )
+        bar = Progress(len(tensors), writer.total_bytes, "ct -> hf", enabled=progress)
+        largest = 0
+        for name, _, produce in tensors:
+            t = produce()
+            largest = max(largest, t.numel() * t.element_size())
+            writer.write(name, t)
+            bar.update(t.numel() * t.element_size())
+            del t
+        writer.close()
+        bar.close()
+        config = L.hf_config_from_model(m, arch, torch_dtype, base)
+        with open(os.path.join(partial, "config.json"), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+        copied = _copy_assets(assets, partial)
+    except BaseException:
+        remove_path(partial)  # a failed conversion leaves nothing that looks like output
+        raise
     warnings = (
         []
         if any(n.startswith("tokenizer") for n in copied)
         else [f"{out_dir}: no tokenizer files copied; pass --tokenizer DIR (or --hf-base DIR)"]
     )
+    old = out_dir.rstrip("/") + ".old"
     if os.path.exists(out_dir):
-        remove_path(out_dir)
+        remove_path(old)
+        os.replace(out_dir, old)
     os.replace(partial, out_dir)
+    remove_path(old)
     return ConversionReport(
         out_dir, len(tensors), writer.total_bytes, largest, time.perf_counter() - t0, peak_rss_bytes(), warnings
     )

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 import torch
 import yaml
 
-from megatron_ct.checkpoint import keys
-from megatron_ct.checkpoint.dist_ckpt import FORMAT_VERSION, SHARDING_METADATA, TRACKER, iter_dir, write_tracker
-from megatron_ct.checkpoint.dist_io import ChunkSpec, write_dist_checkpoint
+from megatron_ct.checkpoint.dist_io import ChunkSpec
+from megatron_ct.checkpoint.meta import CheckpointMeta
+from megatron_ct.checkpoint.rewrite import write_weights_only
+from megatron_ct.checkpoint.root import iter_dir, read_tracker
 from megatron_ct.config import (
     ConfigError,
     CTConfig,
@@ -210,47 +211,32 @@ def convert_hf_to_ct(
     padded = padded_vocab_size(m.vocab_size, make_vocab_size_divisible_by, target_tp)
     chunks = plan_chunks(weights, m, padded, torch_dtype)
 
-    final = iter_dir(out_dir, 0)
-    if os.path.exists(os.path.join(out_dir, TRACKER)) or os.path.exists(final):
-        if not overwrite:
-            raise ConversionError(f"{out_dir}: already holds a checkpoint; pass --overwrite to replace it")
-        for name in (TRACKER, os.path.basename(final), "hf_assets", "model.yaml"):
-            remove_path(os.path.join(out_dir, name))
-    os.makedirs(out_dir, exist_ok=True)
-    partial = final + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-
-    common = {
-        "ct": {
-            "consumed_samples": 0,
-            "config": config_to_dict(cfg),
-            "model_info": {"true_vocab_size": m.vocab_size, "padded_vocab_size": padded},
-            "iteration": 0,
-            "format_version": FORMAT_VERSION,
-            "layout": {"tp": target_tp, "pp": target_pp},
-            "weights_only": True,
-            "hf": {"architecture": arch, "config": hf_config, "source": os.path.abspath(hf_dir)},
-        },
-        "content_metadata": dict(SHARDING_METADATA),
-    }
-    pickle.dumps(common)  # fail here, not half-way, if config.json held something odd
-    bar = Progress(len(chunks), sum(c.nbytes for c in chunks), "hf -> ct", enabled=progress)
-    write_dist_checkpoint(
-        partial, chunks, keys.extra_state_objects(m.num_layers), common, on_written=lambda c: bar.update(c.nbytes)
+    if (read_tracker(out_dir) is not None or os.path.exists(iter_dir(out_dir, 0))) and not overwrite:
+        raise ConversionError(f"{out_dir}: already holds a checkpoint; pass --overwrite to replace it")
+    meta = CheckpointMeta(
+        config=config_to_dict(cfg),
+        true_vocab_size=m.vocab_size,
+        padded_vocab_size=padded,
+        layout={"tp": target_tp, "pp": target_pp},
+        weights_only=True,
+        hf={"architecture": arch, "config": hf_config, "source": os.path.abspath(hf_dir)},
     )
-    bar.close()
-
+    pickle.dumps(meta.to_dict())  # fail here, not half-way, if config.json held something odd
+    os.makedirs(out_dir, exist_ok=True)
+    # Beside the checkpoint, before it is published (the tracker, written last, means complete).
     assets = os.path.join(out_dir, "hf_assets")
-    shutil.rmtree(assets + ".partial", ignore_errors=True)
+    remove_path(assets + ".partial")
     os.makedirs(assets + ".partial")
     for name in sorted(os.listdir(hf_dir)):
         src = os.path.join(hf_dir, name)
         if os.path.isfile(src) and not is_weight_file(name):
             shutil.copy2(src, os.path.join(assets + ".partial", name))
+    remove_path(assets)
     os.replace(assets + ".partial", assets)
     write_model_yaml(os.path.join(out_dir, "model.yaml"), cfg, out_dir)
-    os.replace(partial, final)
-    write_tracker(out_dir, 0)
+    bar = Progress(len(chunks), sum(c.nbytes for c in chunks), "hf -> ct", enabled=progress)
+    write_weights_only(out_dir, chunks, meta, overwrite=True, on_written=lambda c: bar.update(c.nbytes))
+    bar.close()
     return ConversionReport(
         out_dir,
         len(chunks),

@@ -78,14 +78,14 @@ def plan_chunks(reader: DistCheckpointReader, plan: ExpansionPlan) -> list[Chunk
 
 def expand_blocks(ckpt: str, out_dir: str, every: int, add: int, overwrite: bool = False) -> ExpansionPlan:
     """Write the expanded checkpoint to ``out_dir`` (a save root: ``iter_0000000`` + tracker)."""
-    path, reader, ct = open_checkpoint(ckpt)
-    num_layers = ct["config"]["model"]["num_layers"]
+    path, reader, meta = open_checkpoint(ckpt)
+    num_layers = meta.model["num_layers"]
     if any(reader.shape(k)[0] != num_layers for k in model_keys(reader) if k.startswith(LAYER_PREFIX)):
         raise ConversionError(f"{path}: stacked layer tensors do not have {num_layers} layers")
     plan = ExpansionPlan.make(num_layers, every, add)
-    ct["config"]["model"]["num_layers"] = len(plan.sources)
-    earlier = [plan.sources.index(i) for i in ct.get("new_block_layers", [])]  # a second expansion keeps them
-    ct["new_block_layers"] = sorted(set(plan.new_layers) | set(earlier))
-    ct["expansion"] = {"source": path, "every": every, "add": add}
-    write_weights_only(out_dir, plan_chunks(reader, plan), ct, overwrite)
+    meta.model["num_layers"] = len(plan.sources)
+    earlier = [plan.sources.index(i) for i in meta.new_block_layers or []]  # a second expansion keeps them
+    meta.new_block_layers = sorted(set(plan.new_layers) | set(earlier))
+    meta.expansion = {"source": path, "every": every, "add": add}
+    write_weights_only(out_dir, plan_chunks(reader, plan), meta, overwrite)
     return plan

@@ -20,14 +20,14 @@ from megatron_ct.expansion.vocab.resize import VocabResizePlan, resize_vocab_mat
 
 def resize_ct_checkpoint(ckpt: str, out_dir: str, plan: VocabResizePlan, overwrite: bool = False) -> int:
     """Write the resized checkpoint to the save root ``out_dir``; returns its padded rows."""
-    path, reader, ct = open_checkpoint(ckpt)
-    true_vocab = ct.get("model_info", {}).get("true_vocab_size")
+    path, reader, meta = open_checkpoint(ckpt)
+    true_vocab = meta.true_vocab_size
     if true_vocab != plan.old_vocab_size:
         raise ConversionError(
             f"{path}: the checkpoint's vocabulary has {true_vocab} tokens but the base tokenizer has "
             f"{plan.old_vocab_size}; expected the tokenizer the checkpoint was trained with"
         )
-    model = ct["config"]["model"]
+    model = meta.model
     if plan.divisible_by != model["make_vocab_size_divisible_by"]:
         raise ConversionError(
             f"plan divisible_by={plan.divisible_by}: expected the checkpoint's "
@@ -46,12 +46,12 @@ def resize_ct_checkpoint(ckpt: str, out_dir: str, plan: VocabResizePlan, overwri
         else:
             chunks.extend(copied(reader, key))
     model["vocab_size"] = plan.new_vocab_size
-    ct["model_info"] = {"true_vocab_size": plan.new_vocab_size, "padded_vocab_size": padded}
-    ct["vocab_expansion"] = {
+    meta.true_vocab_size, meta.padded_vocab_size = plan.new_vocab_size, padded
+    meta.vocab_expansion = {
         "source": path,
         "old_vocab_size": plan.old_vocab_size,
         "new_vocab_size": plan.new_vocab_size,
         "init": plan.init,
     }
-    write_weights_only(out_dir, chunks, ct, overwrite)
+    write_weights_only(out_dir, chunks, meta, overwrite)
     return padded

@@ -24,18 +24,15 @@ Init methods for appended tokens (``plan.init``):
 Padding rows get the mean of all old rows rather than zeros: a zero output row gives logit
 0, which can outrank most real tokens, while an average row gives an average logit.
 
-Tensor parallelism splits these matrices into contiguous row blocks
-(``VocabParallelEmbedding``, ``ColumnParallelLinear``): rank ``r`` of ``tp`` holds rows
-``[r * V_padded / tp, (r + 1) * V_padded / tp)``. A larger vocabulary moves old rows across
-ranks, so :func:`resize_vocab_shard` all-gathers the old matrix and builds only its own
-rows; every statistic is computed in a fixed order on CPU in float64, so the shards are
-bit-identical to slices of :func:`resize_vocab_matrix`'s result.
+Matrices are resized whole (our checkpoints store global tensors, so a checkpoint saved at
+any tensor-parallel size is resized the same way); every statistic is computed in a fixed
+order on CPU in float64, so the result does not depend on where it is computed.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -90,22 +87,6 @@ class VocabResizePlan:
     def padded_size(self, tp: int = 1) -> int:
         """Rows of the resized matrix for tensor-parallel size ``tp``."""
         return padded_vocab_size(self.new_vocab_size, self.divisible_by, tp)
-
-
-def make_plan(
-    old_vocab_size: int,
-    new_token_texts: Sequence[str],
-    encode_old: Callable[[str], Sequence[int]],
-    **kwargs,
-) -> VocabResizePlan:
-    """A plan whose sources are ``encode_old(text)`` for each appended token's text.
-
-    ``encode_old`` must segment the text exactly as it is, without adding a dummy-prefix
-    space or BOS (``merge_sp.base_segmenter`` / ``merge_hf.base_segmenter`` do that);
-    ``kwargs`` go to :class:`VocabResizePlan`.
-    """
-    sources = tuple(tuple(int(i) for i in encode_old(text)) for text in new_token_texts)
-    return VocabResizePlan(old_vocab_size=old_vocab_size, sources=sources, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -184,7 +165,7 @@ def _rows(old_full: torch.Tensor, plan: VocabResizePlan, start: int, stop: int) 
         elif plan.init == "mean":
             new = stats.mean_row.expand(hi - lo, -1)
         else:
-            # Draw all appended rows on every rank and slice, so shards agree.
+            # Draw all appended rows and slice, so any row range agrees with the whole.
             gen = torch.Generator().manual_seed(plan.seed)
             new = torch.randn(plan.num_new, h, generator=gen, dtype=torch.float32)[local].double() * stats.std
         out[lo - start : hi - start] = new.to(dtype)
@@ -224,48 +205,3 @@ def resize_embeddings(
             "expected both [V_padded, h] with the same h"
         )
     return new_embedding, resize_vocab_matrix(output_layer, plan, tp)
-
-
-def shard_rows(plan: VocabResizePlan, rank: int, tp: int) -> tuple[int, int]:
-    """Global row range ``[start, stop)`` that TP rank ``rank`` holds after the resize."""
-    per_rank = plan.padded_size(tp) // tp
-    return rank * per_rank, (rank + 1) * per_rank
-
-
-def resize_vocab_shard_from_full(old_full: torch.Tensor, plan: VocabResizePlan, rank: int, tp: int) -> torch.Tensor:
-    """TP rank ``rank``'s resized shard [plan.padded_size(tp) / tp, h] from the whole old matrix."""
-    if not 0 <= rank < tp:
-        raise ValueError(f"TP rank {rank} is outside [0, {tp})")
-    return _rows(old_full, plan, *shard_rows(plan, rank, tp))
-
-
-def resize_vocab_shard(
-    shard: torch.Tensor,
-    plan: VocabResizePlan,
-    rank: int,
-    tp: int,
-    group: torch.distributed.ProcessGroup | None = None,
-) -> torch.Tensor:
-    """Collective: resize this rank's shard [V_old_padded / tp, h] of a TP-split matrix.
-
-    Every rank of ``group`` (the tensor-parallel group, ``tp`` ranks, ``rank`` this rank's
-    index in it) must call this with its own shard. Old rows move across ranks when the
-    padded size grows, so the old shards are all-gathered first: a transient
-    ``[V_old_padded, h]`` copy per rank. Returns rows ``shard_rows(plan, rank, tp)``, equal
-    bit for bit to that slice of ``resize_vocab_matrix(full_old, plan, tp)``.
-    """
-    import torch.distributed as dist
-
-    world = dist.get_world_size(group)
-    if world != tp:
-        raise ValueError(f"resize_vocab_shard: group has {world} ranks, expected tp={tp}")
-    if dist.get_rank(group) != rank:
-        raise ValueError(f"resize_vocab_shard: this process is rank {dist.get_rank(group)} of the group, not {rank}")
-    # Shards must be equal-sized for all_gather; a mismatch means a different old TP.
-    sizes = [None] * tp
-    dist.all_gather_object(sizes, tuple(shard.shape), group=group)
-    if len(set(sizes)) != 1:
-        raise ValueError(f"resize_vocab_shard: TP shards have shapes {sizes}; expected equal [V_old_padded/tp, h]")
-    gathered = [torch.empty_like(shard) for _ in range(tp)]
-    dist.all_gather(gathered, shard.contiguous(), group=group)
-    return resize_vocab_shard_from_full(torch.cat(gathered), plan, rank, tp)
