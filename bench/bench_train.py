@@ -1,14 +1,17 @@
-"""Training throughput of pretrain_ct.py, next to a plain Hugging Face baseline.
+"""Training throughput of pretrain_ct.py against a plain Hugging Face baseline, alternated.
 
     python bench/bench_train.py                 # GPU if visible: LLaMA-7B-width slice, bf16
-    python bench/bench_train.py --device cpu    # tiny config on CPU
+    python bench/bench_train.py --device cpu    # the CPU shape (what CI machines can run)
 
-Runs ``pretrain_ct.py`` under torchrun on the synthetic stream, reads its metrics.jsonl
-and reports the median step after warm-up as tokens/s, TFLOP/s per device and MFU. The
-baseline, measured in the same run on the same machine, is ``transformers``'
-LlamaForCausalLM with the same shape, batch and precision, trained by torch.optim.AdamW
-in one process (eager PyTorch, SDPA attention). FLOPs are counted the same way for both
-(megatron_ct.training.flops). Results are printed and appended as JSONL to --out.
+Runs ours and the baseline alternately (A B A B ..., ``--pairs`` pairs, default 3), each in a
+fresh process on the same machine, and reports per run the median step time after warm-up;
+then the median over pairs of the ratio ours/baseline (< 1: ours is faster) with tokens/s,
+TFLOP/s per device and MFU. Ours is ``pretrain_ct.py`` under torchrun on the synthetic stream
+(step times from its metrics.jsonl, which exclude evaluation and checkpoint time); the
+baseline is ``transformers``' LlamaForCausalLM with the same shape, batch, micro-batching and
+precision, trained by torch.optim.AdamW with gradient clipping (eager PyTorch, SDPA
+attention). FLOPs are counted the same way for both (megatron_ct.training.flops). Results are
+printed and appended as JSONL to ``--out``.
 """
 
 from __future__ import annotations
@@ -67,10 +70,11 @@ def machine(device: str) -> str:
         cpu = next(li.split(":", 1)[1].strip() for li in open("/proc/cpuinfo") if li.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.python_version()}"
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
-def run_ours(shape: dict, device: str, nproc: int, iters: int, extra: list[str]) -> list[dict]:
+def run_ours(shape: dict, device: str, nproc: int, iters: int, extra: list[str]) -> list[float]:
+    """Step times (s) of pretrain_ct.py, from its metrics.jsonl."""
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [
             f"model.num_layers={shape['num_layers']}",
@@ -89,22 +93,15 @@ def run_ours(shape: dict, device: str, nproc: int, iters: int, extra: list[str])
             f"logging.log_dir={tmp}",
             *extra,
         ]
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            str(REPO / "pretrain_ct.py"),
-            *overrides,
-        ]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+        cmd += [str(REPO / "pretrain_ct.py"), *overrides]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         if proc.returncode != 0:
             sys.exit(f"pretrain_ct.py failed:\n{proc.stderr[-4000:]}")
-        return [json.loads(li) for li in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+        return [json.loads(li)["step_time_s"] for li in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
 
 
-def run_hf_baseline(shape: dict, device: str, iters: int) -> list[float]:
+def hf_baseline(shape: dict, device: str, iters: int) -> list[float]:
     """Step times (s) of eager HF LlamaForCausalLM + AdamW on the same global batch."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -143,6 +140,20 @@ def run_hf_baseline(shape: dict, device: str, iters: int) -> list[float]:
     return times
 
 
+def run_baseline(shape: dict, device: str, iters: int) -> list[float]:
+    """The baseline in a fresh process, as ours runs (same thread settings, no warm caches)."""
+    cmd = [
+        sys.executable,
+        __file__,
+        "--baseline-worker",
+        json.dumps({"shape": shape, "device": device, "iters": iters}),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if proc.returncode != 0:
+        sys.exit(f"baseline failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     import torch
 
@@ -153,33 +164,40 @@ def main() -> None:
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--nproc", type=int, default=1, help="processes for pretrain_ct.py (DP unless --extra sets TP/PP)")
     ap.add_argument("--iters", type=int, default=12, help="steps per run; the first 2 are warm-up")
+    ap.add_argument("--pairs", type=int, default=3, help="A/B pairs (ours, baseline), alternated")
     ap.add_argument("--extra", nargs="*", default=[], help="more pretrain_ct.py overrides, e.g. --sequence-parallel")
     ap.add_argument("--out", default=str(REPO / "runs" / "bench_train"), help="directory for bench_train.jsonl")
+    ap.add_argument("--baseline-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.baseline_worker:
+        spec = json.loads(args.baseline_worker)
+        print(json.dumps(hf_baseline(spec["shape"], spec["device"], spec["iters"])))
+        return
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     shape = SHAPES["gpu" if device == "cuda" else "cpu"]
-    cfg = load_config(
-        None,
-        [
-            f"model.{k}={v}"
-            for k, v in shape.items()
-            if k
-            in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size")
-        ],
-    )
+    names = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size")
+    cfg = load_config(None, [f"model.{k}={shape[k]}" for k in names])
     padded = ((shape["vocab_size"] + 127) // 128) * 128
     tokens = shape["global_batch_size"] * shape["seq_length"]
     flops_step = tokens * flops_per_token(cfg.model, shape["seq_length"], padded)
     peak = peak_tflops_for(torch.cuda.get_device_name()) if device == "cuda" else None
 
     print(f"machine: {machine(device)}")
-    print(f"shape: {shape}")
-    records = run_ours(shape, device, args.nproc, args.iters, args.extra)
-    ours = statistics.median(r["step_time_s"] for r in records[2:])
-    base = statistics.median(run_hf_baseline(shape, device, args.iters)[2:])
-
+    print(f"shape: {shape}; {args.pairs} pairs of runs, {args.iters} steps each (first 2 are warm-up)")
+    pairs = []
+    for i in range(args.pairs):
+        ours = statistics.median(run_ours(shape, device, args.nproc, args.iters, args.extra)[2:])
+        base = statistics.median(run_baseline(shape, device, args.iters)[2:])
+        pairs.append((ours, base))
+        print(
+            f"pair {i + 1}: ours {ours * 1e3:.1f} ms/step, baseline {base * 1e3:.1f} ms/step, ratio {ours / base:.3f}"
+        )
+    ratio = statistics.median(o / b for o, b in pairs)
     rows = []
-    for name, step_s, ndev in (("megatron-ct (pretrain_ct.py)", ours, args.nproc), ("HF eager baseline", base, 1)):
+    for name, step_s, ndev in (
+        ("megatron-ct (pretrain_ct.py)", statistics.median(o for o, _ in pairs), args.nproc),
+        ("HF eager baseline", statistics.median(b for _, b in pairs), 1),
+    ):
         tflops = flops_step / step_s / ndev / 1e12
         rows.append(
             {
@@ -198,11 +216,11 @@ def main() -> None:
             f"{r['impl']:30} {r['devices']:>3} {r['step_s']:>8.3f} {r['tokens_per_s']:>10.0f} "
             f"{r['tflops_per_device']:>12.2f} {mfu:>6}"
         )
-    ratio = rows[0]["tokens_per_s"] / args.nproc / rows[1]["tokens_per_s"]
-    print(f"speed vs baseline (tokens/s per device): {ratio:.2f}x")
+    print(f"median step-time ratio ours/baseline over {len(pairs)} pairs: {ratio:.3f} (< 1: ours faster)")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_train.jsonl"), "a") as f:
-        f.write(json.dumps({"machine": machine(device), "shape": shape, "rows": rows, "time": time.time()}) + "\n")
+        record = {"machine": machine(device), "shape": shape, "pairs": pairs, "ratio": ratio, "rows": rows}
+        f.write(json.dumps({**record, "time": time.time()}) + "\n")
 
 
 if __name__ == "__main__":

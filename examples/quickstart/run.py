@@ -176,6 +176,7 @@ def build_base_model(out_dir: Path, seq_length: int) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
     # mistral-common ships a LLaMA-layout SentencePiece model; transformers converts it.
+    out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(resources.files("mistral_common").joinpath("data/tokenizer.model.v1"), out_dir / "tokenizer.model")
     LlamaTokenizer.from_pretrained(str(out_dir), local_files_only=True).save_pretrained(out_dir)
     config = LlamaConfig(

@@ -1,7 +1,8 @@
 """Training batches from a multi-stage curriculum over named indexed datasets.
 
 Step k takes global samples ``[c + (k - r) * G, ... + G)`` (as for every source, see
-:mod:`megatron_ct.data.batches`). Each global sample is assigned to a dataset by the stage's
+:mod:`megatron_ct.data.batches`); the stages come from the run's one
+:class:`~megatron_ct.config.schedule.Schedule`. Each global sample is assigned to a dataset by the stage's
 interleave (:mod:`megatron_ct.data.interleave`), then read at that dataset's current stream
 position (:mod:`megatron_ct.data.stream`), which advances. So:
 
@@ -29,17 +30,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from megatron_ct.config import CTConfig, Layout
-from megatron_ct.data.batches import sample_indices
+from megatron_ct.config import DataConfig, Layout
+from megatron_ct.config.schedule import Schedule, Stage
+from megatron_ct.data.batches import SamplePosition, sample_indices, to_device
 from megatron_ct.data.index_cache import IndexCache, rank0_first
-from megatron_ct.data.interleave import Segment
+from megatron_ct.data.interleave import Segment, StageWindow
 from megatron_ct.data.packing import PackingOptions, build_batch
-from megatron_ct.data.schedule import Schedule, Stage
 from megatron_ct.data.stream import DocumentStream
 
 log = logging.getLogger("megatron_ct")
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the sample position is part of the state (next_step, consumed_samples)
 
 
 @dataclass(frozen=True)
@@ -52,17 +53,16 @@ class SampleRef:
     next_position: int  # the dataset's position after it (concat windows overlap by one token)
 
 
-def open_streams(cfg: CTConfig, names: list[str], cache: IndexCache) -> dict[str, DocumentStream]:
-    d = cfg.data
+def open_streams(data: DataConfig, names: list[str], seed: int, cache: IndexCache) -> dict[str, DocumentStream]:
     return {
         name: DocumentStream(
             name,
-            d.datasets[name],
+            data.datasets[name],
             key=f"data.datasets.{name}",
-            seed=cfg.train.seed,
-            seq_length=d.seq_length,
+            seed=seed,
+            seq_length=data.seq_length,
             cache=cache,
-            data_root=d.data_root,
+            data_root=data.data_root,
         )
         for name in names
     }
@@ -93,21 +93,31 @@ def _stage_datasets(stage: Stage, schedule: Schedule) -> list[str]:
 
 
 class CurriculumSource:
-    """Yields this rank's micro-batches of each step; holds the data state."""
+    """Yields this rank's micro-batches of each step; holds the data state (a DataSource)."""
 
-    def __init__(self, cfg: CTConfig, layout: Layout, dp_rank: int, device: str, log_dir: str | None = None) -> None:
-        d, t = cfg.data, cfg.train
-        self.seq_length = d.seq_length
-        self.global_batch = t.global_batch_size
-        self.mbs, self.dp, self.dp_rank = t.micro_batch_size, layout.dp, dp_rank
+    def __init__(
+        self,
+        data: DataConfig,
+        schedule: Schedule,
+        layout: Layout,
+        micro_batch_size: int,
+        global_batch_size: int,
+        seed: int,
+        dp_rank: int,
+        cache: IndexCache | None = None,
+        log_dir: str | None = None,
+    ) -> None:
+        self.seq_length = data.seq_length
+        self.mbs, self.dp, self.dp_rank = micro_batch_size, layout.dp, dp_rank
         self.num_microbatches = layout.num_microbatches
-        self.device = device
-        self.data_cfg = d
-        self.schedule = Schedule(d, self.global_batch)
-        self.cache = IndexCache(d.index_cache_dir)
+        self.device = layout.device
+        self.schedule = schedule
+        self.names = schedule.names
+        self.position = SamplePosition(global_batch_size)
+        self.cache = cache or IndexCache(data.index_cache_dir)
         t0 = time.perf_counter()
-        self.streams = _open_and_index(cfg, self.schedule, self.cache)
-        check_token_ids(self.streams, cfg.model.vocab_size, "data.datasets")
+        self.streams = open_streams(data, self.names, seed, self.cache)
+        rank0_first(lambda: build_indices(schedule, self.streams))
         log.info(
             "data: %d datasets, %s tokens per epoch; indices ready in %.1fs (%d built, %d from cache)",
             len(self.streams),
@@ -116,27 +126,27 @@ class CurriculumSource:
             self.cache.built,
             self.cache.loaded,
         )
-        self.positions = dict.fromkeys(self.schedule.names, 0)
-        self.samples_taken = dict.fromkeys(self.schedule.names, 0)
+        self.positions = dict.fromkeys(self.names, 0)
+        self.samples_taken = dict.fromkeys(self.names, 0)
         self.segment: Segment | None = None
-        self.resumed_step, self.resumed_samples = 0, 0
-        self.next_step = 0
         self._sample_log = None
-        if d.log_samples and log_dir and _is_rank0():
+        if data.log_samples and log_dir and _is_rank0():
             os.makedirs(log_dir, exist_ok=True)
             self._sample_log = open(os.path.join(log_dir, "samples.jsonl"), "a", buffering=1)
 
-    # --- positions in the global sample stream ------------------------------------------
-    def consumed_samples(self, step: int) -> int:
-        return self.resumed_samples + (step - self.resumed_step) * self.global_batch
+    def window(self, stage: Stage) -> StageWindow:
+        """``stage`` placed in the sample stream, counted from the current anchor (so a job chunk
+        that changed the global batch size keeps stage boundaries at the same iterations)."""
+        num = None if stage.iters is None else stage.iters * self.position.global_batch
+        return StageWindow(stage, self.position.first_sample(stage.start_iter), num)
 
     # --- checkpointed data state ---------------------------------------------------------
     def state_dict(self) -> dict:
         seg = self.segment
         return {
+            "kind": "curriculum",
             "version": STATE_VERSION,
-            "next_step": self.next_step,
-            "consumed_samples": self.consumed_samples(self.next_step),
+            **self.position.state_dict(),
             "datasets": {
                 n: {"position": int(p), "samples": int(self.samples_taken.get(n, 0)), "fingerprint": _fp(self, n)}
                 for n, p in self.positions.items()
@@ -144,29 +154,25 @@ class CurriculumSource:
             "segment": None
             if seg is None
             else {
-                "stage": seg.stage.name,
-                "signature": seg.stage.signature(),
+                "stage": seg.window.stage.name,
+                "signature": seg.window.signature(),
                 "start_sample": seg.start_sample,
-                "counts": {n: int(c) for n, c in zip(self.schedule.names, seg.counts, strict=True)},
+                "counts": {n: int(c) for n, c in zip(self.names, seg.counts, strict=True)},
             },
         }
 
-    def resume(self, step: int, consumed_samples: int, state: dict | None = None) -> None:
-        """Continue at ``step`` after ``consumed_samples``; ``state`` is the checkpoint's data
-        state (None: replay the schedule from the start to rebuild it)."""
-        self.resumed_step, self.resumed_samples = step, consumed_samples
-        self.schedule = Schedule(self.data_cfg, self.global_batch, step, consumed_samples)
-        self.next_step = step
+    def load_state_dict(self, state: dict) -> None:
+        """Continue where ``state`` (a checkpoint's data state) stopped. Without per-dataset
+        positions (a checkpoint from before they were saved) the schedule is replayed."""
+        self.position.load_state_dict(state)
+        step = self.position.next_step
         self.segment = None
-        if state is None:
+        if "datasets" not in state:
             if step > 0:
                 log.warning("checkpoint has no curriculum data state: replaying the schedule for %d steps", step)
-                self._replay_to(step, consumed_samples)
+                self._replay_to(step, self.position.anchor_samples)
             return
-        if state.get("next_step", step) != step:
-            log.warning("checkpoint data state is for step %s, resuming at step %d", state.get("next_step"), step)
-        saved = state.get("datasets", {})
-        for name, entry in saved.items():
+        for name, entry in state["datasets"].items():
             # Datasets no stage uses now keep their position in the state for a later edit.
             self.positions[name] = int(entry["position"])
             self.samples_taken[name] = int(entry.get("samples", 0))
@@ -174,53 +180,57 @@ class CurriculumSource:
             if name in self.streams and fp and fp != self.streams[name].fingerprint:
                 log.warning("dataset %r: files differ from the checkpoint's; its position is kept as is", name)
         seg = state.get("segment")
-        stage = self.schedule.stage_at(step)
-        if seg and seg["stage"] == stage.name and seg["signature"] == stage.signature():
-            counts = np.array([seg["counts"].get(n, 0) for n in self.schedule.names], dtype=np.float64)
-            self.segment = Segment(stage, int(seg["start_sample"]), counts)
+        window = self.window(self.schedule.stage_at(step))
+        if seg and seg["stage"] == window.stage.name and seg["signature"] == window.signature():
+            counts = np.array([seg["counts"].get(n, 0) for n in self.names], dtype=np.float64)
+            self.segment = Segment(window, int(seg["start_sample"]), counts)
         elif seg:
             log.info(
                 "data: stage %r differs from the checkpoint's schedule (or the run moved past it); its rest "
                 "interleaves with the new weights from sample %d, every dataset continuing where it stopped",
-                stage.name,
-                consumed_samples,
+                window.stage.name,
+                self.position.consumed_samples,
             )
 
     def _replay_to(self, step: int, consumed_samples: int) -> None:
-        self.resumed_step, self.resumed_samples, self.next_step = 0, 0, 0
-        self.schedule = Schedule(self.data_cfg, self.global_batch)
-        for k in range(step):
-            self.plan(k)
-        self.resumed_step, self.resumed_samples = step, consumed_samples
+        self.position = SamplePosition(self.position.global_batch)
+        for _ in range(step):
+            self.plan()
+        self.position.load_state_dict({"next_step": step, "consumed_samples": consumed_samples})
+
+    def progress(self) -> dict:
+        return {"consumed_samples": self.position.consumed_samples}
 
     # --- one step -------------------------------------------------------------------------
-    def plan(self, step: int) -> tuple[Stage, list[SampleRef]]:
-        """Assign the step's global samples and advance the data state (call once per step, in order)."""
-        if step != self.next_step:
-            raise RuntimeError(
-                f"curriculum data: step {step} requested, expected {self.next_step} (steps run in order)"
-            )
-        stage = self.schedule.stage_at(step)
-        first = self.consumed_samples(step)
-        if self.segment is None or self.segment.stage is not stage or self.segment.cursor != first:
-            self.segment = Segment(stage, first)
-        ids = self.segment.take(self.global_batch)
+    def plan(self) -> tuple[StageWindow, int, list[SampleRef]]:
+        """Assign the next step's global samples and advance the data state:
+        (its stage window, its first global sample, where each sample comes from)."""
+        step = self.position.next_step
+        window = self.window(self.schedule.stage_at(step))
+        first = self.position.first_sample(step)
+        seg = self.segment
+        if seg is None or seg.window.stage is not window.stage or seg.cursor != first:
+            self.segment = seg = Segment(window, first)
+        ids = seg.take(self.position.global_batch)
+        packing = window.stage.packing
         refs = []
         for i in ids.tolist():
-            name = self.schedule.names[i]
+            name = self.names[i]
             stream, pos = self.streams[name], self.positions[name]
-            length, advance = stream.sample_span(pos, stage.packing)
+            length, advance = stream.sample_span(pos, packing)
             refs.append(SampleRef(i, pos, length, pos + advance))
             self.positions[name] = pos + advance
             self.samples_taken[name] += 1
-        self.next_step = step + 1
-        return stage, refs
+        self.position.next_step = step + 1
+        return window, first, refs
 
-    def microbatches(self, step: int) -> Iterator[dict[str, torch.Tensor]]:
-        stage, refs = self.plan(step)
+    def next_batch(self) -> Iterator[dict[str, torch.Tensor]]:
+        step = self.position.next_step
+        window, _, refs = self.plan()
+        stage = window.stage
         if self._sample_log is not None:
             # [dataset, stream position, position after]: each dataset's samples tile its stream.
-            samples = [[self.schedule.names[r.dataset], r.position, r.next_position] for r in refs]
+            samples = [[self.names[r.dataset], r.position, r.next_position] for r in refs]
             self._sample_log.write(json.dumps({"iteration": step + 1, "stage": stage.name, "samples": samples}) + "\n")
         options = PackingOptions(stage.reset_position_ids, stage.reset_attention_mask, stage.eod_mask_loss)
         return self._batches(refs, options)
@@ -230,8 +240,8 @@ class CurriculumSource:
             windows = []
             for i in sample_indices(0, j, self.dp_rank, self.mbs, self.dp):
                 r = refs[i]
-                windows.append(self.streams[self.schedule.names[r.dataset]].read(r.position, r.length))
-            yield build_batch(windows, self.seq_length, options, self.device)
+                windows.append(self.streams[self.names[r.dataset]].read(r.position, r.length))
+            yield to_device(build_batch(windows, self.seq_length, options), self.device)
 
     def close(self) -> None:
         if self._sample_log is not None:
@@ -248,61 +258,3 @@ def _is_rank0() -> bool:
     import torch.distributed as dist
 
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _open_and_index(cfg: CTConfig, schedule: Schedule, cache: IndexCache) -> dict[str, DocumentStream]:
-    """Open every dataset and make its epoch-0 index (rank 0 first: the others read its cache)."""
-    streams = open_streams(cfg, schedule.names, cache)
-    rank0_first(lambda: build_indices(schedule, streams))
-    return streams
-
-
-def check_token_ids(streams: dict[str, DocumentStream], vocab_size: int, key: str) -> None:
-    """Every token id must index the model's vocabulary: a dataset tokenized with another
-    (larger) tokenizer is a one-line error here, not an index error inside a kernel."""
-    from megatron_ct.config import ConfigError
-
-    for name, stream in streams.items():
-        top, prefix = stream.max_token_id()
-        if top >= vocab_size:
-            raise ConfigError(
-                f"{key}.{name}: token id {top} in {prefix} does not fit model.vocab_size={vocab_size} "
-                f"(expected ids < {vocab_size}; tokenized with a different tokenizer?)"
-            )
-
-
-def check_data_options(cfg: CTConfig, device: str) -> None:
-    """Data options that need the run's context (ConfigError naming the key):
-
-    - ``data.tokenizer`` must fit in ``model.vocab_size``;
-    - document attention masks need an attention path that applies explicit masks:
-      megatron-core's local DotProductAttention (the fused causal kernel is switched off for
-      such runs, see megatron_ct/model/llama.py). Transformer Engine's causal attention
-      ignores them.
-    """
-    from megatron_ct.config import ConfigError
-    from megatron_ct.model.llama import choose_transformer_impl
-
-    d = cfg.data
-    if d.tokenizer and d.source == "indexed":
-        from megatron_ct.tokenizer import load_tokenizer
-
-        try:
-            vocab = load_tokenizer(d.tokenizer).vocab_size
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"data.tokenizer: {exc}") from None
-        if vocab > cfg.model.vocab_size:
-            raise ConfigError(
-                f"data.tokenizer: expected at most model.vocab_size={cfg.model.vocab_size} ids, got a tokenizer "
-                f"with {vocab} ({d.tokenizer})"
-            )
-    if not d.uses_document_attention_mask:
-        return
-    impl = choose_transformer_impl(cfg.model.transformer_impl, device)
-    if impl != "local":
-        i = next(i for i, s in enumerate(d.stages) if s.reset_attention_mask)
-        raise ConfigError(
-            f"data.stages[{i}].reset_attention_mask: needs model.transformer_impl=local (megatron-core's "
-            f"DotProductAttention applies document masks; Transformer Engine's causal attention ignores them), "
-            f"got {impl}"
-        )

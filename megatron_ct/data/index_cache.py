@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -50,7 +49,6 @@ class IndexCache:
         self._unwritable_reported: set[str] = set()
         self.built = 0  # arrays computed by this process (tests and logs read these)
         self.loaded = 0  # arrays read back from disk
-        self.build_seconds = 0.0
 
     def _path(self, next_to: str, dataset: str, key: str, kind: str) -> str | None:
         if not self.enabled:
@@ -70,9 +68,7 @@ class IndexCache:
                 return arr
             except (OSError, ValueError) as exc:  # a truncated file from another tool: rebuild it
                 log.warning("index cache %s unreadable (%s); rebuilding", path, exc)
-        t0 = time.perf_counter()
         arr = build()
-        self.build_seconds += time.perf_counter() - t0
         self.built += 1
         if path is not None:
             self._save(path, arr)
@@ -97,14 +93,25 @@ class IndexCache:
 
 def rank0_first(build: Callable[[], T]) -> T:
     """Run ``build`` on global rank 0, then (after a barrier) on the others, so that they find
-    what rank 0 cached instead of all computing it. Collective when distributed."""
+    what rank 0 cached instead of all computing it. Collective when distributed.
+
+    An expected failure on rank 0 (a :class:`~megatron_ct.errors.CTError`, e.g. a corrupt
+    dataset) still reaches the barrier before it is raised, so the other ranks are not left
+    waiting: they run ``build`` themselves and meet the same error.
+    """
     import torch.distributed as dist
+
+    from megatron_ct.errors import CTError
 
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     if not distributed:
         return build()
     if dist.get_rank() == 0:
-        result = build()
+        try:
+            result = build()
+        except CTError:
+            dist.barrier()
+            raise
         dist.barrier()
         return result
     dist.barrier()

@@ -6,12 +6,13 @@ labels the next ``seq_length`` (``[b, s]`` each). Positions at or past ``n`` are
 to within the sample (padding is a segment of its own), from which:
 
 - ``reset_position_ids``: positions count from 0 at every document start;
-- ``reset_attention_mask``: ``attention_mask [b, 1, s, s]`` (bool, True = masked) is causal
-  *and* block-diagonal over segments, so documents do not attend to each other.
-  megatron-core's local attention (``DotProductAttention`` with the unfused softmax) applies
-  an explicit mask in place of its built-in causal one; without the key the model is plainly
-  causal. (RoPE is relative and megatron-core's ``GPTModel`` derives it from the sequence
-  length, not from position ids, so a masked document computes what it computes alone.)
+- ``reset_attention_mask``: the batch carries ``segment_ids [b, s]`` (int64); the model side
+  turns them into attention that is causal *and* block-diagonal over segments, so documents
+  do not attend to each other (:func:`megatron_ct.model.masks.document_attention_mask` builds
+  the dense ``[b, 1, s, s]`` mask megatron-core's local attention applies, on the device: only
+  ``[b, s]`` ids cross the host-device link). Without the key the model is plainly causal.
+  (RoPE is relative and megatron-core's ``GPTModel`` derives it from the sequence length, not
+  from position ids, so a masked document computes what it computes alone.)
 - ``eod_mask_loss``: no loss where the input is a document's last token and the label the
   next document's first (Megatron-LM masks inputs equal to EOD; with EOD appended to every
   document, as tools/preprocess_data.py does, this is the same set of positions).
@@ -46,10 +47,8 @@ def segment_ids(window: Window, total: int) -> np.ndarray:
     return seg
 
 
-def build_batch(
-    windows: list[Window], seq_length: int, options: PackingOptions, device: str
-) -> dict[str, torch.Tensor]:
-    """Stack samples into ``tokens/labels/loss_mask/position_ids [b, s]`` (+ ``attention_mask``)."""
+def build_batch(windows: list[Window], seq_length: int, options: PackingOptions) -> dict[str, torch.Tensor]:
+    """Stack samples into ``tokens/labels/loss_mask/position_ids [b, s]`` (+ ``segment_ids``), on the host."""
     b, s = len(windows), seq_length
     seqs = np.zeros((b, s + 1), dtype=np.int64)
     segs = np.zeros((b, s + 1), dtype=np.int64)
@@ -78,10 +77,5 @@ def build_batch(
         "position_ids": torch.from_numpy(np.array(position_ids, dtype=np.int64)),  # writable copy
     }
     if options.reset_attention_mask:
-        seg_t = torch.from_numpy(seg_in)
-        causal = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)  # [s, s]: key after query
-        other_doc = seg_t[:, :, None] != seg_t[:, None, :]  # [b, s, s]
-        batch["attention_mask"] = (causal[None] | other_doc).unsqueeze(1)  # [b, 1, s, s]
-    if device == "cuda":
-        batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+        batch["segment_ids"] = torch.from_numpy(np.ascontiguousarray(seg_in))  # [b, s]
     return batch

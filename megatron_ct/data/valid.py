@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from megatron_ct.config.schema import DataConfig, DatasetConfig
-from megatron_ct.data.batches import sample_indices
+from megatron_ct.data.batches import sample_indices, to_device
 from megatron_ct.data.index_cache import IndexCache, cache_key, rank0_first
 from megatron_ct.data.packing import PackingOptions, build_batch
 from megatron_ct.data.stream import DocumentStream, Window
@@ -100,30 +100,21 @@ class ValidationSet:
             return Window(np.concatenate([[self.lead_eod], body.tokens]).astype(np.int64), body.doc_starts + 1)
         return self.stream.read(start - lead, end - start)
 
-    def microbatches(
-        self, it: int, dp_rank: int, mbs: int, dp: int, num_microbatches: int, device: str
-    ) -> Iterator[dict]:
+    def microbatches(self, it: int, dp_rank: int, mbs: int, layout) -> Iterator[dict]:
         """This rank's micro-batches of evaluation step ``it`` (same layout as training)."""
-        for j in range(num_microbatches):
-            idx = sample_indices(it * self.global_batch, j, dp_rank, mbs, dp)
-            yield build_batch([self._window(i) for i in idx], self.seq_length, PackingOptions(), device)
+        for j in range(layout.num_microbatches):
+            idx = sample_indices(it * self.global_batch, j, dp_rank, mbs, layout.dp)
+            batch = build_batch([self._window(i) for i in idx], self.seq_length, PackingOptions())
+            yield to_device(batch, layout.device)
 
 
-def build_validation_sets(cfg, cache: IndexCache) -> list[ValidationSet]:
-    """Every ``data.valid`` entry, with the tokenizer when ``data.tokenizer`` is set."""
-    d = cfg.data
-    if not d.valid:
+def build_validation_sets(data: DataConfig, global_batch_size: int, cache: IndexCache, tokenizer=None):
+    """Every ``data.valid`` entry; bits per byte need the data's ``tokenizer`` (``data.tokenizer``)."""
+    if not data.valid:
         return []
-    tokenizer = None
-    if d.tokenizer:
-        from megatron_ct.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(d.tokenizer)
-    else:
+    if tokenizer is None:
         log.info("data.tokenizer is not set: validation reports loss per token but not bits per byte")
-    sets = []
-    for name, ds in d.valid.items():
-        sets.append(
-            ValidationSet(name, ds, d, global_batch_size=cfg.train.global_batch_size, cache=cache, tokenizer=tokenizer)
-        )
-    return sets
+    return [
+        ValidationSet(name, ds, data, global_batch_size=global_batch_size, cache=cache, tokenizer=tokenizer)
+        for name, ds in data.valid.items()
+    ]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from megatron_ct.config import CTConfig, Layout, ModelConfig
+from megatron_ct.config import Layout, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +34,12 @@ def have_transformer_engine() -> bool:
     return True
 
 
-def choose_transformer_impl(requested: str, device: str) -> str:
-    """'auto' picks Transformer Engine only on GPU with TE importable."""
-    if requested == "transformer_engine":
-        if device != "cuda" or not have_transformer_engine():
-            raise ValueError(
-                "model.transformer_impl: 'transformer_engine' needs a CUDA device and transformer_engine "
-                "installed; use 'local' or 'auto'"
-            )
+def choose_transformer_impl(requested: str, device: torch.device) -> str:
+    """'auto' picks Transformer Engine only on GPU with TE importable (checked at start-up:
+    an explicit 'transformer_engine' without them is refused there in one line)."""
+    if requested in ("transformer_engine", "local"):
         return requested
-    if requested == "local":
-        return requested
-    return "transformer_engine" if device == "cuda" and have_transformer_engine() else "local"
+    return "transformer_engine" if device.type == "cuda" and have_transformer_engine() else "local"
 
 
 def have_fused_softmax_kernels() -> bool:
@@ -60,13 +54,22 @@ def params_dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
-def transformer_config(cfg: CTConfig, layout: Layout, device: str):
+@dataclass(frozen=True)
+class Numerics:
+    """How the model computes, from the ``train`` section (precision and recomputation) and the
+    data (explicit document masks)."""
+
+    precision: str = "fp32"
+    recompute_granularity: str | None = None
+    document_masks: bool = False
+
+
+def transformer_config(m: ModelConfig, layout: Layout, numerics: Numerics):
     """megatron-core TransformerConfig for a LLaMA-architecture model."""
     from megatron.core.transformer import TransformerConfig
 
-    m, p, t = cfg.model, cfg.parallel, cfg.train
-    dtype = params_dtype(t.precision)
-    on_cpu = device == "cpu"
+    dtype = params_dtype(numerics.precision)
+    on_cpu = not layout.on_gpu
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -90,11 +93,11 @@ def transformer_config(cfg: CTConfig, layout: Layout, device: str):
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
-        sequence_parallel=p.sequence_parallel,
+        sequence_parallel=layout.sequence_parallel,
         pipeline_dtype=dtype,
         params_dtype=dtype,
-        bf16=t.precision == "bf16",
-        fp16=t.precision == "fp16",
+        bf16=numerics.precision == "bf16",
+        fp16=numerics.precision == "fp16",
         # Loss is summed per token and divided by the global token count in
         # finalize_model_grads: exact across DP sizes and micro-batch counts.
         calculate_per_token_loss=True,
@@ -107,16 +110,16 @@ def transformer_config(cfg: CTConfig, layout: Layout, device: str):
         # megatron-ct data: curriculum stages with reset_attention_mask pass a block-diagonal
         # mask; the fused causal softmax kernel ignores explicit masks, the unfused one applies
         # them (see megatron_ct/data/packing.py).
-        masked_softmax_fusion=not on_cpu and have_fused_softmax_kernels() and not cfg.data.uses_document_attention_mask,
+        masked_softmax_fusion=not on_cpu and have_fused_softmax_kernels() and not numerics.document_masks,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         # gloo's batch_isend_irecv can pair the interleaved schedule's concurrent
         # same-peer messages wrongly (micro-batches swap); plain isend/irecv keeps order.
         batch_p2p_comm=not on_cpu,
-        recompute_granularity=t.recompute_granularity,
+        recompute_granularity=numerics.recompute_granularity,
         # Full recompute: every layer, checkpointing each layer's input.
-        recompute_method="uniform" if t.recompute_granularity == "full" else None,
-        recompute_num_layers=1 if t.recompute_granularity == "full" else None,
+        recompute_method="uniform" if numerics.recompute_granularity == "full" else None,
+        recompute_num_layers=1 if numerics.recompute_granularity == "full" else None,
     )
 
 
@@ -176,17 +179,19 @@ def layer_spec(impl: str, num_layers: int):
     return spec, final_norm, TransformerBlockSubmodules
 
 
-def build_model(cfg: CTConfig, layout: Layout, device: str) -> tuple[list[torch.nn.Module], ModelInfo]:
-    """Build this rank's model chunks (not yet wrapped in DDP)."""
+def build_model(
+    m: ModelConfig, layout: Layout, numerics: Numerics | None = None
+) -> tuple[list[torch.nn.Module], ModelInfo]:
+    """Build this rank's model chunks (not yet wrapped in DDP), on ``layout.device``."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
     from megatron_ct.model.rmsnorm import describe_norm_impl
 
-    m: ModelConfig = cfg.model
-    impl = choose_transformer_impl(m.transformer_impl, device)
-    tcfg = transformer_config(cfg, layout, device)
+    numerics = numerics or Numerics()
+    impl = choose_transformer_impl(m.transformer_impl, layout.device)
+    tcfg = transformer_config(m, layout, numerics)
     vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, layout.tp)
     spec, final_norm, BlockSubmodules = layer_spec(impl, m.num_layers)
 
@@ -219,8 +224,8 @@ def build_model(cfg: CTConfig, layout: Layout, device: str) -> tuple[list[torch.
             )
         if model.post_process and vocab > m.vocab_size:
             mask_padded_vocab(model, m.vocab_size)
-        if device == "cuda":
-            model.cuda(torch.cuda.current_device())
+        if layout.on_gpu:
+            model.to(layout.device)
         chunks.append(model)
 
     info = ModelInfo(

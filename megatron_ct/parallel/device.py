@@ -18,6 +18,10 @@ What it does, all process-wide and reversible with :func:`deactivate_cpu_device_
 - ``torch.cuda`` functions megatron-core calls (``current_device``, ``synchronize``,
   RNG state get/set, memory queries, streams/events, ...) are replaced by CPU
   equivalents or no-ops.
+
+:class:`HostSyncCounter` counts the calls that would synchronise a GPU with the host
+(``.item()``, ``.cpu()``, ``.tolist()``, ``bool(t)``, ... and ``torch.cuda.synchronize``): tests
+use it on CPU to hold the training step to its budget of host syncs.
 """
 
 from __future__ import annotations
@@ -161,9 +165,69 @@ def _cuda_replacements() -> dict[str, Callable[..., Any]]:
     }
     for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):
         repl[name] = _zero(name)
-    for name in ("set_device", "synchronize", "empty_cache", "reset_peak_memory_stats"):
+    for name in ("set_device", "empty_cache", "reset_peak_memory_stats"):
         repl[name] = _noop(name)
+
+    def synchronize(device: Any = None) -> None:
+        for counter in HostSyncCounter.active:
+            counter.record("torch.cuda.synchronize")
+
+    repl["synchronize"] = synchronize
     return repl
+
+
+class HostSyncCounter(TorchFunctionMode):
+    """Counts device-to-host synchronisation points while active (``with HostSyncCounter() as c``).
+
+    On a GPU each of these blocks the host until the device has caught up; on CPU they are
+    cheap, which is why they are counted rather than timed."""
+
+    active: list[HostSyncCounter] = []
+    SYNC_CALLS = {
+        torch.Tensor.item: ".item()",
+        torch.Tensor.cpu: ".cpu()",
+        torch.Tensor.tolist: ".tolist()",
+        torch.Tensor.numpy: ".numpy()",
+        torch.Tensor.__bool__: "bool()",
+        torch.Tensor.__float__: "float()",
+        torch.Tensor.__int__: "int()",
+        torch.Tensor.__index__: "index()",
+    }
+
+    # Host tensors in a GPU run too, so reading them is no device sync: torch.optim's per-parameter
+    # step counters (CPU scalars unless capturable/fused) and megatron-core's check that the CPU RNG
+    # state did not change inside its CUDA RNG fork.
+    HOST_RESIDENT = (("torch/optim/optimizer.py", "_get_value"), ("megatron/core/tensor_parallel/random.py", "fork"))
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+
+    def record(self, what: str) -> None:
+        import traceback
+
+        frame = next((f for f in reversed(traceback.extract_stack()[:-2]) if "torch/overrides" not in f.filename), None)
+        if frame is not None and any(frame.filename.endswith(f) and frame.name == n for f, n in self.HOST_RESIDENT):
+            return
+        self.events.append(f"{what} at {frame.filename}:{frame.lineno}" if frame else what)
+
+    @property
+    def count(self) -> int:
+        return len(self.events)
+
+    def __enter__(self):
+        HostSyncCounter.active.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        HostSyncCounter.active.remove(self)
+        return super().__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        what = self.SYNC_CALLS.get(func)
+        if what is not None:
+            self.record(what)
+        return func(*args, **(kwargs or {}))
 
 
 class _NoNvtx:
@@ -284,14 +348,3 @@ def _gpu_in_use() -> bool:
         return torch.cuda.is_initialized()
     except Exception:
         return False
-
-
-def resolve_device(requested: str) -> str:
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'. Explicit values are checked."""
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: 'cuda' was requested but no CUDA GPU is visible; use device=cpu or auto")
-    if requested not in ("cuda", "cpu"):
-        raise ValueError(f"device: expected one of auto, cuda, cpu, got {requested!r}")
-    return requested

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ct.config import CTConfig, Layout
-from megatron_ct.parallel.device import activate_cpu_device_layer, resolve_device
+from megatron_ct.parallel.device import activate_cpu_device_layer
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,8 @@ def read_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
     return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)), "single")
 
 
-def init_distributed(cfg: CTConfig, layout: Layout, env: LaunchEnv) -> str:
-    """Create the process group and megatron-core's parallel state. Returns the device type.
+def init_distributed(cfg: CTConfig, layout: Layout, env: LaunchEnv) -> None:
+    """Create the process group and megatron-core's parallel state on ``layout.device``.
 
     On CPU this installs the CPU device layer first, so megatron-core's CUDA calls
     resolve to the CPU from the first one on.
@@ -83,13 +83,12 @@ def init_distributed(cfg: CTConfig, layout: Layout, env: LaunchEnv) -> str:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    device = resolve_device(cfg.parallel.device)
-    if device == "cpu":
+    if layout.on_gpu:
+        torch.cuda.set_device(layout.device)
+        backend = "nccl"
+    else:
         activate_cpu_device_layer()
         backend = "gloo"
-    else:
-        torch.cuda.set_device(env.local_rank)
-        backend = "nccl"
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend,
@@ -107,7 +106,6 @@ def init_distributed(cfg: CTConfig, layout: Layout, env: LaunchEnv) -> str:
     # megatron-core's tensor-parallel RNG tracker (per-TP-rank dropout).
     torch.manual_seed(cfg.train.seed)
     model_parallel_cuda_manual_seed(cfg.train.seed)
-    return device
 
 
 def teardown_distributed() -> None:

@@ -1,10 +1,10 @@
 """Evaluate every named validation set, separately: loss per token and bits per byte.
 
-Runs every ``data.eval_interval`` steps and at the end of every curriculum stage, through
-megatron-core's ``get_forward_backward_func(forward_only=True)`` with the training
-``forward_step`` (same pipeline schedule, same per-token loss sums), so any TP/PP/DP layout
-evaluates. Results go to the log, to ``eval.jsonl`` (rank 0, in the metrics directory) and to
-TensorBoard as ``eval/<set>/loss`` and ``eval/<set>/bits_per_byte``.
+The trainer asks for it every ``data.eval_interval`` steps, at every stage start (the end of
+the stage before) and at the end of training. It runs megatron-core's pipeline schedule
+forward-only with the training ``forward_step`` (same per-token loss sums), so any TP/PP/DP
+layout evaluates. Results go to the log, to ``eval.jsonl`` (rank 0, in the metrics directory)
+and to TensorBoard as ``eval/<set>/loss`` and ``eval/<set>/bits_per_byte``.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import os
 import torch
 import torch.distributed as dist
 
-from megatron_ct.data.curriculum import check_token_ids
+from megatron_ct.config import DataConfig, Layout
 from megatron_ct.data.index_cache import IndexCache
 from megatron_ct.data.valid import ValidationSet, build_validation_sets
-from megatron_ct.training.step import reduce_loss_sums
+from megatron_ct.training.step import reduce_loss_sums, run_schedule, sum_reports
 
 log = logging.getLogger("megatron_ct")
 
@@ -28,22 +28,33 @@ log = logging.getLogger("megatron_ct")
 class Evaluator:
     """Owns the validation sets and their eval.jsonl / TensorBoard output."""
 
-    def __init__(self, cfg, layout, dp_rank: int, device: str, cache: IndexCache, log_dir: str | None) -> None:
-        self.cfg, self.layout, self.dp_rank, self.device = cfg, layout, dp_rank, device
-        self.sets: list[ValidationSet] = build_validation_sets(cfg, cache)
-        check_token_ids({vs.name: vs.stream for vs in self.sets}, cfg.model.vocab_size, "data.valid")
-        self.interval = cfg.data.eval_interval
+    def __init__(
+        self,
+        data: DataConfig,
+        layout: Layout,
+        *,
+        micro_batch_size: int,
+        global_batch_size: int,
+        dp_rank: int,
+        cache: IndexCache,
+        tokenizer=None,
+        log_dir: str | None = None,
+        tensorboard_dir: str | None = None,
+    ) -> None:
+        self.layout, self.dp_rank, self.mbs, self.seq_length = layout, dp_rank, micro_batch_size, data.seq_length
+        self.sets: list[ValidationSet] = build_validation_sets(data, global_batch_size, cache, tokenizer)
+        self.interval = data.eval_interval
         self.is_writer = dist.get_rank() == 0
         self._jsonl = self._tb = None
         if self.is_writer and self.sets:
             if log_dir:
                 os.makedirs(log_dir, exist_ok=True)
                 self._jsonl = open(os.path.join(log_dir, "eval.jsonl"), "a", buffering=1)
-            if cfg.logging.tensorboard_dir:
+            if tensorboard_dir:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
 
-                    self._tb = SummaryWriter(cfg.logging.tensorboard_dir)
+                    self._tb = SummaryWriter(tensorboard_dir)
                 except ImportError:
                     pass  # MetricsWriter already warned
         for vs in self.sets:
@@ -55,11 +66,9 @@ class Evaluator:
                 f", {vs.bytes:,} bytes" if vs.bytes is not None else "",
             )
 
-    def due(self, iteration: int, stage_end: bool) -> bool:
-        """Evaluate after ``iteration`` steps? (every eval_interval, and at stage ends)."""
-        if not self.sets:
-            return False
-        return stage_end or bool(self.interval and iteration % self.interval == 0)
+    def due(self, iteration: int) -> bool:
+        """An interval evaluation after ``iteration`` steps?"""
+        return bool(self.sets and self.interval and iteration % self.interval == 0)
 
     def evaluate(self, model_chunks, iteration: int, stage: str, trigger: str) -> dict[str, dict]:
         """Collective: every rank calls it. Returns {set: record}."""
@@ -82,30 +91,18 @@ class Evaluator:
         return results
 
     def _one(self, model_chunks, vs: ValidationSet, iteration: int, stage: str, trigger: str) -> dict:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        from megatron_ct.training.step import forward_step
-
-        t = self.cfg.train
-        loss_sum = tokens = 0.0
+        local = torch.zeros(2, dtype=torch.float64, device=self.layout.device)
         for it in range(vs.eval_iters):
-            batches = list(
-                vs.microbatches(
-                    it, self.dp_rank, t.micro_batch_size, self.layout.dp, self.layout.num_microbatches, self.device
-                )
-            )
-            data = [iter(batches) for _ in model_chunks] if len(model_chunks) > 1 else iter(batches)
-            reports = get_forward_backward_func()(
-                forward_step_func=forward_step,
-                data_iterator=data,
-                model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+            reports = run_schedule(
+                model_chunks,
+                vs.microbatches(it, self.dp_rank, self.mbs, self.layout),
                 num_microbatches=self.layout.num_microbatches,
-                seq_length=self.cfg.data.seq_length,
-                micro_batch_size=t.micro_batch_size,
+                seq_length=self.seq_length,
+                micro_batch_size=self.mbs,
                 forward_only=True,
             )
-            s, n = reduce_loss_sums(reports, self.device)
-            loss_sum, tokens = loss_sum + s, tokens + n
+            local += sum_reports(reports, self.layout.device)
+        loss_sum, tokens = reduce_loss_sums(local)
         record = {
             "iteration": iteration,
             "stage": stage,

@@ -1,41 +1,47 @@
-"""Train only part of the model: embeddings first (vocab expansion), new blocks (LLaMA-Pro).
+"""What trains in each curriculum stage: the freeze plan, the one owner of freezing.
 
-``train.trainable_params`` is a list of glob patterns over *global* parameter names, the
-names a TP1/PP1 model would use (``decoder.layers.<global index>.mlp.linear_fc1.weight``),
-so a recipe means the same thing at every layout. Aliases:
+``trainable_params`` (per stage in ``data.stages[]``, else the run-level ``train.
+trainable_params``; the synthetic stream is one stage) is a list of glob patterns over
+*global* parameter names, the names a TP1/PP1 model would use
+(``decoder.layers.<global index>.mlp.linear_fc1.weight``), so a recipe means the same thing
+at every layout. Aliases:
 
-- ``embeddings``: input embedding and output layer (``embedding.word_embeddings.weight``,
-  ``output_layer.weight``);
+- ``embeddings``: input embedding and output layer;
 - ``layers:3,7``: every parameter of global layers 3 and 7;
 - ``new_blocks``: the layers a checkpoint's block expansion added (its ``new_block_layers``);
 - ``new_vocab_rows``: only the rows of embedding and output layer that a vocabulary
   expansion appended (its ``vocab_expansion``); old rows get zero gradient and no weight
   decay, so Adam moves them by exactly 0.
 
-Two ways to freeze, chosen per parameter before megatron-core's DDP and optimizer exist:
+:class:`FreezePlan` resolves the patterns once, when the model is built, into one
+:class:`GroupPolicy` per parameter: its LR multiplier and whether weight decay applies, in
+every stage. Parameters with the same policy form one optimizer param group; the LR
+scheduler (:mod:`megatron_ct.training.scheduler`) gives each group ``multiplier x`` the
+scheduled LR in the current stage, so a frozen group (multiplier 0) moves by exactly 0.
+Rebuilding megatron-core's DDP and optimizer mid-run is not safe (the old wrapper's gradient
+hooks stay on the parameters), so switching what trains is a change of LR, never of modules.
 
-- ``requires_grad=False`` when the parameter's whole stacked checkpoint tensor is frozen
-  (e.g. every layer's ``linear_fc1`` while only embeddings train): no weight gradient, no
-  gradient buffer, no optimizer state;
-- a param group with peak LR 0 and no weight decay (attribute ``ct_frozen``) when only some
-  layers of a stack are frozen (LLaMA-Pro's new blocks): checkpoints store layers stacked
-  (``[L, ...]``), and a stack whose optimizer state covered only some layers could not be
-  saved. Adam then moves the weight by exactly 0.
-
-Either way frozen weights stay bit-identical.
+``requires_grad=False`` is kept only as an optimisation, for parameters frozen in every
+stage whose whole stacked checkpoint tensor is frozen (e.g. every layer's ``linear_fc1``
+while only embeddings ever train): no weight gradient, no gradient buffer, no optimizer
+state. A stack of which some layers train (LLaMA-Pro's new blocks) stays in the optimizer at
+LR 0: checkpoints store layers stacked (``[L, ...]``), and a stack whose optimizer state
+covered only some layers could not be saved.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from megatron_ct.config import ConfigError
+from megatron_ct.checkpoint.keys import VOCAB_MATRICES
+from megatron_ct.config.schedule import Schedule, Stage
+from megatron_ct.errors import ConfigError
 
-EMBEDDINGS = ("embedding.word_embeddings.weight", "output_layer.weight")
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
@@ -55,23 +61,16 @@ def global_named_parameters(chunk: torch.nn.Module) -> dict[str, torch.nn.Parame
     return out
 
 
-def expand_patterns(patterns: list[str], new_block_layers: list[int] | None) -> list[str]:
+def expand_patterns(patterns: list[str] | tuple[str, ...], new_block_layers: list[int] | None) -> list[str]:
+    """Aliases -> glob patterns (syntax is checked where the config is built)."""
     out = []
     for p in patterns:
         if p in ("embeddings", "new_vocab_rows"):
-            out.extend(EMBEDDINGS)
+            out.extend(VOCAB_MATRICES)
         elif p.startswith("layers:"):
-            ids = [s for s in p[len("layers:") :].split(",") if s.strip()]
-            if not ids or not all(s.strip().isdigit() for s in ids):
-                raise ConfigError(f"train.trainable_params: expected 'layers:<i>,<j>,...', got {p!r}")
-            out.extend(f"decoder.layers.{int(s)}.*" for s in ids)
+            out.extend(f"decoder.layers.{int(s)}.*" for s in p[len("layers:") :].split(",") if s.strip())
         elif p == "new_blocks":
-            if not new_block_layers:
-                raise ConfigError(
-                    "train.trainable_params: 'new_blocks' needs a checkpoint written by tools/expand_blocks.py "
-                    "(its metadata lists the added layers); checkpoint.load has none"
-                )
-            out.extend(f"decoder.layers.{i}.*" for i in new_block_layers)
+            out.extend(f"decoder.layers.{i}.*" for i in new_block_layers or [])
         else:
             out.append(p)
     return out
@@ -82,200 +81,136 @@ def _stack_template(name: str) -> str | None:
     return "decoder.layers.{}." + name[m.end() :] if m else None
 
 
-def _train_rows_from(param: torch.nn.Parameter, first_new_row: int) -> None:
-    """Zero the gradient of vocabulary rows below ``first_new_row`` (this TP rank holds the
-    contiguous rows ``[tp_rank * local, (tp_rank + 1) * local)``). The hook runs before
-    megatron-core's DDP accumulates the gradient into its buffer."""
-    from megatron.core import parallel_state
+@dataclass(frozen=True)
+class GroupPolicy:
+    """How the parameters of one optimizer param group train, stage by stage."""
 
-    local = param.shape[0]
-    start = parallel_state.get_tensor_model_parallel_rank() * local
-    frozen = max(0, min(local, first_new_row - start))
-    if frozen == 0:
-        return
+    lr_mult: tuple[float, ...]
+    """Per stage: the multiplier on the scheduled LR (0: frozen)."""
+    decay: tuple[bool, ...]
+    """Per stage: whether weight decay applies (off where frozen or where old vocabulary rows are held)."""
 
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        if not getattr(param, "ct_rows_active", True):  # a stage that trains all rows
+    @property
+    def key(self) -> str:
+        """The group's identity (same on every rank and across save/load)."""
+        lr = ",".join(f"{m:g}" for m in self.lr_mult)
+        return f"lr[{lr}] decay[{''.join('1' if d else '0' for d in self.decay)}]"
+
+
+class _RowHold:
+    """Zero the gradient of the old vocabulary rows while a ``new_vocab_rows`` stage runs."""
+
+    def __init__(self) -> None:
+        self.active = False
+
+    def attach(self, param: torch.nn.Parameter, first_new_row: int) -> None:
+        """This TP rank holds the contiguous rows ``[tp_rank * local, (tp_rank + 1) * local)``.
+        The hook runs before megatron-core's DDP accumulates the gradient into its buffer."""
+        from megatron.core import parallel_state
+
+        local = param.shape[0]
+        start = parallel_state.get_tensor_model_parallel_rank() * local
+        held = max(0, min(local, first_new_row - start))
+        if held == 0:
+            return
+
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            if not self.active:
+                return grad
+            grad = grad.clone()
+            grad[:held] = 0
             return grad
-        grad = grad.clone()
-        grad[:frozen] = 0
-        return grad
 
-    param.register_hook(hook)
+        param.register_hook(hook)
 
 
-def apply_trainable_params(
-    chunks: list[torch.nn.Module],
-    patterns: list[str] | None,
-    num_layers: int,
-    provenance: dict | None = None,
-) -> tuple[int, int]:
-    """Freeze every parameter no pattern matches. Collective (checks that each pattern
-    matches something on some rank). ``provenance``: the loaded checkpoint's record of added
-    blocks / vocabulary. Returns (trainable, total) elements on this rank."""
-    provenance = provenance or {}
-    params = {}
-    for chunk in chunks:
-        params.update(global_named_parameters(chunk))
-    total = sum(p.numel() for p in params.values())
-    if not patterns:
-        return total, total
-    globs = expand_patterns(patterns, provenance.get("new_block_layers"))
-    if "new_vocab_rows" in patterns:
-        expansion = provenance.get("vocab_expansion")
-        if not expansion:
-            raise ConfigError(
-                "train.trainable_params: 'new_vocab_rows' needs a checkpoint resized by tools/expand_vocab.py "
-                "(its metadata records the old vocabulary size); checkpoint.load has none"
-            )
-        for name in EMBEDDINGS:
-            if name in params:  # tied or untied, on this rank's stages
-                _train_rows_from(params[name], expansion["old_vocab_size"])
-                params[name].ct_rows_from = expansion["old_vocab_size"]  # optimizer.py: no weight decay
+class FreezePlan:
+    """Per-parameter policies for every stage of the schedule. Collective to build (checks
+    that every pattern matches some parameter on some rank)."""
 
-    def matching(name: str) -> list[int]:
-        return [i for i, g in enumerate(globs) if fnmatch.fnmatchcase(name, g)]
-
-    hits = torch.zeros(len(globs), dtype=torch.int64)
-    trainable = 0
-    for name, param in params.items():
-        matched = matching(name)
-        for i in matched:
-            hits[i] += 1
-        if matched:
-            trainable += param.numel()
-            continue
-        template = _stack_template(name)
-        # Pure function of (patterns, num_layers): every rank decides the same per stack.
-        stack_partly_trained = template is not None and any(
-            matching(template.format(layer)) for layer in range(num_layers)
-        )
-        if stack_partly_trained:
-            param.ct_frozen = True  # optimizer.py gives these peak LR 0
-        else:
-            param.requires_grad_(False)
-    if dist.is_initialized():
-        hits = hits.to(next(iter(params.values())).device)
-        dist.all_reduce(hits)
-    unmatched = [g for g, n in zip(globs, hits.tolist(), strict=True) if n == 0]
-    if unmatched:  # the same verdict on every rank after the all-reduce
-        example = next(iter(params))
-        raise ConfigError(f"train.trainable_params: {unmatched} match no parameter (names look like {example})")
-    return trainable, total
-
-
-def stage_trainable_windows(cfg) -> list[tuple[int, int | None, list[str] | None]]:
-    """(start step, end step, patterns) per curriculum stage when any stage sets its own
-    trainable_params; [] otherwise (the run-level train.trainable_params applies)."""
-    if cfg.data.source != "indexed" or not any(s.trainable_params for s in cfg.data.stages):
-        return []
-    from megatron_ct.data.schedule import Schedule
-
-    schedule = Schedule(cfg.data, cfg.train.global_batch_size)
-    return [
-        (st.start_iter, st.end_iter, cfg.data.stages[st.index].trainable_params or cfg.train.trainable_params)
-        for st in schedule.stages
-    ]
-
-
-class StageFreezer:
-    """Per-curriculum-stage ``trainable_params`` (tune embeddings first, unfreeze later).
-
-    Rebuilding megatron-core's DDP and optimizer mid-run is not safe (the old wrapper's
-    gradient hooks stay on the parameters), so when stages differ in what trains, every
-    parameter stays in DDP and the optimizer, and freezing is done by LR: parameters are
-    grouped by their pattern of trainable/frozen across stages (one optimizer param group
-    per pattern), and at each stage start a frozen group gets peak LR 0 and no weight decay.
-    Adam then moves those weights by exactly 0; their gradients are still computed.
-    ``new_vocab_rows`` stages also zero the gradient of the old vocabulary rows.
-    """
-
-    def __init__(
-        self,
-        chunks,
-        windows: list[tuple[int, int | None, list[str] | None]],
-        num_layers: int,
-        provenance: dict | None = None,
-    ) -> None:
-        provenance = provenance or {}
-        self.windows = windows
-        params = {}
+    def __init__(self, chunks: list[torch.nn.Module], schedule: Schedule, num_layers: int, provenance: dict) -> None:
+        self.schedule = schedule
+        params: dict[str, torch.nn.Parameter] = {}
         for chunk in chunks:
             params.update(global_named_parameters(chunk))
-        # A class is named by its trainable/frozen pattern over the stages ("10": trains in
-        # stage 1 only): megatron-core matches param groups across ranks by these values, so
-        # they must mean the same on every pipeline stage.
-        classes: dict[str, tuple[bool, ...]] = {}
-        self.row_windows = [bool(p and "new_vocab_rows" in p) for _, _, p in windows]
-        for name, param in params.items():
-            flags = []
-            for _, _, patterns in windows:
-                if not patterns:
-                    flags.append(True)
-                    continue
-                globs = expand_patterns(patterns, provenance.get("new_block_layers"))
-                flags.append(any(fnmatch.fnmatchcase(name, g) for g in globs))
-            key = "".join("1" if f else "0" for f in flags)
-            classes[key] = tuple(flags)
-            param.ct_freeze_class = key
-        self.classes = classes
-        if any(self.row_windows):
-            expansion = provenance.get("vocab_expansion")
-            if not expansion:
-                raise ConfigError(
-                    "data.stages[].trainable_params: 'new_vocab_rows' needs a checkpoint resized by "
-                    "tools/expand_vocab.py; checkpoint.load has none"
-                )
-            for name in EMBEDDINGS:
-                if name in params:
-                    _train_rows_from(params[name], expansion["old_vocab_size"])
-                    params[name].ct_rows_active = False
-        self._rows_params = [params[n] for n in EMBEDDINGS if n in params]
-        self.current: int | None = None
+        stages = schedule.stages
+        new_blocks = provenance.get("new_block_layers")
+        globs = [expand_patterns(st.trainable_params, new_blocks) if st.trainable_params else None for st in stages]
+        self._holds_rows = [bool(st.trainable_params and "new_vocab_rows" in st.trainable_params) for st in stages]
+        self._check_patterns_match(params, stages, globs)
 
-    def overrides(self) -> dict:
-        """One optimizer param group per freeze class (merged into megatron-core's groups)."""
+        def trains(name: str, i: int) -> bool:
+            return globs[i] is None or any(fnmatch.fnmatchcase(name, g) for g in globs[i])
+
+        self.policies: dict[str, GroupPolicy] = {}
+        self._policy_of: dict[int, GroupPolicy] = {}  # id(param) -> policy
+        self.total = sum(p.numel() for p in params.values())
+        self._numel: dict[str, int] = {}  # policy key -> elements on this rank
+        for name, param in params.items():
+            flags = [trains(name, i) for i in range(len(stages))]
+            if not any(flags):
+                template = _stack_template(name)
+                # Pure function of (patterns, num_layers): every rank decides the same per stack.
+                stack_trains = template is not None and any(
+                    trains(template.format(layer), i) for layer in range(num_layers) for i in range(len(stages))
+                )
+                if not stack_trains:
+                    param.requires_grad_(False)
+                    continue
+            holds = [flags[i] and self._holds_rows[i] and name in VOCAB_MATRICES for i in range(len(stages))]
+            policy = GroupPolicy(
+                lr_mult=tuple(1.0 if f else 0.0 for f in flags),
+                decay=tuple(f and not h for f, h in zip(flags, holds, strict=True)),
+            )
+            policy = self.policies.setdefault(policy.key, policy)  # one object per policy
+            self._policy_of[id(param)] = policy
+            self._numel[policy.key] = self._numel.get(policy.key, 0) + param.numel()
+        self._rows = _RowHold()
+        if any(self._holds_rows):
+            old_rows = provenance["vocab_expansion"]["old_vocab_size"]  # checked at start-up
+            for name in VOCAB_MATRICES:
+                if name in params:  # tied or untied, on this rank's pipeline stages
+                    self._rows.attach(params[name], old_rows)
+        self.stage: Stage = stages[0]
+
+    @staticmethod
+    def _check_patterns_match(params: dict, stages: list[Stage], globs: list[list[str] | None]) -> None:
+        """Every pattern of every stage matches something (on some rank: all-reduced)."""
+        flat = [(i, g) for i, gs in enumerate(globs) for g in gs or []]
+        if not flat:
+            return
+        hits = torch.tensor([any(fnmatch.fnmatchcase(n, g) for n in params) for _, g in flat], dtype=torch.int64)
+        if dist.is_initialized():
+            hits = hits.to(next(iter(params.values())).device)
+            dist.all_reduce(hits)
+        unmatched: dict[int, list[str]] = {}
+        for (i, g), n in zip(flat, hits.tolist(), strict=True):
+            if n == 0:
+                unmatched.setdefault(i, []).append(g)
+        if unmatched:  # the same verdict on every rank after the all-reduce
+            i, missing = next(iter(unmatched.items()))
+            raise ConfigError(
+                f"{stages[i].trainable_key}: {missing} match no parameter (names look like {next(iter(params))})"
+            )
+
+    # --- what the optimizer and the scheduler read ------------------------------------------
+    def param_overrides(self) -> dict:
+        """One megatron-core param-group override per policy (merged with its standard ones)."""
         from megatron.core.optimizer import ParamKey, ParamPredicate
         from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 
         out = {}
-        # Every class of every stage pattern, also those absent on this rank, is harmless:
-        # groups are aligned across ranks by value and may be empty here.
-        for k in self.classes:
-            pred = ParamPredicate(
-                name=f"ct_freeze_class_{k}", fn=lambda p, k=k: getattr(p, "ct_freeze_class", None) == k
-            )
-            # megatron-core re-matches loaded param groups by (wd_mult, lr_mult, ...) only; its
-            # scheduler never reads lr_mult, so lr_mult carries the class to keep groups apart.
-            out[ParamKey(predicate=pred)] = ParamGroupOverride(ct_freeze_class=k, lr_mult=f"ct-freeze:{k}")
+        for key, policy in self.policies.items():
+            pred = ParamPredicate(name=f"ct_group {key}", fn=lambda p, pol=policy: self._policy_of.get(id(p)) is pol)
+            out[ParamKey(predicate=pred)] = ParamGroupOverride(ct_group=key)
         return out
 
-    def window_at(self, iteration: int) -> int:
-        for i, (start, end, _) in enumerate(self.windows):
-            if start <= iteration and (end is None or iteration < end):
-                return i
-        return len(self.windows) - 1
+    def enter_stage(self, stage: Stage) -> None:
+        """Make ``stage``'s policies current (the row hold switches with it)."""
+        self.stage = stage
+        self._rows.active = self._holds_rows[stage.index]
 
-    def apply(self, optimizer, scheduler, iteration: int) -> bool:
-        """Set the groups for the stage of step ``iteration``; True if anything changed."""
-        w = self.window_at(iteration)
-        if w == self.current:
-            return False
-        self.current = w
-        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-            for group in opt.param_groups:
-                k = group.get("ct_freeze_class")
-                if k is None:
-                    continue
-                # wd_mult identifies groups on load, so decay is switched by ct_no_decay
-                # (optimizer.FrozenAwareScheduler); a frozen group's LR 0 already stops it.
-                if self.classes[k][w]:
-                    group.pop("max_lr", None)
-                    group.pop("min_lr", None)
-                    group["ct_no_decay"] = self.row_windows[w]  # old vocabulary rows must not decay
-                else:
-                    group["max_lr"], group["min_lr"], group["ct_no_decay"] = 0.0, 0.0, True
-        for p in self._rows_params:
-            p.ct_rows_active = self.row_windows[w]
-        scheduler.step(0)  # recompute every group's LR now
-        return True
+    def trainable_elements(self) -> int:
+        """Elements of this rank's parameters that learn in the current stage."""
+        i = self.stage.index
+        return sum(n for key, n in self._numel.items() if self.policies[key].lr_mult[i] > 0)

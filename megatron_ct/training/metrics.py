@@ -13,9 +13,9 @@ import torch
 log = logging.getLogger("megatron_ct")
 
 
-def memory_gib(device: str) -> float:
+def memory_gib(device: torch.device) -> float:
     """Peak allocated GPU memory, or this process's resident set on CPU."""
-    if device == "cuda":
+    if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
     import psutil
 
@@ -76,7 +76,10 @@ def format_line(r: dict[str, Any], train_iters: int) -> str:
 
 
 class Throughput:
-    """Wall time between log points -> tokens/s, TFLOP/s per device, MFU, ETA."""
+    """Training time between log points -> tokens/s, TFLOP/s per device, MFU, ETA.
+
+    Time spent evaluating or saving checkpoints (``exclude``) is not training time: it would
+    make the step after an evaluation look slow and the ETA absurd."""
 
     def __init__(self, tokens_per_step: int, flops_per_step: float, world_size: int, peak_tflops: float | None):
         self.tokens_per_step = tokens_per_step
@@ -84,11 +87,16 @@ class Throughput:
         self.world_size = world_size
         self.peak = peak_tflops
         self.t0 = time.perf_counter()
+        self._excluded = 0.0
+
+    def exclude(self, seconds: float) -> None:
+        """Do not count ``seconds`` (spent on something other than training steps)."""
+        self._excluded += seconds
 
     def measure(self, steps: int, remaining_steps: int) -> dict[str, Any]:
         now = time.perf_counter()
-        dt = max(now - self.t0, 1e-9) / max(steps, 1)
-        self.t0 = now
+        dt = max(now - self.t0 - self._excluded, 1e-9) / max(steps, 1)
+        self.t0, self._excluded = now, 0.0
         tflops = self.flops_per_step / dt / self.world_size / 1e12
         return {
             "step_time_s": dt,

@@ -1,30 +1,26 @@
-"""Wrap model chunks in megatron-core DDP and build its optimizer and LR scheduler."""
+"""Wrap model chunks in megatron-core DDP and build its optimizer (param groups per freeze policy).
+
+Two end-of-step computations are ours rather than megatron-core's, because its versions
+bring values to the host (a GPU sync each) when Transformer Engine and apex are absent:
+the gradient norm (:func:`grad_norm`: one sync, the result) and the per-token gradient
+scaling in :func:`finalize_grads` (megatron-core tests ``num_tokens > 0`` on the host).
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+import torch.distributed as dist
 
-from megatron_ct.config import CTConfig
+from megatron_ct.config import Layout, OptimConfig
 from megatron_ct.model.llama import params_dtype
+from megatron_ct.training.freeze import FreezePlan
+
+GROUP_KEY = "ct_group"
 
 
-class FrozenAwareScheduler(OptimizerParamScheduler):
-    """megatron-core's scheduler, except that groups with peak LR 0 (parameters frozen by
-    train.trainable_params) stay at 0, also during a warmup from a non-zero lr_warmup_init."""
-
-    def get_lr(self, param_group: dict) -> float:
-        if param_group.get("max_lr", self.max_lr) == 0.0:
-            return 0.0
-        return super().get_lr(param_group)
-
-    def get_wd(self, param_group: dict | None = None) -> float:
-        if param_group is not None and param_group.get("ct_no_decay"):
-            return 0.0
-        return super().get_wd(param_group)
-
-
-def wrap_ddp(cfg: CTConfig, chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
+def wrap_ddp(chunks: list[torch.nn.Module], layout: Layout) -> list[torch.nn.Module]:
     """megatron-core DistributedDataParallel: contiguous FP32 grad buffers, bucketed
     all-reduce (or reduce-scatter with the distributed optimizer)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -32,9 +28,9 @@ def wrap_ddp(cfg: CTConfig, chunks: list[torch.nn.Module]) -> list[torch.nn.Modu
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-        # We check loss and grad norm ourselves and apply train.nan_policy.
+        overlap_grad_reduce=layout.overlap_grad_reduce,
+        use_distributed_optimizer=layout.use_distributed_optimizer,
+        # We check the gradient norm ourselves and apply train.nan_policy.
         check_for_nan_in_grad=False,
     )
     return [
@@ -50,72 +46,84 @@ def wrap_ddp(cfg: CTConfig, chunks: list[torch.nn.Module]) -> list[torch.nn.Modu
     ]
 
 
-def build_optimizer(cfg: CTConfig, ddp_chunks: list[torch.nn.Module], extra_overrides: dict | None = None):
-    """AdamW with FP32 master weights (and dynamic loss scaling in fp16)."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+def _identify_groups_by_policy() -> None:
+    """megatron-core (0.16) re-matches a checkpoint's param groups to the current ones by
+    ``(wd_mult, lr_mult, is_expert_parallel, is_decoupled_lr)`` only, so two of our groups that
+    differ only in their freeze policy would load as one. The policy key joins that identity.
+    Idempotent; groups of ours always carry the key (every trained parameter has a policy)."""
+    from megatron.core.optimizer import distrib_optimizer, optimizer
 
-    o, t = cfg.optim, cfg.train
+    for module in (optimizer, distrib_optimizer):
+        if GROUP_KEY not in module.param_group_identifier_keys:
+            module.param_group_identifier_keys = (*module.param_group_identifier_keys, GROUP_KEY)
+
+
+def build_optimizer(
+    optim: OptimConfig, layout: Layout, ddp_chunks, plan: FreezePlan, *, precision: str, clip_grad: float
+):
+    """AdamW with FP32 master weights (and dynamic loss scaling in fp16); one param group per
+    freeze policy, each split by megatron-core's no-decay rule for norms and biases."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
+
     opt_config = OptimizerConfig(
         optimizer="adam",
-        lr=o.lr,
-        min_lr=o.min_lr,
-        weight_decay=o.weight_decay,
-        adam_beta1=o.adam_beta1,
-        adam_beta2=o.adam_beta2,
-        adam_eps=o.adam_eps,
-        bf16=t.precision == "bf16",
-        fp16=t.precision == "fp16",
-        params_dtype=params_dtype(t.precision),
-        initial_loss_scale=o.initial_loss_scale,
-        clip_grad=t.clip_grad,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2,
+        adam_eps=optim.adam_eps,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        params_dtype=params_dtype(precision),
+        initial_loss_scale=optim.initial_loss_scale,
+        clip_grad=clip_grad,
+        use_distributed_optimizer=layout.use_distributed_optimizer,
     )
-    from megatron.core.optimizer import ParamKey, get_standard_config_overrides
-    from megatron.core.optimizer_param_scheduler import ParamGroupOverride
-
+    _identify_groups_by_policy()
     overrides = get_standard_config_overrides(opt_config)  # no weight decay on norms and biases
-    # Parameters frozen by train.trainable_params but kept in the optimizer (freeze.py).
-    overrides[ParamKey(attr="ct_frozen")] = ParamGroupOverride(max_lr=0.0, min_lr=0.0, wd_mult=0.0)
-    # Vocabulary matrices whose old rows are frozen (freeze.py): decay would move those rows.
-    overrides[ParamKey(attr="ct_rows_from")] = ParamGroupOverride(wd_mult=0.0)
-    overrides.update(extra_overrides or {})  # e.g. per-stage freeze classes (freeze.StageFreezer)
+    overrides.update(plan.param_overrides())
     return get_megatron_optimizer(opt_config, ddp_chunks, config_overrides=overrides)
 
 
-def build_scheduler(cfg: CTConfig, optimizer):
-    """megatron-core's OptimizerParamScheduler: warmup, then constant/linear/cosine/WSD.
+def grad_norm(optimizer) -> float:
+    """Global L2 norm of the gradients the optimizer steps on, over all model-parallel ranks (and
+    data-parallel ones with the distributed optimizer): megatron-core's ``get_grad_norm``, with
+    the per-tensor norms kept on the device until the one ``.item()``."""
+    total = None
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        grads = opt.get_main_grads_for_grad_norm()
+        if grads:
+            square = torch.stack(torch._foreach_norm(grads)).float().square().sum()  # [] fp32 on the device
+        else:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+            square = torch.zeros((), dtype=torch.float32, device=device)
+        dist.all_reduce(square, group=opt.get_grad_stats_parallel_group())
+        total = square if total is None else total + square
+    return math.sqrt(total.item()) if total is not None else 0.0  # the step's host sync
 
-    ``override_opt_param_scheduler`` makes the config win over a checkpoint's stored
-    schedule on resume (only the step count is taken from the checkpoint), so a CT
-    recipe can change its schedule between job chunks.
-    """
-    o = cfg.optim
-    decay_iters = max(o.lr_decay_iters or cfg.train.train_iters, o.lr_warmup_iters + 1)
-    wsd = o.lr_wsd_decay_iters if o.lr_wsd_decay_iters is not None else max(1, decay_iters // 10)
-    return FrozenAwareScheduler(
-        optimizer,
-        init_lr=o.lr_warmup_init,
-        max_lr=o.lr,
-        min_lr=o.min_lr,
-        lr_warmup_steps=o.lr_warmup_iters,
-        lr_decay_steps=decay_iters,
-        lr_decay_style=o.lr_decay_style,
-        start_wd=o.weight_decay,
-        end_wd=o.weight_decay,
-        wd_incr_steps=decay_iters,
-        wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=False,
-        override_opt_param_scheduler=True,
-        wsd_decay_steps=wsd,
-        lr_wsd_decay_style=o.lr_wsd_decay_style,
-    )
+
+def finalize_grads(model: list[torch.nn.Module], num_tokens: torch.Tensor | None = None, **kwargs) -> None:
+    """megatron-core's end-of-step gradient finalisation (DP reduce, SP norm reduce, tied
+    embeddings), then the per-token scaling ``1 / global tokens`` without a host round trip."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+
+    finalize_model_grads(model, None, **kwargs)
+    if num_tokens is None:
+        return
+    pp_group = ps.get_pipeline_model_parallel_group()
+    dist.broadcast(num_tokens, src=ps.get_pipeline_model_parallel_last_rank(), group=pp_group)
+    dist.all_reduce(num_tokens, group=ps.get_data_parallel_group(with_context_parallel=True))
+    scaling = 1.0 / num_tokens.clamp(min=1)  # no tokens: the gradients are zero anyway
+    for chunk in model:
+        chunk.scale_gradients(scaling)
 
 
 def hook_model_config(ddp_chunks: list[torch.nn.Module], optimizer) -> None:
     """Give the pipeline schedules what they call back into: grad-sync control, the
     end-of-step gradient finalisation (DP reduce, SP norm reduce, per-token scaling,
     tied-embedding sync) and the fp16 loss scale."""
-    from megatron.core.distributed import finalize_model_grads
     from megatron.core.utils import get_model_config
 
     config = get_model_config(ddp_chunks[0])
@@ -124,5 +132,5 @@ def hook_model_config(ddp_chunks: list[torch.nn.Module], optimizer) -> None:
     if ddp_chunks[0].ddp_config.overlap_grad_reduce:
         sync = [c.start_grad_sync for c in ddp_chunks]
         config.grad_sync_func = sync[0] if len(sync) == 1 else sync
-    config.finalize_model_grads_func = finalize_model_grads
+    config.finalize_model_grads_func = finalize_grads
     config.grad_scale_func = optimizer.scale_loss

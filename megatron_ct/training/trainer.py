@@ -1,10 +1,15 @@
-"""The training loop: build, (re)load, step, log, checkpoint.
+"""The training loop: build once, (re)load, then step, log, evaluate, checkpoint.
 
 Reads like megatron-core's ``run_simple_mcore_train_loop.py`` plus what continual
-pre-training needs: weights-only starts from a base model, preemption-safe saves,
-per-step NaN policy and throughput/MFU reporting, and curricula over indexed datasets
-(data state in checkpoints, LR re-warm at stage starts, named validation sets evaluated
-every ``data.eval_interval`` steps and at stage ends).
+pre-training needs. The flow (see docs/ARCHITECTURE.md):
+
+    config -> start-up checks (schedule, checkpoint record, data) -> build (data source,
+    model, freeze plan, DDP, optimizer, LR scheduler) -> load -> loop -> checkpoint
+
+Every stage change goes through one hook, :meth:`Trainer.on_stage_start`: it logs the
+stage, switches what trains (the freeze plan), starts the stage's LR (the scheduler) and
+evaluates the model as it enters the stage (the end of the stage before). It also runs when
+a run starts or resumes inside a stage, minus the evaluation.
 """
 
 from __future__ import annotations
@@ -16,25 +21,21 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_ct.checkpoint.dist_ckpt import (
-    PROVENANCE_KEYS,
-    load_checkpoint,
-    read_common,
-    resolve_load_dir,
-    save_checkpoint,
-)
+from megatron_ct.checkpoint.dist_ckpt import TrainState, load_checkpoint, save_checkpoint
+from megatron_ct.checkpoint.meta import CheckpointMeta
 from megatron_ct.checkpoint.preemption import PreemptionFlag
 from megatron_ct.config import CTConfig, Layout, config_to_dict
-from megatron_ct.data.batches import build_batch_source
-from megatron_ct.data.curriculum import check_data_options
-from megatron_ct.model.llama import build_model
+from megatron_ct.config.schedule import Stage
+from megatron_ct.data.batches import build_data_source
+from megatron_ct.model.llama import Numerics, build_model
 from megatron_ct.training.evaluate import Evaluator
 from megatron_ct.training.flops import flops_per_token, peak_tflops_for
-from megatron_ct.training.freeze import StageFreezer, apply_trainable_params, stage_trainable_windows
+from megatron_ct.training.freeze import FreezePlan
 from megatron_ct.training.metrics import MetricsWriter, Throughput, format_line, memory_gib
-from megatron_ct.training.optimizer import build_optimizer, build_scheduler, hook_model_config, wrap_ddp
-from megatron_ct.training.stage_lr import install_stage_rewarm, rewarm_windows
-from megatron_ct.training.step import train_step
+from megatron_ct.training.optimizer import build_optimizer, hook_model_config, wrap_ddp
+from megatron_ct.training.scheduler import CTScheduler
+from megatron_ct.training.startup import Startup
+from megatron_ct.training.step import NonFiniteError, StepResult, reduce_loss_sums, train_step
 
 log = logging.getLogger("megatron_ct")
 
@@ -49,71 +50,56 @@ class TrainOutcome:
 
 
 class Trainer:
-    def __init__(self, cfg: CTConfig, layout: Layout, device: str) -> None:
+    def __init__(self, cfg: CTConfig, layout: Layout, startup: Startup) -> None:
         from megatron.core import parallel_state as ps
 
-        self.cfg, self.layout, self.device = cfg, layout, device
-        # Data first: a missing dataset file or a bad data option is a ConfigError on every
-        # rank before any collective.
-        check_data_options(cfg, device)
+        self.cfg, self.layout = cfg, layout
+        self.schedule = startup.schedule
+        self.provenance = startup.provenance
+        t, ck = cfg.train, cfg.checkpoint
         dp_rank = ps.get_data_parallel_rank()
-        log_dir = cfg.logging.log_dir or cfg.checkpoint.save
-        self.batches = build_batch_source(cfg, layout, dp_rank, device, log_dir)
-        self.evaluator = Evaluator(cfg, layout, dp_rank, device, getattr(self.batches, "cache", None), log_dir)
-        chunks, self.model_info = build_model(cfg, layout, device)
-        ck = cfg.checkpoint
-        loaded_common = read_common(resolve_load_dir(ck.load)[0]) if ck.load else {}
-        self._provenance = {k: loaded_common[k] for k in PROVENANCE_KEYS if k in loaded_common}
-        windows = stage_trainable_windows(cfg)
-        if windows:  # curriculum stages differ in what learns: switch by LR at stage starts
-            self.freezer = StageFreezer(chunks, windows, cfg.model.num_layers, self._provenance)
-            self.trainable = apply_trainable_params(chunks, None, cfg.model.num_layers)
-        else:
-            self.freezer = None
-            self.trainable = apply_trainable_params(
-                chunks, cfg.train.trainable_params, cfg.model.num_layers, self._provenance
-            )
-        self.model = wrap_ddp(cfg, chunks)
-        self.optimizer = build_optimizer(cfg, self.model, self.freezer.overrides() if self.freezer else None)
-        self.scheduler = build_scheduler(cfg, self.optimizer)
-        install_stage_rewarm(self.scheduler, rewarm_windows(cfg), cfg.optim.lr_warmup_init)
+        log_dir = cfg.logging.log_dir or ck.save
+        self.data = build_data_source(cfg, layout, self.schedule, dp_rank, startup.cache, log_dir)
+        self.evaluator = Evaluator(
+            cfg.data,
+            layout,
+            micro_batch_size=t.micro_batch_size,
+            global_batch_size=t.global_batch_size,
+            dp_rank=dp_rank,
+            cache=startup.cache,
+            tokenizer=startup.tokenizer,
+            log_dir=log_dir,
+            tensorboard_dir=cfg.logging.tensorboard_dir,
+        )
+        numerics = Numerics(t.precision, t.recompute_granularity, cfg.data.uses_document_attention_mask)
+        chunks, self.model_info = build_model(cfg.model, layout, numerics)
+        self.plan = FreezePlan(chunks, self.schedule, cfg.model.num_layers, self.provenance)
+        self.model = wrap_ddp(chunks, layout)
+        self.optimizer = build_optimizer(
+            cfg.optim, layout, self.model, self.plan, precision=t.precision, clip_grad=t.clip_grad
+        )
+        self.scheduler = CTScheduler(self.optimizer, cfg.optim, t.train_iters, self.plan.policies)
         hook_model_config(self.model, self.optimizer)
+        self.state = TrainState(self.model, self.optimizer, self.scheduler, self.data)
         self.iteration = 0
         self._last_saved: int | None = None
-        self._first_loss: float | None = None
-        self._stage = None  # curriculum stage of the last step (announced when it changes)
-        if ck.load:
-            state = load_checkpoint(
-                ck.load,
-                self.model,
-                self.optimizer,
-                self.scheduler,
-                weights_only=ck.load_weights_only,
-                expected_vocab_size=cfg.model.vocab_size,
-            )
-            self.iteration = state.iteration
-            data_state = None if ck.load_weights_only else state.common.get("data")
-            self.batches.resume(state.iteration, state.consumed_samples, data_state)
-            self._last_saved = None if ck.load_weights_only else self.iteration
-            log.info(
-                "resumed from %s at iteration %d (%d samples consumed)", ck.load, self.iteration, state.consumed_samples
-            )
+        if startup.load_dir:
+            load_checkpoint(startup.load_dir, self.state, startup.meta, weights_only=ck.load_weights_only)
+            if not ck.load_weights_only:
+                self.iteration = self._last_saved = startup.meta.iteration
+                log.info("resumed from %s at iteration %d (%s)", startup.load_dir, self.iteration, self.data.progress())
         self.is_writer = dist.get_rank() == 0
         self.metrics = MetricsWriter(self.is_writer, log_dir, cfg.logging.tensorboard_dir)
+        self._stage: Stage | None = None
+        self._throughput: Throughput | None = None
+        self._evaluated_at: int | None = None
+        self._first_loss: float | None = None
         self._log_startup()
 
     def _log_startup(self) -> None:
         info, lay = self.model_info, self.layout
-        total = torch.tensor(
-            [info.num_parameters], dtype=torch.float64, device="cuda" if self.device == "cuda" else "cpu"
-        )
+        total = torch.tensor([info.num_parameters], dtype=torch.float64, device=lay.device)
         dist.all_reduce(total)
-        if self.cfg.train.trainable_params:
-            log.info(
-                "training %d of %d parameter elements on rank 0 (train.trainable_params=%s)",
-                *self.trainable,
-                self.cfg.train.trainable_params,
-            )
         log.info(
             "model: %.2fM parameters | transformer_impl=%s | norm=%s | vocab %d (padded %d) | "
             "layout TP%d PP%d%s DP%d | %d micro-batches/step | device=%s | precision=%s",
@@ -127,192 +113,196 @@ class Trainer:
             f" VPP{lay.vpp}" if lay.vpp else "",
             lay.dp,
             lay.num_microbatches,
-            self.device,
+            lay.device,
             self.cfg.train.precision,
         )
 
-    def _common_state(self) -> dict:
-        return {
-            "consumed_samples": self.batches.consumed_samples(self.iteration),
-            # Curriculum data state (per-dataset stream positions, interleave segment); None
-            # for the synthetic stream, whose position is consumed_samples alone.
-            "data": self.batches.state_dict(),
-            "config": config_to_dict(self.cfg),
-            "model_info": {
-                "true_vocab_size": self.model_info.true_vocab_size,
-                "padded_vocab_size": self.model_info.padded_vocab_size,
-            },
-            **self._provenance,
-        }
+    # --- checkpoint -----------------------------------------------------------------------
+    def checkpoint_meta(self) -> CheckpointMeta:
+        return CheckpointMeta(
+            config=config_to_dict(self.cfg),
+            true_vocab_size=self.model_info.true_vocab_size,
+            padded_vocab_size=self.model_info.padded_vocab_size,
+            layout={"tp": self.layout.tp, "pp": self.layout.pp},
+            iteration=self.iteration,
+            data=self.data.state_dict(),
+            **self.provenance,
+        )
 
     def save(self) -> None:
         ck = self.cfg.checkpoint
         t0 = time.perf_counter()
-        path = save_checkpoint(
-            ck.save,
-            self.iteration,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            self._common_state(),
-            keep_last=ck.keep_last,
-        )
+        path = save_checkpoint(ck.save, self.state, self.checkpoint_meta(), keep_last=ck.keep_last)
         self._last_saved = self.iteration
         log.info("saved checkpoint %s in %.1fs", path, time.perf_counter() - t0)
 
-    def _peak_tflops(self) -> float | None:
-        if self.cfg.logging.peak_tflops is not None:
-            return self.cfg.logging.peak_tflops
-        if self.device == "cuda":
-            return peak_tflops_for(torch.cuda.get_device_name())
-        return None
+    # --- the stage-start hook -------------------------------------------------------------
+    def on_stage_start(self, stage: Stage) -> None:
+        """Log the stage, switch what trains and the LR, and evaluate at a stage boundary."""
+        self._stage = stage
+        if self.is_writer:
+            resumed = f" (resuming at iteration {self.iteration + 1})" if self.iteration > stage.start_iter else ""
+            log.info("%s%s", self.schedule.describe(stage, self.cfg.train.train_iters), resumed)
+        self.plan.enter_stage(stage)
+        self.scheduler.enter_stage(stage)
+        if self.cfg.train.trainable_params or stage.trainable_params:
+            log.info(
+                "training %d of %d parameter elements on rank 0 in stage %r",
+                self.plan.trainable_elements(),
+                self.plan.total,
+                stage.name,
+            )
+        if self.iteration == stage.start_iter and self.iteration > 0:
+            self._evaluate("stage_end", self.schedule.stage_at(self.iteration - 1).name)
 
+    def _evaluate(self, trigger: str, stage_name: str) -> None:
+        if not self.evaluator.sets or self._evaluated_at == self.iteration:
+            return
+        t0 = time.perf_counter()
+        self.evaluator.evaluate(self.model, self.iteration, stage_name, trigger)
+        self._evaluated_at = self.iteration
+        if self._throughput is not None:
+            self._throughput.exclude(time.perf_counter() - t0)
+
+    # --- the loop ---------------------------------------------------------------------------
     def train(self) -> TrainOutcome:
         cfg, t = self.cfg, self.cfg.train
         seq = cfg.data.seq_length
         tokens_per_step = t.global_batch_size * seq
-        throughput = Throughput(
+        self._throughput = Throughput(
             tokens_per_step,
             tokens_per_step * flops_per_token(cfg.model, seq, self.model_info.padded_vocab_size),
             self.layout.world_size,
             self._peak_tflops(),
         )
-        preempt = PreemptionFlag(cfg.checkpoint.save_on_sigterm and cfg.checkpoint.save is not None, self.device)
-        reason, result, skipped_in_a_row, skipped_total, since_log = "finished", None, 0, 0, 0
-        if self.device == "cuda":
+        preempt = PreemptionFlag(cfg.checkpoint.save_on_sigterm and cfg.checkpoint.save is not None, self.layout.on_gpu)
+        self._reason, self._last = "finished", None
+        self._skipped_in_a_row = self._skipped_total = self._since_log = 0
+        self._loss_sums = torch.zeros(2, dtype=torch.float64, device=self.layout.device)
+        if self.layout.on_gpu:
             torch.cuda.reset_peak_memory_stats()
         try:
             while self.iteration < t.train_iters:
-                self._announce_stage()
-                if self.freezer is not None and self.freezer.apply(self.optimizer, self.scheduler, self.iteration):
-                    _, _, patterns = self.freezer.windows[self.freezer.current]
-                    log.info("iteration %d on: training %s", self.iteration + 1, patterns or "all parameters")
-                result = train_step(
-                    self.iteration,
-                    self.batches.microbatches(self.iteration),
-                    self.model,
-                    self.optimizer,
-                    self.scheduler,
-                    num_microbatches=self.layout.num_microbatches,
-                    seq_length=seq,
-                    micro_batch_size=t.micro_batch_size,
-                    nan_policy=t.nan_policy,
-                    device=self.device,
-                )
-                self.iteration += 1
-                since_log += 1
-                if result.applied:
-                    skipped_in_a_row = 0
-                else:
-                    skipped_in_a_row += 1
-                    skipped_total += 1
-                    log.warning("iteration %d: %s", self.iteration, result.reason)
-                    if skipped_in_a_row > t.max_skipped_steps:
-                        raise RuntimeError(
-                            f"{skipped_in_a_row} consecutive steps skipped (train.max_skipped_steps="
-                            f"{t.max_skipped_steps}); stopping"
-                        )
-                if self.iteration % cfg.logging.log_interval == 0 or self.iteration == t.train_iters:
-                    self._log(result, throughput.measure(since_log, t.train_iters - self.iteration), skipped_total)
-                    since_log = 0
-                self._maybe_evaluate()
-                ck = cfg.checkpoint
-                if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0:
-                    self.save()
-                if preempt.any_rank_received():
-                    reason = "preempted"
+                stage = self.schedule.stage_at(self.iteration)
+                if stage is not self._stage:
+                    self.on_stage_start(stage)
+                if self._iteration(preempt):
                     break
-                if t.exit_interval and self.iteration % t.exit_interval == 0 and self.iteration < t.train_iters:
-                    reason = "exit_interval"
-                    break
+            if self.iteration == t.train_iters and self.iteration > 0:
+                trigger = "stage_end" if self.schedule.is_stage_end(self.iteration) else "end"
+                self._evaluate(trigger, self.schedule.stage_at(self.iteration - 1).name)
             if cfg.checkpoint.save and self._last_saved != self.iteration:
-                self.save()
+                self._timed_save()
         finally:
             preempt.restore()
             self.metrics.close()
             self.evaluator.close()
-            self.batches.close()
-        if reason == "preempted":
+            self.data.close()
+        if self._reason == "preempted":
             log.warning("SIGTERM received: saved iteration %d and stopping", self.iteration)
-        if self._first_loss is not None and result is not None:
+        if self._first_loss is not None and self._last is not None:
             log.info(
-                "done (%s) at iteration %d: loss %.4f -> %.4f", reason, self.iteration, self._first_loss, result.loss
+                "done (%s) at iteration %d: loss %.4f -> %.4f",
+                self._reason,
+                self.iteration,
+                self._first_loss,
+                self._last,
             )
-        return TrainOutcome(self.iteration, reason, result.loss if result else None)
+        return TrainOutcome(self.iteration, self._reason, self._last)
 
-    def _announce_stage(self) -> None:
-        """Log the curriculum stage when the next step starts one (or the run resumes in one)."""
-        schedule = self.batches.schedule
-        if schedule is None:
-            return
-        stage = schedule.stage_at(self.iteration)
-        if self._stage is stage:
-            return
-        self._stage = stage
-        blend = ", ".join(
-            f"{n} {a:.3f}" + (f"->{b:.3f}" if stage.ramped else "")
-            for n, a, b in zip(schedule.names, stage.start_weights, stage.end_weights, strict=True)
-            if a > 0 or b > 0
+    def _iteration(self, preempt: PreemptionFlag) -> bool:
+        """One step and its bookkeeping; True when the run must stop here."""
+        cfg, t = self.cfg, self.cfg.train
+        result = train_step(
+            self.iteration,
+            self.data.next_batch(),
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            device=self.layout.device,
+            num_microbatches=self.layout.num_microbatches,
+            seq_length=cfg.data.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            nan_policy=t.nan_policy,
         )
-        end = stage.end_iter if stage.end_iter is not None else self.cfg.train.train_iters
-        log.info(
-            "stage %d/%d %r: iterations %d-%d from %d | packing %s | blend %s%s",
-            stage.index + 1,
-            len(schedule.stages),
-            stage.name,
-            stage.start_iter + 1,
-            end,
-            self.iteration + 1,
-            stage.packing,
-            blend,
-            f" | LR re-warm over {stage.lr_rewarm_iters} steps" if stage.lr_rewarm_iters else "",
-        )
+        self.iteration += 1
+        self._since_log += 1
+        self._loss_sums += result.loss_sums  # on the device: reduced on log steps only
+        if result.applied:
+            self._skipped_in_a_row = 0
+        else:
+            self._skipped_in_a_row += 1
+            self._skipped_total += 1
+            log.warning("iteration %d: %s", self.iteration, result.reason)
+            if self._skipped_in_a_row > t.max_skipped_steps:
+                raise NonFiniteError(
+                    f"{self._skipped_in_a_row} consecutive steps skipped (train.max_skipped_steps="
+                    f"{t.max_skipped_steps}); stopping"
+                )
+        if self.iteration % cfg.logging.log_interval == 0 or self.iteration == t.train_iters:
+            self._log(result)
+        boundary = self.schedule.is_stage_end(self.iteration) or self.iteration == t.train_iters
+        if self.evaluator.due(self.iteration) and not boundary:
+            # Stage ends are evaluated as the next stage starts, the last step at the end.
+            self._evaluate("interval", self._stage.name)
+        ck = cfg.checkpoint
+        if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0:
+            self._timed_save()
+        if preempt.poll():
+            self._reason = "preempted"
+            return True
+        if t.exit_interval and self.iteration % t.exit_interval == 0 and self.iteration < t.train_iters:
+            self._reason = "exit_interval"
+            return True
+        return False
 
-    def _maybe_evaluate(self) -> None:
-        """Validation sets every data.eval_interval steps, at stage ends and at the end of training."""
-        schedule = self.batches.schedule
-        stage_end = self.iteration == self.cfg.train.train_iters or (
-            schedule is not None and schedule.is_stage_end(self.iteration)
-        )
-        if not self.evaluator.due(self.iteration, stage_end):
-            return
-        stage = schedule.stage_at(self.iteration - 1).name if schedule is not None else ""
-        trigger = "interval"
-        if schedule is not None and schedule.is_stage_end(self.iteration):
-            trigger = "stage_end"
-        elif self.iteration == self.cfg.train.train_iters:
-            trigger = "end"
-        self.evaluator.evaluate(self.model, self.iteration, stage, trigger)
+    def _timed_save(self) -> None:
+        t0 = time.perf_counter()
+        self.save()
+        self._throughput.exclude(time.perf_counter() - t0)
 
-    def _log(self, result, perf: dict, skipped_total: int) -> None:
+    def _peak_tflops(self) -> float | None:
+        if self.cfg.logging.peak_tflops is not None:
+            return self.cfg.logging.peak_tflops
+        if self.layout.on_gpu:
+            return peak_tflops_for(torch.cuda.get_device_name())
+        return None
+
+    def _log(self, result: StepResult) -> None:
+        """The log-step record: the loss is the mean over the steps since the last record."""
+        loss_sum, tokens = reduce_loss_sums(self._loss_sums)
+        self._loss_sums.zero_()
+        loss = loss_sum / max(tokens, 1.0)
+        perf = self._throughput.measure(self._since_log, self.cfg.train.train_iters - self.iteration)
+        self._since_log = 0
         record = {
             "iteration": self.iteration,
-            "loss": result.loss,
+            "loss": loss,
             "lr": result.lr,
             "grad_norm": result.grad_norm,
             "applied": result.applied,
-            "skipped_steps": skipped_total,
-            "consumed_samples": self.batches.consumed_samples(self.iteration),
-            "memory_gib": memory_gib(self.device),
+            "skipped_steps": self._skipped_total,
+            **self.data.progress(),
+            "memory_gib": memory_gib(self.layout.device),
             **perf,
         }
-        if self.batches.schedule is not None:
-            record["stage"] = self.batches.schedule.stage_at(self.iteration - 1).name
+        if self.schedule.curriculum:
+            record["stage"] = self._stage.name
         if self._first_loss is None:
-            self._first_loss = result.loss
+            self._first_loss = loss
+        self._last = loss
         if self.is_writer:
             log.info(format_line(record, self.cfg.train.train_iters))
         self.metrics.write(record)
 
 
 def run_training(cfg: CTConfig) -> TrainOutcome:
-    """Validate against the world size (every rank, before any collective), set up the
-    process group, train, tear down."""
-    from megatron_ct.config import validate_for_world
+    """Check the world, set up the process group, check files, build, train, tear down."""
     from megatron_ct.parallel.distributed import init_distributed, read_launch_env, teardown_distributed
+    from megatron_ct.training.startup import check_startup, resolve_layout
 
     env = read_launch_env()
-    layout = validate_for_world(cfg, env.world_size)
+    layout = resolve_layout(cfg, env.world_size, env.local_rank)
     logging.basicConfig(
         level=logging.INFO if env.rank == 0 else logging.WARNING,
         format=f"[%(asctime)s rank{env.rank}] %(message)s",
@@ -321,8 +311,9 @@ def run_training(cfg: CTConfig) -> TrainOutcome:
     )
     # megatron-core logs every parameter name and its full optimizer config at INFO.
     logging.getLogger("megatron").setLevel(logging.WARNING)
-    device = init_distributed(cfg, layout, env)
+    init_distributed(cfg, layout, env)
     try:
-        return Trainer(cfg, layout, device).train()
+        startup = check_startup(cfg, layout)
+        return Trainer(cfg, layout, startup).train()
     finally:
         teardown_distributed()

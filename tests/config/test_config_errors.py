@@ -41,7 +41,7 @@ from launch import run_trainer
 def test_config_error_on_every_rank_without_hanging(overrides, message):
     proc = run_trainer(2, overrides, check=False, timeout=90)
     assert proc.returncode != 0
-    err_lines = [line for line in proc.stderr.splitlines() if "config error" in line]
+    err_lines = [line for line in proc.stderr.splitlines() if "pretrain_ct.py: error:" in line]
     # Every rank raises it before any collective; torchrun may stop the other rank before it
     # prints once one has exited, so one or two lines, and no hang (the timeout above).
     assert 1 <= len(err_lines) <= 2, proc.stderr[-3000:]

@@ -19,7 +19,9 @@ def main(manifest_path: str) -> None:
     import torch
     from megatron.core import parallel_state as ps
 
-    from megatron_ct.checkpoint.dist_ckpt import load_checkpoint, read_common, resolve_load_dir
+    from megatron_ct.checkpoint.dist_ckpt import load_weights
+    from megatron_ct.checkpoint.meta import read_meta
+    from megatron_ct.checkpoint.root import resolve_load_dir
     from megatron_ct.config import (
         CTConfig,
         DataConfig,
@@ -29,7 +31,7 @@ def main(manifest_path: str) -> None:
         validate_for_world,
     )
     from megatron_ct.model.inference import forward_logits
-    from megatron_ct.model.llama import build_model
+    from megatron_ct.model.llama import Numerics, build_model
     from megatron_ct.parallel.distributed import init_distributed, read_launch_env, teardown_distributed
 
     with open(manifest_path) as f:
@@ -38,7 +40,7 @@ def main(manifest_path: str) -> None:
     env = read_launch_env()
 
     def config_for(ckpt: str) -> CTConfig:
-        model = read_common(resolve_load_dir(ckpt)[0])["config"]["model"]
+        model = read_meta(resolve_load_dir(ckpt)[0]).model
         return CTConfig(
             model=ModelConfig(**model),
             parallel=ParallelConfig(
@@ -56,8 +58,8 @@ def main(manifest_path: str) -> None:
     try:
         for case in spec["cases"]:
             cfg = config_for(case["ckpt"])
-            chunks, _ = build_model(cfg, validate_for_world(cfg, env.world_size), "cpu")
-            load_checkpoint(case["ckpt"], chunks, weights_only=True, expected_vocab_size=cfg.model.vocab_size)
+            chunks, _ = build_model(cfg.model, validate_for_world(cfg, env.world_size), Numerics("fp32"))
+            load_weights(case["ckpt"], chunks)
             logits = forward_logits(chunks, tokens, cfg.model.vocab_size)
             if logits is not None and ps.get_tensor_model_parallel_rank() == 0:
                 torch.save(logits, case["out"])

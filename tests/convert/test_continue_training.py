@@ -128,5 +128,5 @@ def test_resuming_from_a_converted_checkpoint_asks_for_weights_only(base):
     args = ["--config", str(ct / "model.yaml"), f"checkpoint.load={ct}", *TRAIN, "checkpoint.load_weights_only=false"]
     proc = run_torchrun(1, REPO / "pretrain_ct.py", args, check=False)
     assert proc.returncode != 0
-    line = next(li for li in proc.stderr.splitlines() if "config error" in li)
+    line = next(li for li in proc.stderr.splitlines() if "pretrain_ct.py: error:" in li)
     assert "checkpoint.load_weights_only: expected true" in line and "holds weights only" in line

@@ -1,7 +1,7 @@
 """Which samples form each step, per data-parallel rank."""
 
 from megatron_ct.config import load_config, validate_for_world
-from megatron_ct.data.batches import BatchSource, sample_indices
+from megatron_ct.data.batches import SyntheticSource, sample_indices
 from megatron_ct.data.synthetic import SyntheticMarkovDataset
 
 
@@ -14,11 +14,14 @@ class IndexDataset:
 
 def source(gbs, mbs, world, dp_rank):
     cfg = load_config(None, [f"train.global_batch_size={gbs}", f"train.micro_batch_size={mbs}", "data.seq_length=4"])
-    return BatchSource(cfg, validate_for_world(cfg, world), IndexDataset(), dp_rank, "cpu")
+    return SyntheticSource(IndexDataset(), validate_for_world(cfg, world), mbs, gbs, dp_rank)
 
 
 def step_samples(src, step):
-    return sorted(int(b["tokens"][r, 0]) for b in src.microbatches(step) for r in range(b["tokens"].shape[0]))
+    """Samples of ``step`` (the source is advanced to it first)."""
+    while src.position.next_step < step:
+        src.next_batch()
+    return sorted(int(b["tokens"][r, 0]) for b in src.next_batch() for r in range(b["tokens"].shape[0]))
 
 
 def test_dp_ranks_partition_the_global_batch():
@@ -35,9 +38,9 @@ def test_same_samples_per_step_for_any_dp_size():
 
 def test_resume_continues_the_stream_when_the_batch_size_changes():
     src = source(16, 2, 1, 0)
-    src.resume(step=5, consumed_samples=5 * 8)  # the first chunk of the job ran with gbs=8
+    src.load_state_dict({"next_step": 5, "consumed_samples": 5 * 8})  # the first chunk of the job ran with gbs=8
     assert step_samples(src, 5) == list(range(40, 56))
-    assert src.consumed_samples(6) == 56
+    assert src.progress()["consumed_samples"] == 56 and src.state_dict()["next_step"] == 6
 
 
 def test_sample_indices_layout():

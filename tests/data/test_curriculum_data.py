@@ -11,12 +11,14 @@ import torch
 
 from megatron_ct.config import ConfigError, load_config, validate_for_world
 from megatron_ct.config.loader import build_config
-from megatron_ct.data.curriculum import CurriculumSource
+from megatron_ct.config.schedule import Schedule, Stage
+from megatron_ct.data.batches import build_data_source
 from megatron_ct.data.index_cache import IndexCache
-from megatron_ct.data.interleave import Segment
+from megatron_ct.data.interleave import Segment, StageWindow
 from megatron_ct.data.packing import PackingOptions, build_batch
-from megatron_ct.data.schedule import Stage
 from megatron_ct.data.stream import Window
+from megatron_ct.model.masks import document_attention_mask
+from megatron_ct.training.startup import check_startup
 
 SEQ = 32
 
@@ -35,7 +37,7 @@ def make_cfg(corpora, stages, *, gbs=8, mbs=2, seq=SEQ, iters=None, world=1, **d
 
 def source(cfg, layout, tmp_path, dp_rank=0):
     cfg.data.index_cache_dir = str(tmp_path / "cache")
-    return CurriculumSource(cfg, layout, dp_rank, "cpu")
+    return build_data_source(cfg, layout, Schedule.from_config(cfg), dp_rank, IndexCache(cfg.data.index_cache_dir))
 
 
 THREE_STAGES = [
@@ -51,11 +53,10 @@ def test_blend_adherence_in_every_1000_sample_window_with_ramps(corpora, tmp_pat
     src = source(cfg, layout, tmp_path)
     names = src.schedule.names
     ids, scheduled = [], []
-    for k in range(4000):  # 32,000 samples across three stages
-        stage, refs = src.plan(k)
-        first = src.consumed_samples(k)
+    for _ in range(4000):  # 32,000 samples across three stages
+        window, first, refs = src.plan()
         ids += [r.dataset for r in refs]
-        scheduled += [stage.weights_at(first + i) for i in range(len(refs))]
+        scheduled += [window.weights_at(first + i) for i in range(len(refs))]
     onehot = np.eye(len(names))[ids]  # [n, datasets]
     actual = np.vstack([np.zeros(len(names)), np.cumsum(onehot, 0)])
     target = np.vstack([np.zeros(len(names)), np.cumsum(np.array(scheduled), 0)])
@@ -73,8 +74,8 @@ def test_blend_adherence_in_every_1000_sample_window_with_ramps(corpora, tmp_pat
 def test_interleave_keeps_200_datasets_within_one_sample_of_target():
     rng = np.random.default_rng(0)
     a, b = rng.dirichlet(np.ones(200)), rng.dirichlet(np.ones(200))
-    stage = Stage(0, "s", 0, 2500, 0, 20000, a, b, "concat", False, False, False, 0)
-    ids = Segment(stage, 0).take(20000)
+    stage = Stage(0, "s", 0, 2500, a, b)
+    ids = Segment(StageWindow(stage, 0, 20000), 0).take(20000)
     counts = np.cumsum(np.eye(200)[ids], 0)
     x = np.arange(1, 20001)[:, None]
     target = x * (a + (b - a) * x / (2 * 20000))  # integral of the linear ramp
@@ -92,8 +93,8 @@ def test_by_source_sequences_hold_whole_documents_of_one_dataset(corpora, tmp_pa
         docs = [tuple(stream.read_document(i).tolist()) for i in range(stream.num_docs)]
         allowed[name] = set(docs) | {c for d in docs if len(d) > capacity for c in _chunks(d, capacity)}
     multi_doc, padded = 0, 0
-    for k in range(30):
-        stage, refs = src.plan(k)
+    for _ in range(30):
+        _, _, refs = src.plan()
         windows = [src.streams[src.schedule.names[r.dataset]].read(r.position, r.length) for r in refs]
         for r, w in zip(refs, windows, strict=True):
             name = src.schedule.names[r.dataset]
@@ -101,7 +102,7 @@ def test_by_source_sequences_hold_whole_documents_of_one_dataset(corpora, tmp_pa
             for lo, hi in zip(bounds, bounds[1:], strict=False):
                 assert tuple(w.tokens[lo:hi].tolist()) in allowed[name], (name, lo, hi)
             multi_doc += len(w.doc_starts) > 1
-        batch = build_batch(windows, seq, PackingOptions(), "cpu")
+        batch = build_batch(windows, seq, PackingOptions())
         for row, w in enumerate(windows):
             n = len(w.tokens)
             padded += n < capacity
@@ -116,21 +117,23 @@ def _chunks(doc: tuple, size: int) -> list[tuple]:
 def test_packing_resets_positions_masks_attention_and_eod_loss():
     w = Window(np.arange(10, 19, dtype=np.int64), np.array([0, 3, 7]))  # documents [0,3) [3,7) [7,9)
     opts = PackingOptions(reset_position_ids=True, reset_attention_mask=True, eod_mask_loss=True)
-    b = build_batch([w], 9, opts, "cpu")  # 9 real tokens of 10: the last position is padding
+    b = build_batch([w], 9, opts)  # 9 real tokens of 10: the last position is padding
     assert b["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 2, 3, 0, 1]
     # No loss predicting a next document's first token (positions 2 and 6), nor past the end.
     assert b["loss_mask"][0].tolist() == [1, 1, 0, 1, 1, 1, 0, 1, 0]
-    mask = b["attention_mask"][0, 0]  # True = masked
+    mask = document_attention_mask(b["segment_ids"])[0, 0]  # True = masked
     allowed = [[j for j in range(9) if not mask[i, j]] for i in range(9)]
     assert allowed[4] == [3, 4] and allowed[2] == [0, 1, 2] and allowed[8] == [7, 8]
-    plain = build_batch([w], 9, PackingOptions(), "cpu")
-    assert "attention_mask" not in plain and plain["position_ids"][0].tolist() == list(range(9))
+    plain = build_batch([w], 9, PackingOptions())
+    assert "segment_ids" not in plain and plain["position_ids"][0].tolist() == list(range(9))
 
 
 def _run(src, steps):
+    """The batches of ``steps`` (consecutive, starting where the source stands)."""
     out = []
     for k in steps:
-        out.append([{n: t.clone() for n, t in b.items()} for b in src.microbatches(k)])
+        assert src.position.next_step == k
+        out.append([{n: t.clone() for n, t in b.items()} for b in src.next_batch()])
     return out
 
 
@@ -169,7 +172,7 @@ def test_resume_from_saved_state_gives_the_uninterrupted_batches(corpora, tmp_pa
     _same(_run(first, range(9)), straight[:9])  # stop mid-stage 2
     state = json.loads(json.dumps(first.state_dict()))  # as stored in the checkpoint's common dict
     resumed = source(cfg, layout, tmp_path, dp_rank)
-    resumed.resume(9, first.consumed_samples(9), state)
+    resumed.load_state_dict(state)
     _same(_run(resumed, range(9, 24)), straight[9:])
 
 
@@ -178,8 +181,9 @@ def _positions(src, steps):
     datasets' sample counts."""
     seen: dict[str, list[tuple[int, int]]] = {}
     per_stage: dict[str, dict[str, int]] = {}
-    for k in steps:
-        stage, refs = src.plan(k)
+    for _ in steps:
+        window, _, refs = src.plan()
+        stage = window.stage
         for r in refs:
             name = src.schedule.names[r.dataset]
             advance = SEQ if stage.packing == "concat" else r.length
@@ -200,7 +204,7 @@ def test_schedule_edit_on_resume_continues_each_dataset_where_it_stopped(corpora
     edited[2] = {"name": "sft2", "blend": {"en": 0.5, "zh": 0.5}, "packing": "by_source"}  # a future stage
     cfg2, layout2 = make_cfg(corpora, edited, iters=24)
     resumed = source(cfg2, layout2, tmp_path)
-    resumed.resume(9, first.consumed_samples(9), state)
+    resumed.load_state_dict(state)
     after, per_stage = _positions(resumed, range(9, 24))
 
     for name in set(before) | set(after):
@@ -236,8 +240,8 @@ def test_megatron_data_path_and_split(corpora, tmp_path):
     src = source(cfg, validate_for_world(cfg, 1), tmp_path)
     train_docs = src.streams["en_text_document"].num_docs
     assert train_docs == 360  # 90% of 400 documents; the last 10% are the validation set
-    for k in range(4):
-        src.plan(k)
+    for _ in range(4):
+        src.plan()
 
 
 @pytest.mark.parametrize(
@@ -296,7 +300,8 @@ def test_index_cache_makes_200_dataset_blends_start_fast(tmp_path):
     times = []
     for _ in range(2):
         t0 = time.perf_counter()
-        src = CurriculumSource(cfg, layout, 0, "cpu")
+        startup = check_startup(cfg, layout)  # the largest-id scan of every dataset
+        src = build_data_source(cfg, layout, startup.schedule, 0, startup.cache)
         times.append(time.perf_counter() - t0)
         caches = src.cache
     print(f"200 datasets: cold start {times[0]:.2f}s, warm start {times[1]:.2f}s")

@@ -17,6 +17,7 @@ from megatron_ct.config.loader import build_config
 from megatron_ct.config.validate import validate_for_world
 from megatron_ct.data.packing import PackingOptions, build_batch
 from megatron_ct.data.stream import Window
+from megatron_ct.model.masks import document_attention_mask
 
 SEQ = 96
 DOC_LENGTHS = (20, 35, 41)  # one window of 96 inputs (+1 label token)
@@ -34,7 +35,7 @@ def model():
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from megatron_ct.model.llama import build_model
+    from megatron_ct.model.llama import Numerics, build_model
     from megatron_ct.parallel.device import (
         activate_cpu_device_layer,
         cpu_device_layer_active,
@@ -73,7 +74,7 @@ def model():
         ps.initialize_model_parallel(1, 1)
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(0)
-    chunks, _ = build_model(cfg, validate_for_world(cfg, 1), "cpu")
+    chunks, _ = build_model(cfg.model, validate_for_world(cfg, 1), Numerics("fp32", document_masks=True))
     net = chunks[0].eval()
     yield net
     if created_mp:
@@ -87,7 +88,9 @@ def model():
 def logits(net, batch: dict) -> torch.Tensor:
     with torch.no_grad():
         return net(
-            input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=batch.get("attention_mask")
+            input_ids=batch["tokens"],
+            position_ids=batch["position_ids"],
+            attention_mask=document_attention_mask(batch["segment_ids"]) if "segment_ids" in batch else None,
         ).float()  # [b, s, vocab]
 
 
@@ -96,12 +99,13 @@ def test_packed_documents_with_masking_match_each_document_alone(model):
     docs = [rng.integers(3, 512, n) for n in DOC_LENGTHS]
     starts = np.cumsum([0, *DOC_LENGTHS[:-1]])
     window = Window(np.concatenate([*docs, [0]]).astype(np.int64), starts.astype(np.int64))  # + 1 label token
-    packed = build_batch([window], SEQ, PackingOptions(reset_position_ids=True, reset_attention_mask=True), "cpu")
-    assert packed["attention_mask"].shape == (1, 1, SEQ, SEQ)
+    packed = build_batch([window], SEQ, PackingOptions(reset_position_ids=True, reset_attention_mask=True))
+    assert packed["segment_ids"].shape == (1, SEQ)
+    assert document_attention_mask(packed["segment_ids"]).shape == (1, 1, SEQ, SEQ)
     got = logits(model, packed)[0]
-    unmasked = logits(model, build_batch([window], SEQ, PackingOptions(), "cpu"))[0]
+    unmasked = logits(model, build_batch([window], SEQ, PackingOptions()))[0]
     for doc, start in zip(docs, starts, strict=True):
-        alone = build_batch([Window(doc.astype(np.int64), np.array([0]))], len(doc) - 1, PackingOptions(), "cpu")
+        alone = build_batch([Window(doc.astype(np.int64), np.array([0]))], len(doc) - 1, PackingOptions())
         ref = logits(model, alone)[0]  # the model's own causal path, no explicit mask
         span = slice(start, start + len(doc) - 1)
         torch.testing.assert_close(got[span], ref, rtol=1e-5, atol=1e-5)

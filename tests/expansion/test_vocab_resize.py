@@ -1,26 +1,16 @@
-"""vocab_resize: old rows bit-identical, new rows per init method, padding, ties, TP shards."""
+"""vocab_resize: old rows bit-identical, new rows per init method, padding, ties."""
 
 from __future__ import annotations
-
-import os
-import socket
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
 from megatron_ct.expansion.vocab.resize import (
     VocabResizePlan,
-    make_plan,
     resize_embeddings,
     resize_vocab_matrix,
-    resize_vocab_shard_from_full,
-    shard_rows,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 V_OLD, V_OLD_PADDED, H = 250, 256, 16  # 250 real tokens, padded to 128 * TP2
 
 
@@ -76,56 +66,6 @@ def test_tied_embeddings_stay_one_tensor():
     assert torch.equal(new_out[:V_OLD], out[:V_OLD]) and torch.equal(new_out[V_OLD:], 2 * new_emb[V_OLD:])
 
 
-@pytest.mark.parametrize("tp", [1, 2, 4])
-@pytest.mark.parametrize("init", ["subword_mean", "mean", "random"])
-def test_tp_shards_equal_slices_of_the_unsharded_resize(tp, init):
-    old, p = old_matrix(), plan(init, divisible_by=64)
-    full = resize_vocab_matrix(old, p, tp=tp)
-    shards = [resize_vocab_shard_from_full(old, p, rank, tp) for rank in range(tp)]
-    assert all(s.shape == (p.padded_size(tp) // tp, H) for s in shards)
-    assert torch.equal(torch.cat(shards), full)
-    assert shard_rows(p, tp - 1, tp)[1] == p.padded_size(tp)
-
-
-@pytest.mark.slow
-def test_collective_shard_resize_over_gloo_matches_unsharded(tmp_path):
-    """Two processes, each holding its TP shard of the old matrix, resize collectively."""
-    script = textwrap.dedent(
-        f"""
-        import os, sys, torch, torch.distributed as dist
-        sys.path.insert(0, {REPO!r}); sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from test_vocab_resize import old_matrix, plan
-        from megatron_ct.expansion.vocab.resize import resize_vocab_shard
-        dist.init_process_group("gloo")
-        rank = dist.get_rank()
-        shard = old_matrix().chunk(2)[rank]  # [V_old_padded / 2, h]
-        for init in ("subword_mean", "mean", "random"):
-            new = resize_vocab_shard(shard, plan(init), rank, 2)
-            torch.save(new, os.path.join({str(tmp_path)!r}, f"{{init}}{{rank}}.pt"))
-        dist.destroy_process_group()
-        """
-    )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    env["OMP_NUM_THREADS"] = "1"
-    procs = [
-        subprocess.Popen([sys.executable, "-c", script], env={**env, "RANK": str(r)}, stderr=subprocess.PIPE, text=True)
-        for r in range(2)
-    ]
-    errors = [proc.communicate(timeout=120)[1] for proc in procs]
-    assert all(proc.returncode == 0 for proc in procs), errors
-    for init in ("subword_mean", "mean", "random"):
-        shards = [torch.load(tmp_path / f"{init}{r}.pt") for r in range(2)]
-        assert torch.equal(torch.cat(shards), resize_vocab_matrix(old_matrix(), plan(init), tp=2)), init
-
-
-def test_make_plan_encodes_each_new_token():
-    p = make_plan(10, ["ab", "c"], lambda text: [ord(ch) - ord("a") for ch in text], init="mean")
-    assert p.sources == ((0, 1), (2,)) and p.new_vocab_size == 12 and p.init == "mean"
-
-
 def test_errors_name_what_is_wrong():
     with pytest.raises(ValueError, match=r"sources\[1\] \(new id 11\) has ids \[10\] outside the old vocabulary"):
         VocabResizePlan(old_vocab_size=10, sources=((1,), (10,)))
@@ -133,5 +73,3 @@ def test_errors_name_what_is_wrong():
         VocabResizePlan(old_vocab_size=10, sources=(), init="zeros")
     with pytest.raises(ValueError, match=r"vocab matrix has shape \(5, 16\); expected \[rows >= old vocab size 250"):
         resize_vocab_matrix(torch.zeros(5, H), plan())
-    with pytest.raises(ValueError, match="TP rank 2 is outside"):
-        resize_vocab_shard_from_full(old_matrix(), plan(), 2, 2)

@@ -157,7 +157,7 @@ def test_missing_dataset_is_a_one_line_error_on_every_rank(runs, tmp_path):
         timeout=120,
     )
     assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if "config error" in line]
+    errors = [line for line in proc.stderr.splitlines() if "pretrain_ct.py: error:" in line]
     # Every rank raises it; torchrun may stop a rank before it prints once another has failed.
     assert 1 <= len(errors) <= 2, proc.stderr[-3000:]
     assert all("data.datasets.zh.prefixes[0]: expected" in e and "no_such_text_document.bin" in e for e in errors)
@@ -167,8 +167,19 @@ def test_missing_dataset_is_a_one_line_error_on_every_rank(runs, tmp_path):
 def test_token_ids_beyond_the_vocabulary_are_a_config_error(runs, tmp_path):
     """Data tokenized with the 32k tokenizer, model built for 500 ids: caught at start-up."""
     p = runs["prefixes"]
-    proc = run_trainer(1, ["--data-path", "1.0", p["zh"], "model.vocab_size=500", "train.train_iters=1",
-                           f"data.index_cache_dir={tmp_path}"], check=False, timeout=120)
-    line = next(li for li in proc.stderr.splitlines() if "config error" in li)
+    proc = run_trainer(
+        1,
+        [
+            "--data-path",
+            "1.0",
+            p["zh"],
+            "model.vocab_size=500",
+            "train.train_iters=1",
+            f"data.index_cache_dir={tmp_path}",
+        ],
+        check=False,
+        timeout=120,
+    )
+    line = next(li for li in proc.stderr.splitlines() if "pretrain_ct.py: error:" in li)
     assert "data.datasets." in line and "does not fit model.vocab_size=500" in line, line
     assert "megatron_ct/" not in proc.stderr

@@ -5,7 +5,9 @@ import math
 import pytest
 
 from megatron_ct.config import load_config
-from megatron_ct.training.optimizer import build_scheduler
+from megatron_ct.config.schedule import Schedule
+from megatron_ct.training.freeze import GroupPolicy
+from megatron_ct.training.scheduler import CTScheduler
 
 
 class FakeOptimizer:
@@ -15,7 +17,7 @@ class FakeOptimizer:
 
 def lrs(overrides, steps):
     cfg = load_config(None, overrides)
-    sched = build_scheduler(cfg, FakeOptimizer())
+    sched = CTScheduler(FakeOptimizer(), cfg.optim, cfg.train.train_iters)
     out = []
     for _ in range(steps):
         out.append(sched.optimizer.param_groups[0]["lr"])
@@ -85,12 +87,14 @@ def test_rewarm_from_nonzero_init():
 
 
 def test_frozen_group_stays_at_zero_during_warmup():
-    cfg = load_config(None, ["optim.lr=1e-3", "optim.lr_warmup_iters=4", "optim.lr_warmup_init=1e-4",
-                             "train.train_iters=10"])
+    cfg = load_config(
+        None, ["optim.lr=1e-3", "optim.lr_warmup_iters=4", "optim.lr_warmup_init=1e-4", "train.train_iters=10"]
+    )
+    frozen = GroupPolicy(lr_mult=(0.0,), decay=(False,))
     opt = FakeOptimizer()
-    opt.param_groups.append({"params": [], "max_lr": 0.0, "min_lr": 0.0})
-    sched = build_scheduler(cfg, opt)
+    opt.param_groups.append({"params": [], "ct_group": frozen.key, "wd_mult": 1.0})
+    sched = CTScheduler(opt, cfg.optim, 10, {frozen.key: frozen}, Schedule.from_config(cfg).stages[0])
     for _ in range(6):
-        assert opt.param_groups[1]["lr"] == 0.0
+        assert opt.param_groups[1]["lr"] == 0.0 and opt.param_groups[1]["weight_decay"] == 0.0
         sched.step(1)
-    assert opt.param_groups[0]["lr"] > 0
+    assert opt.param_groups[0]["lr"] > 0 and opt.param_groups[0]["weight_decay"] == pytest.approx(0.1)

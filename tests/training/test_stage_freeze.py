@@ -19,8 +19,15 @@ EMBEDDINGS = {"embedding.word_embeddings.weight", "output_layer.weight"}
 
 def recipe(root: Path, prefixes: dict) -> Path:
     cfg = {
-        "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
-                  "ffn_hidden_size": 128, "vocab_size": 32000, "max_position_embeddings": 64},
+        "model": {
+            "num_layers": 2,
+            "hidden_size": 64,
+            "num_attention_heads": 4,
+            "num_query_groups": 2,
+            "ffn_hidden_size": 128,
+            "vocab_size": 32000,
+            "max_position_embeddings": 64,
+        },
         "parallel": {"device": "cpu"},
         "train": {"micro_batch_size": 2, "global_batch_size": 4, "train_iters": 6, "precision": "fp32"},
         "optim": {"lr": 1e-3, "lr_decay_style": "constant", "lr_warmup_init": 1e-4},
@@ -28,8 +35,12 @@ def recipe(root: Path, prefixes: dict) -> Path:
             "seq_length": 32,
             "datasets": {name: prefixes[name] for name in ("en", "zh")},
             "stages": [
-                {"name": "embeddings_first", "iters": 3, "blend": {"en": 0.5, "zh": 0.5},
-                 "trainable_params": ["embeddings"]},
+                {
+                    "name": "embeddings_first",
+                    "iters": 3,
+                    "blend": {"en": 0.5, "zh": 0.5},
+                    "trainable_params": ["embeddings"],
+                },
                 {"name": "all", "blend": {"en": 0.5, "zh": 0.5}, "lr_rewarm_iters": 2},
             ],
         },
@@ -53,8 +64,9 @@ def test_embeddings_first_then_all_and_resume_across_the_switch(tmp_path):
     config = recipe(tmp_path, prefixes)
 
     def run(*overrides):
-        run_torchrun(2, REPO / "pretrain_ct.py", ["--config", str(config), "--pipeline-model-parallel-size", "2",
-                                                  *overrides])
+        run_torchrun(
+            2, REPO / "pretrain_ct.py", ["--config", str(config), "--pipeline-model-parallel-size", "2", *overrides]
+        )
 
     run("train.train_iters=0", f"checkpoint.save={tmp_path / 'init'}")
     start = [f"checkpoint.load={tmp_path / 'init'}", "checkpoint.load_weights_only=true"]

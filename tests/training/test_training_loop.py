@@ -107,8 +107,16 @@ def test_bf16_weights_only_start_keeps_the_loaded_weights(tmp_path):
     bf16 = ["train.precision=bf16", "optim.lr=1e-4", "optim.lr_decay_style=constant"]
     base = tmp_path / "base"
     run_trainer(1, bf16 + ["train.train_iters=8", "optim.lr=1e-3", f"checkpoint.save={base}"])
-    run_trainer(1, bf16 + ["train.train_iters=2", f"checkpoint.load={base}", "checkpoint.load_weights_only=true",
-                           f"logging.log_dir={tmp_path / 'ct'}"])
+    run_trainer(
+        1,
+        bf16
+        + [
+            "train.train_iters=2",
+            f"checkpoint.load={base}",
+            "checkpoint.load_weights_only=true",
+            f"logging.log_dir={tmp_path / 'ct'}",
+        ],
+    )
     run_trainer(1, bf16 + ["train.train_iters=2", f"logging.log_dir={tmp_path / 'scratch'}"])
     ct, scratch = losses(tmp_path / "ct"), losses(tmp_path / "scratch")
     # Iteration 2 runs on the weights after one small update: still the trained model's level.
@@ -146,8 +154,16 @@ def test_vocab_padding_does_not_change_the_loss(tmp_path):
     run_trainer(1, init)
     start = [f"checkpoint.load={tmp_path / 'i'}", "checkpoint.load_weights_only=true", "train.train_iters=1"]
     run_trainer(1, start + [f"logging.log_dir={tmp_path / 'a'}"])
-    run_trainer(2, start + ["--tensor-model-parallel-size", "2", "model.make_vocab_size_divisible_by=384",
-                            f"logging.log_dir={tmp_path / 'b'}"])
+    run_trainer(
+        2,
+        start
+        + [
+            "--tensor-model-parallel-size",
+            "2",
+            "model.make_vocab_size_divisible_by=384",
+            f"logging.log_dir={tmp_path / 'b'}",
+        ],
+    )
     assert losses(tmp_path / "b")[1] == pytest.approx(losses(tmp_path / "a")[1], rel=1e-6)
 
 

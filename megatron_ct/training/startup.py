@@ -1,0 +1,200 @@
+"""Start-up: every check that needs the world or files, on every rank, before work is wasted.
+
+Checks that need only the config run where the config is built (:mod:`megatron_ct.config`).
+What needs more runs here, in two calls the entry point makes in order:
+
+- :func:`resolve_layout` (before the process group exists): the config against the world
+  size, and the device (``parallel.device=cuda`` without a visible GPU, Transformer Engine
+  asked for but not usable);
+- :func:`check_startup` (after the process group, before anything is built): the checkpoint
+  to load (it resolves, its record reads safely, its model, vocabulary and format fit this run,
+  and it carries what ``new_blocks``/``new_vocab_rows`` need), the data tokenizer, and every
+  training and validation dataset (files present and intact, token ids within the model's
+  vocabulary; the one scan per file is cached, rank 0 first), and the attention path that
+  document masks need.
+
+Every rank reaches the same verdict and raises the same one-line error
+(:class:`~megatron_ct.errors.CTError`), so no rank is left waiting in a collective. The run's
+one :class:`~megatron_ct.config.schedule.Schedule` is built here and handed on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron_ct.checkpoint.meta import FORMAT_VERSION, CheckpointMeta, read_meta
+from megatron_ct.checkpoint.root import resolve_load_dir
+from megatron_ct.config import CTConfig, Layout, validate_for_world
+from megatron_ct.config.schedule import Schedule
+from megatron_ct.data.index_cache import IndexCache, rank0_first
+from megatron_ct.errors import CheckpointError, ConfigError
+
+# Model fields that decide tensor shapes: a checkpoint must agree on them.
+_SHAPE_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "ffn_hidden_size",
+    "add_qkv_bias",
+    "untie_embeddings_and_output_weights",
+)
+
+
+@dataclass
+class Startup:
+    """What the checks found, for the build."""
+
+    schedule: Schedule
+    cache: IndexCache
+    load_dir: str | None = None
+    meta: CheckpointMeta | None = None
+    tokenizer: object | None = None  # megatron_ct.tokenizer.Tokenizer of data.tokenizer
+    provenance: dict = field(default_factory=dict)
+
+
+def resolve_device(requested: str, local_rank: int) -> torch.device:
+    """'auto' -> this rank's GPU when one is visible, else the CPU."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("parallel.device: expected auto or cpu on a machine without a visible CUDA GPU, got cuda")
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+    return torch.device("cpu")
+
+
+def resolve_layout(cfg: CTConfig, world_size: int, local_rank: int) -> Layout:
+    """The config against the world size, and the device. No collective."""
+    from megatron_ct.model.llama import have_transformer_engine
+
+    device = resolve_device(cfg.parallel.device, local_rank)
+    if cfg.model.transformer_impl == "transformer_engine" and (device.type != "cuda" or not have_transformer_engine()):
+        raise ConfigError(
+            "model.transformer_impl: expected local or auto (transformer_engine needs a CUDA device and "
+            "transformer_engine installed), got transformer_engine"
+        )
+    return validate_for_world(cfg, world_size, device)
+
+
+def check_startup(cfg: CTConfig, layout: Layout) -> Startup:
+    """Collective only through the cached dataset scans (rank 0 first). Raises CTError."""
+    out = Startup(schedule=Schedule.from_config(cfg), cache=IndexCache(cfg.data.index_cache_dir))
+    if cfg.checkpoint.load:
+        out.load_dir, _ = resolve_load_dir(cfg.checkpoint.load)
+        out.meta = read_meta(out.load_dir)
+        _check_checkpoint_fits(cfg, out.load_dir, out.meta)
+        out.provenance = out.meta.provenance()
+    _check_trainable_provenance(out.schedule, out.provenance)
+    _check_attention_for_document_masks(cfg, layout)
+    if cfg.data.tokenizer:
+        out.tokenizer = _load_data_tokenizer(cfg)
+    if cfg.data.source == "indexed":
+        _check_datasets(cfg, out.schedule.names, out.cache)
+    return out
+
+
+def _check_checkpoint_fits(cfg: CTConfig, path: str, meta: CheckpointMeta) -> None:
+    ck = cfg.checkpoint
+    saved = meta.model
+    for name in _SHAPE_FIELDS:
+        if name in saved and saved[name] != getattr(cfg.model, name):
+            raise ConfigError(
+                f"model.{name}: expected {saved[name]!r} (the model of checkpoint {path}), "
+                f"got {getattr(cfg.model, name)!r}"
+            )
+    if meta.true_vocab_size != cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: expected {meta.true_vocab_size} (the vocabulary of checkpoint {path}), "
+            f"got {cfg.model.vocab_size}"
+        )
+    if ck.load_weights_only:
+        return
+    if meta.weights_only:
+        raise ConfigError(
+            f"checkpoint.load_weights_only: expected true for {path}, which holds weights only "
+            "(a converted or expanded model: no optimizer state to resume)"
+        )
+    if meta.format_version < FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {meta.format_version} predates this megatron-ct's optimizer layout; expected "
+            f"format {FORMAT_VERSION} to resume (start from its weights with checkpoint.load_weights_only=true)"
+        )
+    saved_dist = bool(meta.config.get("parallel", {}).get("use_distributed_optimizer", False))
+    if saved_dist != cfg.parallel.use_distributed_optimizer:
+        raise ConfigError(
+            f"parallel.use_distributed_optimizer: expected {str(saved_dist).lower()} to resume {path} (its optimizer "
+            f"state is saved in that layout), got {str(cfg.parallel.use_distributed_optimizer).lower()}"
+        )
+
+
+def _check_trainable_provenance(schedule: Schedule, provenance: dict) -> None:
+    """``new_blocks`` / ``new_vocab_rows`` need what the expansion tools record in the checkpoint."""
+    needs = {
+        "new_blocks": ("new_block_layers", "tools/expand_blocks.py"),
+        "new_vocab_rows": ("vocab_expansion", "tools/expand_vocab.py"),
+    }
+    for stage in schedule.stages:
+        for alias, (record, tool) in needs.items():
+            if stage.trainable_params and alias in stage.trainable_params and not provenance.get(record):
+                raise ConfigError(
+                    f"{stage.trainable_key}: '{alias}' needs a checkpoint.load written by {tool} (its metadata "
+                    f"records {record}); the loaded checkpoint has none"
+                )
+
+
+def _check_attention_for_document_masks(cfg: CTConfig, layout: Layout) -> None:
+    """Document masks need an attention path that applies explicit masks: megatron-core's local
+    DotProductAttention (the fused causal kernel is switched off for such runs, see
+    megatron_ct/model/llama.py). Transformer Engine's causal attention ignores them."""
+    from megatron_ct.model.llama import choose_transformer_impl
+
+    if not cfg.data.uses_document_attention_mask:
+        return
+    impl = choose_transformer_impl(cfg.model.transformer_impl, layout.device)
+    if impl != "local":
+        i = next(i for i, s in enumerate(cfg.data.stages) if s.reset_attention_mask)
+        raise ConfigError(
+            f"data.stages[{i}].reset_attention_mask: needs model.transformer_impl=local (megatron-core's "
+            f"DotProductAttention applies document masks; Transformer Engine's causal attention ignores them), "
+            f"got {impl}"
+        )
+
+
+def _load_data_tokenizer(cfg: CTConfig):
+    from megatron_ct.tokenizer import load_tokenizer
+
+    d = cfg.data
+    try:
+        tok = load_tokenizer(d.tokenizer)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"data.tokenizer: {exc}") from None
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"data.tokenizer: expected at most model.vocab_size={cfg.model.vocab_size} ids, got a tokenizer "
+            f"with {tok.vocab_size} ({d.tokenizer})"
+        )
+    return tok
+
+
+def _check_datasets(cfg: CTConfig, names: list[str], cache: IndexCache) -> None:
+    """Every dataset a stage uses and every validation set opens, and its token ids fit the vocabulary."""
+    from megatron_ct.data.stream import DocumentStream
+
+    d = cfg.data
+    entries = [(f"data.datasets.{n}", n, d.datasets[n]) for n in names]
+    entries += [(f"data.valid.{n}", n, ds) for n, ds in d.valid.items()]
+
+    def scan() -> None:
+        for key, name, ds in entries:
+            stream = DocumentStream(
+                name, ds, key=key, seed=0, seq_length=d.seq_length, cache=cache, data_root=d.data_root, shuffle=False
+            )
+            top, prefix = stream.max_token_id()
+            if top >= cfg.model.vocab_size:
+                raise ConfigError(
+                    f"{key}: token id {top} in {prefix} does not fit model.vocab_size={cfg.model.vocab_size} "
+                    f"(expected ids < {cfg.model.vocab_size}; tokenized with a different tokenizer?)"
+                )
+
+    rank0_first(scan)
