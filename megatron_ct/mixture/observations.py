@@ -54,6 +54,9 @@ class RunInfo:
     tokens_per_iter: int
     start_iter: int
     """Steps before the first swept stage (their tokens are not at ratio r)."""
+    end_iter: int | None
+    """Last step of the last swept stage when later stages follow (evaluations after it are
+    not at ratio r); None: the swept stages run to the end."""
     domain: dict[str, float]
     """Domain datasets and their share of the blend (summing to ``ratio``)."""
     general: dict[str, float]
@@ -71,6 +74,18 @@ def count_parameters(model) -> int:
         per_layer += h + 2 * kv
     embed = v * h * (2 if model.untie_embeddings_and_output_weights else 1)
     return embed + model.num_layers * per_layer + h
+
+
+def swept_span(names: list[str], stages: list[str], where: str) -> tuple[int, int]:
+    """Indices of the first and last swept stage; they must be consecutive (D counts the tokens
+    from the first one's start)."""
+    for s in stages:
+        if s not in names:
+            raise ConfigError(f"--stage {s}: no such stage in {where} (stages: {', '.join(names)})")
+    idx = sorted(names.index(s) for s in stages)
+    if idx != list(range(idx[0], idx[-1] + 1)):
+        raise ConfigError(f"--stage {','.join(stages)}: swept stages must follow one another in {where}")
+    return idx[0], idx[-1]
 
 
 def read_observations(path: str) -> list[Observation]:
@@ -143,9 +158,10 @@ def run_info(path: str, domain: list[str] | None = None, stages: list[str] | Non
         raise DataError(f"{cfg_path}: data.source is {cfg.data.source!r}; a proxy run trains on a blend of datasets")
     names = [s.name for s in cfg.data.stages]
     stages = list(stages or names)
-    for name in stages:
-        if name not in names:
-            raise DataError(f"{cfg_path}: no stage {name!r} (stages: {', '.join(names)})")
+    try:
+        first, last = swept_span(names, stages, cfg_path)
+    except ConfigError as e:
+        raise DataError(str(e)) from None
     shares = []
     for stage in cfg.data.stages:
         if stage.name not in stages:
@@ -161,8 +177,8 @@ def run_info(path: str, domain: list[str] | None = None, stages: list[str] | Non
     if "ratio" in point and abs(point["ratio"] - ratio) > 1e-6:
         raise DataError(f"{path}: config.yaml gives domain ratio {ratio:g} but {POINT_FILE} says {point['ratio']:g}")
     iters = stage_iters(cfg.data, cfg.train.global_batch_size)
-    first = min(names.index(s) for s in stages)
     start = sum(iters[:first])  # only the last stage can be open-ended (None)
+    end = sum(iters[: last + 1]) if last < len(names) - 1 else None
     blend = shares[0]
     info = RunInfo(
         path=path,
@@ -170,6 +186,7 @@ def run_info(path: str, domain: list[str] | None = None, stages: list[str] | Non
         params=count_parameters(cfg.model),
         tokens_per_iter=cfg.train.global_batch_size * cfg.data.seq_length,
         start_iter=start,
+        end_iter=end,
         domain={k: w for k, w in blend.items() if k in domain},
         general={k: w for k, w in blend.items() if k not in domain},
     )
@@ -206,8 +223,8 @@ def read_run(
     out = []
     for (iteration, name), (loss, where) in sorted(records.items()):
         tokens = (iteration - info.start_iter) * info.tokens_per_iter
-        if tokens <= 0:
-            continue  # before the mixture started (or the base-line evaluation)
+        if tokens <= 0 or (info.end_iter is not None and iteration > info.end_iter):
+            continue  # before the mixture started (or the base-line evaluation), or after it
         if not math.isfinite(loss):
             raise DataError(f"{where}: loss is {loss} (set {name!r}, iteration {iteration}); drop run {path}")
         out.append(Observation(info.ratio, float(tokens), float(info.params), name, loss, os.path.normpath(path)))

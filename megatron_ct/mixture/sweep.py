@@ -4,8 +4,10 @@ A point's config is the base recipe (plus command-line overrides and the point's
 overrides), resolved and validated, with the swept stages' blends rewritten: the domain
 datasets share ``r`` of the blend and the general datasets ``1 - r``, each group keeping the
 base blend's proportions inside it (an equal split when the base gives the group no weight).
-Ramps (``end_blend``) of swept stages are dropped, so the ratio is constant. Each point writes
-its logs into its own directory; ``eval.jsonl`` there gives many (tokens, loss) points per run.
+Ramps (``end_blend``) of swept stages are dropped, so the ratio is constant; swept stages
+follow one another, and stages after them are left out of the proxy run (they are not at
+ratio r). Each point writes its logs into its own directory (no checkpoints: a proxy run is
+measured by its evaluations); ``eval.jsonl`` there gives many (tokens, loss) points per run.
 
 Layout of a sweep directory::
 
@@ -33,7 +35,7 @@ from pathlib import Path
 import yaml
 
 from megatron_ct.errors import ConfigError, DataError
-from megatron_ct.mixture.observations import POINT_FILE, SWEEP_FILE, count_parameters
+from megatron_ct.mixture.observations import POINT_FILE, SWEEP_FILE, count_parameters, swept_span
 from megatron_ct.mixture.report import write_text
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,7 +57,8 @@ class SweepSpec:
     stages: list[str] | None = None
     """Stages whose blend is swept; None: every stage."""
     token_budgets: list[float] | None = None
-    """Training tokens at the mixture per run; None: as the recipe's train.train_iters."""
+    """Training tokens at the mixture per run (the last swept stage runs until then); None: the
+    recipe's stage lengths (or train.train_iters for an open-ended last swept stage)."""
     models: list[tuple[str, list[str]]] = dataclasses.field(default_factory=list)
     """(label, overrides) per model size; empty: the recipe's model."""
     eval_interval: int | None = None
@@ -153,9 +156,6 @@ def plan_sweep(spec: SweepSpec) -> list[SweepPoint]:
             )
         names = [s.name for s in data.stages]
         stages = spec.stages or names
-        for s in stages:
-            if s not in names:
-                raise ConfigError(f"--stage {s}: no such stage in {spec.base_config} (stages: {', '.join(names)})")
         for i, stage in enumerate(data.stages):
             if stage.name not in stages:
                 continue
@@ -164,22 +164,29 @@ def plan_sweep(spec: SweepSpec) -> list[SweepPoint]:
                     raise ConfigError(
                         f"data.stages[{i}].blend.{ds}: dataset in neither --domain nor --general; name it in one"
                     )
-        first = min(names.index(s) for s in stages)
-        last = max(names.index(s) for s in stages)
+        first, last = swept_span(names, stages, spec.base_config)
         iters = stage_iters(data, cfg.train.global_batch_size)
         start = sum(iters[:first])
         tokens_per_iter = cfg.train.global_batch_size * data.seq_length
-        if spec.token_budgets and last != len(names) - 1:
-            raise ConfigError(
-                f"--tokens: the last swept stage ({names[last]!r}) must be the recipe's last stage, "
-                "whose length the budget sets"
-            )
         for tokens in budgets:
+            if tokens is None:
+                # The recipe's lengths; an open-ended last swept stage runs to train.train_iters.
+                end = cfg.train.train_iters
+                if iters[last] is not None:
+                    end = min(end, sum(iters[: last + 1]))
+            else:
+                end = start + math.ceil(tokens / tokens_per_iter)
+                if sum(iters[first:last]) >= end - start:
+                    raise ConfigError(
+                        f"--tokens {tokens:g}: the swept stages before {names[last]!r} already take "
+                        f"{sum(iters[first:last])} of its {end - start} steps"
+                    )
             for ratio in spec.ratios:
                 point_name = _point_name(ratio, tokens, label)
                 run_dir = os.path.join(out_dir, point_name)
+                # The proxy ends with the last swept stage: what follows it is not at ratio r.
                 new_stages = []
-                for stage in data.stages:
+                for stage in data.stages[: last + 1]:
                     if stage.name in stages:
                         blend = {
                             **_split_blend(ratio, stage.blend, spec.domain),
@@ -187,25 +194,23 @@ def plan_sweep(spec: SweepSpec) -> list[SweepPoint]:
                         }
                         stage = dataclasses.replace(stage, blend=blend, end_blend=None)
                     new_stages.append(stage)
-                train_iters = cfg.train.train_iters
-                if tokens is not None:
-                    steps = math.ceil(tokens / tokens_per_iter)
+                if tokens is not None:  # the last swept stage runs to the budget
                     new_stages[-1] = dataclasses.replace(new_stages[-1], iters=None, tokens=None)
-                    train_iters = start + steps
-                if train_iters - start < 3 * interval:
+                if end - start < 3 * interval:
                     raise ConfigError(
-                        f"point {point_name}: {train_iters - start} steps at the mixture with data.eval_interval="
+                        f"point {point_name}: {end - start} steps at the mixture with data.eval_interval="
                         f"{interval}; the fit needs at least 3 evaluations per run (lower --eval-interval)"
                     )
                 raw = config_to_dict(cfg)
                 raw["data"]["stages"] = [dataclasses.asdict(s) for s in new_stages]
                 raw["data"]["eval_interval"] = interval
-                raw["train"]["train_iters"] = train_iters
+                raw["train"]["train_iters"] = end
                 raw["logging"]["log_dir"] = run_dir
                 if raw["logging"]["tensorboard_dir"]:
                     raw["logging"]["tensorboard_dir"] = os.path.join(run_dir, "tensorboard")
-                if raw["checkpoint"]["save"]:
-                    raw["checkpoint"]["save"] = os.path.join(run_dir, "checkpoints")
+                # A proxy run is measured by its evaluations; its weights are not kept.
+                raw["checkpoint"]["save"] = None
+                raw["checkpoint"]["save_interval"] = None
                 point_cfg = build_config(raw, f"point {point_name}")  # validated as the trainer will
                 record = {
                     "name": point_name,
@@ -218,7 +223,7 @@ def plan_sweep(spec: SweepSpec) -> list[SweepPoint]:
                     "stages": list(stages),
                     "start_iter": start,
                     "tokens_per_iter": tokens_per_iter,
-                    "train_iters": train_iters,
+                    "train_iters": end,
                 }
                 header = (
                     f"# D-CPT proxy run {point_name}: domain share {ratio:g} of stages {', '.join(stages)}"

@@ -33,7 +33,7 @@ BASE = {
     "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
               "ffn_hidden_size": 128, "vocab_size": 500, "max_position_embeddings": 64},
     "parallel": {"device": "cpu"},
-    "train": {"micro_batch_size": 2, "global_batch_size": 4, "train_iters": 40, "precision": "fp32"},
+    "train": {"micro_batch_size": 2, "global_batch_size": 4, "train_iters": 48, "precision": "fp32"},
     "data": {
         "seq_length": 32,
         "data_root": "data",
@@ -42,6 +42,7 @@ BASE = {
             {"name": "warm", "iters": 4, "blend": {"en": 1.0}},
             {"name": "mix", "iters": 36, "blend": {"en": 0.3, "code": 0.1, "zh": 0.6},
              "end_blend": {"en": 0.2, "code": 0.1, "zh": 0.7}},
+            {"name": "tail", "blend": {"zh": 1.0}},
         ],
         "valid": {"general": "en", "zh": "zh"},
         "eval_interval": 4,
@@ -76,12 +77,13 @@ def test_sweep_writes_one_config_per_point_with_the_ratio_in_the_swept_stage(bas
     names = [p["name"] for p in json.loads((out / "sweep.json").read_text())["points"]]
     assert names == ["r0", "r0.25", "r0.5", "r0.75"]
     cfg = load_config(str(out / "r0.25" / "config.yaml"))  # what pretrain_ct.py --config reads
-    warm, mix = cfg.data.stages
+    warm, mix = cfg.data.stages  # 'tail' is not at ratio r: the proxy ends with 'mix'
+    assert cfg.train.train_iters == 40
     assert warm.blend == {"en": 1.0}  # not swept
     # zh gets r; en and code share 1 - r in the recipe's 3:1 proportion; the ramp is dropped.
     assert mix.blend == pytest.approx({"zh": 0.25, "en": 0.5625, "code": 0.1875}) and mix.end_blend is None
     assert cfg.train.seed == 7 and cfg.logging.log_dir == str(out / "r0.25")
-    assert cfg.checkpoint.save == str(out / "r0.25" / "checkpoints")  # never the recipe's shared directory
+    assert cfg.checkpoint.save is None  # proxies are measured by their evals; no shared save directory
     info = read_run_info(out / "r0.25")
     assert info.ratio == 0.25 and info.start_iter == 4 and info.tokens_per_iter == TOKENS_PER_ITER
 
@@ -199,6 +201,25 @@ def test_fit_reads_a_sweep_directory_and_recommends_the_true_ratio(base, tmp_pat
     assert parsed.tokens == round(target) and "recommended domain ratio" in stderr
 
 
+def test_a_run_not_made_by_the_sweep_is_read_with_named_domain_data_and_stage(tmp_path):
+    """Its config.yaml (the recipe itself: mix at zh 0.6 ramping, then 'tail'): evaluations before
+    'mix' starts, at iteration 0 and after 'mix' ends are not at the ratio and are skipped."""
+    run = tmp_path / "run"
+    run.mkdir()
+    raw = {**BASE, "data": {**BASE["data"], "stages": [dict(s) for s in BASE["data"]["stages"]]}}
+    del raw["data"]["stages"][1]["end_blend"]
+    (run / "config.yaml").write_text(yaml.safe_dump(raw))
+    records = [{"iteration": it, "set": "zh", "loss": 3.0 - it / 100} for it in (0, 4, 8, 20, 40, 44, 48)]
+    (run / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(DataError, match="no mixture_point.json; name the domain datasets"):
+        read_run(str(run))
+    with pytest.raises(DataError, match="--stage warm,tail: swept stages must follow one another"):
+        read_run(str(run), domain=["zh"], stages=["warm", "tail"])
+    obs, info = read_run(str(run), domain=["zh"], stages=["mix"])
+    assert info.ratio == pytest.approx(0.6) and (info.start_iter, info.end_iter) == (4, 40)
+    assert [(o.tokens, o.loss) for o in obs] == [((it - 4) * TOKENS_PER_ITER, 3.0 - it / 100) for it in (8, 20, 40)]
+
+
 def count_parameters_base() -> int:
     return count_parameters(load_config(None, [f"model.{k}={v}" for k, v in BASE["model"].items()]).model)
 
@@ -232,6 +253,7 @@ def fit_argv(path, out, *extra):
         (observations(0)[:3] + [{**observations(0)[3], "loss": float("nan")}] + observations(0)[4:], [],
          "obs.jsonl:4: loss is nan (non-finite)"),
         (observations(0), ["--max-general-regression", "-0.1"], "--max-general-regression: expected a number >= 0"),
+        (observations(0), ["--emit-stage"], "--emit-stage: dataset names unknown; fit proxy-run directories or give"),
         (observations(0, params=(1e8,)), ["--target-params", "7e9"],
          "--target-params 7e+09: the runs have one model size (1e+08), which cannot predict another"),
     ],
@@ -241,6 +263,23 @@ def test_fit_refusals_are_one_line_with_exit_code_2(obs_file, tmp_path, capsys, 
     assert rc == 2 and err.startswith("fit_mixture.py: error: ") and err.count("\n") == 1, err
     assert message in err
     assert not (tmp_path / "fit" / "fit.json").exists()
+
+
+def test_weighted_objective_from_an_observations_file(obs_file, tmp_path, capsys):
+    argv = fit_argv(obs_file(observations(3)), tmp_path / "fit", "--objective", "weighted",
+                    "--domain-weight", "0.3", "--target-tokens", "2e9", "--domain-data", "zh",
+                    "--general-data", "en", "--emit-stage")  # fmt: skip
+    rc, stdout, err = run_tool(fit_mixture, argv, capsys)
+    assert rc == 0, err
+    report = json.loads((tmp_path / "fit" / "fit.json").read_text())
+    assert report["recommendation"]["objective"] == "weighted" and report["recommendation"]["domain_weight"] == 0.3
+    grid = np.linspace(0, 0.85, 8501)
+    dom, gen = true_laws()
+    truth = grid[np.argmin(0.3 * dom.loss(1e8, 2e9, grid) + 0.7 * gen.loss(1e8, 2e9, grid))]
+    assert 0.1 < truth < 0.75 and report["recommended_ratio"] == pytest.approx(truth, abs=0.05)
+    (stage,) = yaml.safe_load(stdout)
+    r = report["recommended_ratio"]
+    assert stage == {"name": "mixture", "tokens": 2000000000, "blend": {"zh": r, "en": pytest.approx(1 - r)}}
 
 
 def test_non_finite_loss_in_a_run_is_refused_naming_the_file(base, tmp_path, capsys):
