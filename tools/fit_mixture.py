@@ -110,6 +110,13 @@ def _check_args(args) -> None:
             raise ConfigError(f"{flag}: expected {expected}, got {value:g}")
     if not args.runs and not args.observations:
         raise ConfigError("no input: give proxy-run or sweep directories, or --observations FILE")
+    import importlib.util
+
+    from megatron_ct.errors import CTError
+
+    for module, why in (("scipy", "the fit"), ("matplotlib", "fit.png (or --no-plot)")):
+        if (module != "matplotlib" or not args.no_plot) and importlib.util.find_spec(module) is None:
+            raise CTError(f"{why} needs {module}: pip install -e .[mixture]")
 
 
 def _run(args) -> int:
@@ -168,8 +175,10 @@ def _run(args) -> int:
         )
         stop = report["stop_tokens"]
         if stop and stop["tokens"] is not None:
+            far = " (over 1000x the target: an extrapolation)" if stop["tokens"] > 1000 * target["tokens"] else ""
             print(
-                f"domain loss gains < {stop['min_gain']:g} nats per {stop['per']} after {stop['tokens']:.4g} tokens",
+                f"domain loss gains < {stop['min_gain']:g} nats per {stop['per']} after {stop['tokens']:.4g} "
+                f"tokens{far}",
                 file=out,
             )
     print(f"wrote {os.path.join(args.out, 'fit.json')}" + ("" if args.no_plot else " and fit.png"), file=out)

@@ -291,24 +291,30 @@ def plot_fit(report: dict, laws: dict[str, SetLaw], obs: list[Observation], path
         err = report["sets"][name]["heldout"].get("mean_rel_error")
         ax.set_title(f"{law.role} set '{name}'" + (f" (held-out error {err:.2%})" if err is not None else ""))
         ax.legend(fontsize=7, loc="upper right")
+    # Domain loss on the left axis, general loss on the right: their scales differ.
     ax = axes[2]
-    grid = np.linspace(0, 1, 201)
-    for name, law in laws.items():
-        ax.plot(grid, law.loss(N, tokens, grid), label=f"{law.role} '{name}'")
     r = report["recommendation"]
     lo, hi = r["search_range"]
-    ax.axvspan(lo, hi, color="0.92", zorder=0, label="ratios searched")
-    observed = [o.loss for o in obs if o.set in laws]
-    if observed:  # the law diverges towards r = 0 outside the data; keep the observed scale
-        ax.set_ylim(min(observed) * 0.95, max(observed) * 1.05)
-    if r.get("general_limit") is not None:
-        ax.axhline(r["general_limit"], color="gray", ls="--", lw=0.8, label="general-loss limit")
+    ax.axvspan(lo, hi, color="0.93", zorder=0, label="ratios searched")
+    grid = np.linspace(0, 1, 401)
+    inside = (grid >= lo) & (grid <= hi)
+    handles = []
+    role = {law.role: law for law in laws.values()}
+    for axis, law, color in ((ax, role["domain"], "tab:blue"), (ax.twinx(), role["general"], "tab:orange")):
+        pred = law.loss(N, tokens, grid)
+        handles += axis.plot(grid, pred, color=color, label=f"{law.role} '{law.name}'")
+        axis.set_ylabel(f"{law.role} loss at {tokens:.3g} tokens", color=color)
+        # The law diverges towards r = 0 outside the data; scale to the searched range.
+        span = pred[inside]
+        pad = 0.05 * (span.max() - span.min() + 1e-3)
+        axis.set_ylim(span.min() - pad, span.max() + pad)
+        if law.role == "general" and r.get("general_limit") is not None:
+            handles.append(axis.axhline(r["general_limit"], color=color, ls=":", lw=1, label="general-loss limit"))
     if rec is not None:
-        ax.axvline(rec, color="crimson", ls="--", lw=1.2, label=f"recommended ratio {rec:g}")
+        handles.append(ax.axvline(rec, color="crimson", ls="--", lw=1.2, label=f"recommended ratio {rec:g}"))
     ax.set_xlabel("domain share of the blend")
-    ax.set_ylabel(f"predicted loss at {tokens:.3g} tokens")
     ax.set_title("prediction at the target budget")
-    ax.legend(fontsize=7)
+    ax.legend(handles=handles, fontsize=7, loc="upper center")
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)
