@@ -4,6 +4,7 @@ whose eval.jsonl files come from a known law, and the refusals (one line, exit c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -280,6 +281,22 @@ def test_weighted_objective_from_an_observations_file(obs_file, tmp_path, capsys
     (stage,) = yaml.safe_load(stdout)
     r = report["recommended_ratio"]
     assert stage == {"name": "mixture", "tokens": 2000000000, "blend": {"zh": r, "en": pytest.approx(1 - r)}}
+
+
+def test_three_model_sizes_predict_a_larger_target(obs_file, tmp_path, capsys):
+    dom = dataclasses.replace(DOMAIN, E=1.3, A=200.0, alpha=0.34)
+    records = observations(2, params=(1e7, 3e7, 1e8), laws=(dom, GENERAL))
+    argv = fit_argv(obs_file(records), tmp_path / "fit", "--target-params", "4e8", "--target-tokens", "2e9",
+                    "--holdout", "none")  # fmt: skip
+    rc, _, err = run_tool(fit_mixture, argv, capsys)
+    assert rc == 0, err
+    report = json.loads((tmp_path / "fit" / "fit.json").read_text())
+    assert report["target"] == {"tokens": 2e9, "params": 4e8} and report["inputs"]["params"] == [1e7, 3e7, 1e8]
+    assert "alpha" in report["sets"]["zh"]["fitted"]
+    ratios = np.array(report["predictions"]["ratio"][1:86])
+    predicted = np.array(report["predictions"]["zh"][1:86])
+    assert np.abs(predicted / dom.predict(4e8, 2e9, ratios) - 1).max() < 0.02
+    assert (tmp_path / "fit" / "fit.png").exists()
 
 
 def test_non_finite_loss_in_a_run_is_refused_naming_the_file(base, tmp_path, capsys):
