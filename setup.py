@@ -27,9 +27,11 @@ setup(
         "transformers>=4.45",
     ],
     extras_require={
-        "test": ["pytest>=8", "snownlp", "mistral-common", "matplotlib"],
+        "test": ["pytest>=8", "snownlp", "mistral-common", "matplotlib", "scipy", "threadpoolctl"],
         "tensorboard": ["tensorboard"],
         "plot": ["matplotlib"],  # tools/plot_run.py
+        # tools/fit_mixture.py: the D-CPT fit (L-BFGS), its plot, one BLAS thread for tiny matrices
+        "mixture": ["scipy", "matplotlib", "threadpoolctl"],
         # GPU-only; never pulled by default. Detected at run time.
         "gpu": ["transformer-engine[pytorch]", "flash-attn", "apex"],
     },
