@@ -136,7 +136,7 @@ def run_info(path: str, domain: list[str] | None = None, stages: list[str] | Non
     it): its domain ratio, model size and token accounting. ``domain``/``stages`` name the
     domain datasets and swept stages for runs the sweep did not make."""
     from megatron_ct.config import load_config
-    from megatron_ct.data.schedule import stage_iters
+    from megatron_ct.config.schedule import stage_iters
 
     cfg_path = os.path.join(path, "config.yaml")
     if not os.path.isfile(cfg_path):

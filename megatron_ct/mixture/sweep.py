@@ -128,7 +128,7 @@ def plan_sweep(spec: SweepSpec) -> list[SweepPoint]:
     """Every point's validated config; refuses (ConfigError) what cannot make a proxy run."""
     from megatron_ct.config import config_to_dict, load_config
     from megatron_ct.config.loader import build_config
-    from megatron_ct.data.schedule import stage_iters
+    from megatron_ct.config.schedule import stage_iters
 
     _check_spec(spec)
     models = spec.models or [(None, [])]
