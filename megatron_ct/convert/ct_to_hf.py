@@ -147,13 +147,48 @@ def convert_ct_to_hf(
     progress: bool = True,
 ) -> ConversionReport:
     """Convert; raises :class:`ConversionError` on bad input before writing anything."""
-    t0 = time.perf_counter()
-    wanted_dtype = parse_dtype(dtype)
+    parse_dtype(dtype)  # a bad option is refused before the checkpoint is opened
     try:
         path, _ = resolve_load_dir(ckpt)
     except FileNotFoundError as e:
         raise ConversionError(str(e).replace("checkpoint.load: ", "")) from None
     common = read_common(path)
+    return export_hf(
+        DistCheckpointReader(path),
+        common,
+        out_dir,
+        architecture=architecture,
+        hf_base=hf_base,
+        tokenizer=tokenizer,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        progress=progress,
+    )
+
+
+def export_hf(
+    reader: DistCheckpointReader,
+    common: dict,
+    out_dir: str,
+    *,
+    architecture: str | None = None,
+    hf_base: str | None = None,
+    tokenizer: str | None = None,
+    dtype: str | None = None,
+    max_shard_size: str = "5GB",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ConversionReport:
+    """Write the HF model of ``reader``'s tensors described by the ``ct`` metadata ``common``.
+
+    ``reader`` is a dist checkpoint's reader or anything that reads like one (``tensors``,
+    ``shape``, ``dtype``, region ``read``, ``path``: e.g. a checkpoint merge computed on read);
+    tokenizer files are looked for beside ``reader.path`` as for a converted checkpoint.
+    """
+    t0 = time.perf_counter()
+    wanted_dtype = parse_dtype(dtype)
+    path = reader.path
     if "config" not in common or "model_info" not in common:
         raise ConversionError(
             f"{path}: no megatron-ct metadata ('ct' common dict with config and model_info); "
@@ -180,7 +215,6 @@ def convert_ct_to_hf(
     if base and (base.get("architectures") or [arch])[0] != arch:
         base = None  # keys of another architecture's config would not apply
 
-    reader = DistCheckpointReader(path)
     check_ct_tensors(reader, m, true_vocab)
     torch_dtype = wanted_dtype or reader.dtype(L.CT_EMBED)
     tensors = plan_hf_tensors(reader, m, true_vocab, torch_dtype)
