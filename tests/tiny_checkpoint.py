@@ -12,6 +12,7 @@ import zlib
 import torch
 
 from megatron_ct.checkpoint.dist_io import ChunkSpec, DistCheckpointReader
+from megatron_ct.checkpoint.keys import LAYER_PREFIX
 from megatron_ct.checkpoint.rewrite import model_keys, open_checkpoint, write_weights_only
 from megatron_ct.config import CTConfig, ModelConfig, config_to_dict
 from megatron_ct.convert.hf_layout import expected_ct_shapes
@@ -39,16 +40,29 @@ def _random(key: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> 
     return t.to(dtype)
 
 
+def _layer_chunks(shapes: dict, dtype, make) -> list[ChunkSpec]:
+    """Chunks stored the way the trainer and the converter store them: a stacked ``[L, ...]``
+    tensor one layer per chunk, others whole. ``make(key, shape, dtype)`` builds a tensor."""
+    chunks = []
+    for k, s in shapes.items():
+        dt = dtype[k] if isinstance(dtype, dict) else dtype
+        full = make(k, s, dt)
+        if not k.startswith(LAYER_PREFIX):
+            chunks.append(ChunkSpec(k, s, (0,) * len(s), s, dt, lambda t=full: t))
+            continue
+        for i in range(s[0]):
+            off, size = (i,) + (0,) * (len(s) - 1), (1, *s[1:])
+            chunks.append(ChunkSpec(k, s, off, size, dt, lambda t=full, i=i: t[i : i + 1].clone()))
+    return chunks
+
+
 def write_random_checkpoint(
     out_dir, seed: int, model: dict | None = None, *, dtype=torch.float32, ct_extra: dict | None = None, **model_kw
 ) -> str:
     """A save root holding iteration 0 of a random model (``TINY_MODEL`` updated by ``model_kw``)."""
     m = ModelConfig(**{**TINY_MODEL, **(model or {}), **model_kw})
     padded = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, 1)
-    chunks = [
-        ChunkSpec(k, s, (0,) * len(s), s, dtype, lambda k=k, s=s: _random(k, s, seed, dtype))
-        for k, s in expected_ct_shapes(m, padded).items()
-    ]
+    chunks = _layer_chunks(expected_ct_shapes(m, padded), dtype, lambda k, s, dt: _random(k, s, seed, dt))
     ct = {
         "config": config_to_dict(CTConfig(model=m)),
         "model_info": {"true_vocab_size": m.vocab_size, "padded_vocab_size": padded},
@@ -62,15 +76,13 @@ def write_like(ref, out_dir, seed: int, edit=None) -> str:
     """Random tensors with the names, shapes, dtypes and metadata of checkpoint ``ref``;
     ``edit(key, tensor)`` may change each tensor before it is written."""
     _, reader, ct = open_checkpoint(str(ref))
-    chunks = []
-    for k in model_keys(reader):
-        s, dt = reader.shape(k), reader.dtype(k)
+    shapes = {k: reader.shape(k) for k in model_keys(reader)}
 
-        def produce(k=k, s=s, dt=dt):
-            t = _random(k, s, seed, dt)
-            return edit(k, t) if edit else t
+    def make(k, s, dt):
+        t = _random(k, s, seed, dt)
+        return edit(k, t) if edit else t
 
-        chunks.append(ChunkSpec(k, s, (0,) * len(s), s, dt, produce))
+    chunks = _layer_chunks(shapes, {k: reader.dtype(k) for k in shapes}, make)
     write_weights_only(str(out_dir), chunks, ct)
     return str(out_dir)
 

@@ -6,7 +6,7 @@
     # average the last checkpoints of a run (equal weights when --weights is omitted)
     python tools/merge_checkpoints.py --inputs runs/ct/iter_0009000 runs/ct/iter_0009500 runs/ct/iter_0010000 \\
         --output ckpt/avg
-    # the same, straight to a Hugging Face model directory
+    # interpolate straight into a Hugging Face model directory
     python tools/merge_checkpoints.py --inputs ckpt/base runs/ct --weights 0.5 0.5 --output merged-hf --hf \\
         --hf-base llama-2-7b-hf --dtype bf16
     # sweep: evaluate alphas on the recipe's validation sets, print/plot target gain vs general loss

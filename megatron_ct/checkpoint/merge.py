@@ -55,8 +55,8 @@ from megatron_ct.errors import ConversionError
 
 # Model config keys that do not change what the stored tensors mean.
 IGNORED_MODEL_KEYS = ("vocab_size", "init_method_std", "transformer_impl")
-# Elements accumulated at once (float64): bounds memory per region read to ~128 MB.
-BLOCK_ELEMENTS = 1 << 24
+# Elements accumulated at once (float64, 32 MB): what a region read holds beyond its output.
+BLOCK_ELEMENTS = 1 << 22
 WEIGHT_SUM_TOLERANCE = 1e-6
 
 

@@ -181,3 +181,26 @@ def test_merge_of_tp2pp2_save_equals_merge_at_tp1_and_trains(tmp_path):
     )
     (record,) = read_metrics(tmp_path / "train")
     assert record["iteration"] == 1 and record["applied"] and 0 < record["loss"] < 20
+
+
+@pytest.mark.parametrize("hf", [False, True])
+def test_inputs_are_read_a_bounded_block_at_a_time(tmp_path, pair, monkeypatch, hf):
+    """Memory stays bounded by the block size, whatever the model size: no input read covers
+    more than BLOCK_ELEMENTS elements or more than one layer of a stacked tensor."""
+    from megatron_ct.checkpoint.dist_io import DistCheckpointReader
+
+    base, ct = pair
+    reads = []
+    original = DistCheckpointReader.read
+
+    def recording(self, key, offsets=None, sizes=None):
+        out = original(self, key, offsets, sizes)
+        reads.append((key, tuple(out.shape)))
+        return out
+
+    monkeypatch.setattr(DistCheckpointReader, "read", recording)
+    monkeypatch.setattr(merge_mod, "BLOCK_ELEMENTS", 2048)
+    merge_checkpoints([base, ct], [0.5, 0.5], str(tmp_path / "out"), hf=hf, progress=False)
+    assert len(reads) > 2 * 9
+    assert max(torch.Size(s).numel() for _, s in reads) <= 2048
+    assert all(s[0] == 1 for k, s in reads if k.startswith("decoder.layers.") and len(s) > 1)
