@@ -27,7 +27,7 @@ FORMAT_VERSION = 2
 """2: the data position lives in the data source's state (``data``), not beside it."""
 COMMON_FILE = "common.pt"
 DCP_METADATA_FILE = ".metadata"
-PROVENANCE_KEYS = ("hf", "new_block_layers", "vocab_expansion", "expansion")
+PROVENANCE_KEYS = ("hf", "new_block_layers", "vocab_expansion", "expansion", "merge")
 
 
 @dataclass
@@ -56,6 +56,8 @@ class CheckpointMeta:
     """Provenance: old/new vocabulary sizes of a vocabulary expansion (``new_vocab_rows``)."""
     expansion: dict | None = None
     """Provenance: the block expansion's parameters."""
+    merge: dict | None = None
+    """Provenance: the checkpoints and weights a merge (tools/merge_checkpoints.py) combined."""
     format_version: int = FORMAT_VERSION
 
     def provenance(self) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 
 from megatron_ct.checkpoint.dist_io import DistCheckpointReader
-from megatron_ct.checkpoint.meta import check_dcp_metadata, read_meta
+from megatron_ct.checkpoint.meta import CheckpointMeta, check_dcp_metadata, read_meta
 from megatron_ct.checkpoint.root import resolve_load_dir
 from megatron_ct.config import ModelConfig
 from megatron_ct.convert import hf_layout as L
@@ -168,14 +168,49 @@ def convert_ct_to_hf(
     progress: bool = True,
 ) -> ConversionReport:
     """Convert; raises :class:`ConversionError` on bad input before writing anything."""
-    t0 = time.perf_counter()
-    wanted_dtype = parse_dtype(dtype)
+    parse_dtype(dtype)  # a bad option is refused before the checkpoint is opened
     try:
         path, _ = resolve_load_dir(ckpt, key=ckpt)
         meta = read_meta(path)
         check_dcp_metadata(path)
     except CTError as e:
         raise ConversionError(str(e)) from None
+    return export_hf(
+        DistCheckpointReader(path),
+        meta,
+        out_dir,
+        architecture=architecture,
+        hf_base=hf_base,
+        tokenizer=tokenizer,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        progress=progress,
+    )
+
+
+def export_hf(
+    reader: DistCheckpointReader,
+    meta: CheckpointMeta,
+    out_dir: str,
+    *,
+    architecture: str | None = None,
+    hf_base: str | None = None,
+    tokenizer: str | None = None,
+    dtype: str | None = None,
+    max_shard_size: str = "5GB",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ConversionReport:
+    """Write the HF model of ``reader``'s tensors, which ``meta`` describes.
+
+    ``reader`` is a dist checkpoint's reader or anything that reads like one (``tensors``,
+    ``shape``, ``dtype``, region ``read``, ``path``: e.g. a checkpoint merge computed on read);
+    tokenizer files are looked for beside ``reader.path`` as for a converted checkpoint.
+    """
+    t0 = time.perf_counter()
+    wanted_dtype = parse_dtype(dtype)
+    path = reader.path
     try:
         m = ModelConfig(**meta.model)
     except (TypeError, ValueError) as e:
@@ -197,7 +232,6 @@ def convert_ct_to_hf(
     if base and (base.get("architectures") or [arch])[0] != arch:
         base = None  # keys of another architecture's config would not apply
 
-    reader = DistCheckpointReader(path)
     check_ct_tensors(reader, m, true_vocab)
     torch_dtype = wanted_dtype or reader.dtype(L.CT_EMBED)
     tensors = plan_hf_tensors(reader, m, true_vocab, torch_dtype)
