@@ -285,11 +285,14 @@ def check_data_options(cfg: CTConfig, device: str) -> None:
 
     d = cfg.data
     if d.tokenizer and d.source == "indexed":
+        from megatron_ct.errors import DataError
         from megatron_ct.tokenizer import load_tokenizer
 
         try:
-            vocab = load_tokenizer(d.tokenizer).vocab_size
-        except (OSError, ValueError) as exc:
+            # Ids data can hold: added special tokens past the embedding (SmolLM2's FIM
+            # tokens) never occur in data, so they do not count.
+            vocab = load_tokenizer(d.tokenizer).data_vocab_size
+        except (OSError, ValueError, DataError) as exc:
             raise ConfigError(f"data.tokenizer: {exc}") from None
         if vocab > cfg.model.vocab_size:
             raise ConfigError(
