@@ -83,7 +83,7 @@ def check_ct_tensors(reader: DistCheckpointReader, m: ModelConfig, true_vocab: i
             f"size {true_vocab} in the checkpoint metadata"
         )
     src = _Source(reader, m)
-    aliases = {lt.ct_key: src.key(lt) for lt in L.layer_tensors(m.add_qkv_bias)}
+    aliases = {lt.ct_key: src.key(lt) for lt in L.layer_tensors(m.add_qkv_bias, m.qk_layernorm)}
     for key, shape in L.expected_ct_shapes(m, padded).items():
         stored_key = aliases.get(key, key)
         if stored_key not in reader.tensors:
@@ -106,7 +106,7 @@ def plan_hf_tensors(
     shapes = L.expected_hf_shapes(m)
     out = [(L.HF_EMBED, shapes[L.HF_EMBED], lambda: src.rows(L.CT_EMBED, true_vocab))]
     for i in range(m.num_layers):
-        for lt in L.layer_tensors(m.add_qkv_bias):
+        for lt in L.layer_tensors(m.add_qkv_bias, m.qk_layernorm):
             for j, name in enumerate(lt.hf_names(i)):
                 out.append((name, shapes[name], lambda lt=lt, i=i, j=j: src.layer_parts(lt, i)[j]))
     out.append((L.HF_FINAL_NORM, shapes[L.HF_FINAL_NORM], lambda: reader.read(L.CT_FINAL_NORM)))

@@ -93,6 +93,7 @@ def read_hf_config(hf_dir: str) -> dict:
 
 def check_layout(m: ModelConfig, tp: int, pp: int) -> CTConfig:
     """The CTConfig recorded in the checkpoint, after the trainer's own divisibility checks."""
+    L.check_tp_size(m, tp, "--target-tp")
     cfg = CTConfig(
         model=m,
         parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
@@ -156,7 +157,7 @@ def plan_chunks(weights: HFWeights, m: ModelConfig, padded_vocab: int, dtype: to
     }
     chunks = [whole(L.CT_EMBED, L.HF_EMBED, lambda: L.pad_vocab(cast(weights.load(L.HF_EMBED)), padded_vocab))]
     for i in range(m.num_layers):
-        for lt in L.layer_tensors(m.add_qkv_bias):
+        for lt in L.layer_tensors(m.add_qkv_bias, m.qk_layernorm):
             names, shape = lt.hf_names(i), shapes[lt.ct_key]
 
             def produce(names=names, kind=lt.kind) -> torch.Tensor:
