@@ -23,6 +23,8 @@ setup(
         "psutil",  # dist_checkpointing's async/worker save path needs it
         "tqdm",
         "sentencepiece",
+        "protobuf",  # expansion/vocab/merge_sp.py edits SentencePiece model protos
+        "tokenizers",  # tokenizer.json read as written (tokenizer/json_tokenizer.py)
         "safetensors",
         "transformers>=4.45",
     ],

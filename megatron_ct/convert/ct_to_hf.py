@@ -121,6 +121,13 @@ def _assets_beside(iter_path: str) -> str | None:
     return candidate if os.path.isdir(candidate) else None
 
 
+def tokenizer_assets(iter_path: str, record: dict) -> str | None:
+    """Tokenizer files stored with a checkpoint: ``hf_assets/`` beside a converted one, else the
+    HF model it was converted from (``record``: its ``hf`` metadata), if that still exists."""
+    source = record.get("source")
+    return _assets_beside(iter_path) or (source if source and os.path.isdir(source) else None)
+
+
 def _copy_assets(src_dir: str | None, out: str) -> list[str]:
     """Tokenizer/generation files (not weights, not config.json) from ``src_dir``."""
     if not src_dir:
@@ -187,8 +194,7 @@ def convert_ct_to_hf(
 
     # Tokenizer files: as given, else next to a converted checkpoint, else the HF model it
     # was converted from (the record survives training), if that directory still exists.
-    source = record.get("source")
-    assets = tokenizer or hf_base or _assets_beside(path) or (source if source and os.path.isdir(source) else None)
+    assets = tokenizer or hf_base or tokenizer_assets(path, record)
     if assets and not os.path.isdir(assets):
         raise ConversionError(f"{assets}: no such directory (expected tokenizer files)")
     if os.path.exists(out_dir) and not overwrite:
