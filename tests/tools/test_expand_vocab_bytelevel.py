@@ -122,6 +122,29 @@ def test_expansion_record_and_merged_directory(expanded):
     assert tok.special_sources["eos"] == "config.json"
 
 
+def test_addition_model_with_cap_and_low_frequency_only(base_dir, expanded, tmp_path):
+    """A SentencePiece model as the source of pieces for a byte-level base, capped and filtered."""
+    from megatron_ct.expansion.vocab.merge import protect_strings
+    from megatron_ct.expansion.vocab.train_sp import SPTrainConfig, train_sentencepiece
+
+    (tmp_path / "zh.txt").write_text("\n".join(lines("pos.txt", 0, 3000)) + "\n", encoding="utf-8")
+    (tmp_path / "general.txt").write_text("\n".join(lines("neg.txt", 5000, 6000)) + "\n", encoding="utf-8")
+    config = SPTrainConfig(vocab_size=3000, character_coverage=0.995)
+    sp = train_sentencepiece([str(tmp_path / "zh.txt")], str(tmp_path / "sp"), config)
+    out = str(tmp_path / "out")
+    general = str(tmp_path / "general.txt")
+    argv = ["--base-tokenizer", base_dir, "--addition-model", sp, "--output-dir", out, "--max-new-pieces", "60",
+            "--low-frequency-only", "--protect-text", general, "--protect-top-k", "500"]  # fmt: skip
+    assert load_cli().main(argv) == 0
+    pieces = summary(out)["new_pieces"]
+    assert 0 < len(pieces) <= 60
+    protect = protect_strings(base_dir, lines("neg.txt", 5000, 6000), 500)
+    assert base_segmenter(out)(protect) == base_segmenter(base_dir)(protect)
+    merged, base = load_tokenizer(out), load_tokenizer(base_dir)
+    text = lines("neg.txt", 0, 1)[0]
+    assert merged.decode(merged.encode(text)) == text and len(merged.encode(text)) <= len(base.encode(text))
+
+
 @pytest.mark.slow
 def test_new_vocab_rows_train_alone_after_hf_to_ct(expanded, tmp_path):
     """The documented HF route: expand_vocab --hf-model, hf-to-ct, a new_vocab_rows stage."""
