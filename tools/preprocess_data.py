@@ -32,23 +32,45 @@ from megatron_ct.preprocess.pipeline import (  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                   help="input files or quoted globs: .jsonl/.json (JSON lines), "
-                        ".txt (one document per line), optionally .gz")
-    p.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY",
-                   help="JSON keys to tokenize, one output each (default: text)")
-    p.add_argument("--instruction-keys", nargs=2, default=None, metavar=("INSTR", "RESP"),
-                   help="write one '{INSTR}\\n{RESP}' document per line to {prefix}_instruction_document "
-                        "(unsupervised instruction data)")
-    p.add_argument("--output-prefix", required=True,
-                   help="writes {prefix}_{key}_document.bin/.idx and {prefix}_summary.json")
-    p.add_argument("--tokenizer", required=True,
-                   help="SentencePiece .model file or Hugging Face tokenizer directory")
-    p.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
-                   help="append the EOD id after each document (default: on)")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="input files or quoted globs: .jsonl/.json (JSON lines), .txt (one document per line), optionally .gz",
+    )
+    p.add_argument(
+        "--json-keys",
+        nargs="+",
+        default=["text"],
+        metavar="KEY",
+        help="JSON keys to tokenize, one output each (default: text)",
+    )
+    p.add_argument(
+        "--instruction-keys",
+        nargs=2,
+        default=None,
+        metavar=("INSTR", "RESP"),
+        help="write one '{INSTR}\\n{RESP}' document per line to {prefix}_instruction_document "
+        "(unsupervised instruction data)",
+    )
+    p.add_argument(
+        "--output-prefix", required=True, help="writes {prefix}_{key}_document.bin/.idx and {prefix}_summary.json"
+    )
+    p.add_argument("--tokenizer", required=True, help="SentencePiece .model file or Hugging Face tokenizer directory")
+    p.add_argument(
+        "--append-eod",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="append the EOD id after each document (default: on)",
+    )
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
-    p.add_argument("--log-interval", type=int, default=1000,
-                   help="refresh docs/s and tokens/s on the progress bar every N documents (default: 1000)")
+    p.add_argument(
+        "--log-interval",
+        type=int,
+        default=1000,
+        help="refresh docs/s and tokens/s on the progress bar every N documents (default: 1000)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     return p
 

@@ -73,6 +73,11 @@ class ModelConfig:
     """LLaMA-2 has separate input and output embeddings; False ties them (e.g. small Qwen2)."""
     add_qkv_bias: bool = False
     """Bias on the QKV projection (Qwen2)."""
+    kv_channels: int | None = None
+    """Width of each attention head (HF ``head_dim``); None: hidden_size / num_attention_heads.
+    Qwen3 sets it apart from the hidden size (Qwen3-0.6B: 16 heads of 128 on a 1024 hidden)."""
+    qk_layernorm: bool = False
+    """RMSNorm on every query and key head before RoPE (Qwen3's ``q_norm`` / ``k_norm``)."""
     init_method_std: float = 0.02
     """Std of the normal initialisation of a model built from scratch."""
     transformer_impl: str = "auto"
@@ -92,12 +97,15 @@ class ModelConfig:
             f"a divisor of num_attention_heads={self.num_attention_heads}",
             self.num_query_groups,
         )
-        _require(
-            self.hidden_size % self.num_attention_heads == 0,
-            "model.hidden_size",
-            f"a multiple of num_attention_heads={self.num_attention_heads}",
-            self.hidden_size,
-        )
+        if self.kv_channels is None:
+            _require(
+                self.hidden_size % self.num_attention_heads == 0,
+                "model.hidden_size",
+                f"a multiple of num_attention_heads={self.num_attention_heads} (or set model.kv_channels)",
+                self.hidden_size,
+            )
+        else:
+            _require(self.kv_channels > 0, "model.kv_channels", "a positive integer or null", self.kv_channels)
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 256 * ((int(8 * self.hidden_size / 3) + 255) // 256)
         _one_of(self.transformer_impl, "model.transformer_impl", ("auto", "local", "transformer_engine"))
@@ -113,6 +121,11 @@ class ModelConfig:
             except (TypeError, ValueError) as e:
                 message = f"model.{e}" if str(e).startswith("rope_scaling") else f"model.rope_scaling: {e}"
                 raise ConfigError(message) from None
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head: ``kv_channels``, else hidden_size / num_attention_heads."""
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
 
 @dataclass(kw_only=True)

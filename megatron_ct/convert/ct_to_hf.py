@@ -84,7 +84,7 @@ def check_ct_tensors(reader: DistCheckpointReader, m: ModelConfig, true_vocab: i
             f"size {true_vocab} in the checkpoint metadata"
         )
     src = _Source(reader, m)
-    aliases = {lt.ct_key: src.key(lt) for lt in L.layer_tensors(m.add_qkv_bias)}
+    aliases = {lt.ct_key: src.key(lt) for lt in L.layer_tensors(m.add_qkv_bias, m.qk_layernorm)}
     for key, shape in L.expected_ct_shapes(m, padded).items():
         stored_key = aliases.get(key, key)
         if stored_key not in reader.tensors:
@@ -107,7 +107,7 @@ def plan_hf_tensors(
     shapes = L.expected_hf_shapes(m)
     out = [(L.HF_EMBED, shapes[L.HF_EMBED], lambda: src.rows(L.CT_EMBED, true_vocab))]
     for i in range(m.num_layers):
-        for lt in L.layer_tensors(m.add_qkv_bias):
+        for lt in L.layer_tensors(m.add_qkv_bias, m.qk_layernorm):
             for j, name in enumerate(lt.hf_names(i)):
                 out.append((name, shapes[name], lambda lt=lt, i=i, j=j: src.layer_parts(lt, i)[j]))
     out.append((L.HF_FINAL_NORM, shapes[L.HF_FINAL_NORM], lambda: reader.read(L.CT_FINAL_NORM)))
@@ -120,6 +120,13 @@ def _assets_beside(iter_path: str) -> str | None:
     """``hf_assets/`` that hf-to-ct wrote next to the iteration directory, if any."""
     candidate = os.path.join(os.path.dirname(os.path.normpath(iter_path)), "hf_assets")
     return candidate if os.path.isdir(candidate) else None
+
+
+def tokenizer_assets(iter_path: str, record: dict) -> str | None:
+    """Tokenizer files stored with a checkpoint: ``hf_assets/`` beside a converted one, else the
+    HF model it was converted from (``record``: its ``hf`` metadata), if that still exists."""
+    source = record.get("source")
+    return _assets_beside(iter_path) or (source if source and os.path.isdir(source) else None)
 
 
 def _copy_assets(src_dir: str | None, out: str) -> list[str]:
@@ -238,8 +245,7 @@ def export_hf(
 
     # Tokenizer files: as given, else next to a converted checkpoint, else the HF model it
     # was converted from (the record survives training), if that directory still exists.
-    source = record.get("source")
-    assets = tokenizer or hf_base or _assets_beside(path) or (source if source and os.path.isdir(source) else None)
+    assets = tokenizer or hf_base or tokenizer_assets(path, record)
     if assets and not os.path.isdir(assets):
         raise ConversionError(f"{assets}: no such directory (expected tokenizer files)")
     if os.path.exists(out_dir):

@@ -13,6 +13,9 @@ i.e. TP-unsharded, coordinates, as dist checkpoints store them):
   SwiGLU is ``silu(x W_gate) * (x W_up)`` on its two halves.
 - Transformer layers are stacked under one key with a leading layer axis (global layer
   index), e.g. ``decoder.layers.mlp.linear_fc2.weight`` ``[L, h, f]``.
+- Qwen3's per-head ``q_norm`` / ``k_norm`` (``[d]``, applied to every query / key head before
+  RoPE) are megatron-core's ``self_attention.q_layernorm`` / ``k_layernorm`` (``qk_layernorm``),
+  and its explicit ``head_dim`` is ``kv_channels``: ``d`` need not be hidden / heads.
 - The input and pre-MLP RMSNorm weights are stored as ``linear_qkv.layer_norm_weight`` and
   ``linear_fc1.layer_norm_weight`` by both layer specs: Transformer Engine fuses them into
   those modules, and the local spec maps its ``input_layernorm`` / ``pre_mlp_layernorm``
@@ -43,12 +46,20 @@ class Architecture:
     """q/k/v projections carry a bias (Qwen2); o_proj and the MLP never do."""
     extra_config: tuple[tuple[str, Any], ...]
     """Keys a freshly written ``config.json`` gets besides the shared ones."""
+    qk_norm: bool = False
+    """Per-head RMSNorm of queries and keys before RoPE (Qwen3's q_norm / k_norm)."""
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "LlamaForCausalLM": Architecture("llama", False, (("attention_bias", False), ("mlp_bias", False))),
     "MistralForCausalLM": Architecture("mistral", False, (("sliding_window", None),)),
     "Qwen2ForCausalLM": Architecture("qwen2", True, (("use_sliding_window", False), ("sliding_window", None))),
+    "Qwen3ForCausalLM": Architecture(
+        "qwen3",
+        False,
+        (("attention_bias", False), ("use_sliding_window", False), ("sliding_window", None)),
+        qk_norm=True,
+    ),
 }
 
 # HF defaults for keys a config.json may leave out (LlamaConfig / MistralConfig / Qwen2Config).
@@ -85,7 +96,7 @@ class LayerTensor:
         return tuple(f"model.layers.{layer}.{s}" for s in self.hf_suffixes)
 
 
-def layer_tensors(qkv_bias: bool) -> list[LayerTensor]:
+def layer_tensors(qkv_bias: bool, qk_norm: bool = False) -> list[LayerTensor]:
     """The per-layer tensors of our LLaMA, in the order conversion walks them."""
     out = [
         LayerTensor(
@@ -108,6 +119,11 @@ def layer_tensors(qkv_bias: bool) -> list[LayerTensor]:
                 "qkv",
             )
         )
+    if qk_norm:
+        out += [
+            LayerTensor("self_attention.q_layernorm.weight", ("self_attn.q_norm.weight",), "copy"),
+            LayerTensor("self_attention.k_layernorm.weight", ("self_attn.k_norm.weight",), "copy"),
+        ]
     out += [
         LayerTensor("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), "copy"),
         LayerTensor(
@@ -131,7 +147,7 @@ IGNORABLE_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 
 def expected_hf_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every HF tensor of the model and its shape; ``lm_head`` only when untied."""
-    h, d = m.hidden_size, m.hidden_size // m.num_attention_heads
+    h, d = m.hidden_size, m.head_dim
     nq, ng, f = m.num_attention_heads, m.num_query_groups, m.ffn_hidden_size
     per_layer = {
         "input_layernorm.weight": (h,),
@@ -148,6 +164,8 @@ def expected_hf_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
         per_layer.update(
             {"self_attn.q_proj.bias": (nq * d,), "self_attn.k_proj.bias": (ng * d,), "self_attn.v_proj.bias": (ng * d,)}
         )
+    if m.qk_layernorm:
+        per_layer.update({"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)})
     shapes = {HF_EMBED: (m.vocab_size, h), HF_FINAL_NORM: (h,)}
     for i in range(m.num_layers):
         shapes.update({f"model.layers.{i}.{k}": v for k, v in per_layer.items()})
@@ -158,7 +176,7 @@ def expected_hf_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def expected_ct_shapes(m: ModelConfig, padded_vocab: int) -> dict[str, tuple[int, ...]]:
     """Every dist-checkpoint tensor of the model and its global shape."""
-    h, d = m.hidden_size, m.hidden_size // m.num_attention_heads
+    h, d = m.hidden_size, m.head_dim
     nq, ng, f, L = m.num_attention_heads, m.num_query_groups, m.ffn_hidden_size, m.num_layers
     qkv_rows = (nq + 2 * ng) * d
     per_layer = {
@@ -171,6 +189,9 @@ def expected_ct_shapes(m: ModelConfig, padded_vocab: int) -> dict[str, tuple[int
     }
     if m.add_qkv_bias:
         per_layer["self_attention.linear_qkv.bias"] = (qkv_rows,)
+    if m.qk_layernorm:
+        per_layer["self_attention.q_layernorm.weight"] = (d,)
+        per_layer["self_attention.k_layernorm.weight"] = (d,)
     shapes = {CT_EMBED: (padded_vocab, h), CT_FINAL_NORM: (h,)}
     shapes.update({CT_LAYER + k: (L, *v) for k, v in per_layer.items()})
     if m.untie_embeddings_and_output_weights:
@@ -281,8 +302,9 @@ def model_config_from_hf(
             raise unsupported(key, hf[key], "false (our model has no o_proj/MLP biases)")
     hidden, heads = need("hidden_size"), need("num_attention_heads")
     head_dim = hf.get("head_dim")
-    if head_dim is not None and heads * head_dim != hidden:
-        raise unsupported("head_dim", head_dim, f"hidden_size / num_attention_heads = {hidden // heads}")
+    # Recorded only where it differs from hidden / heads (Qwen3), so other models' configs
+    # (Llama 3.2 and SmolLM2 spell head_dim out) stay what they were.
+    kv_channels = head_dim if head_dim is not None and heads * head_dim != hidden else None
     theta, scaling = _rope_from_hf(hf, source)
     try:
         m = ModelConfig(
@@ -299,6 +321,8 @@ def model_config_from_hf(
             norm_epsilon=float(hf.get("rms_norm_eps", _HF_DEFAULTS["rms_norm_eps"])),
             untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", _HF_DEFAULTS["tie_word_embeddings"]),
             add_qkv_bias=spec.qkv_bias,
+            kv_channels=kv_channels,
+            qk_layernorm=spec.qk_norm,
             init_method_std=float(hf.get("initializer_range", 0.02)),
         )
     except ValueError as e:  # ConfigError: names our key, which came from config.json
@@ -320,7 +344,29 @@ def sliding_window_warning(hf: dict[str, Any], source: str) -> str | None:
 
 
 def default_architecture(m: ModelConfig) -> str:
+    if m.qk_layernorm:
+        return "Qwen3ForCausalLM"
     return "Qwen2ForCausalLM" if m.add_qkv_bias else "LlamaForCausalLM"
+
+
+def valid_tp_sizes(m: ModelConfig) -> list[int]:
+    """Tensor-parallel sizes the model can be split at: divisors of the query heads that also
+    divide the key/value heads and the FFN width."""
+    return [
+        t
+        for t in range(1, m.num_attention_heads + 1)
+        if m.num_attention_heads % t == 0 and m.num_query_groups % t == 0 and m.ffn_hidden_size % t == 0
+    ]
+
+
+def check_tp_size(m: ModelConfig, tp: int, key: str) -> None:
+    """One-line ConversionError listing the valid sizes when ``tp`` does not divide the model."""
+    sizes = valid_tp_sizes(m)
+    if tp not in sizes:
+        raise ConversionError(
+            f"{key} {tp}: expected one of {', '.join(map(str, sizes))} (a divisor of num_attention_heads="
+            f"{m.num_attention_heads}, num_query_groups={m.num_query_groups} and ffn_hidden_size={m.ffn_hidden_size})"
+        )
 
 
 def check_architecture_fits(arch: str, m: ModelConfig, source: str) -> Architecture:
@@ -329,6 +375,12 @@ def check_architecture_fits(arch: str, m: ModelConfig, source: str) -> Architect
             f"{source}: architecture {arch!r} is not supported; expected one of {', '.join(ARCHITECTURES)}"
         )
     spec = ARCHITECTURES[arch]
+    if spec.qk_norm != m.qk_layernorm:
+        raise ConversionError(
+            f"{source}: model.qk_layernorm={m.qk_layernorm} does not fit {arch} (q/k norm "
+            f"{'required' if spec.qk_norm else 'not supported'}); choose "
+            f"{'Qwen3ForCausalLM' if m.qk_layernorm else 'another architecture'}"
+        )
     if spec.qkv_bias != m.add_qkv_bias:
         raise ConversionError(
             f"{source}: model.add_qkv_bias={m.add_qkv_bias} does not fit {arch} (QKV bias "
@@ -371,8 +423,8 @@ def hf_config_from_model(
         rms_norm_eps=m.norm_epsilon,
         tie_word_embeddings=not m.untie_embeddings_and_output_weights,
     )
-    if "head_dim" in out:
-        out["head_dim"] = m.hidden_size // m.num_attention_heads
+    if "head_dim" in out or m.kv_channels is not None or spec.qk_norm:
+        out["head_dim"] = m.head_dim
     if "initializer_range" not in out:
         out["initializer_range"] = m.init_method_std
     if base and "rope_parameters" in base:

@@ -5,6 +5,8 @@ Output, in the layout the trainer saves (``checkpoint.load=OUT`` follows the tra
     OUT/iter_0000000/                      megatron-core dist checkpoint (torch_dist)
     OUT/hf_assets/                         the HF directory minus weights: config.json,
                                            tokenizer files, generation_config.json
+                                           (and vocab_expansion.json, whose record also goes
+                                           into the checkpoint's metadata for new_vocab_rows)
     OUT/model.yaml                         the ``model:`` section of a recipe for this model
     OUT/latest_checkpointed_iteration.txt  written last: its presence means "complete"
 
@@ -44,6 +46,7 @@ from megatron_ct.convert import hf_layout as L
 from megatron_ct.convert.hf_files import HFWeights, is_weight_file
 from megatron_ct.convert.progress import Progress, peak_rss_bytes
 from megatron_ct.errors import ConversionError
+from megatron_ct.expansion.vocab.record import read_hf_record
 from megatron_ct.model.llama import padded_vocab_size
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -94,6 +97,7 @@ def read_hf_config(hf_dir: str) -> dict:
 
 def check_layout(m: ModelConfig, tp: int, pp: int) -> CTConfig:
     """The CTConfig recorded in the checkpoint, after the trainer's own divisibility checks."""
+    L.check_tp_size(m, tp, "--target-tp")
     cfg = CTConfig(
         model=m,
         parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
@@ -157,7 +161,7 @@ def plan_chunks(weights: HFWeights, m: ModelConfig, padded_vocab: int, dtype: to
     }
     chunks = [whole(L.CT_EMBED, L.HF_EMBED, lambda: L.pad_vocab(cast(weights.load(L.HF_EMBED)), padded_vocab))]
     for i in range(m.num_layers):
-        for lt in L.layer_tensors(m.add_qkv_bias):
+        for lt in L.layer_tensors(m.add_qkv_bias, m.qk_layernorm):
             names, shape = lt.hf_names(i), shapes[lt.ct_key]
 
             def produce(names=names, kind=lt.kind) -> torch.Tensor:
@@ -208,6 +212,8 @@ def convert_hf_to_ct(
     warnings = [w for w in [L.sliding_window_warning(hf_config, source)] if w]
     weights = HFWeights(hf_dir)
     check_hf_tensors(weights, m, arch)
+    # Rows a vocabulary expansion appended (expand_vocab --hf-model): for new_vocab_rows.
+    expansion = read_hf_record(hf_dir, m.vocab_size)
     padded = padded_vocab_size(m.vocab_size, make_vocab_size_divisible_by, target_tp)
     chunks = plan_chunks(weights, m, padded, torch_dtype)
 
@@ -220,6 +226,7 @@ def convert_hf_to_ct(
         layout={"tp": target_tp, "pp": target_pp},
         weights_only=True,
         hf={"architecture": arch, "config": hf_config, "source": os.path.abspath(hf_dir)},
+        vocab_expansion=expansion,
     )
     pickle.dumps(meta.to_dict())  # fail here, not half-way, if config.json held something odd
     os.makedirs(out_dir, exist_ok=True)

@@ -1,6 +1,7 @@
-"""Forward-only full-vocabulary logits at any TP/PP, through megatron-core's schedules.
+"""Forward-only logits and per-token NLL at any TP/PP, through megatron-core's schedules.
 
-Used to check converted checkpoints against Hugging Face and to inspect a model. The batch
+Used to check converted checkpoints against Hugging Face, to inspect a model, and to score
+text (``megatron_ct/evaluation/bpb.py``). The batch
 goes through ``get_forward_backward_func(forward_only=True)`` exactly as training batches
 do (same pipeline schedule and P2P shapes), and the TP-split logits are gathered on the
 last pipeline stage.
@@ -41,6 +42,58 @@ def forward_logits(
             return full[..., :vocab_size].float()
 
         return output, gather
+
+    for chunk in model_chunks:
+        chunk.eval()
+    with torch.no_grad():
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=[iter(micro) for _ in model_chunks] if len(model_chunks) > 1 else iter(micro),
+            model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+            num_microbatches=len(micro),
+            seq_length=s,
+            micro_batch_size=mbs,
+            forward_only=True,
+            collect_non_loss_data=True,
+        )
+    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    return torch.cat(list(outputs), dim=0)
+
+
+def forward_token_nll(
+    model_chunks: list[torch.nn.Module], tokens: torch.Tensor, micro_batch_size: int | None = None
+) -> torch.Tensor | None:
+    """Next-token NLL (nats, fp32) ``[b, s - 1]`` of ``tokens`` ``[b, s]``: entry ``t`` is
+    ``-log p(tokens[:, t + 1] | tokens[:, :t + 1])``.
+
+    The model computes the loss itself (megatron-core's vocab-parallel cross entropy on each
+    TP rank's slice of the logits, padding columns masked), so the full ``[b, s, V]`` logits
+    are never gathered. Collective over the model-parallel group like
+    :func:`forward_logits`; returns the NLL on the last pipeline stage and None elsewhere.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    b, s = tokens.shape
+    s -= 1  # inputs tokens[:, :-1], labels tokens[:, 1:]
+    mbs = micro_batch_size or b
+    if b % mbs:
+        raise ValueError(f"batch of {b} sequences is not a multiple of micro_batch_size={mbs}")
+    device = next(model_chunks[0].parameters()).device
+    micro = [tokens[i : i + mbs].to(device) for i in range(0, b, mbs)]
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)  # [mbs, s + 1]
+        ids, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        positions = torch.arange(s, device=ids.device).unsqueeze(0).expand_as(ids)
+        # With labels GPTModel returns the per-token loss [mbs, s] on the last stage.
+        output = model(input_ids=ids, position_ids=positions, attention_mask=None, labels=labels)
+
+        def keep(output_tensor, non_loss_data=True):
+            return output_tensor.float()
+
+        return output, keep
 
     for chunk in model_chunks:
         chunk.eval()

@@ -76,7 +76,8 @@ def transformer_config(m: ModelConfig, layout: Layout, numerics: Numerics):
         num_attention_heads=m.num_attention_heads,
         num_query_groups=m.num_query_groups,
         ffn_hidden_size=m.ffn_hidden_size,
-        kv_channels=m.hidden_size // m.num_attention_heads,
+        kv_channels=m.head_dim,
+        qk_layernorm=m.qk_layernorm,  # Qwen3: RMSNorm per query/key head before RoPE
         normalization="RMSNorm",
         layernorm_epsilon=m.norm_epsilon,
         gated_linear_unit=True,  # SwiGLU = silu(x W_gate) * (x W_up)
@@ -155,7 +156,7 @@ class ModelInfo:
     num_parameters: int  # on this rank, all its chunks
 
 
-def layer_spec(impl: str, num_layers: int):
+def layer_spec(impl: str, num_layers: int, qk_layernorm: bool = False):
     """Block spec: per-layer modules plus the final norm."""
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
@@ -165,16 +166,19 @@ def layer_spec(impl: str, num_layers: int):
         from megatron.core.extensions.transformer_engine import TENorm
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        spec = get_gpt_layer_with_transformer_engine_spec()
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
         final_norm = TENorm
     else:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)
         # megatron-core's torch fallback norm refuses sequence parallelism and computes in
         # the input dtype; ours keeps FP32 statistics and marks weights for SP reduction.
         spec.submodules.input_layernorm = RMSNorm
         spec.submodules.pre_mlp_layernorm = RMSNorm
+        if qk_layernorm:  # on [s, b, heads, head_dim], normalised over head_dim
+            spec.submodules.self_attention.submodules.q_layernorm = RMSNorm
+            spec.submodules.self_attention.submodules.k_layernorm = RMSNorm
         final_norm = RMSNorm
     return spec, final_norm, TransformerBlockSubmodules
 
@@ -193,7 +197,7 @@ def build_model(
     impl = choose_transformer_impl(m.transformer_impl, layout.device)
     tcfg = transformer_config(m, layout, numerics)
     vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, layout.tp)
-    spec, final_norm, BlockSubmodules = layer_spec(impl, m.num_layers)
+    spec, final_norm, BlockSubmodules = layer_spec(impl, m.num_layers, m.qk_layernorm)
 
     chunks = []
     for vp_stage in range(layout.vpp or 1):
@@ -217,7 +221,7 @@ def build_model(
 
             install_rope(
                 model,
-                m.hidden_size // m.num_attention_heads,
+                m.head_dim,
                 m.rotary_base,
                 RopeScaling.from_hf_dict(m.rope_scaling or {"rope_type": "default"}),
                 m.max_position_embeddings,

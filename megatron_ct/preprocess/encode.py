@@ -77,7 +77,8 @@ class ChunkEncoder:
 
     def __init__(self, spec: EncodeSpec, tokenizer: Tokenizer | None = None) -> None:
         self.spec = spec
-        self.tokenizer = tokenizer or load_tokenizer(spec.tokenizer_path)
+        # Workers: the main process has run the tokenizer's self-check already.
+        self.tokenizer = tokenizer or load_tokenizer(spec.tokenizer_path, self_check=False)
         self.dtype = np.dtype(spec.dtype)
 
     def parse(self, line: bytes, is_json: bool, first_in_file: bool) -> list[str]:

@@ -35,6 +35,7 @@ import numpy as np
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from megatron_ct.errors import DataError
 from megatron_ct.preprocess.encode import (
     INSTRUCTION_KEY,
     SKIP_REASONS,
@@ -117,7 +118,7 @@ def _check_inputs_fit_mode(files: list[InputFile], config: PreprocessConfig) -> 
 def _load_tokenizer(path: str) -> Tokenizer:
     try:
         return load_tokenizer(path)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, DataError) as exc:
         raise PreprocessError(str(exc)) from None
 
 

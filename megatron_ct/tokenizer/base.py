@@ -16,9 +16,9 @@ class Tokenizer(ABC):
 
     Attributes:
         name: Human-readable description (backend and source path), for logs.
-        vocab_size: Number of ids the tokenizer can emit (max id + 1), *not*
-            padded to a multiple of anything; padding for TP divisibility is
-            the model's business.
+        vocab_size: Number of ids the tokenizer knows (max id + 1, added tokens
+            included), *not* padded to a multiple of anything; padding for TP
+            divisibility is the model's business.
         eod_id: Id appended after every document (the end-of-sequence token).
         bos_id: Beginning-of-sequence id, or None when the tokenizer has none.
         pad_id: Padding id, or None when the tokenizer has none.
@@ -45,6 +45,17 @@ class Tokenizer(ABC):
     @abstractmethod
     def decode(self, ids: list[int]) -> str:
         """Text for ``ids``; control tokens (BOS/EOD/pad) render as nothing."""
+
+    @property
+    def data_vocab_size(self) -> int:
+        """1 + the largest id that data made with this tokenizer can hold.
+
+        That is every id :meth:`encode` can return plus the EOD, BOS and pad ids. Added
+        special tokens past it never occur in data (``encode`` spells their text as plain
+        text), so a model with ``data_vocab_size`` embedding rows can train on such data:
+        SmolLM2 has 5 FIM tokens at ids 49152-49156 over a 49152-row embedding.
+        """
+        return self.vocab_size
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, vocab_size={self.vocab_size})"

@@ -7,6 +7,7 @@ import os
 import sentencepiece
 
 from megatron_ct.tokenizer.base import Tokenizer
+from megatron_ct.tokenizer.special_ids import read_special_ids
 
 
 def _id_or_none(value: int) -> int | None:
@@ -15,9 +16,14 @@ def _id_or_none(value: int) -> int | None:
 
 
 class SentencePieceTokenizer(Tokenizer):
-    """Wraps ``sentencepiece.SentencePieceProcessor`` loaded from a model file."""
+    """Wraps ``sentencepiece.SentencePieceProcessor`` loaded from a model file.
 
-    def __init__(self, model_path: str) -> None:
+    ``model_dir``: the model directory the file came from; its ``config.json`` /
+    ``generation_config.json`` / tokenizer files then set the special ids (see
+    :mod:`megatron_ct.tokenizer.special_ids`), the model file's own ids fill the rest.
+    """
+
+    def __init__(self, model_path: str, model_dir: str | None = None) -> None:
         try:
             self._sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
         except (OSError, RuntimeError) as exc:
@@ -26,14 +32,24 @@ class SentencePieceTokenizer(Tokenizer):
                 f"{model_path} is not a SentencePiece model file ({first_line}); "
                 "expected a SentencePiece .model file or a Hugging Face tokenizer directory"
             ) from None
-        eos = _id_or_none(self._sp.eos_id())
-        if eos is None:
-            raise ValueError(f"SentencePiece model {model_path} has no end-of-sequence piece to use as EOD")
         self.name = f"sentencepiece:{os.path.abspath(model_path)}"
         self.vocab_size = self._sp.get_piece_size()
-        self.eod_id = eos
-        self.bos_id = _id_or_none(self._sp.bos_id())
-        self.pad_id = _id_or_none(self._sp.pad_id())
+        own = {
+            "eos": _id_or_none(self._sp.eos_id()),
+            "bos": _id_or_none(self._sp.bos_id()),
+            "pad": _id_or_none(self._sp.pad_id()),
+        }
+        if model_dir is not None:
+            special = read_special_ids(model_dir, self._piece_id, self.vocab_size, defaults=own)
+            own = {"eos": special.eod_id, "bos": special.bos_id, "pad": special.pad_id}
+        if own["eos"] is None:
+            raise ValueError(f"SentencePiece model {model_path} has no end-of-sequence piece to use as EOD")
+        self.eod_id, self.bos_id, self.pad_id = own["eos"], own["bos"], own["pad"]
+
+    def _piece_id(self, piece: str) -> int | None:
+        i = self._sp.piece_to_id(piece)
+        # piece_to_id answers the unknown id for a piece it does not have.
+        return i if self._sp.id_to_piece(i) == piece else None
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)

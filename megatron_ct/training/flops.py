@@ -40,12 +40,11 @@ def flops_per_token(m: ModelConfig, seq_length: int, padded_vocab: int) -> float
     discount), the convention of Megatron-LM's reports, so MFU figures compare.
     """
     h, s = m.hidden_size, seq_length
-    head_dim = h // m.num_attention_heads
-    kv = m.num_query_groups * head_dim
+    q, kv = m.num_attention_heads * m.head_dim, m.num_query_groups * m.head_dim  # h, h for LLaMA
     per_layer = (
-        2 * h * (h + 2 * kv)  # QKV projection
-        + 2 * 2 * s * h  # QK^T and attention x V
-        + 2 * h * h  # output projection
+        2 * h * (q + 2 * kv)  # QKV projection
+        + 2 * 2 * s * q  # QK^T and attention x V
+        + 2 * q * h  # output projection
         + 2 * 3 * h * m.ffn_hidden_size  # SwiGLU: gate, up, down
     )
     forward = m.num_layers * per_layer + 2 * h * padded_vocab  # + logits

@@ -176,7 +176,12 @@ class FreezePlan:
     @staticmethod
     def _check_patterns_match(params: dict, stages: list[Stage], globs: list[list[str] | None]) -> None:
         """Every pattern of every stage matches something (on some rank: all-reduced)."""
-        flat = [(i, g) for i, gs in enumerate(globs) for g in gs or []]
+        # A tied model (SmolLM2, Llama 3.2, Qwen3-0.6B) has no output_layer.weight; the aliases
+        # still name its one vocabulary matrix.
+        aliased = [
+            bool(st.trainable_params and {"embeddings", "new_vocab_rows"} & set(st.trainable_params)) for st in stages
+        ]
+        flat = [(i, g) for i, gs in enumerate(globs) for g in gs or [] if not (aliased[i] and g == VOCAB_MATRICES[1])]
         if not flat:
             return
         hits = torch.tensor([any(fnmatch.fnmatchcase(n, g) for n in params) for _, g in flat], dtype=torch.int64)

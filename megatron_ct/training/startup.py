@@ -29,7 +29,7 @@ from megatron_ct.checkpoint.root import resolve_load_dir
 from megatron_ct.config import CTConfig, Layout, validate_for_world
 from megatron_ct.config.schedule import Schedule
 from megatron_ct.data.index_cache import IndexCache, rank0_first
-from megatron_ct.errors import CheckpointError, ConfigError
+from megatron_ct.errors import CheckpointError, ConfigError, DataError
 
 # Model fields that decide tensor shapes: a checkpoint must agree on them.
 _SHAPE_FIELDS = (
@@ -40,6 +40,8 @@ _SHAPE_FIELDS = (
     "ffn_hidden_size",
     "add_qkv_bias",
     "untie_embeddings_and_output_weights",
+    "kv_channels",
+    "qk_layernorm",
 )
 
 
@@ -167,12 +169,14 @@ def _load_data_tokenizer(cfg: CTConfig):
     d = cfg.data
     try:
         tok = load_tokenizer(d.tokenizer)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, DataError) as exc:
         raise ConfigError(f"data.tokenizer: {exc}") from None
-    if tok.vocab_size > cfg.model.vocab_size:
+    # Ids data can hold: added special tokens past the embedding (SmolLM2's FIM tokens) never
+    # occur in data, so they do not count.
+    if tok.data_vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"data.tokenizer: expected at most model.vocab_size={cfg.model.vocab_size} ids, got a tokenizer "
-            f"with {tok.vocab_size} ({d.tokenizer})"
+            f"with {tok.data_vocab_size} ({d.tokenizer})"
         )
     return tok
 

@@ -80,3 +80,15 @@ def test_layout_is_derived():
     )
     lay = validate_for_world(cfg, 8)
     assert (lay.tp, lay.pp, lay.dp, lay.num_microbatches) == (2, 1, 4, 2)
+
+
+def test_head_width_fields():
+    """Qwen3's explicit head width (kv_channels) and per-head q/k norm."""
+    cfg = load_config(None, ["model.hidden_size=64", "model.kv_channels=32", "model.qk_layernorm=true"])
+    assert (cfg.model.head_dim, cfg.model.qk_layernorm) == (32, True)
+    assert load_config(None, ["model.hidden_size=64"]).model.head_dim == 16  # 4 heads
+    with pytest.raises(ConfigError, match=r"^model.kv_channels: expected a positive integer or null, got 0$"):
+        load_config(None, ["model.kv_channels=0"])
+    with pytest.raises(ConfigError, match=r"model.hidden_size: .*num_attention_heads=4 \(or set model.kv_channels\)"):
+        load_config(None, ["model.hidden_size=66"])
+    load_config(None, ["model.hidden_size=66", "model.kv_channels=16"])  # heads need not divide the width

@@ -20,6 +20,38 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 32,
 }
+# Published config.json of two current bases (sizes as released), scaled down below: the
+# keys, RoPE settings, tying and head ratios stay, the sizes shrink to a few kB of weights.
+QWEN3_0_6B = {
+    "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "head_dim": 128, "hidden_act": "silu",
+    "hidden_size": 1024, "intermediate_size": 3072, "max_position_embeddings": 40960, "max_window_layers": 28,
+    "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+    "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": True,
+    "use_sliding_window": False, "vocab_size": 151936,
+}  # fmt: skip
+LLAMA_3_2_1B = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "head_dim": 64, "hidden_act": "silu",
+    "hidden_size": 2048, "intermediate_size": 8192, "max_position_embeddings": 131072, "mlp_bias": False,
+    "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": True, "vocab_size": 128256,
+}  # fmt: skip
+
+
+def scaled(real: dict, heads: int, **sizes) -> dict:
+    """``real`` with ``heads`` query heads (key/value heads and head_dim in the real ratios to
+    them and to the hidden size) and the given sizes; everything else as released."""
+    out = {k: v for k, v in real.items() if k != "architectures"}
+    ratio = real["num_attention_heads"] // real["num_key_value_heads"]
+    hidden = sizes.get("hidden_size", HIDDEN)
+    head_dim = real["head_dim"] * hidden * real["num_attention_heads"] // (real["hidden_size"] * heads)
+    out.update(num_attention_heads=heads, num_key_value_heads=heads // ratio, head_dim=head_dim, hidden_size=hidden)
+    out.update(intermediate_size=hidden * real["intermediate_size"] // real["hidden_size"])
+    out.update(num_hidden_layers=LAYERS, max_position_embeddings=MAX_POS, **sizes)
+    return out
+
+
 CASES = {
     "llama_tied_gqa_llama3": (
         "llama",
@@ -85,6 +117,20 @@ CASES = {
             "rms_norm_eps": 1e-6,
         },
         "bin",
+    ),
+    # Qwen3: per-head q/k RMSNorm, head_dim = 2 x hidden / heads (32 vs 16), no QKV bias.
+    "qwen3_0_6b_shaped": ("qwen3", scaled(QWEN3_0_6B, 4, vocab_size=300), "safetensors"),
+    # Llama 3.2: tied, 4 query heads per key/value head, llama3 RoPE whose scaling starts
+    # inside the 48 test tokens (original context 16 instead of 8192).
+    "llama3_2_1b_shaped": (
+        "llama",
+        scaled(
+            LLAMA_3_2_1B,
+            8,
+            vocab_size=300,
+            rope_scaling={**LLAMA_3_2_1B["rope_scaling"], "original_max_position_embeddings": 16},
+        ),
+        "safetensors",
     ),
 }
 

@@ -86,8 +86,42 @@ def test_bad_rope_scaling_and_layout(capsys, hf_copy, tmp_path):
     assert "rope_scaling.beta is not a known RoPE scaling key" in to_ct(capsys, hf_copy, tmp_path)
     edit_config(hf_copy, rope_scaling=None)
     err = to_ct(capsys, hf_copy, tmp_path, "--target-tp", "3")
-    assert "--target-tp 3" in err and "num_attention_heads=4" in err
+    assert "--target-tp 3: expected one of 1, 2, 4 (a divisor of num_attention_heads=4" in err
     assert not (tmp_path / "ct").exists()  # nothing written on bad input
+
+
+def test_tp_that_does_not_divide_the_heads_lists_the_valid_sizes(capsys, tmp_path):
+    """SmolLM2-135M's shape: 9 query heads, 3 key/value heads (valid TP: 1 and 3)."""
+    from convert_helpers import build_hf_model
+
+    hf = tmp_path / "smol"
+    hf.mkdir()
+    shape = {"hidden_size": 72, "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 192}
+    build_hf_model("llama", {"vocab_size": 300, "tie_word_embeddings": True, **shape}, hf)
+    capsys.readouterr()  # transformers' save progress
+    err = to_ct(capsys, hf, tmp_path, "--target-tp", "2")
+    assert err == (
+        "convert_checkpoint.py: error: --target-tp 2: expected one of 1, 3 (a divisor of num_attention_heads=9, "
+        "num_query_groups=3 and ffn_hidden_size=192)"
+    )
+    assert cli.main(["hf-to-ct", "--input", str(hf), "--output", str(tmp_path / "ct"), "--target-tp", "3",
+                     "--no-progress"]) == 0  # fmt: skip
+
+
+def test_qwen3_head_dim_and_qk_norm_are_checked(capsys, converted, tmp_path):
+    hf = tmp_path / "qwen3"
+    shutil.copytree(converted["qwen3_0_6b_shaped"].hf_dir, hf)
+    edit_config(hf, head_dim=16)  # the weights are for 32
+    err = to_ct(capsys, hf, tmp_path)
+    assert "self_attn.q_proj.weight has shape (128, 64), expected (64, 64)" in err
+    edit_config(hf, head_dim=32, architectures=["LlamaForCausalLM"])
+    err = to_ct(capsys, hf, tmp_path)
+    assert "unexpected tensor model.layers.0.self_attn.k_norm.weight for LlamaForCausalLM" in err
+    ct = converted["qwen3_0_6b_shaped"].ct_dir
+    err = run_cli(
+        capsys, "ct-to-hf", "--input", str(ct), "--output", str(tmp_path / "o"), "--architecture", "LlamaForCausalLM"
+    )
+    assert "model.qk_layernorm=True does not fit LlamaForCausalLM" in err and "Qwen3ForCausalLM" in err
 
 
 def test_ct_to_hf_errors(capsys, converted, tmp_path):

@@ -102,3 +102,128 @@ def test_broken_hf_directory_is_one_line_value_error(tmp_path):
     with pytest.raises(ValueError, match="is not a loadable Hugging Face tokenizer directory") as info:
         load_tokenizer(tmp_path)
     assert str(tmp_path) in str(info.value) and "\n" not in str(info.value)
+
+
+# --- tokenizer.json read as written, special ids from the model, the self-check -------------
+
+PROBE_TEXTS = ["Hello  world, 这家酒店的服务很好 2024", "two words", "中文"]
+
+
+@pytest.fixture(scope="module")
+def byte_level(tmp_path_factory) -> str:
+    """SmolLM2-like: byte-level BPE, specials at ids 0-2, FIM tokens after the vocabulary."""
+    from material import build_byte_level_tokenizer
+
+    return build_byte_level_tokenizer(tmp_path_factory.mktemp("byte_level"))
+
+
+def _copy(src: str, dst, **replace_json) -> str:
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    for name, update in replace_json.items():
+        path = dst / f"{name}.json"
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data.update(update)
+        path.write_text(json.dumps(data))
+    return str(dst)
+
+
+def test_misleading_tokenizer_class_is_refused_in_one_line(byte_level, tmp_path):
+    from megatron_ct.errors import DataError
+
+    # SmolLM2's tokenizer_config.json names CodeLlamaTokenizer: transformers 5 then drops the
+    # byte-level pre-tokenizer (spaces vanish, Chinese becomes the unknown id).
+    bad = _copy(byte_level, tmp_path / "bad", tokenizer_config={"tokenizer_class": "CodeLlamaTokenizer"})
+    with pytest.raises(DataError) as info:
+        load_tokenizer(bad)
+    message = str(info.value)
+    assert message.startswith(f"{bad}/tokenizer_config.json: tokenizer_class 'CodeLlamaTokenizer'")
+    assert "set it to PreTrainedTokenizerFast" in message and "\n" not in message
+
+    # tokenizer.json itself is read right: spaces, Chinese, the file's own ids.
+    tok = load_tokenizer(bad, self_check=False)
+    good = load_tokenizer(byte_level)
+    for text in PROBE_TEXTS:
+        assert tok.encode(text) == good.encode(text) and tok.decode(tok.encode(text)) == text
+    assert (tok.eod_id, tok.bos_id, tok.pad_id) == (0, 0, None)  # <|endoftext|>, from tokenizer_config.json
+
+
+def test_byte_level_directory_matches_transformers_and_counts_ids(byte_level):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = load_tokenizer(byte_level)
+    fast = PreTrainedTokenizerFast(tokenizer_file=f"{byte_level}/tokenizer.json")
+    assert tok.name == f"hf:{byte_level} (tokenizer.json)"
+    for text in SAMPLES + PROBE_TEXTS + ["quoted <|endoftext|> and <fim_prefix> markers"]:
+        ids = tok.encode(text)
+        assert ids == fast(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        assert tok.decode(ids) == text and tok.decode([tok.eod_id, *ids]) == text
+        assert tok.eod_id not in ids and max(ids) < 2000  # special text stays text
+    assert tok.encode_batch(PROBE_TEXTS) == [tok.encode(t) for t in PROBE_TEXTS]
+    # 2000 BPE ids + 3 FIM tokens after them: data only ever holds the first 2000.
+    assert (tok.vocab_size, tok.data_vocab_size) == (2003, 2000)
+
+
+def test_special_ids_come_from_the_model_files_first(byte_level, tmp_path):
+    from megatron_ct.errors import DataError
+
+    # config.json wins over tokenizer_config.json; generation_config.json fills what it lacks.
+    d = _copy(
+        byte_level,
+        tmp_path / "model",
+        config={"eos_token_id": [2, 0], "bos_token_id": 1},
+        generation_config={"pad_token_id": 2, "eos_token_id": 0},
+    )
+    tok = load_tokenizer(d)
+    assert (tok.eod_id, tok.bos_id, tok.pad_id) == (2, 1, 2)
+    assert tok.special_sources == {"eos": "config.json", "bos": "config.json", "pad": "generation_config.json"}
+
+    bad = _copy(byte_level, tmp_path / "bad_id", config={"eos_token_id": 5000})
+    with pytest.raises(DataError, match=r"config.json: eos_token_id=5000 is not an id of the tokenizer; expected"):
+        load_tokenizer(bad)
+    missing = _copy(byte_level, tmp_path / "bad_token", tokenizer_config={"eos_token": "</s>"})
+    with pytest.raises(DataError, match=r"tokenizer_config.json: eos_token '</s>' is not a token of the tokenizer"):
+        load_tokenizer(missing)
+
+
+def test_sentencepiece_file_that_disagrees_with_tokenizer_json_is_refused(byte_level, tmp_path):
+    import shutil
+
+    from megatron_ct.errors import DataError
+
+    d = _copy(byte_level, tmp_path / "mixed")
+    shutil.copyfile(llama_sp_model_path(), f"{d}/tokenizer.model")
+    with pytest.raises(DataError) as info:
+        load_tokenizer(d)
+    assert str(info.value).startswith(f"{d}/tokenizer.model: SentencePiece encodes the probe text")
+    assert "expected the two files of one tokenizer" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_sentencepiece_directory_and_agreeing_files_load(hf, tmp_path):
+    import shutil
+
+    # tokenizer.json + tokenizer.model of one tokenizer: both checks pass.
+    d = tmp_path / "both"
+    shutil.copytree(hf.name.removeprefix("hf:").removesuffix(" (tokenizer.json)"), d)
+    shutil.copyfile(llama_sp_model_path(), d / "tokenizer.model")
+    assert load_tokenizer(d).encode(SAMPLES[1]) == load_tokenizer(llama_sp_model_path()).encode(SAMPLES[1])
+    # Only tokenizer.model (and its config): read with SentencePiece.
+    (d / "tokenizer.json").unlink()
+    tok = load_tokenizer(d)
+    assert tok.name.startswith("sentencepiece:") and (tok.vocab_size, tok.eod_id, tok.bos_id) == (32000, 2, 1)
+
+
+def test_trainer_accepts_added_special_tokens_past_the_embedding(byte_level):
+    from megatron_ct.config import ConfigError, CTConfig, DataConfig, ModelConfig
+    from megatron_ct.training.startup import _load_data_tokenizer
+
+    def config(vocab: int) -> CTConfig:
+        data = DataConfig(datasets={"a": "a_text_document"}, stages=[{"name": "s", "blend": {"a": 1.0}}])
+        data.tokenizer = byte_level
+        return CTConfig(model=ModelConfig(vocab_size=vocab), data=data)
+
+    _load_data_tokenizer(config(2000))  # 2003 ids, but the FIM tokens never occur in data
+    with pytest.raises(ConfigError, match="data.tokenizer: expected at most model.vocab_size=1999 ids"):
+        _load_data_tokenizer(config(1999))

@@ -15,6 +15,7 @@ from megatron_ct.checkpoint.dist_io import ChunkSpec
 from megatron_ct.checkpoint.keys import EMBEDDING, OUTPUT
 from megatron_ct.checkpoint.rewrite import copied, model_keys, open_checkpoint, write_weights_only
 from megatron_ct.errors import ConversionError
+from megatron_ct.expansion.vocab.record import expansion_record
 from megatron_ct.expansion.vocab.resize import VocabResizePlan, resize_vocab_matrix
 
 
@@ -47,11 +48,6 @@ def resize_ct_checkpoint(ckpt: str, out_dir: str, plan: VocabResizePlan, overwri
             chunks.extend(copied(reader, key))
     model["vocab_size"] = plan.new_vocab_size
     meta.true_vocab_size, meta.padded_vocab_size = plan.new_vocab_size, padded
-    meta.vocab_expansion = {
-        "source": path,
-        "old_vocab_size": plan.old_vocab_size,
-        "new_vocab_size": plan.new_vocab_size,
-        "init": plan.init,
-    }
+    meta.vocab_expansion = expansion_record(plan.old_vocab_size, plan.new_vocab_size, plan.init, path)
     write_weights_only(out_dir, chunks, meta, overwrite)
     return padded

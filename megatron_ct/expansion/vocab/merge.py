@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from megatron_ct.expansion.vocab.select import MergeResult, Segmenter
+from megatron_ct.expansion.vocab.select import MergeResult, Segmenter, frequent_strings
 
 SP_OUTPUT_NAME = "tokenizer.model"
 
@@ -39,6 +39,33 @@ def base_segmenter(base: str | os.PathLike) -> Segmenter:
     return segmenter(load_proto(base))
 
 
+def base_tokenizer_json(base: str | os.PathLike) -> dict | None:
+    """The base's ``tokenizer.json`` (checked by ``load_tokenizer_json``), None for a ``.model``."""
+    base = os.fspath(base)
+    if not _is_hf_dir(base):
+        return None
+    from megatron_ct.expansion.vocab.merge_hf import load_tokenizer_json
+
+    return load_tokenizer_json(os.path.join(base, "tokenizer.json"))
+
+
+def is_byte_level_base(base: str | os.PathLike) -> bool:
+    """The base is a byte-level BPE ``tokenizer.json`` (pieces are byte-level strings)."""
+    from megatron_ct.expansion.vocab.bytelevel import is_byte_level
+
+    tj = base_tokenizer_json(base)
+    return tj is not None and is_byte_level(tj)
+
+
+def protect_strings(base: str | os.PathLike, lines: list[str], top_k: int) -> list[str]:
+    """The frequent strings of ``lines`` (``select.frequent_strings``) spelled as the base's pieces."""
+    from megatron_ct.expansion.vocab.bytelevel import to_byte_level
+
+    if is_byte_level_base(base):
+        return list(dict.fromkeys(to_byte_level(s) for s in frequent_strings(lines, top_k, space=" ")))
+    return frequent_strings(lines, top_k)
+
+
 def merge_tokenizer(
     base: str | os.PathLike,
     candidates: list[str],
@@ -46,17 +73,19 @@ def merge_tokenizer(
     *,
     max_new: int | None = None,
     protect: list[str] = (),
+    splits: dict[str, list[tuple[str, str]]] | None = None,
 ) -> tuple[MergeResult, str]:
     """Merge ``candidates`` into ``base``; returns the result and the merged tokenizer's path.
 
     The path is ``out_dir/tokenizer.model`` for a SentencePiece base, else ``out_dir``.
+    ``splits`` (byte-level bases): the pairs that make each candidate, from training.
     """
     base, out_dir = os.fspath(base), os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     if _is_hf_dir(base):
         from megatron_ct.expansion.vocab.merge_hf import merge_hf_dir
 
-        return merge_hf_dir(base, candidates, out_dir, max_new=max_new, protect=protect), out_dir
+        return merge_hf_dir(base, candidates, out_dir, max_new=max_new, protect=protect, splits=splits), out_dir
     from megatron_ct.expansion.vocab.merge_sp import merge_sp_file
 
     out_path = os.path.join(out_dir, SP_OUTPUT_NAME)

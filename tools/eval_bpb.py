@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""Bits per byte of any checkpoint on any text: the number CT is judged by.
+
+Comparable across tokenizers: the NLL of every token of a document, summed, over the UTF-8
+bytes of that document. Each document (a JSONL line's "text", or a line of plain text) is
+scored on its own as [EOS] + its tokens, cut to --seq-length predicted tokens.
+
+    python tools/eval_bpb.py --checkpoint hf_model/ --input zh_valid.jsonl en_valid.txt --output bpb.jsonl
+    torchrun --nproc_per_node 4 tools/eval_bpb.py --checkpoint runs/ct \\
+        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --input zh_valid.jsonl --output bpb.jsonl
+
+--checkpoint is a Hugging Face model directory (scored by transformers in one process) or one
+of our checkpoints (a save root or an iter_* directory, saved at any layout), run at the TP/PP
+given here by every launched process (the rest of the processes are data-parallel). The
+tokenizer defaults to the one stored with the checkpoint (the HF directory, or hf_assets/
+beside a converted checkpoint). One JSON line per input, to stdout and --output:
+{"input", "documents", "tokens", "bytes", "loss", "bits_per_byte"}; loss is the mean NLL in
+nats per predicted token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# Runnable as a plain script from a checkout, without installing the package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="HF model directory or megatron-ct checkpoint")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer (default: the one stored with the checkpoint)")
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help=".jsonl/.json ('text') or text files")
+    p.add_argument("--output", metavar="FILE", help="write the JSON lines here too (replaced atomically)")
+    p.add_argument("--seq-length", type=int, default=2048, help="predicted tokens per document at most (2048)")
+    p.add_argument("--micro-batch-size", type=int, default=4, help="documents per forward pass (default 4)")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP of this run (our checkpoints)")
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP of this run (our checkpoints)")
+    p.add_argument("--precision", default="auto", help="fp32, bf16, fp16 or auto (bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    return p
+
+
+def write_atomically(path: str, lines: list[str]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from megatron_ct.errors import CTError
+    from megatron_ct.evaluation.bpb import EvalOptions, evaluate
+
+    try:
+        opts = EvalOptions(
+            seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size,
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            precision=args.precision,
+            device=args.device,
+            progress=args.progress,
+        )
+        results = evaluate(args.checkpoint, args.input, args.tokenizer, opts)
+    except (CTError, ValueError, FileNotFoundError) as exc:
+        if args.debug or os.environ.get("MEGATRON_CT_DEBUG") == "1":
+            raise
+        print(f"eval_bpb.py: error: {exc}", file=sys.stderr)
+        return 2
+    if results is None:  # not global rank 0
+        return 0
+    lines = [r.to_json() for r in results]
+    for line in lines:
+        print(line)
+    if args.output:
+        write_atomically(args.output, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
