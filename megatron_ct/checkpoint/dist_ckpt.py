@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_ct.checkpoint.preemption import helpers_ignore_sigterm
 from megatron_ct.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -201,7 +202,8 @@ def save_checkpoint(
         format_version=FORMAT_VERSION,
         layout={"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size()},
     )
-    dist_checkpointing.save(state, partial, content_metadata=dict(SHARDING_METADATA))
+    with helpers_ignore_sigterm():  # SLURM signals every process of the job, save helpers too
+        dist_checkpointing.save(state, partial, content_metadata=dict(SHARDING_METADATA))
     dist.barrier()
     if dist.get_rank() == 0:
         os.replace(partial, final)
