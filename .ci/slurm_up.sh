@@ -59,6 +59,14 @@ munged --force --key-file="$DIR/munge/munge.key" --socket="$SOCKET" --pid-file="
 for _ in $(seq 50); do [ -S "$SOCKET" ] && break; sleep 0.1; done
 echo "munged $(cat "$DIR/munge/munged.pid")" >>"$DIR/pids"
 
+# Two stand-in GPUs: GRES backed by character devices that alias /dev/null, so the tests see how
+# the job's processes get GPUs. Where mknod is not allowed the node has none (that test skips).
+GRES_TYPES="" GRES_NODE=""
+if mknod "$DIR/gpu0" c 1 3 2>/dev/null && mknod "$DIR/gpu1" c 1 3 2>/dev/null; then
+  echo "NodeName=$HOST Name=gpu File=$DIR/gpu[0-1]" >"$DIR/gres.conf"
+  GRES_TYPES="GresTypes=gpu" GRES_NODE=" Gres=gpu:2"
+fi
+
 cat >"$DIR/slurm.conf" <<EOF
 # Written by .ci/slurm_up.sh: one node on localhost for tests/slurm/.
 ClusterName=ctci
@@ -90,7 +98,8 @@ SchedulerType=sched/backfill
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
-NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=1000 State=UNKNOWN
+$GRES_TYPES
+NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=1000$GRES_NODE State=UNKNOWN
 # Jobs in "urgent" preempt jobs in "ci": TERM to the job's steps, requeue after GraceTime.
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
@@ -116,4 +125,4 @@ for _ in $(seq 100); do
 done
 [ "${state:-}" = "idle" ] || unavailable "node $HOST not idle after 20 s (state '${state:-none}'), see $DIR/log/"
 echo "export SLURM_CONF=$SLURM_CONF" >"$DIR/slurm.env"
-echo "slurm: one-node cluster up ($HOST, $CPUS CPUs, KillWait=${KILL_WAIT}s); SLURM_CONF=$SLURM_CONF"
+echo "slurm: one-node cluster up ($HOST, $CPUS CPUs${GRES_NODE:+, 2 stand-in GPUs}, KillWait=${KILL_WAIT}s); SLURM_CONF=$SLURM_CONF"

@@ -40,7 +40,8 @@ def test_one_process_per_gpu_on_every_node(tmp_path):
     text = " ".join(cmd)
     assert cmd[:3] == ["MASTER_ADDR=gpu07", "MASTER_PORT=24242", "srun"]  # rendezvous on the first node
     # srun starts the trainers, no torchrun agent: they get SLURM's signals themselves.
-    assert "--ntasks 16 --ntasks-per-node 8 --cpus-per-task 16 --kill-on-bad-exit=1" in text
+    # The step asks for the GPUs: --exclusive alone gives them to the job, not to its steps.
+    assert "--ntasks 16 --ntasks-per-node 8 --cpus-per-task 16 --gpus-per-node 8 --kill-on-bad-exit=1" in text
     assert "python3 pretrain_ct.py --config examples/llama2_7b_ct_bf16.yaml" in text
     # First run: weights only from the base model; overrides pass through last.
     assert "checkpoint.load=base checkpoint.load_weights_only=true" in text
@@ -121,7 +122,14 @@ def run_signalled(tmp_path, sig, job_state="RUNNING", saves=True, preempt_time=N
         **({"PREEMPT_TIME": preempt_time} if preempt_time else {}),
     }
     (tmp_path / "ck").mkdir()
-    proc = subprocess.Popen(["bash", str(SCRIPT)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        ["bash", str(SCRIPT)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 10
     while not (stub / "trainer.pid").exists():
         assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()
@@ -133,7 +141,10 @@ def run_signalled(tmp_path, sig, job_state="RUNNING", saves=True, preempt_time=N
     try:
         out, _ = proc.communicate(timeout=10)
     finally:
-        proc.kill()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the stand-in trainer too, should the script have failed
+        except ProcessLookupError:
+            pass
     return proc.returncode, (stub / "calls").read_text().splitlines(), out
 
 

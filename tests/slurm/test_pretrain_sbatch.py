@@ -180,3 +180,17 @@ def test_plain_scancel_saves_and_cancels(cluster, tmp_path):
     time.sleep(2)
     assert cluster.state(job.id) == "CANCELLED", "a user's scancel must not requeue"
     assert_stopped_with_a_save(job)
+
+
+def test_one_process_per_gpu_each_seeing_the_gpus(cluster, tmp_path):
+    if "gpu:2" not in cluster.run("scontrol", "show", "node"):
+        pytest.skip("the test node has no stand-in GPUs (mknod not allowed where .ci/slurm_up.sh ran)")
+    # No NPROC_PER_NODE: one process per GPU. --exclusive alone gives the GPUs to the job but
+    # not to its steps: the script asks for them in srun, so every process sees both.
+    job = submit_training(
+        cluster, tmp_path, "ct-gpus", env={"NPROC_PER_NODE": "", "PYTHON": "tests/slurm/show_task.sh"}
+    )
+    info = cluster.wait(job.id, {"COMPLETED"}, 60, job.log)
+    assert info["ExitCode"] == "0:0", job.log.read_text()
+    lines = sorted(line for line in job.log.read_text().splitlines() if line.startswith("task "))
+    assert lines == ["task 0 local 0 of 2 gpus 0,1", "task 1 local 1 of 2 gpus 0,1"]
