@@ -23,6 +23,7 @@ NCPU=$(nproc)
 CPUS=$((NCPU > 4 ? NCPU : 4))
 
 unavailable() {
+  [ -f "$DIR/pids" ] && bash "$(dirname "$0")/slurm_down.sh" >/dev/null 2>&1 # what did start
   mkdir -p "$DIR"
   echo "$1" >"$DIR/unavailable"
   echo "slurm: not available ($1); the SLURM test tier will be skipped"

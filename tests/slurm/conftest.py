@@ -23,9 +23,10 @@ FINISHED = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 def _unavailable() -> str | None:
     """Why there is no cluster to test on, or None when there is one."""
     conf = os.environ.get("SLURM_CONF") or str(CLUSTER_DIR / "slurm.conf")
+    if (CLUSTER_DIR / "unavailable").exists():  # .ci/slurm_up.sh's one line
+        return (CLUSTER_DIR / "unavailable").read_text().strip()
     if not shutil.which("sbatch"):
-        reason = (CLUSTER_DIR / "unavailable").read_text().strip() if (CLUSTER_DIR / "unavailable").exists() else None
-        return reason or "sbatch not installed (start a test cluster with: bash .ci/slurm_up.sh)"
+        return "sbatch not installed (start a test cluster with: bash .ci/slurm_up.sh)"
     if not Path(conf).exists():
         return f"no SLURM cluster ({conf} missing; start one with: bash .ci/slurm_up.sh)"
     ping = subprocess.run(["scontrol", "ping"], env={**os.environ, "SLURM_CONF": conf}, capture_output=True, text=True)
