@@ -49,6 +49,9 @@ rm -rf "$DIR"
 mkdir -p "$DIR"/{state,spool,log,munge}
 chmod 700 "$DIR/munge"
 HOST=$(hostname -s)
+# The node's name is what jobs see in SLURM_JOB_NODELIST and rendezvous on: it must resolve.
+NODE=${CT_SLURM_NODE:-$HOST}
+getent hosts "$NODE" >/dev/null || NODE=localhost
 
 # Private munge key and socket: does not depend on (or disturb) a system munged.
 dd if=/dev/urandom of="$DIR/munge/munge.key" bs=1024 count=1 status=none
@@ -64,7 +67,7 @@ echo "munged $(cat "$DIR/munge/munged.pid")" >>"$DIR/pids"
 # the job's processes get GPUs. Where mknod is not allowed the node has none (that test skips).
 GRES_TYPES="" GRES_NODE=""
 if mknod "$DIR/gpu0" c 1 3 2>/dev/null && mknod "$DIR/gpu1" c 1 3 2>/dev/null; then
-  echo "NodeName=$HOST Name=gpu File=$DIR/gpu[0-1]" >"$DIR/gres.conf"
+  echo "NodeName=$NODE Name=gpu File=$DIR/gpu[0-1]" >"$DIR/gres.conf"
   GRES_TYPES="GresTypes=gpu" GRES_NODE=" Gres=gpu:2"
 fi
 
@@ -100,12 +103,12 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 $GRES_TYPES
-NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=1000$GRES_NODE State=UNKNOWN
+NodeName=$NODE NodeHostname=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=1000$GRES_NODE State=UNKNOWN
 # Jobs in "urgent" preempt jobs in "ci": TERM to the job's steps, requeue after GraceTime.
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
-PartitionName=ci Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO PriorityTier=1 GraceTime=$KILL_WAIT
-PartitionName=urgent Nodes=$HOST MaxTime=INFINITE State=UP OverSubscribe=NO PriorityTier=2
+PartitionName=ci Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO PriorityTier=1 GraceTime=$KILL_WAIT
+PartitionName=urgent Nodes=$NODE MaxTime=INFINITE State=UP OverSubscribe=NO PriorityTier=2
 EOF
 # No cgroup.conf: slurmd 22.05 loads a cgroup plugin even with proctrack/linuxproc (it has no
 # "disabled"); autodetection picks v1 or v2, whichever is mounted, and nothing uses it.
@@ -114,7 +117,7 @@ export SLURM_CONF="$DIR/slurm.conf"
 slurmctld -f "$SLURM_CONF" -i >/dev/null 2>&1 || unavailable "slurmctld did not start, see $DIR/log/slurmctld.log"
 for _ in $(seq 50); do [ -s "$DIR/slurmctld.pid" ] && break; sleep 0.1; done
 echo "slurmctld $(cat "$DIR/slurmctld.pid" 2>/dev/null)" >>"$DIR/pids"
-slurmd -f "$SLURM_CONF" -N "$HOST" >/dev/null 2>&1 || unavailable "slurmd did not start, see $DIR/log/slurmd.log"
+slurmd -f "$SLURM_CONF" -N "$NODE" >/dev/null 2>&1 || unavailable "slurmd did not start, see $DIR/log/slurmd.log"
 for _ in $(seq 50); do [ -s "$DIR/slurmd.pid" ] && break; sleep 0.1; done
 echo "slurmd $(cat "$DIR/slurmd.pid" 2>/dev/null)" >>"$DIR/pids"
 
@@ -124,6 +127,6 @@ for _ in $(seq 100); do
   [ "$state" = "idle" ] && break
   sleep 0.2
 done
-[ "${state:-}" = "idle" ] || unavailable "node $HOST not idle after 20 s (state '${state:-none}'), see $DIR/log/"
+[ "${state:-}" = "idle" ] || unavailable "node $NODE not idle after 20 s (state '${state:-none}'), see $DIR/log/"
 echo "export SLURM_CONF=$SLURM_CONF" >"$DIR/slurm.env"
-echo "slurm: one-node cluster up ($HOST, $CPUS CPUs${GRES_NODE:+, 2 stand-in GPUs}, KillWait=${KILL_WAIT}s); SLURM_CONF=$SLURM_CONF"
+echo "slurm: one-node cluster up (node $NODE, $CPUS CPUs${GRES_NODE:+, 2 stand-in GPUs}, KillWait=${KILL_WAIT}s); SLURM_CONF=$SLURM_CONF"

@@ -167,7 +167,7 @@ def test_preemption_saves_requeues_and_resumes_exactly(cluster, tmp_path, refere
     # GraceTime: SLURM sends TERM to the trainers only; they save and exit 0, the script requeues.
     finish_requeued(cluster, job)
     assert cluster.state(urgent) == "COMPLETED"
-    assert "preempted: the trainers saved; requeueing" in job.log.read_text()
+    assert "preempted: the trainers exited 0; requeueing" in job.log.read_text()
     assert_resumed_exactly(job, reference)
 
 
