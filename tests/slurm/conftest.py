@@ -78,6 +78,10 @@ class Cluster:
 
     def release(self, job_id: str, time_limit_min: int | None = None) -> None:
         """Start a requeued job now (SLURM holds it back for a while after a requeue)."""
+        # slurmd revokes a killed job's credential with a 1-second time stamp and refuses a
+        # launch of the same job id within that second ("Job N already killed, do not launch
+        # batch job": the job fails) -- what SLURM's own hold avoids.
+        time.sleep(2)
         extra = [f"TimeLimit={time_limit_min}"] if time_limit_min else []
         self.run("scontrol", "update", f"jobid={job_id}", "StartTime=now", *extra)
 
