@@ -10,6 +10,8 @@ for _ in $(seq 60); do [ -z "$(squeue -h -t running,completing 2>/dev/null)" ] &
 # Reverse start order: slurmd, slurmctld, munged.
 tac "$DIR/pids" | while read -r name pid; do
   [ -n "$pid" ] || continue
+  # Only a process that still is that daemon: a PID of one that already exited may be reused.
+  [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ] || continue
   kill -TERM "$pid" 2>/dev/null || continue
   for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   kill -KILL "$pid" 2>/dev/null && echo "slurm: $name ($pid) killed after 5 s"
