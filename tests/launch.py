@@ -81,6 +81,56 @@ def run_torchrun(
     return proc
 
 
+def run_ranks(
+    nproc: int,
+    script: Path,
+    args: list[str],
+    timeout: float = 300,
+    env: dict | None = None,
+) -> list[subprocess.CompletedProcess]:
+    """One process per rank, as ``srun`` starts them (no torchrun): SLURM_PROCID/SLURM_NTASKS/
+    SLURM_LOCALID and MASTER_PORT set, all ranks in one new process group, so a test can signal
+    every process of the job at once, as SLURM does. Returns each rank's result."""
+    port = free_port()
+    cmd = [sys.executable, str(script), *args]
+    base = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # torchrun's variables would win
+        base.pop(key, None)
+    files, procs = [], []
+    try:
+        for rank in range(nproc):
+            out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+            files.append((out, err))
+            rank_env = {
+                **base,
+                "SLURM_PROCID": str(rank),
+                "SLURM_NTASKS": str(nproc),
+                "SLURM_LOCALID": str(rank),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            }
+            group = {"process_group": 0 if rank == 0 else procs[0].pid}
+            procs.append(subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=rank_env, cwd=REPO, **group))
+        try:
+            for p in procs:
+                p.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(procs[0].pid, signal.SIGKILL)  # helpers a killed rank may have orphaned
+            except ProcessLookupError:
+                pass
+        results = []
+        for p, (out, err) in zip(procs, files, strict=True):
+            out.seek(0)
+            err.seek(0)
+            results.append(subprocess.CompletedProcess(cmd, p.wait(), out.read(), err.read()))
+        return results
+    finally:
+        for out, err in files:
+            out.close()
+            err.close()
+
+
 def run_trainer(
     nproc: int,
     overrides: list[str],

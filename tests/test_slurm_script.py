@@ -1,7 +1,11 @@
-"""The sbatch script parses and renders the right multi-node torchrun command."""
+"""The sbatch script renders the right srun command (DRY_RUN=1, no SLURM needed).
+
+tests/slurm/ runs it under a real SLURM (signals, requeue, resume)."""
 
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -9,10 +13,19 @@ SCRIPT = REPO / "examples" / "slurm" / "pretrain_ct.sbatch"
 
 
 def render(tmp_path, **extra):
-    env = {**os.environ, "DRY_RUN": "1", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NNODES": "2",
-           "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "ct", "SLURM_GPUS_ON_NODE": "8",
-           "SLURM_SUBMIT_DIR": str(REPO), "SAVE_DIR": str(tmp_path / "ck"), "PATH": os.environ["PATH"], **extra}
-    env.pop("SLURM_PROCID", None)
+    env = {
+        "DRY_RUN": "1",
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "ct",
+        "SLURM_GPUS_ON_NODE": "8",
+        "SLURM_CPUS_ON_NODE": "128",
+        "SLURM_SUBMIT_DIR": str(REPO),
+        "SAVE_DIR": str(tmp_path / "ck"),
+        "PATH": os.environ["PATH"],
+        **extra,
+    }
     proc = subprocess.run(["bash", str(SCRIPT), "train.train_iters=10"], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.split()
@@ -22,13 +35,14 @@ def test_bash_syntax():
     assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
 
 
-def test_two_node_rendezvous(tmp_path):
+def test_one_process_per_gpu_on_every_node(tmp_path):
     cmd = render(tmp_path, BASE_CKPT="base")
     text = " ".join(cmd)
-    assert cmd[0] == "torchrun"
-    assert "--nnodes 2 --nproc_per_node 8" in text
-    assert "--rdzv_backend c10d --rdzv_endpoint gpu07:24242 --rdzv_id 4242" in text
-    assert "--shutdown_timeout 420" in text
+    assert cmd[:3] == ["MASTER_ADDR=gpu07", "MASTER_PORT=24242", "srun"]  # rendezvous on the first node
+    # srun starts the trainers, no torchrun agent: they get SLURM's signals themselves.
+    # The step asks for the GPUs: --exclusive alone gives them to the job, not to its steps.
+    assert "--ntasks 16 --ntasks-per-node 8 --cpus-per-task 16 --gpus-per-node 8 --kill-on-bad-exit=1" in text
+    assert "python3 pretrain_ct.py --config examples/llama2_7b_ct_bf16.yaml" in text
     # First run: weights only from the base model; overrides pass through last.
     assert "checkpoint.load=base checkpoint.load_weights_only=true" in text
     assert cmd[-1] == "train.train_iters=10"
@@ -40,3 +54,125 @@ def test_requeued_job_resumes_from_its_own_checkpoint(tmp_path):
     text = " ".join(render(tmp_path, BASE_CKPT="base"))
     assert f"checkpoint.load={tmp_path / 'ck'}" in text
     assert "load_weights_only" not in text
+
+
+def test_requests_and_processes_follow_the_environment(tmp_path):
+    # No GPU visible: one process per node unless NPROC_PER_NODE says otherwise.
+    no_gpu = {"SLURM_GPUS_ON_NODE": "0", "SLURM_CPUS_ON_NODE": "4", "SLURM_NNODES": "1"}
+    assert "--ntasks 1 --ntasks-per-node 1 --cpus-per-task 4" in " ".join(render(tmp_path, **no_gpu))
+    text = " ".join(
+        render(
+            tmp_path, **no_gpu, NPROC_PER_NODE="2", CPUS_PER_PROC="1", CONFIG="", PYTHON="apptainer exec ct.sif python3"
+        )
+    )
+    assert "--ntasks 2 --ntasks-per-node 2 --cpus-per-task 1" in text
+    assert "apptainer exec ct.sif python3 pretrain_ct.py checkpoint.save=" in text  # empty CONFIG: no --config
+
+
+def test_job_log_goes_where_the_job_can_always_open_it():
+    # SLURM opens the --output file before the script runs: a directory that may not exist
+    # (logs/) would fail the job with nothing written anywhere.
+    lines = [line for line in SCRIPT.read_text().splitlines() if line.startswith("#SBATCH --output")]
+    assert lines == ["#SBATCH --output=%x-%j.out"]
+
+
+# The signal handling of the script, against stand-ins for srun, scancel and scontrol (tests/slurm/
+# runs it under a real SLURM). The stand-in trainer saves iteration 7 when it gets SIGTERM.
+STUBS = {
+    "srun": """#!/bin/bash
+echo $$ > "$STUB/trainer.pid"
+trap '[ "$SAVES" = 1 ] && echo 7 > "$SAVE_DIR/latest_checkpointed_iteration.txt"; exit 0' TERM
+while true; do sleep 0.05; done
+""",
+    "scancel": """#!/bin/bash
+echo "scancel $*" >> "$STUB/calls"
+kill -TERM "$(cat "$STUB/trainer.pid")"
+""",
+    "scontrol": """#!/bin/bash
+case "$1 $2" in
+  "show hostnames") echo node1 ;;
+  "show job") echo "JobId=$SLURM_JOB_ID JobState=$JOB_STATE PreemptTime=${PREEMPT_TIME:-None}" ;;
+  *) echo "scontrol $*" >> "$STUB/calls" ;;
+esac
+""",
+}
+
+
+def run_signalled(tmp_path, sig, job_state="RUNNING", saves=True, preempt_time=None):
+    """Start the script, send ``sig`` to it (None: to nobody) as SLURM would, and SIGTERM to
+    the trainer when SLURM itself would signal the steps; returns (exit code, calls, output)."""
+    stub = tmp_path / "stub"
+    (stub / "bin").mkdir(parents=True)
+    for name, text in STUBS.items():
+        (stub / "bin" / name).write_text(text)
+        (stub / "bin" / name).chmod(0o755)
+    (stub / "calls").touch()
+    env = {
+        "PATH": f"{stub / 'bin'}:{os.environ['PATH']}",
+        "STUB": str(stub),
+        "SAVES": "1" if saves else "0",
+        "JOB_STATE": job_state,
+        "SLURM_JOB_ID": "42",
+        "SLURM_JOB_NODELIST": "node1",
+        "SLURM_NNODES": "1",
+        "SLURM_GPUS_ON_NODE": "0",
+        "SLURM_CPUS_ON_NODE": "2",
+        "SLURM_SUBMIT_DIR": str(REPO),
+        "SAVE_DIR": str(tmp_path / "ck"),
+        **({"PREEMPT_TIME": preempt_time} if preempt_time else {}),
+    }
+    (tmp_path / "ck").mkdir()
+    proc = subprocess.Popen(
+        ["bash", str(SCRIPT)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 10
+    while not (stub / "trainer.pid").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    if sig is not None:
+        proc.send_signal(sig)
+    if job_state != "RUNNING" or sig is None:  # SLURM itself signals every step of a job it ends
+        os.kill(int((stub / "trainer.pid").read_text()), signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the stand-in trainer too, should the script have failed
+        except ProcessLookupError:
+            pass
+    return proc.returncode, (stub / "calls").read_text().splitlines(), out
+
+
+def test_time_limit_warning_saves_then_requeues(tmp_path):
+    rc, calls, out = run_signalled(tmp_path, signal.SIGUSR1)
+    assert rc == 0, out
+    assert calls == ["scancel --signal=TERM 42", "scontrol requeue 42"]  # the steps, then the requeue
+    assert (tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text().strip() == "7"
+
+
+def test_time_limit_warning_without_a_new_save_does_not_requeue(tmp_path):
+    # --time shorter than the USR1 lead: the warning comes at every start, before any save.
+    rc, calls, out = run_signalled(tmp_path, signal.SIGUSR1, saves=False)
+    assert rc == 1
+    assert calls == ["scancel --signal=TERM 42"]
+    assert "not requeued" in out
+
+
+def test_scancel_is_not_requeued(tmp_path):
+    # A plain scancel: the job has left RUNNING and SLURM signals the trainers itself.
+    rc, calls, out = run_signalled(tmp_path, signal.SIGTERM, job_state="COMPLETING")
+    assert rc == 0, out
+    assert calls == [], out  # neither scancel nor requeue
+    assert (tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text().strip() == "7"
+
+
+def test_preemption_with_grace_time_is_requeued_after_the_save(tmp_path):
+    # SLURM signals the steps only, not the script: the trainers save and exit 0 early.
+    rc, calls, out = run_signalled(tmp_path, None, preempt_time="2026-01-01T00:00:00")
+    assert rc == 0, out
+    assert calls == ["scontrol requeue 42"]

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from megatron_ct.checkpoint import root as ckpt_root
 from megatron_ct.checkpoint.meta import CheckpointMeta, check_dcp_metadata
+from megatron_ct.checkpoint.preemption import helpers_ignore_sigterm
 from megatron_ct.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,8 @@ def save_checkpoint(root: str, state: TrainState, meta: CheckpointMeta, keep_las
     sd["rng_state"] = _rng_sharded(_rng_state())
     sd["ct"] = meta.to_dict()
     try:
-        dist_checkpointing.save(sd, partial, content_metadata=dict(SHARDING_METADATA))
+        with helpers_ignore_sigterm():  # SIGTERM to the whole job must not kill the writer's helpers
+            dist_checkpointing.save(sd, partial, content_metadata=dict(SHARDING_METADATA))
     except Exception as e:  # DCP wraps per-rank failures (e.g. ENOSPC) in its own exception types
         error = e
     if _any_rank(error is not None):

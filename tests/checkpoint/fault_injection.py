@@ -3,14 +3,23 @@
 CT_FAULT=kill_during_save:N  every rank dies (os._exit) in the middle of writing the
                              checkpoint of iteration N, after its shards are on disk
 CT_FAULT=sigterm_after:N     rank 0 receives SIGTERM right after iteration N
+CT_FAULT=killpg_after:N      rank 0 sends SIGTERM to its whole process group (every rank, their
+                             checkpoint helpers; what SLURM does) right after iteration N
+CT_FAULT=killpg_during_save:N  the same, sent by rank 0's checkpoint writer process while it
+                             writes the checkpoint of iteration N
 """
 
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
 
 
 def install(fault: str) -> None:
@@ -38,6 +47,31 @@ def install(fault: str) -> None:
                 os.kill(os.getpid(), signal.SIGTERM)
 
         trainer.Trainer._log = log_then_signal
+    elif kind == "killpg_after":
+        from megatron_ct.training import trainer
+
+        real_log = trainer.Trainer._log
+
+        def log_then_signal_group(self, *a, **k):
+            real_log(self, *a, **k)
+            if self.iteration == n and _rank() == 0:
+                os.killpg(os.getpgrp(), signal.SIGTERM)
+                time.sleep(0.5)  # the handlers run before this step's preemption check, as in a real step
+
+        trainer.Trainer._log = log_then_signal_group
+    elif kind == "killpg_during_save":
+        from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+        real_write = FileSystemWriterAsync.write_preloaded_data
+
+        def signal_group_then_write(transform_list, local_proc_idx, write_bucket, *a, **k):
+            # Runs in the writer process megatron-core forks for each shard file.
+            if f"iter_{n:07d}" in str(write_bucket[0]) and _rank() == 0 and local_proc_idx == 0:
+                os.killpg(os.getpgrp(), signal.SIGTERM)
+                time.sleep(0.5)  # let the signal reach every process before the write goes on
+            return real_write(transform_list, local_proc_idx, write_bucket, *a, **k)
+
+        FileSystemWriterAsync.write_preloaded_data = staticmethod(signal_group_then_write)
     else:
         raise ValueError(f"CT_FAULT: unknown fault {fault!r}")
 

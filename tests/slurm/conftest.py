@@ -1,0 +1,97 @@
+"""The real-SLURM tier: a one-node cluster started by .ci/slurm_up.sh (``.ci/run`` does it).
+
+Tests submit with sbatch and follow jobs with ``scontrol show job`` (no accounting). Without a
+cluster every test here is skipped with the reason slurm_up.sh gave, or how to start one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+CLUSTER_DIR = Path(os.environ.get("CT_SLURM_DIR", "/tmp/ct-slurm"))
+FINISHED = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def _unavailable() -> str | None:
+    """Why there is no cluster to test on, or None when there is one."""
+    conf = os.environ.get("SLURM_CONF") or str(CLUSTER_DIR / "slurm.conf")
+    if (CLUSTER_DIR / "unavailable").exists():  # .ci/slurm_up.sh's one line
+        return (CLUSTER_DIR / "unavailable").read_text().strip()
+    if not shutil.which("sbatch"):
+        return "sbatch not installed (start a test cluster with: bash .ci/slurm_up.sh)"
+    if not Path(conf).exists():
+        return f"no SLURM cluster ({conf} missing; start one with: bash .ci/slurm_up.sh)"
+    ping = subprocess.run(["scontrol", "ping"], env={**os.environ, "SLURM_CONF": conf}, capture_output=True, text=True)
+    if "UP" not in ping.stdout:
+        return f"slurmctld of {conf} does not answer (bash .ci/slurm_up.sh restarts it)"
+    return None
+
+
+@dataclass
+class Cluster:
+    env: dict[str, str]
+
+    def run(self, *cmd: str, check: bool = True) -> str:
+        proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def submit(self, script: Path, args: list[str], sbatch_args: list[str], env: dict[str, str], cwd: Path) -> str:
+        proc = subprocess.run(
+            ["sbatch", "--parsable", *sbatch_args, str(script), *args],
+            env={**self.env, **env},
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, f"sbatch refused the job: {proc.stderr.strip()}"
+        return proc.stdout.strip().split(";")[0]
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """``scontrol show job`` as a dict (JobState, Restarts, ExitCode, ...)."""
+        text = self.run("scontrol", "show", "job", "-o", job_id)
+        return dict(re.findall(r"(\w+)=(\S*)", text))
+
+    def state(self, job_id: str) -> str:
+        return self.job(job_id)["JobState"]
+
+    def wait(self, job_id: str, states: set[str], timeout: float, log: Path | None = None) -> dict[str, str]:
+        """Poll until the job is in one of ``states``; fail with its record and log otherwise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.job(job_id)
+            if info["JobState"] in states:
+                return info
+            if info["JobState"] in FINISHED or time.monotonic() > deadline:
+                tail = log.read_text()[-4000:] if log is not None and log.exists() else "(no log)"
+                raise AssertionError(f"job {job_id} is {info['JobState']}, expected {sorted(states)}:\n{tail}")
+            time.sleep(0.5)
+
+    def release(self, job_id: str, time_limit_min: int | None = None) -> None:
+        """Start a requeued job now (SLURM holds it back for a while after a requeue)."""
+        # slurmd revokes a killed job's credential with a 1-second time stamp and refuses a
+        # launch of the same job id within that second ("Job N already killed, do not launch
+        # batch job": the job fails) -- what SLURM's own hold avoids.
+        time.sleep(2)
+        extra = [f"TimeLimit={time_limit_min}"] if time_limit_min else []
+        self.run("scontrol", "update", f"jobid={job_id}", "StartTime=now", *extra)
+
+    def partitions(self) -> set[str]:
+        return set(self.run("sinfo", "-h", "-o", "%R").split())
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Cluster:
+    reason = _unavailable()
+    if reason:
+        pytest.skip(f"SLURM tier skipped: {reason}")
+    return Cluster(env={**os.environ, "SLURM_CONF": os.environ.get("SLURM_CONF") or str(CLUSTER_DIR / "slurm.conf")})

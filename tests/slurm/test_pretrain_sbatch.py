@@ -1,0 +1,196 @@
+"""examples/slurm/pretrain_ct.sbatch under a real SLURM: every way a job stops.
+
+One tiny 2-process job (DP2, distributed optimizer, warmup + cosine, a periodic save every 5
+steps) per test, signalled past its first periodic save. Stops that SLURM or a user mean as
+"pause" (signal to the batch script, time-limit warning, preemption, scontrol requeue) must
+save, requeue and resume with the per-step losses of an uninterrupted run; a plain scancel
+must save and cancel, never requeue.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from launch import REPO, TINY, read_metrics
+
+pytestmark = pytest.mark.slow
+SCRIPT = REPO / "examples" / "slurm" / "pretrain_ct.sbatch"
+ITERS = 40
+RUN = [
+    *TINY,
+    f"train.train_iters={ITERS}",
+    "optim.lr_warmup_iters=3",
+    "optim.lr_decay_style=cosine",
+    "--use-distributed-optimizer",
+    "checkpoint.save_interval=5",
+]
+SIGNAL_AFTER = 8  # past the periodic save of iteration 5: its helper processes are alive
+
+
+@dataclass
+class Job:
+    id: str
+    ck: Path
+    log: Path
+
+    def records(self) -> list[dict]:
+        path = self.ck / "metrics.jsonl"
+        return read_metrics(self.ck) if path.exists() else []
+
+    def last_iteration(self) -> int:
+        return max((r["iteration"] for r in self.records()), default=0)
+
+
+def submit_training(cluster, tmp_path: Path, name: str, sbatch_args=(), env=None) -> Job:
+    ck, log = tmp_path / "ck", tmp_path / "job.out"
+    job_env = {
+        "CONFIG": "",  # the embedded tiny run, with RUN's overrides
+        "SAVE_DIR": str(ck),
+        "NPROC_PER_NODE": "2",
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+        **(env or {}),
+    }
+    # --time well above the script's USR1 lead (600 s), or the warning would come at once.
+    sbatch_args = ["--nodes=1", f"--job-name={name}", f"--output={log}", "--time=30", *sbatch_args]
+    return Job(cluster.submit(SCRIPT, RUN, sbatch_args, job_env, cwd=REPO), ck, log)
+
+
+def wait_for_iteration(cluster, job: Job, iteration: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while job.last_iteration() < iteration:
+        state = cluster.state(job.id)
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"job {job.id} {state} before iteration {iteration}"
+        assert time.monotonic() < deadline, f"job {job.id} not at iteration {iteration} after {timeout}s"
+        time.sleep(0.2)
+
+
+def assert_stopped_with_a_save(job: Job) -> int:
+    """The interrupted run saved the iteration it stopped at (the signal-triggered save, not an
+    older periodic one), completely, and said so in one line per rank."""
+    stopped = job.last_iteration()
+    assert SIGNAL_AFTER <= stopped < ITERS
+    assert (job.ck / "latest_checkpointed_iteration.txt").read_text() == str(stopped)
+    assert not [n for n in os.listdir(job.ck) if n.endswith(".partial")]
+    log = job.log.read_text()
+    assert log.count(f"SIGTERM received: saved iteration {stopped} and stopping") == 2, log[-4000:]
+    assert "Traceback" not in log, log[-4000:]
+    return stopped
+
+
+def assert_resumed_exactly(job: Job, reference: dict[int, float]) -> None:
+    records = job.records()
+    iterations = [r["iteration"] for r in records]
+    assert sorted(iterations) == list(range(1, ITERS + 1)), "each iteration logged once, none missing"
+    assert [r["loss"] for r in sorted(records, key=lambda r: r["iteration"])] == [
+        reference[i] for i in range(1, ITERS + 1)
+    ]
+    assert "Traceback" not in job.log.read_text()
+
+
+def finish_requeued(cluster, job: Job, time_limit_min: int | None = None) -> None:
+    info = cluster.wait(job.id, {"PENDING"}, 90, job.log)
+    assert info["Restarts"] == "1", info
+    assert_stopped_with_a_save(job)
+    cluster.release(job.id, time_limit_min)
+    info = cluster.wait(job.id, {"COMPLETED"}, 180, job.log)
+    assert info["ExitCode"] == "0:0", info
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, tmp_path_factory) -> dict[int, float]:
+    job = submit_training(cluster, tmp_path_factory.mktemp("straight"), "ct-straight")
+    info = cluster.wait(job.id, {"COMPLETED"}, 300, job.log)
+    assert info["ExitCode"] == "0:0", job.log.read_text()[-4000:]
+    return {r["iteration"]: r["loss"] for r in job.records()}
+
+
+def test_job_trains_to_completion(cluster, reference):
+    assert sorted(reference) == list(range(1, ITERS + 1))
+    assert reference[ITERS] < reference[1]
+
+
+def test_term_to_the_batch_script_saves_requeues_and_resumes_exactly(cluster, tmp_path, reference):
+    job = submit_training(cluster, tmp_path, "ct-term")
+    wait_for_iteration(cluster, job, SIGNAL_AFTER)
+    cluster.run("scancel", "--signal=TERM", "--batch", job.id)  # what a preemption script sends
+    finish_requeued(cluster, job)
+    assert_resumed_exactly(job, reference)
+
+
+def test_time_limit_warning_saves_requeues_and_resumes_exactly(cluster, tmp_path, reference):
+    # The first run is slowed down (tests/slurm/paced.py) so that SLURM's USR1, due as soon as
+    # the time limit is cut to 2 minutes (110 s before its end) and sent at slurmctld's next
+    # time-limit check (every 30 s), lands mid-run. The requeued run gets 30 minutes again.
+    job = submit_training(
+        cluster,
+        tmp_path,
+        "ct-usr1",
+        ["--signal=B:USR1@110"],
+        {"PYTHON": f"{sys.executable} tests/slurm/paced.py", "CT_STEP_DELAY": "1.5"},
+    )
+    wait_for_iteration(cluster, job, SIGNAL_AFTER)
+    cluster.run("scontrol", "update", f"jobid={job.id}", "TimeLimit=2")
+    finish_requeued(cluster, job, time_limit_min=30)
+    assert "SIGUSR1: the trainers save and stop" in job.log.read_text()
+    assert_resumed_exactly(job, reference)
+
+
+def test_scontrol_requeue_saves_and_resumes_exactly(cluster, tmp_path, reference):
+    job = submit_training(cluster, tmp_path, "ct-requeue")
+    wait_for_iteration(cluster, job, SIGNAL_AFTER)
+    cluster.run("scontrol", "requeue", job.id)
+    finish_requeued(cluster, job)
+    assert_resumed_exactly(job, reference)
+
+
+def test_preemption_saves_requeues_and_resumes_exactly(cluster, tmp_path, reference):
+    if "urgent" not in cluster.partitions():
+        pytest.skip("the cluster has no 'urgent' partition to preempt from (.ci/slurm_up.sh makes one)")
+    job = submit_training(cluster, tmp_path, "ct-preempted")
+    wait_for_iteration(cluster, job, SIGNAL_AFTER)
+    urgent = cluster.run(
+        "sbatch",
+        "--parsable",
+        "--partition=urgent",
+        "--exclusive",
+        f"--output={tmp_path / 'urgent.out'}",
+        "--wrap=true",
+    ).strip()
+    # GraceTime: SLURM sends TERM to the trainers only; they save and exit 0, the script requeues.
+    finish_requeued(cluster, job)
+    assert cluster.state(urgent) == "COMPLETED"
+    assert "preempted: the trainers exited 0; requeueing" in job.log.read_text()
+    assert_resumed_exactly(job, reference)
+
+
+def test_plain_scancel_saves_and_cancels(cluster, tmp_path):
+    job = submit_training(cluster, tmp_path, "ct-cancel")
+    wait_for_iteration(cluster, job, SIGNAL_AFTER)
+    cluster.run("scancel", job.id)
+    info = cluster.wait(job.id, {"CANCELLED"}, 60, job.log)
+    assert info["Restarts"] == "0"
+    time.sleep(2)
+    assert cluster.state(job.id) == "CANCELLED", "a user's scancel must not requeue"
+    assert_stopped_with_a_save(job)
+
+
+def test_one_process_per_gpu_each_seeing_the_gpus(cluster, tmp_path):
+    if "gpu:2" not in cluster.run("scontrol", "show", "node"):
+        pytest.skip("the test node has no stand-in GPUs (mknod not allowed where .ci/slurm_up.sh ran)")
+    # No NPROC_PER_NODE: one process per GPU. --exclusive alone gives the GPUs to the job but
+    # not to its steps: the script asks for them in srun, so every process sees both.
+    job = submit_training(
+        cluster, tmp_path, "ct-gpus", env={"NPROC_PER_NODE": "", "PYTHON": "tests/slurm/show_task.sh"}
+    )
+    info = cluster.wait(job.id, {"COMPLETED"}, 60, job.log)
+    assert info["ExitCode"] == "0:0", job.log.read_text()
+    lines = sorted(line for line in job.log.read_text().splitlines() if line.startswith("task "))
+    assert lines == ["task 0 local 0 of 2 gpus 0,1", "task 1 local 1 of 2 gpus 0,1"]
