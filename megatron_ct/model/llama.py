@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_ct.config import CTConfig, Layout, ModelConfig
+from megatron_ct.model.output import mask_padded_vocab
 
 log = logging.getLogger(__name__)
 
@@ -118,27 +119,6 @@ def transformer_config(cfg: CTConfig, layout: Layout, device: str):
         recompute_method="uniform" if t.recompute_granularity == "full" else None,
         recompute_num_layers=1 if t.recompute_granularity == "full" else None,
     )
-
-
-def mask_padded_vocab(model: torch.nn.Module, true_vocab_size: int) -> None:
-    """Give the padding rows of the vocabulary a logit of -inf.
-
-    The output layer has ``padded_vocab_size`` rows (a multiple of divisible_by x TP); left
-    alone, the padding logits would take part in the softmax, so the loss would differ from
-    Hugging Face's and between TP sizes. Each TP rank holds a contiguous slice of the rows.
-    """
-    from megatron.core import parallel_state
-
-    def hook(module, inputs, output):
-        logits, bias = output  # logits: [s, b, padded_vocab / tp]
-        local = logits.shape[-1]
-        start = parallel_state.get_tensor_model_parallel_rank() * local
-        if start + local <= true_vocab_size:
-            return output
-        cols = torch.arange(start, start + local, device=logits.device) >= true_vocab_size
-        return logits.masked_fill(cols, float("-inf")), bias
-
-    model.output_layer.register_forward_hook(hook)
 
 
 @dataclass(frozen=True)
