@@ -61,10 +61,26 @@ class ModelConfig:
     init_method_std: float = 0.02
     """Std of the normal initialisation of a model built from scratch."""
     transformer_impl: str = "auto"
-    """Layer spec: 'transformer_engine', 'local' (megatron-core's own modules), or 'auto'
-    (Transformer Engine when importable and on GPU, else local)."""
+    """Linear layers and norms of the layer spec: 'transformer_engine', 'local' (megatron-core's
+    own modules with megatron-ct's RMSNorm), or 'auto' (Transformer Engine when importable and
+    on GPU, else local). The attention kernel is chosen separately by ``attention_backend``."""
+    attention_backend: str = "auto"
+    """Core attention (megatron_ct/model/attention.py): 'local' (megatron-core's
+    DotProductAttention, materialises [b, heads, s, s] scores), 'sdpa' (PyTorch
+    scaled_dot_product_attention: flash/cuDNN kernels), 'flex' (PyTorch FlexAttention, block
+    mask from document segment ids: packed documents without a dense mask), 'te' (Transformer
+    Engine; needs transformer_impl to resolve to transformer_engine; ignores document masks), or
+    'auto': on GPU 'te' with the TE layer spec, else 'flex' when a stage masks documents
+    (reset_attention_mask), else 'sdpa'; on CPU 'local'. sdpa/flex also work on CPU (tests)."""
     attention_softmax_in_fp32: bool = True
-    """Compute the attention softmax in FP32 (Ziya2: avoids bf16/fp16 overflow in CT)."""
+    """Compute the attention softmax in FP32 (Ziya2: avoids bf16/fp16 overflow in CT). The fused
+    sdpa/flex/te kernels always keep FP32 softmax statistics; only 'local' honours False."""
+    loss_chunk_size: int | None = None
+    """Compute the output layer and the cross-entropy this many sequence positions at a time
+    (megatron_ct/model/chunked_loss.py), so the [s, b, V/tp] logits are never held at once (a
+    150k vocabulary at 8k tokens is ~4.9 GB of FP32 logits per micro-batch); the backward
+    recomputes the logits in as many vocabulary slices (one extra output-layer GEMM). Same loss
+    and gradients as the plain path. None: megatron-core's output layer and cross-entropy."""
 
     def __post_init__(self) -> None:
         for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_position_embeddings"):
@@ -86,6 +102,22 @@ class ModelConfig:
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 256 * ((int(8 * self.hidden_size / 3) + 255) // 256)
         _one_of(self.transformer_impl, "model.transformer_impl", ("auto", "local", "transformer_engine"))
+        _one_of(self.attention_backend, "model.attention_backend", ("auto", "te", "sdpa", "flex", "local"))
+        _require(
+            self.attention_backend != "te" or self.transformer_impl != "local",
+            "model.attention_backend",
+            "not 'te' with model.transformer_impl=local (TE attention comes with the TE layer spec)",
+            self.attention_backend,
+        )
+        if self.loss_chunk_size is not None:
+            _require(
+                isinstance(self.loss_chunk_size, int)
+                and not isinstance(self.loss_chunk_size, bool)
+                and self.loss_chunk_size >= 1,
+                "model.loss_chunk_size",
+                "a positive integer (sequence positions per chunk) or null",
+                self.loss_chunk_size,
+            )
 
 
 @dataclass(kw_only=True)

@@ -48,3 +48,19 @@ def mask_padded_vocab(model: torch.nn.Module, true_vocab_size: int) -> None:
         # Returning None keeps the output: the same tensor, now with the padding filled.
 
     model.output_layer.register_forward_hook(hook)
+
+
+def loss_model_class(loss_chunk_size: int | None, true_vocab_size: int):
+    """The GPTModel class to build: megatron-core's (plain loss path) or the chunked-loss one.
+
+    The result takes GPTModel's constructor arguments.
+    """
+    from megatron.core.models.gpt import GPTModel
+
+    if loss_chunk_size is None:
+        return GPTModel
+    import functools
+
+    from megatron_ct.model.chunked_loss import ChunkedLossGPTModel
+
+    return functools.partial(ChunkedLossGPTModel, loss_chunk_size=loss_chunk_size, true_vocab_size=true_vocab_size)
