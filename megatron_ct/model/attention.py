@@ -79,7 +79,8 @@ def choose_attention_backend(requested: str, transformer_impl: str, device: str,
         if device != "cuda":
             return "local"
         if document_masks:
-            return "flex" if have_flex_attention() else "local"
+            # FlexAttention is only fast compiled; without Triton/a C compiler SDPA takes the mask.
+            return "flex" if have_flex_attention() and _flex_compilable() else "sdpa"
         return "te" if transformer_impl == "transformer_engine" else "sdpa"
     if requested == "te" and transformer_impl != "transformer_engine":
         raise ConfigError(
@@ -92,6 +93,12 @@ def choose_attention_backend(requested: str, transformer_impl: str, device: str,
             f"torch {torch.__version__} has none; use sdpa or local"
         )
     return requested
+
+
+def _flex_compilable() -> bool:
+    from megatron_ct.model.fusion import gpu_compile_usable
+
+    return gpu_compile_usable()[0]
 
 
 def describe_attention(backend: str, softmax_in_fp32: bool) -> str:
@@ -109,6 +116,10 @@ def describe_attention(backend: str, softmax_in_fp32: bool) -> str:
     line = f"attention: {what}; scores and softmax statistics in FP32 inside the fused kernel"
     if not softmax_in_fp32:
         line += " (model.attention_softmax_in_fp32=false has no effect on this backend)"
+    if backend == "flex" and torch.cuda.is_available() and not _flex_compilable():
+        from megatron_ct.model.fusion import gpu_compile_usable
+
+        line += f"; WARNING: not compiled ({gpu_compile_usable()[1]}): eager FlexAttention materialises the scores"
     if backend == "sdpa" and torch.cuda.is_available():
         allowed = getattr(torch.backends.cuda, "fp16_bf16_reduction_math_sdp_allowed", lambda: False)()
         if allowed:
@@ -198,7 +209,7 @@ def _build_block_mask(mask: torch.Tensor | None, b: int, s_q: int, s_k: int, dev
 
         batch = b
     kwargs = {}
-    if device.type == "cuda":
+    if device.type == "cuda" and _flex_compilable():
         # Builds the block mask without materialising [b, s, s] (torch >= 2.5).
         kwargs["_compile"] = True
     return create_block_mask(mask_mod, batch, None, s_q, s_k, device=device, **kwargs)
@@ -354,7 +365,7 @@ class FlexCoreAttention(_TorchCoreAttention):
             _log_once("flex attention: no backward on CPU; training steps use SDPA with the dense mask there")
             return SDPAttention._attend(self, q, k, v, attention_mask)
         block_mask = self.mask_cache.get(attention_mask, q.shape[0], q.shape[2], k.shape[2], q.device)
-        fn = _compiled_flex_attention() if q.is_cuda else flex_attention
+        fn = _compiled_flex_attention() if q.is_cuda and _flex_compilable() else flex_attention
         return fn(q, k, v, block_mask=block_mask, scale=self.softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
 
 

@@ -169,9 +169,11 @@ def build_model(cfg: CTConfig, layout: Layout, device: str) -> tuple[list[torch.
     from megatron.core import parallel_state
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
+    from megatron_ct.compat import check_megatron_core_version
     from megatron_ct.model.attention import choose_attention_backend, describe_attention
     from megatron_ct.model.rmsnorm import describe_norm_impl
 
+    check_megatron_core_version()
     m: ModelConfig = cfg.model
     impl = choose_transformer_impl(m.transformer_impl, device)
     attention = choose_attention_backend(m.attention_backend, impl, device, cfg.data.uses_document_attention_mask)

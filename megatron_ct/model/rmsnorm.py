@@ -147,7 +147,9 @@ def available_norm_impls() -> tuple[str, ...]:
             logger.info("rmsnorm: Transformer Engine is not usable: %s", e)
         if _importable("apex.normalization") and _importable("fused_layer_norm_cuda"):
             found.append(APEX)
-        if _importable("triton") and compiled_rms_norm() is not None:
+        from megatron_ct.model.fusion import gpu_compile_usable
+
+        if gpu_compile_usable()[0] and compiled_rms_norm() is not None:
             found.append(TORCH_COMPILE)
     found.append(TORCH_FP32_STATS)
     return tuple(found)

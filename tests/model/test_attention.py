@@ -43,7 +43,8 @@ def cpu_device_layer():
     deactivate_cpu_device_layer()
 
 
-def test_auto_choice():
+def test_auto_choice(monkeypatch):
+    monkeypatch.setattr(attn, "_flex_compilable", lambda: True)  # as on a GPU machine with Triton
     assert choose_attention_backend("auto", "local", "cpu", document_masks=False) == "local"
     assert choose_attention_backend("auto", "local", "cpu", document_masks=True) == "local"
     assert choose_attention_backend("auto", "local", "cuda", document_masks=False) == "sdpa"
@@ -51,6 +52,8 @@ def test_auto_choice():
     assert choose_attention_backend("auto", "transformer_engine", "cuda", document_masks=False) == "te"
     # TE's causal attention ignores document masks: flex inside the TE layer spec instead.
     assert choose_attention_backend("auto", "transformer_engine", "cuda", document_masks=True) == "flex"
+    monkeypatch.setattr(attn, "_flex_compilable", lambda: False)  # no Triton / C compiler: SDPA takes the mask
+    assert choose_attention_backend("auto", "local", "cuda", document_masks=True) == "sdpa"
     for explicit in ("sdpa", "flex", "local"):
         assert choose_attention_backend(explicit, "local", "cpu", document_masks=True) == explicit
     with pytest.raises(ConfigError, match=r"^model\.attention_backend: 'te' needs the Transformer Engine layer spec"):
