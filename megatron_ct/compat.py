@@ -15,6 +15,9 @@ What differs between the tested versions, and how megatron-ct meets it:
   it is built; 0.16.1 reads it from the config on every call. megatron_ct/model/rope.py sets the
   factor on the config after the model is built, so :func:`refresh_yarn_attention_factor` updates
   the cached copies too.
+- 0.19's ``dist_checkpointing.core.CheckpointingConfig`` dropped the ``common_backend`` fields
+  (0.16.1 defaults them to 'torch', 1; 0.19 ignores them when reading): checkpoints written by
+  either load with both. :func:`checkpointing_config` builds it by keyword for both.
 - 0.19 imports ``triton`` when megatron-core is imported (its MoE paged stash): present with
   every CUDA build of torch; a CPU-only Python 3.12 install would need it too.
 - 0.19 logs "GPTModel IS DEPRECATED" (HybridModel is its successor); GPTModel still works.
@@ -76,7 +79,7 @@ def check_megatron_core_version() -> str:
     if note:
         log.warning(note)
     else:
-        log.info("megatron-core %s (%s)", version, TESTED_VERSIONS[version])
+        log.info("megatron-core %s: tested, %s", version, TESTED_VERSIONS[version])
     return version
 
 
@@ -91,3 +94,10 @@ def refresh_yarn_attention_factor(model, attention_factor: float) -> int:
             module._yarn_concentration_factor = attention_factor
             count += 1
     return count
+
+
+def checkpointing_config(sharded_backend: str = "torch_dist", version: int = 1):
+    """``CheckpointingConfig`` (the checkpoint's metadata.json) for any tested megatron-core."""
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig
+
+    return CheckpointingConfig(sharded_backend=sharded_backend, sharded_backend_version=version)

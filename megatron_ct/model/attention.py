@@ -195,6 +195,8 @@ def _build_block_mask(mask: torch.Tensor | None, b: int, s_q: int, s_k: int, dev
 
         batch = None
     elif is_segment_ids(mask):
+        # A new closure per micro-batch: the compiled flex_attention lifts the captured tensor as
+        # an input instead of recompiling (checked on torch 2.13: one graph for any number of masks).
         seg = mask  # [b, s]
 
         def mask_mod(b_, h_, q_idx, kv_idx):
