@@ -44,7 +44,7 @@ from bench_train import SHAPES, machine  # noqa: E402
 
 SLICE = SHAPES["gpu"]
 T0 = float(os.environ.get("GPU_CHECK_T0", time.time()))  # the shell's start: setup time counts
-BUDGET_S = float(os.environ.get("GPU_CHECK_BUDGET_S", 460))
+BUDGET_S = float(os.environ.get("GPU_CHECK_BUDGET_S", 440))
 STEPS = int(os.environ.get("GPU_CHECK_STEPS", 50))
 WARMUP = 5  # steps excluded from the medians (first-step compilation, allocator growth)
 LOSS_STEPS = 10  # steps over which backends' losses are compared with local's
@@ -53,6 +53,11 @@ QWEN_VOCAB = 151936  # Qwen2's vocabulary; padded to 152064
 
 def elapsed() -> float:
     return time.time() - T0
+
+
+def time_left(estimate_s: float) -> float:
+    """Timeout for an item: twice its estimate, but never past the budget (+15 s to write up)."""
+    return max(30.0, min(2 * estimate_s, BUDGET_S + 15 - elapsed()))
 
 
 def slice_overrides(shape: dict = SLICE) -> list[str]:
@@ -303,7 +308,7 @@ def main() -> None:
         impl = "transformer_engine" if backend == "te" else "local"
         if fits(f"train {backend} ({STEPS} steps)", per_run):
             extra = [f"model.attention_backend={backend}", f"model.transformer_impl={impl}"]
-            record(train_run(f"attention={backend}", STEPS, extra, timeout=3 * per_run))
+            record(train_run(f"attention={backend}", STEPS, extra, timeout=time_left(per_run)))
     compare_losses(runs, "attention=local", [f"attention={b}" for b in backends])
     ratios = {}
     local = runs.get("attention=local", {})
@@ -321,7 +326,7 @@ def main() -> None:
             "bench_loss",
             [sys.executable, str(REPO / "bench" / "bench_loss.py"), "--device", "cuda", "--json", str(loss_json),
              "--out", str(out)],
-            timeout=240,
+            timeout=time_left(60),
         )  # fmt: skip
         if loss_json.exists():
             res["record"] = json.loads(loss_json.read_text())
@@ -336,12 +341,13 @@ def main() -> None:
                 "model.attention_backend=sdpa",
                 "model.transformer_impl=local",
             ]
-            record(train_run(name, vocab_steps, overrides + extra, timeout=240))
+            record(train_run(name, vocab_steps, overrides + extra, timeout=time_left(60)))
     compare_losses(runs, "vocab152k plain loss", ["vocab152k chunked loss"])
 
     # 3. packed documents: flex's block mask against local's dense mask.
     doc_steps = 20
-    if fits("packed documents: local and flex", 2 * (30 + 1.5 * doc_steps)):
+    doc_run = 30 + 1.5 * doc_steps
+    if fits("packed documents: local and flex", 2 * doc_run):
         with tempfile.TemporaryDirectory() as tmp:
             prefix = documents_dataset(Path(tmp))
             data = [
@@ -351,7 +357,7 @@ def main() -> None:
             ]
             for backend in ("local", "flex"):
                 extra = [f"model.attention_backend={backend}", "model.transformer_impl=local", *data]
-                record(train_run(f"documents attention={backend}", doc_steps, extra, timeout=300))
+                record(train_run(f"documents attention={backend}", doc_steps, extra, timeout=time_left(doc_run)))
         compare_losses(runs, "documents attention=local", ["documents attention=flex"])
         d_local, d_flex = runs.get("documents attention=local", {}), runs.get("documents attention=flex", {})
         if d_local.get("status") == "ok" and d_flex.get("status") == "ok":
@@ -359,8 +365,8 @@ def main() -> None:
 
     # 4. kernel micro-benchmarks.
     if fits("bench_numerics.py (kernels)", 90):
-        res = run_script("bench_numerics", [sys.executable, str(REPO / "bench" / "bench_numerics.py"),
-                                            "--json", str(out / "bench_numerics.json")], timeout=240)  # fmt: skip
+        cmd = [sys.executable, str(REPO / "bench" / "bench_numerics.py"), "--json", str(out / "bench_numerics.json")]
+        res = run_script("bench_numerics", cmd, timeout=time_left(90))
         if (out / "bench_numerics.json").exists():
             res["record"] = json.loads((out / "bench_numerics.json").read_text())
         report["kernels"] = res
@@ -372,7 +378,7 @@ def main() -> None:
     if not (tree / "pretrain_gpt.py").exists():
         report["skipped"].append(f"upstream pretrain_gpt.py (no Megatron-LM tree at {tree})")
     elif fits("upstream Megatron-LM pretrain_gpt.py", 40 + 1.2 * 20):
-        run = upstream_run(tree, 20, timeout=180)
+        run = upstream_run(tree, 20, timeout=time_left(40 + 1.2 * 20))
         report["runs"].append(run)
         if local.get("status") == "ok" and run.get("tokens_per_s"):
             ratios["tokens/s ours local / upstream local"] = local["tokens_per_s"] / run["tokens_per_s"]

@@ -11,7 +11,7 @@
 # attention backend (tokens/s, TFLOP/s, MFU, peak memory, loss vs local), the chunked vs plain
 # loss at vocabulary 152k, packed documents with flex vs local, kernel micro-benchmarks, and
 # upstream Megatron-LM's pretrain_gpt.py when .whl/Megatron-LM is there. Items that would overrun
-# GPU_CHECK_BUDGET_S (460 s after this script starts) are skipped and listed.
+# GPU_CHECK_BUDGET_S (440 s after this script starts) are skipped and listed.
 # Output: OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md (default runs/gpu_check/), table printed.
 set -uo pipefail
 export GPU_CHECK_T0="$(date +%s)"
