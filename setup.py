@@ -17,7 +17,10 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
-        "megatron-core==0.16.1",
+        # The tested pin on CPU (Python 3.11); Python 3.12 images take the newest release that
+        # megatron_ct/compat.py lists as tested (megatron-core >= 0.17 needs Python >= 3.12).
+        "megatron-core==0.16.1; python_version < '3.12'",
+        "megatron-core>=0.16.1,<0.20; python_version >= '3.12'",
         "numpy",
         "pyyaml",
         "psutil",  # dist_checkpointing's async/worker save path needs it

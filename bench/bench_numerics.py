@@ -1,11 +1,15 @@
 #!/usr/bin/env python
-"""Forward+backward time and accuracy of RMSNorm and attention implementations, in bf16.
+"""Forward+backward time and accuracy of RMSNorm, attention and SwiGLU implementations, in bf16.
 
 RMSNorm: megatron-core's own PyTorch norm (``WrappedTorchNorm`` = ``torch.nn.RMSNorm``, the
-baseline), our FP32-statistics fallback, and Transformer Engine / apex when installed.
-Attention: megatron-core's local ``DotProductAttention`` (softmax in fp32), PyTorch SDPA
-(what HF uses by default; flash / memory-efficient kernels on GPU) and Transformer Engine's
-``TEDotProductAttention`` when installed.
+baseline), our FP32-statistics fallback, its torch.compile'd version (GPU with Triton), and
+Transformer Engine / apex when installed.
+Attention: megatron-core's local ``DotProductAttention`` (softmax in fp32), megatron-ct's
+core-attention modules (megatron_ct/model/attention.py: SDPA, FlexAttention) causal and with
+packed documents (segment ids; FlexAttention's block mask skips other documents' tiles), and
+Transformer Engine's ``TEDotProductAttention`` when installed.
+SwiGLU: ``silu(gate) * up`` eager vs megatron-core's fused (torch.compile'd) ``bias_swiglu_impl``,
+which GPU runs use.
 
 On a GPU the shapes are LLaMA-7B's (hidden 4096, 32 heads of 128, sequence 4096). Without a
 GPU it says so and runs a reduced CPU version. Each row gives the median time of
@@ -75,17 +79,20 @@ def bench_norms(device, s, b, h, warmup, iters) -> list[tuple[str, float, float]
 
     from megatron_ct.model.rmsnorm import available_norm_impls, build_rmsnorm
 
-    config = TransformerConfig(
-        num_layers=1, hidden_size=h, num_attention_heads=32, normalization="RMSNorm", bf16=True
-    )
+    config = TransformerConfig(num_layers=1, hidden_size=h, num_attention_heads=32, normalization="RMSNorm", bf16=True)
     x = (torch.randn(s, b, h, device=device) * 30).bfloat16().requires_grad_()  # [s, b, h]
     grad = torch.randn(s, b, h, device=device).bfloat16()
     weight = 1 + 0.2 * torch.randn(h, device=device)
     x64 = x.detach().double()
     ref = weight.bfloat16().double() * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)
 
+    from megatron_ct.model.rmsnorm import TORCH_COMPILE, TORCH_FP32_STATS
+
     norms = {"megatron-core WrappedTorchNorm (baseline)": WrappedTorchNorm(config, h, eps=1e-5)}
-    for impl in available_norm_impls():
+    impls = list(available_norm_impls())
+    if device == "cuda" and TORCH_COMPILE not in impls:
+        print("compiled RMSNorm not offered here (no Triton or C compiler): not measured")
+    for impl in impls + ([TORCH_FP32_STATS] if TORCH_FP32_STATS not in impls else []):
         norms[f"megatron_ct {impl}"] = build_rmsnorm(config, h, eps=1e-5, impl=impl)
     for norm in norms.values():
         norm.to(device=device, dtype=torch.bfloat16)  # as Float16Module would
@@ -128,18 +135,15 @@ def attention_backends(n, d):
         attention_softmax_in_fp32=True,
         attention_dropout=0.0,
     )
+    from megatron_ct.model.attention import FlexCoreAttention, SDPAttention
+
     local = DotProductAttention(config, 1, AttnMaskType.causal, "self")
-    backends = {
-        "megatron-core DotProductAttention (local, fp32 softmax)": lambda q, k, v: local(q, k, v, None)
-    }
-
-    def sdpa(q, k, v):
-        s, b = q.shape[:2]
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, n, s, d]
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return out.permute(2, 0, 1, 3).reshape(s, b, n * d)
-
-    backends["torch SDPA (HF default)"] = sdpa
+    backends = {"megatron-core DotProductAttention (local, fp32 softmax)": lambda q, k, v: local(q, k, v, None)}
+    sdpa = SDPAttention(config, 1, AttnMaskType.causal, "self")
+    backends["megatron_ct sdpa (torch SDPA)"] = lambda q, k, v: sdpa(q, k, v, None)
+    if torch.cuda.is_available():  # FlexAttention has no backward on CPU
+        flex = FlexCoreAttention(config, 1, AttnMaskType.causal, "self")
+        backends["megatron_ct flex (FlexAttention, causal block mask)"] = lambda q, k, v: flex(q, k, v, None)
     try:
         from megatron.core.extensions.transformer_engine import HAVE_TE, TEDotProductAttention
 
@@ -166,6 +170,58 @@ def bench_attention(device, s, b, n, d, warmup, iters) -> list[tuple[str, float,
         return [(name, seconds[name], rel_err(fn(q, k, v), ref)) for name, fn in backends.items()]
 
 
+def bench_documents(device, s, b, n, d, warmup, iters) -> list[tuple[str, float, float]]:
+    """Packed documents (~500-token documents in one sequence): local's dense mask vs flex's block mask."""
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_ct.model.attention import FlexCoreAttention, LocalAttention, SDPAttention, document_mask
+
+    config = TransformerConfig(
+        num_layers=1, hidden_size=n * d, num_attention_heads=n, bf16=True, params_dtype=torch.bfloat16,
+        attention_softmax_in_fp32=True, attention_dropout=0.0, masked_softmax_fusion=False,
+    )  # fmt: skip
+    seg = (torch.arange(s, device=device) // 500).expand(b, s).contiguous()  # [b, s] segment ids
+    q, k, v = (torch.randn(s, b, n, d, device=device).bfloat16().requires_grad_() for _ in range(3))
+    grad = torch.randn(s, b, n * d, device=device).bfloat16()
+    allowed = ~document_mask(seg)[:, 0]  # [b, s, s]
+    scores = torch.einsum("sbnd,tbnd->bnst", q.double(), k.double()) / math.sqrt(d)
+    probs = torch.softmax(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
+    ref = torch.einsum("bnst,tbnd->sbnd", probs, v.double()).reshape(s, b, n * d)
+    del scores, probs
+    causal = AttnMaskType.causal
+    local, sdpa = LocalAttention(config, 1, causal, "self"), SDPAttention(config, 1, causal, "self")
+    dense = document_mask(seg)
+    mods = {
+        "megatron-core DotProductAttention, dense [b,1,s,s] mask": lambda q, k, v: local(q, k, v, dense),
+        "megatron_ct sdpa, dense mask": lambda q, k, v: sdpa(q, k, v, dense),
+    }
+    if device == "cuda":
+        flex = FlexCoreAttention(config, 1, causal, "self")
+        mods["megatron_ct flex, block mask from segment ids"] = lambda q, k, v: flex(q, k, v, seg)
+    seconds = time_fwd_bwd({name: (fn, [q, k, v]) for name, fn in mods.items()}, grad, warmup, iters)
+    with torch.no_grad():
+        return [(name, seconds[name], rel_err(fn(q, k, v), ref)) for name, fn in mods.items()]
+
+
+def bench_swiglu(device, s, b, f, warmup, iters) -> list[tuple[str, float, float]]:
+    from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
+
+    y = (torch.randn(s, b, 2 * f, device=device) * 3).bfloat16().requires_grad_()  # [s, b, 2 * ffn]
+    grad = torch.randn(s, b, f, device=device).bfloat16()
+    y64 = y.detach().double()
+    ref = torch.nn.functional.silu(y64[..., :f]) * y64[..., f:]
+
+    def eager(t):
+        gate, up = torch.chunk(t, 2, -1)
+        return torch.nn.functional.silu(gate) * up
+
+    mods = {"eager silu(gate) * up": eager, "megatron-core fused bias_swiglu_impl": lambda t: bias_swiglu_impl(t, None)}
+    seconds = time_fwd_bwd({name: (fn, [y]) for name, fn in mods.items()}, grad, warmup, iters)
+    with torch.no_grad():
+        return [(name, seconds[name], rel_err(fn(y), ref)) for name, fn in mods.items()]
+
+
 def print_table(title, rows) -> None:
     base = rows[0][1]
     print(f"\n{title}")
@@ -179,6 +235,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--cpu", action="store_true", help="force the reduced CPU run")
+    parser.add_argument("--json", help="also write the tables to this JSON file")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")  # megatron-core's import-time notes about TE / apex
 
@@ -194,16 +251,32 @@ def main() -> None:
     from megatron_ct.model.rmsnorm import describe_norm_impl
 
     print(describe_norm_impl())
+    tables = {}
+
+    def table(title, rows):
+        print_table(title, rows)
+        tables[title] = [{"impl": name, "seconds": sec, "rel_err": err} for name, sec, err in rows]
+
     s, b, h = norm_shape
-    print_table(
-        f"RMSNorm bf16, x [s={s}, b={b}, h={h}]", bench_norms(device, s, b, h, args.warmup, args.iters)
-    )
+    table(f"RMSNorm bf16, x [s={s}, b={b}, h={h}]", bench_norms(device, s, b, h, args.warmup, args.iters))
     init_single_process_mcore()
     s, b, n, d = attn_shape
-    print_table(
+    table(
         f"causal attention bf16, q/k/v [s={s}, b={b}, heads={n}, head_dim={d}]",
         bench_attention(device, s, b, n, d, args.warmup, args.iters),
     )
+    table(
+        f"packed documents (500 tokens each) bf16, q/k/v [s={s}, b={b}, heads={n}, head_dim={d}]",
+        bench_documents(device, s, b, n, d, args.warmup, args.iters),
+    )
+    s, b, h = norm_shape
+    ffn = 11008 if gpu else 1024
+    table(f"SwiGLU bf16, [s={s}, b={b}, 2 x ffn={ffn}]", bench_swiglu(device, s, b, ffn, args.warmup, args.iters))
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "tables": tables}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -153,7 +153,9 @@ def write_dist_checkpoint(
     ``objects`` are megatron ShardedObjects by unique key (``key/shard_<offset>_<shape>``),
     already serialised; ``common`` becomes ``common.pt``. No process group is needed.
     """
-    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+    from megatron.core.dist_checkpointing.core import save_config
+
+    from megatron_ct.compat import checkpointing_config
 
     os.makedirs(path)
     # One file per chunk: DCP keeps every tensor of a file referenced until the file is
@@ -164,7 +166,7 @@ def write_dist_checkpoint(
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp_save({}, storage_writer=writer, planner=_StreamingSavePlanner(chunks, objects, on_written), no_dist=True)
     torch.save(common, os.path.join(path, "common.pt"))
-    save_config(CheckpointingConfig("torch_dist", 1, "torch", 1), path)
+    save_config(checkpointing_config("torch_dist", 1), path)
 
 
 class _RegionLoadPlanner:

@@ -81,10 +81,27 @@ class ModelConfig:
     init_method_std: float = 0.02
     """Std of the normal initialisation of a model built from scratch."""
     transformer_impl: str = "auto"
-    """Layer spec: 'transformer_engine', 'local' (megatron-core's own modules), or 'auto'
-    (Transformer Engine when importable and on GPU, else local)."""
+    """Linear layers and norms of the layer spec: 'transformer_engine', 'local' (megatron-core's
+    own modules with megatron-ct's RMSNorm), or 'auto' (Transformer Engine when importable and
+    on GPU, else local). The attention kernel is chosen separately by ``attention_backend``."""
+    attention_backend: str = "auto"
+    """Core attention (megatron_ct/model/attention.py): 'local' (megatron-core's
+    DotProductAttention, materialises [b, heads, s, s] scores), 'sdpa' (PyTorch
+    scaled_dot_product_attention: flash/cuDNN kernels), 'flex' (PyTorch FlexAttention, block
+    mask from document segment ids: packed documents without a dense mask), 'te' (Transformer
+    Engine; needs transformer_impl to resolve to transformer_engine; ignores document masks), or
+    'auto': on GPU 'flex' when a stage masks documents (reset_attention_mask; 'sdpa' if
+    torch.compile cannot build Triton kernels there), else 'te' with the TE layer spec, else
+    'sdpa'; on CPU 'local'. sdpa/flex also run on CPU (tests; flex trains through SDPA there)."""
     attention_softmax_in_fp32: bool = True
-    """Compute the attention softmax in FP32 (Ziya2: avoids bf16/fp16 overflow in CT)."""
+    """Compute the attention softmax in FP32 (Ziya2: avoids bf16/fp16 overflow in CT). The fused
+    sdpa/flex/te kernels always keep FP32 softmax statistics; only 'local' honours False."""
+    loss_chunk_size: int | None = None
+    """Compute the output layer and the cross-entropy this many sequence positions at a time
+    (megatron_ct/model/chunked_loss.py), so the [s, b, V/tp] logits are never held at once (a
+    150k vocabulary at 8k tokens is ~4.9 GB of FP32 logits per micro-batch); the backward
+    recomputes the logits in as many vocabulary slices (one extra output-layer GEMM). Same loss
+    and gradients as the plain path. None: megatron-core's output layer and cross-entropy."""
 
     def __post_init__(self) -> None:
         for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_position_embeddings"):
@@ -121,6 +138,22 @@ class ModelConfig:
             except (TypeError, ValueError) as e:
                 message = f"model.{e}" if str(e).startswith("rope_scaling") else f"model.rope_scaling: {e}"
                 raise ConfigError(message) from None
+        _one_of(self.attention_backend, "model.attention_backend", ("auto", "te", "sdpa", "flex", "local"))
+        _require(
+            self.attention_backend != "te" or self.transformer_impl != "local",
+            "model.attention_backend",
+            "not 'te' with model.transformer_impl=local (TE attention comes with the TE layer spec)",
+            self.attention_backend,
+        )
+        if self.loss_chunk_size is not None:
+            _require(
+                isinstance(self.loss_chunk_size, int)
+                and not isinstance(self.loss_chunk_size, bool)
+                and self.loss_chunk_size >= 1,
+                "model.loss_chunk_size",
+                "a positive integer (sequence positions per chunk) or null",
+                self.loss_chunk_size,
+            )
 
     @property
     def head_dim(self) -> int:
@@ -646,12 +679,11 @@ class CTConfig:
             f"at most model.max_position_embeddings={self.model.max_position_embeddings}",
             self.data.seq_length,
         )
-        if self.data.uses_document_attention_mask and self.model.transformer_impl == "transformer_engine":
+        if self.data.uses_document_attention_mask and self.model.attention_backend == "te":
             i = next(i for i, s in enumerate(self.data.stages) if s.reset_attention_mask)
             raise ConfigError(
-                f"data.stages[{i}].reset_attention_mask: needs model.transformer_impl=local (megatron-core's "
-                "DotProductAttention applies document masks; Transformer Engine's causal attention ignores them), "
-                "got transformer_engine"
+                f"data.stages[{i}].reset_attention_mask: needs model.attention_backend flex, sdpa or local (they "
+                "apply document masks; Transformer Engine's causal attention ignores them), got te"
             )
         if self.data.source == "indexed":
             self._check_curriculum_covers_the_run()

@@ -6,11 +6,11 @@ labels the next ``seq_length`` (``[b, s]`` each). Positions at or past ``n`` are
 to within the sample (padding is a segment of its own), from which:
 
 - ``reset_position_ids``: positions count from 0 at every document start;
-- ``reset_attention_mask``: the batch carries ``segment_ids [b, s]`` (int64); the model side
-  turns them into attention that is causal *and* block-diagonal over segments, so documents
-  do not attend to each other (:func:`megatron_ct.model.masks.document_attention_mask` builds
-  the dense ``[b, 1, s, s]`` mask megatron-core's local attention applies, on the device: only
-  ``[b, s]`` ids cross the host-device link). Without the key the model is plainly causal.
+- ``reset_attention_mask``: the batch carries ``segment_ids [b, s]`` (int64); the attention
+  modules (:mod:`megatron_ct.model.attention`) attend causally *and* block-diagonally over
+  segments, so documents do not attend to each other: a block mask for FlexAttention, or the
+  dense ``[b, 1, s, s]`` mask built on the device for SDPA and megatron-core's local attention.
+  Only ``[b, s]`` ids cross the host-device link. Without the key the model is plainly causal.
   (RoPE is relative and megatron-core's ``GPTModel`` derives it from the sequence length, not
   from position ids, so a masked document computes what it computes alone.)
 - ``eod_mask_loss``: no loss where the input is a document's last token and the label the

@@ -3,7 +3,9 @@
 One function, :func:`build_model`, turns a :class:`ModelConfig` into the list of model
 chunks this rank holds (one per virtual pipeline stage). The layer spec is chosen at run
 time: Transformer Engine when importable on GPU, else megatron-core's local modules with
-megatron-ct's RMSNorm (FP32 statistics, works with sequence parallelism).
+megatron-ct's RMSNorm (FP32 statistics, works with sequence parallelism); its core attention
+is ``model.attention_backend`` (megatron_ct/model/attention.py), and the output layer + loss
+path is megatron-core's or the chunked one (megatron_ct/model/output.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_ct.config import Layout, ModelConfig
+from megatron_ct.model.output import loss_model_class, mask_padded_vocab
 
 log = logging.getLogger(__name__)
 
@@ -124,42 +127,24 @@ def transformer_config(m: ModelConfig, layout: Layout, numerics: Numerics):
     )
 
 
-def mask_padded_vocab(model: torch.nn.Module, true_vocab_size: int) -> None:
-    """Give the padding rows of the vocabulary a logit of -inf.
-
-    The output layer has ``padded_vocab_size`` rows (a multiple of divisible_by x TP); left
-    alone, the padding logits would take part in the softmax, so the loss would differ from
-    Hugging Face's and between TP sizes. Each TP rank holds a contiguous slice of the rows.
-    """
-    from megatron.core import parallel_state
-
-    def hook(module, inputs, output):
-        logits, bias = output  # logits: [s, b, padded_vocab / tp]
-        local = logits.shape[-1]
-        start = parallel_state.get_tensor_model_parallel_rank() * local
-        if start + local <= true_vocab_size:
-            return output
-        cols = torch.arange(start, start + local, device=logits.device) >= true_vocab_size
-        return logits.masked_fill(cols, float("-inf")), bias
-
-    model.output_layer.register_forward_hook(hook)
-
-
 @dataclass(frozen=True)
 class ModelInfo:
     """What a built model is, for logs, FLOP counts and checkpoint metadata."""
 
     transformer_impl: str
+    attention_backend: str
     norm_impl: str
     padded_vocab_size: int
     true_vocab_size: int
     num_parameters: int  # on this rank, all its chunks
 
 
-def layer_spec(impl: str, num_layers: int, qk_layernorm: bool = False):
-    """Block spec: per-layer modules plus the final norm."""
+def layer_spec(impl: str, num_layers: int, qk_layernorm: bool = False, attention: str | None = None):
+    """Block spec: per-layer modules plus the final norm; ``attention`` (a resolved
+    ``model.attention_backend``) replaces the spec's ``core_attention`` unless None or 'te'."""
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
+    from megatron_ct.model.attention import BlockMaskCache, core_attention_module
     from megatron_ct.model.rmsnorm import RMSNorm
 
     if impl == "transformer_engine":
@@ -180,6 +165,9 @@ def layer_spec(impl: str, num_layers: int, qk_layernorm: bool = False):
             spec.submodules.self_attention.submodules.q_layernorm = RMSNorm
             spec.submodules.self_attention.submodules.k_layernorm = RMSNorm
         final_norm = RMSNorm
+    if attention not in (None, "te"):
+        # One block-mask cache per model: every layer of a micro-batch shares its mask.
+        spec.submodules.self_attention.submodules.core_attention = core_attention_module(attention, BlockMaskCache())
     return spec, final_norm, TransformerBlockSubmodules
 
 
@@ -188,22 +176,27 @@ def build_model(
 ) -> tuple[list[torch.nn.Module], ModelInfo]:
     """Build this rank's model chunks (not yet wrapped in DDP), on ``layout.device``."""
     from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
+    from megatron_ct.compat import check_megatron_core_version
+    from megatron_ct.model.attention import choose_attention_backend, describe_attention
     from megatron_ct.model.rmsnorm import describe_norm_impl
 
     numerics = numerics or Numerics()
+    check_megatron_core_version()
     impl = choose_transformer_impl(m.transformer_impl, layout.device)
+    attention = choose_attention_backend(m.attention_backend, impl, layout.device, numerics.document_masks)
+    log.info(describe_attention(attention, m.attention_softmax_in_fp32))
     tcfg = transformer_config(m, layout, numerics)
     vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, layout.tp)
-    spec, final_norm, BlockSubmodules = layer_spec(impl, m.num_layers, m.qk_layernorm)
+    spec, final_norm, BlockSubmodules = layer_spec(impl, m.num_layers, m.qk_layernorm, attention)
+    model_class = loss_model_class(m.loss_chunk_size, m.vocab_size)
 
     chunks = []
     for vp_stage in range(layout.vpp or 1):
         vp = vp_stage if layout.vpp else None
         n = get_num_layers_to_build(tcfg, vp_stage=vp)
-        model = GPTModel(
+        model = model_class(
             config=tcfg,
             transformer_layer_spec=BlockSubmodules(layer_specs=[spec] * n, layer_norm=final_norm),
             vocab_size=vocab,
@@ -227,13 +220,14 @@ def build_model(
                 m.max_position_embeddings,
             )
         if model.post_process and vocab > m.vocab_size:
-            mask_padded_vocab(model, m.vocab_size)
+            mask_padded_vocab(model, m.vocab_size)  # the plain path's logits (the chunked loss fills its own)
         if layout.on_gpu:
             model.to(layout.device)
         chunks.append(model)
 
     info = ModelInfo(
         transformer_impl=impl,
+        attention_backend=attention,
         norm_impl=describe_norm_impl() if impl == "local" else "transformer_engine.TENorm",
         padded_vocab_size=vocab,
         true_vocab_size=m.vocab_size,

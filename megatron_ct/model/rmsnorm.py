@@ -4,9 +4,12 @@ Order of preference, decided at run time (a missing package never fails an impor
 1. Transformer Engine (megatron-core's ``TENorm``), when TE imports and CUDA is available;
 2. apex ``FusedRMSNorm``, when apex and its ``fused_layer_norm_cuda`` extension are present
    and CUDA is available;
-3. :class:`FP32StatsRMSNorm`, plain PyTorch.
+3. :class:`CompiledRMSNorm`, the same formula as 4 fused by ``torch.compile`` (one Triton
+   kernel forward, one backward), when CUDA and Triton are available: the fused norm of a
+   plain PyTorch install;
+4. :class:`FP32StatsRMSNorm`, plain PyTorch.
 
-All three compute the statistics in FP32 for bf16/fp16 inputs and return the input dtype,
+All of them compute the statistics in FP32 for bf16/fp16 inputs and return the input dtype,
 and all mark the weight with ``sequence_parallel`` so megatron-core all-reduces its gradient
 across TP ranks under sequence parallelism (each rank only sees its slice of the sequence).
 megatron-core's own PyTorch fallback, ``WrappedTorchNorm`` (``torch.nn.RMSNorm``), refuses
@@ -31,6 +34,7 @@ _BROKEN_IMPORT = (ImportError, OSError, RuntimeError, AttributeError, ValueError
 
 TRANSFORMER_ENGINE = "transformer_engine"
 APEX = "apex"
+TORCH_COMPILE = "torch_compile"
 TORCH_FP32_STATS = "torch_fp32_stats"
 
 
@@ -62,11 +66,38 @@ class FP32StatsRMSNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x: [s, b, h]`` (any leading dims) -> same shape and dtype."""
-        normed = F.rms_norm(x, (x.shape[-1],), eps=self.eps)  # [s, b, h], fp32 inside, x.dtype out
-        return (self.weight * normed).to(x.dtype)
+        return hf_rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+def hf_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's LlamaRMSNorm on ``x [..., h]``: FP32 statistics, normalised value rounded to x.dtype, then the weight."""
+    normed = F.rms_norm(x, (x.shape[-1],), eps=eps)  # fp32 inside, x.dtype out
+    return (weight * normed).to(x.dtype)
+
+
+@functools.cache
+def compiled_rms_norm():
+    """:func:`hf_rms_norm` through ``torch.compile``, or None where that cannot keep its numerics.
+
+    Inductor may otherwise skip the explicit round trip through the input dtype between the
+    normalisation and the weight product; ``emulate_precision_casts`` keeps it, so the forward
+    is bitwise the eager one (the backward's reductions may differ by a rounding).
+    """
+    import torch._inductor.config as inductor_config
+
+    if not hasattr(inductor_config, "emulate_precision_casts"):
+        return None
+    return torch.compile(hf_rms_norm, dynamic=False, options={"emulate_precision_casts": True})
+
+
+class CompiledRMSNorm(FP32StatsRMSNorm):
+    """:class:`FP32StatsRMSNorm` fused by ``torch.compile`` (same parameters, same numbers)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return compiled_rms_norm()(x, self.weight, self.eps)
 
 
 def _build_te(config: TransformerConfig, hidden_size: int, eps: float) -> torch.nn.Module:
@@ -86,7 +117,12 @@ def _build_apex(config: TransformerConfig, hidden_size: int, eps: float) -> torc
     return norm
 
 
-_BUILDERS = {TRANSFORMER_ENGINE: _build_te, APEX: _build_apex, TORCH_FP32_STATS: FP32StatsRMSNorm}
+_BUILDERS = {
+    TRANSFORMER_ENGINE: _build_te,
+    APEX: _build_apex,
+    TORCH_COMPILE: CompiledRMSNorm,
+    TORCH_FP32_STATS: FP32StatsRMSNorm,
+}
 
 
 def _importable(name: str) -> bool:
@@ -111,6 +147,10 @@ def available_norm_impls() -> tuple[str, ...]:
             logger.info("rmsnorm: Transformer Engine is not usable: %s", e)
         if _importable("apex.normalization") and _importable("fused_layer_norm_cuda"):
             found.append(APEX)
+        from megatron_ct.model.fusion import gpu_compile_usable
+
+        if gpu_compile_usable()[0] and compiled_rms_norm() is not None:
+            found.append(TORCH_COMPILE)
     found.append(TORCH_FP32_STATS)
     return tuple(found)
 
@@ -148,6 +188,7 @@ def describe_norm_impl() -> str:
     names = {
         TRANSFORMER_ENGINE: "Transformer Engine RMSNorm (fused)",
         APEX: "apex FusedRMSNorm (fused)",
+        TORCH_COMPILE: "megatron_ct CompiledRMSNorm (torch.compile, FP32 statistics)",
         TORCH_FP32_STATS: "megatron_ct FP32StatsRMSNorm (PyTorch, FP32 statistics)",
     }
     found = available_norm_impls()

@@ -267,4 +267,7 @@ def install_rope(
     gpt_model.rotary_pos_emb = rope
     gpt_model.rotary_pos_emb_cache = {}  # inference cos/sin cache built from the old module
     _set_attention_factor(config, rope.attention_factor)
+    from megatron_ct.compat import refresh_yarn_attention_factor
+
+    refresh_yarn_attention_factor(gpt_model, _yarn_get_concentration_factor_from_config(config))
     return rope

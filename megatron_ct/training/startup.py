@@ -146,20 +146,20 @@ def _check_trainable_provenance(schedule: Schedule, provenance: dict) -> None:
 
 
 def _check_attention_for_document_masks(cfg: CTConfig, layout: Layout) -> None:
-    """Document masks need an attention path that applies explicit masks: megatron-core's local
-    DotProductAttention (the fused causal kernel is switched off for such runs, see
-    megatron_ct/model/llama.py). Transformer Engine's causal attention ignores them."""
+    """Document masks need an attention backend that applies them (local, sdpa or flex:
+    megatron_ct/model/attention.py); Transformer Engine's causal attention ignores them."""
+    from megatron_ct.model.attention import choose_attention_backend
     from megatron_ct.model.llama import choose_transformer_impl
 
     if not cfg.data.uses_document_attention_mask:
         return
     impl = choose_transformer_impl(cfg.model.transformer_impl, layout.device)
-    if impl != "local":
+    attention = choose_attention_backend(cfg.model.attention_backend, impl, layout.device, document_masks=True)
+    if attention == "te":
         i = next(i for i, s in enumerate(cfg.data.stages) if s.reset_attention_mask)
         raise ConfigError(
-            f"data.stages[{i}].reset_attention_mask: needs model.transformer_impl=local (megatron-core's "
-            f"DotProductAttention applies document masks; Transformer Engine's causal attention ignores them), "
-            f"got {impl}"
+            f"data.stages[{i}].reset_attention_mask: needs model.attention_backend flex, sdpa or local (they apply "
+            f"document masks; Transformer Engine's causal attention ignores them), got {attention}"
         )
 
 

@@ -19,7 +19,6 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from megatron_ct.model.masks import document_attention_mask
 from megatron_ct.training.optimizer import grad_norm as global_grad_norm
 
 
@@ -41,9 +40,9 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
     """megatron-core forward_step_func: run the chunk, return its output and loss closure."""
     batch = next(data_iterator)
-    mask = batch.get("attention_mask")
-    if "segment_ids" in batch:  # packed documents: causal within each document only
-        mask = document_attention_mask(batch["segment_ids"])
+    # Packed documents: per-token segment ids [b, s]; our attention modules attend causally
+    # within each document (megatron_ct/model/attention.py), building any mask on the device.
+    mask = batch.get("segment_ids", batch.get("attention_mask"))
     output = model(
         input_ids=batch["tokens"],
         position_ids=batch["position_ids"],

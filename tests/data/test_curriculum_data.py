@@ -17,7 +17,7 @@ from megatron_ct.data.index_cache import IndexCache
 from megatron_ct.data.interleave import Segment, StageWindow
 from megatron_ct.data.packing import PackingOptions, build_batch
 from megatron_ct.data.stream import Window
-from megatron_ct.model.masks import document_attention_mask
+from megatron_ct.model.attention import document_mask as document_attention_mask
 from megatron_ct.training.startup import check_startup
 
 SEQ = 32

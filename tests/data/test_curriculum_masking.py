@@ -17,7 +17,7 @@ from megatron_ct.config.loader import build_config
 from megatron_ct.config.validate import validate_for_world
 from megatron_ct.data.packing import PackingOptions, build_batch
 from megatron_ct.data.stream import Window
-from megatron_ct.model.masks import document_attention_mask
+from megatron_ct.model.attention import document_mask as document_attention_mask
 
 SEQ = 96
 DOC_LENGTHS = (20, 35, 41)  # one window of 96 inputs (+1 label token)
@@ -90,7 +90,7 @@ def logits(net, batch: dict) -> torch.Tensor:
         return net(
             input_ids=batch["tokens"],
             position_ids=batch["position_ids"],
-            attention_mask=document_attention_mask(batch["segment_ids"]) if "segment_ids" in batch else None,
+            attention_mask=batch.get("segment_ids"),  # [b, s]: the attention module masks per document
         ).float()  # [b, s, vocab]
 
 

@@ -188,3 +188,49 @@ def _tp2_worker(rank: int, port: int) -> None:
 @pytest.mark.slow
 def test_sequence_parallel_tp2_matches_tp1(tcp_port):
     mp.spawn(_tp2_worker, args=(tcp_port,), nprocs=2, join=True)
+
+
+def _compiled_or_skip():
+    """torch.compile needs a C++ compiler on CPU (Triton on GPU); skip, saying why, without one."""
+    from megatron_ct.model.rmsnorm import compiled_rms_norm
+
+    fn = compiled_rms_norm()
+    if fn is None:
+        pytest.skip("this torch's inductor has no emulate_precision_casts: the compiled norm is not offered")
+    try:
+        fn(torch.ones(2, 8), torch.ones(8), EPS)
+    except Exception as e:  # no compiler, or a backend that cannot build here
+        pytest.skip(f"torch.compile cannot run on this machine: {type(e).__name__}: {str(e)[:200]}")
+    return fn
+
+
+@pytest.mark.slow  # compiling forward and backward takes ~20 s on 2 cores
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_norm_equals_eager(seeded, dtype):
+    """The fused (torch.compile) RMSNorm: the eager forward bit for bit in bf16 (FP32: within a
+    rounding, the mean's summation order differs), gradients within a few roundings.
+
+    Runs wherever torch.compile can (C++ inductor on CPU, Triton on GPU); on GPU it is the norm
+    picked when neither Transformer Engine nor apex is installed.
+    """
+    from megatron_ct.model.rmsnorm import TORCH_COMPILE
+
+    _compiled_or_skip()
+    x = activations(dtype)
+    eager = norm_with_weight(dtype, x.shape[-1])
+    fused = build_rmsnorm(norm_config(x.shape[-1], dtype), x.shape[-1], EPS, impl=TORCH_COMPILE)
+    fused.load_state_dict(eager.state_dict())
+    upstream = torch.randn_like(x)
+    out, grads = {}, {}
+    for name, norm in (("eager", eager), ("fused", fused)):
+        xi = x.clone().requires_grad_()
+        out[name] = norm(xi)
+        out[name].backward(upstream)
+        grads[name] = (xi.grad, norm.weight.grad)
+    u = torch.finfo(dtype).eps
+    if dtype == torch.bfloat16:  # the FP32 statistics' reduction order is hidden by the rounding to bf16
+        assert torch.equal(out["fused"], out["eager"])
+    torch.testing.assert_close(out["fused"], out["eager"], rtol=4 * u, atol=0)
+    for a, e in zip(grads["fused"], grads["eager"], strict=True):
+        torch.testing.assert_close(a, e, rtol=4 * u, atol=4 * u * e.abs().max().item())
+    assert fused.weight.sequence_parallel is False  # same parameter attributes as the eager norm

@@ -88,9 +88,7 @@ def test_fused_scale_mask_softmax_fp32_vs_bf16(cpu_device_layer, seeded):
         f"bf16 softmax {(p16.double() - ref_probs).abs().max():.2e}, "
         f"op-by-op bf16 {(op_by_op_bf16.double() - ref_probs).abs().max():.2e}"
     )
-    print(
-        f"backward rel err: fp32 softmax {rel_err(g32, ref_grad):.2e}, bf16 softmax {rel_err(g16, ref_grad):.2e}"
-    )
+    print(f"backward rel err: fp32 softmax {rel_err(g32, ref_grad):.2e}, bf16 softmax {rel_err(g16, ref_grad):.2e}")
     assert within_one_rounding(p32, ref_probs)
     assert not within_one_rounding(op_by_op_bf16, ref_probs)
     assert torch.equal(p16, p32)  # torch's bf16 softmax kernel accumulates in fp32 (CPU)
