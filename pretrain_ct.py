@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"pretrain_ct.py: error: {e}", file=sys.stderr)
         return 2
-    return 0 if outcome.reason in ("finished", "preempted", "exit_interval") else 1
+    return 0 if outcome.reason in ("finished", "preempted", "exit_interval", "regression") else 1
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 
 Reads ``metrics.jsonl`` (training steps) and ``eval.jsonl`` (validation sets) that
 pretrain_ct.py writes into its log directory. Curriculum stage boundaries (the ``stage``
-field the trainer logs) are drawn as vertical lines and labelled. Bits per byte is the
+field the trainer logs) are drawn as vertical lines and labelled; each set's base-line value
+(the evaluation before the first update) as a dotted horizontal line. Bits per byte is the
 tokenizer-independent measure; sets without it (no ``data.tokenizer``) fall back to loss
 per token, said in the legend.
 """
@@ -71,9 +72,13 @@ def plot(run_dir: str, output: str, title: str | None = None) -> str:
         rows.sort(key=lambda r: r["iteration"])
         bpb = all(r.get("bits_per_byte") is not None for r in rows)
         ys = [r["bits_per_byte"] if bpb else r["loss"] for r in rows]
-        ax_eval.plot(
+        (line,) = ax_eval.plot(
             [r["iteration"] for r in rows], ys, marker="o", ms=3, label=name + ("" if bpb else " (loss/token)")
         )
+        base = next((r for r in rows if r.get("trigger") == "baseline"), None)
+        if base is not None:  # the base model's value: how much CT gained or lost on this set
+            y = base["bits_per_byte"] if bpb else base["loss"]
+            ax_eval.axhline(y, color=line.get_color(), ls=":", lw=1.0, label=f"{name} base")
     ax_eval.set_ylabel("validation bits per byte")
     ax_eval.set_xlabel("iteration")
     if by_set:

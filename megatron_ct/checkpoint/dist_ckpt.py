@@ -47,6 +47,7 @@ class TrainState:
     optimizer: Any = None
     scheduler: Any = None
     data: Any = None  # a megatron_ct.data.batches.DataSource
+    evaluator: Any = None  # a megatron_ct.training.evaluate.Evaluator (base-line values)
 
 
 def _model_key(i: int, n: int) -> str:
@@ -264,6 +265,8 @@ def load_checkpoint(path: str, state: TrainState, meta: CheckpointMeta, weights_
     state.scheduler.load_state_dict(loaded["scheduler"])
     if state.data is not None and meta.data is not None:
         state.data.load_state_dict(meta.data)
+    if state.evaluator is not None and meta.evaluation is not None:
+        state.evaluator.load_state_dict(meta.evaluation)
     if "rng_state" in loaded:
         _restore_rng(loaded["rng_state"])
     else:

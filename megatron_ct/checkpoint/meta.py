@@ -48,6 +48,8 @@ class CheckpointMeta:
     """Converted or derived weights: no optimizer or data state to resume."""
     data: dict | None = None
     """The data source's ``state_dict()`` (position in the sample stream and per dataset)."""
+    evaluation: dict | None = None
+    """The evaluator's ``state_dict()`` (each validation set's base-line value)."""
     hf: dict | None = None
     """Provenance: the Hugging Face model it was converted from (architecture, config, source)."""
     new_block_layers: list[int] | None = None

@@ -18,7 +18,7 @@ the data source owns (:mod:`megatron_ct.data.interleave`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -42,6 +42,7 @@ class Stage:
     lr_rewarm_iters: int = 0
     trainable_params: tuple[str, ...] | None = None  # the stage's patterns, else the run's; None: all
     trainable_key: str = "train.trainable_params"  # the config key those patterns come from
+    lr_mult: dict = field(default_factory=dict)  # class -> LR multiplier (optim.decoupled_lr, train, stage)
 
     @property
     def ramped(self) -> bool:
@@ -86,10 +87,15 @@ class Schedule:
     @classmethod
     def from_config(cls, cfg: CTConfig) -> Schedule:
         run_trainable = tuple(cfg.train.trainable_params) if cfg.train.trainable_params else None
+        run_mult = {}
+        if cfg.optim.decoupled_lr is not None:  # Megatron-LM's --decoupled-lr, as multipliers
+            run_mult = dict.fromkeys(("embedding", "output"), cfg.optim.decoupled_lr / cfg.optim.lr)
+        run_mult.update(cfg.train.lr_mult or {})
         d = cfg.data
         if d.source != "indexed":
             empty = np.zeros(0)
-            return cls([Stage(0, "main", 0, None, empty, empty, trainable_params=run_trainable)], [], False)
+            main = Stage(0, "main", 0, None, empty, empty, trainable_params=run_trainable, lr_mult=run_mult)
+            return cls([main], [], False)
         names = dataset_names(d)
         stages, start = [], 0
         for i, (s, iters) in enumerate(zip(d.stages, stage_iters(d, cfg.train.global_batch_size), strict=True)):
@@ -111,6 +117,7 @@ class Schedule:
                     trainable_key=f"data.stages[{i}].trainable_params"
                     if s.trainable_params
                     else "train.trainable_params",
+                    lr_mult={**run_mult, **(s.lr_mult or {})},
                 )
             )
             if iters is not None:
@@ -142,4 +149,6 @@ class Schedule:
         if stage.lr_rewarm_iters:
             parts.append(f"LR re-warm over {stage.lr_rewarm_iters} steps")
         parts.append("training " + (", ".join(stage.trainable_params) if stage.trainable_params else "everything"))
+        if any(v != 1.0 for v in stage.lr_mult.values()):
+            parts.append("LR x " + ", ".join(f"{k} {v:g}" for k, v in sorted(stage.lr_mult.items())))
         return " | ".join(parts)

@@ -34,6 +34,19 @@ def _number(value: Any, key: str, expected: str, ok: bool) -> None:
     _require(finite and ok, key, expected, value)
 
 
+LR_CLASSES = ("embedding", "output", "new_vocab_rows", "new_blocks", "body")
+
+
+def check_lr_mult(mult: Any, key: str) -> None:
+    """``{class: multiplier}``: known classes, finite multipliers >= 0."""
+    if mult is None:
+        return
+    _require(isinstance(mult, dict), key, "a mapping class -> multiplier or null", mult)
+    for name, value in mult.items():
+        _require(name in LR_CLASSES, f"{key}.{name}", "one of " + ", ".join(LR_CLASSES) + " (unknown class)", name)
+        _number(value, f"{key}.{name}", "a finite number >= 0", isinstance(value, (int, float)) and value >= 0)
+
+
 def check_param_patterns(patterns: list[str] | None, key: str) -> None:
     """Syntax of ``trainable_params`` patterns (what they match is checked against the model)."""
     for p in patterns or []:
@@ -228,6 +241,12 @@ class TrainConfig:
     """Train only these parameters (glob patterns over TP1/PP1 names, or the aliases
     'embeddings', 'layers:<i>,<j>', 'new_blocks'; see megatron_ct/training/freeze.py). The
     rest stay bit-identical. None trains everything."""
+    lr_mult: dict[str, float] | None = None
+    """Learning-rate multiplier per parameter class, on top of the schedule: ``embedding``
+    (input embedding), ``output`` (output layer), ``new_vocab_rows`` (the rows a vocabulary
+    expansion appended, in both; default: their matrix's), ``new_blocks`` (LLaMA-Pro blocks;
+    default: body's), ``body`` (everything else). E.g. ``{body: 0.1}`` trains the body at a
+    tenth of the LR and embeddings and output at the full LR. Per stage: data.stages[].lr_mult."""
 
     def __post_init__(self) -> None:
         for key in ("micro_batch_size", "global_batch_size"):
@@ -241,6 +260,7 @@ class TrainConfig:
         if self.exit_interval is not None:
             _require(self.exit_interval >= 1, "train.exit_interval", "an integer >= 1 or null", self.exit_interval)
         check_param_patterns(self.trainable_params, "train.trainable_params")
+        check_lr_mult(self.lr_mult, "train.lr_mult")
 
 
 @dataclass(kw_only=True)
@@ -273,6 +293,9 @@ class OptimConfig:
     """Adam epsilon."""
     initial_loss_scale: float = 2.0**16
     """fp16 only: starting dynamic loss scale."""
+    decoupled_lr: float | None = None
+    """Megatron-LM's ``--decoupled-lr``: peak LR of the input embedding and output layer
+    (a multiplier decoupled_lr / lr for those classes, unless train.lr_mult sets them)."""
 
     def __post_init__(self) -> None:
         _number(self.lr, "optim.lr", "a finite number > 0", self.lr > 0)
@@ -292,6 +315,8 @@ class OptimConfig:
         _number(self.initial_loss_scale, "optim.initial_loss_scale", "a finite number > 0", self.initial_loss_scale > 0)
         if self.lr_decay_iters is not None:
             _require(self.lr_decay_iters >= 1, "optim.lr_decay_iters", "an integer >= 1 or null", self.lr_decay_iters)
+        if self.decoupled_lr is not None:
+            _number(self.decoupled_lr, "optim.decoupled_lr", "a finite number >= 0 or null", self.decoupled_lr >= 0)
         _one_of(self.lr_decay_style, "optim.lr_decay_style", ("constant", "linear", "cosine", "WSD"))
         _one_of(self.lr_wsd_decay_style, "optim.lr_wsd_decay_style", ("linear", "cosine", "exponential", "minus_sqrt"))
 
@@ -391,6 +416,8 @@ class StageConfig:
     """What learns during this stage (same patterns as train.trainable_params, e.g.
     ``[embeddings]`` or ``[new_vocab_rows]`` for a tune-embeddings-first stage); None: as
     train.trainable_params. Frozen parameters stay bit-identical through the stage."""
+    lr_mult: dict[str, float] | None = None
+    """LR multipliers per parameter class for this stage, over train.lr_mult (same classes)."""
 
     @classmethod
     def parse(cls, raw: Any, key: str) -> StageConfig:
@@ -451,6 +478,7 @@ class StageConfig:
             trainable,
         )
         check_param_patterns(trainable, f"{key}.trainable_params")
+        check_lr_mult(raw.get("lr_mult"), f"{key}.lr_mult")
         return cls(**raw)
 
 
@@ -494,6 +522,15 @@ class DataConfig:
     """Evaluate every validation set every this many steps (and at every stage end)."""
     eval_iters: int = 2
     """Global batches of each validation set per evaluation (the same first documents each time)."""
+    eval_baseline: bool | None = None
+    """Evaluate every validation set before the first update (also with train_iters=0), so each
+    has a base value that later evaluations are compared with; None: when the run starts from
+    a base model (checkpoint.load with load_weights_only)."""
+    max_regression: dict[str, float] = field(default_factory=dict)
+    """Validation set -> largest relative rise over its base value (bits per byte, else loss)
+    that is tolerated, e.g. ``{en: 0.02}`` for English replay; see on_regression."""
+    on_regression: str = "warn"
+    """When a set regresses past max_regression: 'warn', or 'stop' (save and stop the run)."""
     tokenizer: str | None = None
     """Tokenizer of the data (SentencePiece .model or HF directory): needed for bits per byte
     (document bytes are measured by detokenizing) and checked against model.vocab_size."""
@@ -508,6 +545,9 @@ class DataConfig:
         _require(self.seq_length >= 2, "data.seq_length", "an integer >= 2", self.seq_length)
         _require(self.synthetic_branching >= 1, "data.synthetic_branching", "an integer >= 1", self.synthetic_branching)
         _require(self.eval_iters >= 1, "data.eval_iters", "an integer >= 1", self.eval_iters)
+        _one_of(self.on_regression, "data.on_regression", ("warn", "stop"))
+        for name, value in self.max_regression.items():
+            _number(value, f"data.max_regression.{name}", "a finite number >= 0", _is_number(value) and value >= 0)
         if self.eval_interval is not None:
             _require(self.eval_interval >= 1, "data.eval_interval", "an integer >= 1 or null", self.eval_interval)
         if self.data_path is not None:
@@ -687,6 +727,33 @@ class CTConfig:
             )
         if self.data.source == "indexed":
             self._check_curriculum_covers_the_run()
+        for name in self.data.max_regression:
+            _require(
+                name in self.data.valid,
+                f"data.max_regression.{name}",
+                "a validation set named in data.valid (" + ", ".join(sorted(self.data.valid)) + ")",
+                name,
+            )
+        if not self.model.untie_embeddings_and_output_weights:
+            self._check_tied_multipliers()
+
+    def _check_tied_multipliers(self) -> None:
+        """Tied embeddings are one matrix: it cannot learn at two rates."""
+        sources = [("train.lr_mult", self.train.lr_mult)]
+        sources += [
+            (f"data.stages[{i}].lr_mult", s.lr_mult)
+            for i, s in enumerate(self.data.stages)
+            if self.data.source == "indexed"
+        ]
+        run = self.train.lr_mult or {}
+        for key, mult in sources:
+            merged = {**run, **(mult or {})}
+            if merged.get("embedding", 1.0) != merged.get("output", 1.0):
+                raise ConfigError(
+                    f"{key}: expected equal embedding and output multipliers for tied embeddings "
+                    f"(model.untie_embeddings_and_output_weights=false), got {merged.get('embedding', 1.0)} and "
+                    f"{merged.get('output', 1.0)}"
+                )
 
     def _check_curriculum_covers_the_run(self) -> None:
         """The stages must last at least train.train_iters (token lengths need the global batch)."""

@@ -20,7 +20,6 @@ Every rank computes the whole step's assignment (cheap) and reads only its own s
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -37,6 +36,7 @@ from megatron_ct.data.index_cache import IndexCache, rank0_first
 from megatron_ct.data.interleave import Segment, StageWindow
 from megatron_ct.data.packing import PackingOptions, build_batch
 from megatron_ct.data.stream import DocumentStream
+from megatron_ct.jsonl import JsonlLog
 
 log = logging.getLogger("megatron_ct")
 
@@ -129,10 +129,8 @@ class CurriculumSource:
         self.positions = dict.fromkeys(self.names, 0)
         self.samples_taken = dict.fromkeys(self.names, 0)
         self.segment: Segment | None = None
-        self._sample_log = None
-        if data.log_samples and log_dir and _is_rank0():
-            os.makedirs(log_dir, exist_ok=True)
-            self._sample_log = open(os.path.join(log_dir, "samples.jsonl"), "a", buffering=1)
+        wanted = data.log_samples and log_dir and _is_rank0()
+        self._sample_log = JsonlLog(os.path.join(log_dir, "samples.jsonl")) if wanted else None
 
     def window(self, stage: Stage) -> StageWindow:
         """``stage`` placed in the sample stream, counted from the current anchor (so a job chunk
@@ -231,7 +229,7 @@ class CurriculumSource:
         if self._sample_log is not None:
             # [dataset, stream position, position after]: each dataset's samples tile its stream.
             samples = [[self.names[r.dataset], r.position, r.next_position] for r in refs]
-            self._sample_log.write(json.dumps({"iteration": step + 1, "stage": stage.name, "samples": samples}) + "\n")
+            self._sample_log.write({"iteration": step + 1, "stage": stage.name, "samples": samples})
         options = PackingOptions(stage.reset_position_ids, stage.reset_attention_mask, stage.eod_mask_loss)
         return self._batches(refs, options)
 
@@ -246,7 +244,6 @@ class CurriculumSource:
     def close(self) -> None:
         if self._sample_log is not None:
             self._sample_log.close()
-            self._sample_log = None
 
 
 def _fp(source: CurriculumSource, name: str) -> str | None:

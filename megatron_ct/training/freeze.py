@@ -1,4 +1,4 @@
-"""What trains in each curriculum stage: the freeze plan, the one owner of freezing.
+"""What trains in each curriculum stage, and how fast: the freeze plan, the one owner of both.
 
 ``trainable_params`` (per stage in ``data.stages[]``, else the run-level ``train.
 trainable_params``; the synthetic stream is one stage) is a list of glob patterns over
@@ -10,14 +10,24 @@ at every layout. Aliases:
 - ``layers:3,7``: every parameter of global layers 3 and 7;
 - ``new_blocks``: the layers a checkpoint's block expansion added (its ``new_block_layers``);
 - ``new_vocab_rows``: only the rows of embedding and output layer that a vocabulary
-  expansion appended (its ``vocab_expansion``); old rows get zero gradient and no weight
-  decay, so Adam moves them by exactly 0.
+  expansion appended (its ``vocab_expansion``); old rows get zero gradient and their update
+  is undone (:class:`RowScaling`), so they stay bit-identical.
 
-:class:`FreezePlan` resolves the patterns once, when the model is built, into one
-:class:`GroupPolicy` per parameter: its LR multiplier and whether weight decay applies, in
-every stage. Parameters with the same policy form one optimizer param group; the LR
-scheduler (:mod:`megatron_ct.training.scheduler`) gives each group ``multiplier x`` the
-scheduled LR in the current stage, so a frozen group (multiplier 0) moves by exactly 0.
+On top of what trains, ``lr_mult`` (``train.lr_mult``, per stage ``data.stages[].lr_mult``,
+Megatron-LM's ``optim.decoupled_lr``) scales the LR per parameter class: ``embedding``,
+``output``, ``new_vocab_rows`` (rows appended by a vocabulary expansion), ``new_blocks``
+(LLaMA-Pro blocks) and ``body``.
+
+:class:`FreezePlan` resolves patterns and multipliers once, when the model is built, into one
+:class:`GroupPolicy` per parameter: its LR multiplier in every stage (0: frozen). Parameters
+with the same policy form one optimizer param group; the LR scheduler
+(:mod:`megatron_ct.training.scheduler`) gives each group ``multiplier x`` the scheduled LR of
+the current stage, so a frozen group moves by exactly 0 (weight decay is decoupled, scaled
+by the LR, so it stops too). Rows of one vocabulary matrix cannot be split into groups: old
+and appended rows learning at different rates (``new_vocab_rows``) are the matrix's group at
+the larger multiplier and :class:`RowScaling`, a step hook on the optimizer, scales the other
+rows' update by the ratio (ratio 0: restored bit for bit; their gradient is zeroed too, so
+Adam's moments of held rows stay untouched, as if the rows were not trained).
 Rebuilding megatron-core's DDP and optimizer mid-run is not safe (the old wrapper's gradient
 hooks stay on the parameters), so switching what trains is a change of LR, never of modules.
 
@@ -38,7 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_ct.checkpoint.keys import VOCAB_MATRICES
+from megatron_ct.checkpoint.keys import EMBEDDING, OUTPUT, VOCAB_MATRICES
 from megatron_ct.config.schedule import Schedule, Stage
 from megatron_ct.errors import ConfigError
 
@@ -81,47 +91,46 @@ def _stack_template(name: str) -> str | None:
     return "decoder.layers.{}." + name[m.end() :] if m else None
 
 
+def param_class(name: str, new_block_layers: list[int] | None) -> str:
+    """The LR class of a global parameter name (new_vocab_rows are rows, not parameters)."""
+    if name == EMBEDDING:
+        return "embedding"
+    if name == OUTPUT:
+        return "output"
+    m = _LAYER.match(name)
+    if m and new_block_layers and int(m.group(1)) in new_block_layers:
+        return "new_blocks"
+    return "body"
+
+
+def class_multiplier(lr_mult: dict, cls: str) -> float:
+    """A class's multiplier in a stage; the sub-classes default to their parent's."""
+    if cls in lr_mult:
+        return float(lr_mult[cls])
+    return float(lr_mult.get("body", 1.0)) if cls == "new_blocks" else 1.0
+
+
 @dataclass(frozen=True)
 class GroupPolicy:
     """How the parameters of one optimizer param group train, stage by stage."""
 
     lr_mult: tuple[float, ...]
     """Per stage: the multiplier on the scheduled LR (0: frozen)."""
-    decay: tuple[bool, ...]
-    """Per stage: whether weight decay applies (off where frozen or where old vocabulary rows are held)."""
 
     @property
     def key(self) -> str:
         """The group's identity (same on every rank and across save/load)."""
-        lr = ",".join(f"{m:g}" for m in self.lr_mult)
-        return f"lr[{lr}] decay[{''.join('1' if d else '0' for d in self.decay)}]"
+        return "lr[" + ",".join(f"{m:g}" for m in self.lr_mult) + "]"
 
 
-class _RowHold:
-    """Zero the gradient of the old vocabulary rows while a ``new_vocab_rows`` stage runs."""
+@dataclass(frozen=True)
+class RowPolicy:
+    """Old and appended rows of a vocabulary matrix, stage by stage: each region's fraction of
+    the group's update (one of the two is 1 where the matrix trains)."""
 
-    def __init__(self) -> None:
-        self.active = False
-
-    def attach(self, param: torch.nn.Parameter, first_new_row: int) -> None:
-        """This TP rank holds the contiguous rows ``[tp_rank * local, (tp_rank + 1) * local)``.
-        The hook runs before megatron-core's DDP accumulates the gradient into its buffer."""
-        from megatron.core import parallel_state
-
-        local = param.shape[0]
-        start = parallel_state.get_tensor_model_parallel_rank() * local
-        held = max(0, min(local, first_new_row - start))
-        if held == 0:
-            return
-
-        def hook(grad: torch.Tensor) -> torch.Tensor:
-            if not self.active:
-                return grad
-            grad = grad.clone()
-            grad[:held] = 0
-            return grad
-
-        param.register_hook(hook)
+    first_new_row: int
+    old: tuple[float, ...]
+    new: tuple[float, ...]
 
 
 class FreezePlan:
@@ -134,9 +143,11 @@ class FreezePlan:
         for chunk in chunks:
             params.update(global_named_parameters(chunk))
         stages = schedule.stages
+        n = len(stages)
         new_blocks = provenance.get("new_block_layers")
+        expansion = provenance.get("vocab_expansion")
         globs = [expand_patterns(st.trainable_params, new_blocks) if st.trainable_params else None for st in stages]
-        self._holds_rows = [bool(st.trainable_params and "new_vocab_rows" in st.trainable_params) for st in stages]
+        holds = [bool(st.trainable_params and "new_vocab_rows" in st.trainable_params) for st in stages]
         self._check_patterns_match(params, stages, globs)
 
         def trains(name: str, i: int) -> bool:
@@ -144,34 +155,49 @@ class FreezePlan:
 
         self.policies: dict[str, GroupPolicy] = {}
         self._policy_of: dict[int, GroupPolicy] = {}  # id(param) -> policy
+        self.rows: dict[int, tuple[torch.nn.Parameter, RowPolicy]] = {}  # id(param) -> vocab matrix rows
         self.total = sum(p.numel() for p in params.values())
         self._numel: dict[str, int] = {}  # policy key -> elements on this rank
         for name, param in params.items():
-            flags = [trains(name, i) for i in range(len(stages))]
+            flags = [trains(name, i) for i in range(n)]
             if not any(flags):
                 template = _stack_template(name)
                 # Pure function of (patterns, num_layers): every rank decides the same per stack.
                 stack_trains = template is not None and any(
-                    trains(template.format(layer), i) for layer in range(num_layers) for i in range(len(stages))
+                    trains(template.format(layer), i) for layer in range(num_layers) for i in range(n)
                 )
                 if not stack_trains:
                     param.requires_grad_(False)
                     continue
-            holds = [flags[i] and self._holds_rows[i] and name in VOCAB_MATRICES for i in range(len(stages))]
-            policy = GroupPolicy(
-                lr_mult=tuple(1.0 if f else 0.0 for f in flags),
-                decay=tuple(f and not h for f, h in zip(flags, holds, strict=True)),
-            )
+            cls = param_class(name, new_blocks)
+            mult = [class_multiplier(st.lr_mult, cls) if flags[i] else 0.0 for i, st in enumerate(stages)]
+            if cls in ("embedding", "output") and expansion:
+                old = [0.0 if holds[i] else m for i, m in enumerate(mult)]
+                new = [
+                    class_multiplier(st.lr_mult, "new_vocab_rows") if "new_vocab_rows" in st.lr_mult else m
+                    for m, st in zip(mult, stages, strict=True)
+                ]
+                new = [v if flags[i] else 0.0 for i, v in enumerate(new)]
+                mult = [max(o, w) for o, w in zip(old, new, strict=True)]
+                if old != mult or new != mult:
+                    self.rows[id(param)] = (
+                        param,
+                        RowPolicy(
+                            first_new_row=expansion["old_vocab_size"],
+                            old=tuple(o / m if m else 0.0 for o, m in zip(old, mult, strict=True)),
+                            new=tuple(w / m if m else 0.0 for w, m in zip(new, mult, strict=True)),
+                        ),
+                    )
+            policy = GroupPolicy(lr_mult=tuple(mult))
             policy = self.policies.setdefault(policy.key, policy)  # one object per policy
             self._policy_of[id(param)] = policy
             self._numel[policy.key] = self._numel.get(policy.key, 0) + param.numel()
-        self._rows = _RowHold()
-        if any(self._holds_rows):
-            old_rows = provenance["vocab_expansion"]["old_vocab_size"]  # checked at start-up
-            for name in VOCAB_MATRICES:
-                if name in params:  # tied or untied, on this rank's pipeline stages
-                    self._rows.attach(params[name], old_rows)
+        for param, rows in self.rows.values():
+            _hold_gradient_rows(param, rows, self)
         self.stage: Stage = stages[0]
+        # Logged LR per class: the multiplier of each class present in the model.
+        classes = {param_class(name, new_blocks) for name in params} | ({"new_vocab_rows"} if expansion else set())
+        self.classes = sorted(classes)
 
     @staticmethod
     def _check_patterns_match(params: dict, stages: list[Stage], globs: list[list[str] | None]) -> None:
@@ -211,11 +237,119 @@ class FreezePlan:
         return out
 
     def enter_stage(self, stage: Stage) -> None:
-        """Make ``stage``'s policies current (the row hold switches with it)."""
+        """Make ``stage``'s policies current (row scaling and held rows switch with it)."""
         self.stage = stage
-        self._rows.active = self._holds_rows[stage.index]
 
     def trainable_elements(self) -> int:
         """Elements of this rank's parameters that learn in the current stage."""
         i = self.stage.index
         return sum(n for key, n in self._numel.items() if self.policies[key].lr_mult[i] > 0)
+
+    def class_multipliers(self) -> dict[str, float]:
+        """The current stage's configured LR multiplier of each class present (for the
+        metrics; what trainable_params freezes is reported separately)."""
+        lr_mult = self.stage.lr_mult
+        out = {cls: class_multiplier(lr_mult, cls) for cls in self.classes}
+        if "new_vocab_rows" in out and "new_vocab_rows" not in lr_mult:
+            out["new_vocab_rows"] = class_multiplier(lr_mult, "embedding")
+        return out
+
+
+def _hold_gradient_rows(param: torch.nn.Parameter, rows: RowPolicy, plan: FreezePlan) -> None:
+    """Zero the gradient of a row region whose share is 0 in the current stage, before
+    megatron-core's DDP accumulates it, so Adam's moments of held rows stay as they were.
+    This TP rank holds the contiguous rows ``[tp_rank * local, (tp_rank + 1) * local)``."""
+    from megatron.core import parallel_state
+
+    local = param.shape[0]
+    start = parallel_state.get_tensor_model_parallel_rank() * local
+    split = max(0, min(local, rows.first_new_row - start))  # local rows below it are old
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        i = plan.stage.index
+        held_old, held_new = rows.old[i] == 0.0 and split > 0, rows.new[i] == 0.0 and split < local
+        if not (held_old or held_new):
+            return grad
+        grad = grad.clone()
+        if held_old:
+            grad[:split] = 0
+        if held_new:
+            grad[split:] = 0
+        return grad
+
+    param.register_hook(hook)
+
+
+class RowScaling:
+    """Per-row LR within the vocabulary matrices, as a step hook on the optimizer.
+
+    Before the inner optimizer steps, the main-parameter rows whose share is below 1 are
+    copied; after it, they are set to ``before + share * (after - before)``: their update (Adam
+    step and decoupled decay) scaled by the share, i.e. their LR times it; share 0 restores
+    them bit for bit. Works on the main (FP32) parameters of megatron-core's optimizers: the
+    model parameters themselves (FP32), their FP32 copies (bf16/fp16), or this rank's flat
+    shard (distributed optimizer), before they are copied back to the model.
+    """
+
+    def __init__(self, plan: FreezePlan, optimizer) -> None:
+        from megatron.core import parallel_state
+
+        self.plan = plan
+        self._regions: dict[int, list[tuple[torch.Tensor, int, int, RowPolicy, str]]] = {}
+        if not plan.rows:
+            return
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+            inner = opt.optimizer
+            for param, rows in plan.rows.values():
+                found = _main_param(opt, param)
+                if found is None:
+                    continue
+                main, offset = found  # main: 1-D view; offset: its first element in the local param
+                local, h = param.shape[0], param.shape[1]
+                split = max(0, min(local, rows.first_new_row - tp_rank * local)) * h
+                for region, lo, hi in (("old", 0, split), ("new", split, local * h)):
+                    lo, hi = max(lo, offset), min(hi, offset + main.numel())
+                    if lo < hi:
+                        self._regions.setdefault(id(inner), []).append((main, lo - offset, hi - offset, rows, region))
+            if id(inner) in self._regions:
+                inner.register_step_pre_hook(self._before)
+                inner.register_step_post_hook(self._after)
+        self._saved: list[torch.Tensor | None] = []
+
+    def _active(self, inner):
+        i = self.plan.stage.index
+        for main, lo, hi, rows, region in self._regions.get(id(inner), []):
+            share = rows.old[i] if region == "old" else rows.new[i]
+            if share < 1.0:
+                yield main, lo, hi, share
+
+    def _before(self, inner, args, kwargs) -> None:
+        self._saved = [main[lo:hi].clone() for main, lo, hi, _ in self._active(inner)]
+
+    def _after(self, inner, args, kwargs) -> None:
+        for (main, lo, hi, share), before in zip(self._active(inner), self._saved, strict=True):
+            main[lo:hi] = torch.lerp(before, main[lo:hi], share)  # share 0: exactly `before`
+        self._saved = []
+
+
+def _main_param(opt, model_param: torch.nn.Parameter) -> tuple[torch.Tensor, int] | None:
+    """The optimizer's main (FP32) copy of ``model_param`` as a flat view, and the flat index
+    in the model parameter where it starts; None if this optimizer does not hold it."""
+    index_map = getattr(opt, "model_param_group_index_map", None)
+    if index_map is not None:  # distributed optimizer: this rank's shard of the flat parameter
+        if model_param not in index_map:
+            return None
+        group, order = index_map[model_param]
+        main = opt.optimizer.param_groups[group]["params"][order]
+        return main.view(-1), opt._get_model_param_range_map(model_param)["param"].start
+    for model_group, main_group in zip(
+        getattr(opt, "float16_groups", []), getattr(opt, "fp32_from_float16_groups", []), strict=True
+    ):
+        for p, main in zip(model_group, main_group, strict=True):
+            if p is model_param:
+                return main.view(-1), 0
+    for group in opt.optimizer.param_groups:  # FP32 parameters are their own main copies
+        if any(p is model_param for p in group["params"]):
+            return model_param.data.view(-1), 0
+    return None

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from typing import Any
 
 import torch
+
+from megatron_ct.jsonl import JsonlLog
 
 log = logging.getLogger("megatron_ct")
 
@@ -27,13 +28,10 @@ class MetricsWriter:
 
     def __init__(self, is_writer: bool, jsonl_dir: str | None, tensorboard_dir: str | None) -> None:
         self.is_writer = is_writer
-        self._jsonl = None
+        self._jsonl = JsonlLog(os.path.join(jsonl_dir, "metrics.jsonl") if is_writer and jsonl_dir else None)
         self._tb = None
         if not is_writer:
             return
-        if jsonl_dir:
-            os.makedirs(jsonl_dir, exist_ok=True)
-            self._jsonl = open(os.path.join(jsonl_dir, "metrics.jsonl"), "a", buffering=1)
         if tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -45,8 +43,7 @@ class MetricsWriter:
     def write(self, record: dict[str, Any]) -> None:
         if not self.is_writer:
             return
-        if self._jsonl is not None:
-            self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.write(record)
         if self._tb is not None:
             step = record["iteration"]
             for key, value in record.items():
@@ -54,8 +51,7 @@ class MetricsWriter:
                     self._tb.add_scalar(f"train/{key}", value, step)
 
     def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
+        self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
 

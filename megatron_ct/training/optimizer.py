@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from megatron_ct.config import Layout, OptimConfig
 from megatron_ct.model.llama import params_dtype
-from megatron_ct.training.freeze import FreezePlan
+from megatron_ct.training.freeze import FreezePlan, RowScaling
 
 GROUP_KEY = "ct_group"
 
@@ -83,7 +83,9 @@ def build_optimizer(
     _identify_groups_by_policy()
     overrides = get_standard_config_overrides(opt_config)  # no weight decay on norms and biases
     overrides.update(plan.param_overrides())
-    return get_megatron_optimizer(opt_config, ddp_chunks, config_overrides=overrides)
+    optimizer = get_megatron_optimizer(opt_config, ddp_chunks, config_overrides=overrides)
+    RowScaling(plan, optimizer)  # old vs appended vocabulary rows at different rates (step hooks)
+    return optimizer
 
 
 def grad_norm(optimizer) -> float:

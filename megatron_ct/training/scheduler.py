@@ -3,15 +3,16 @@
 Per group and step::
 
     lr = multiplier(group, stage) * rewarm(stage, schedule_lr(step))
-    wd = weight_decay * wd_mult(group) * (1 if decay(group, stage) else 0)
+    wd = weight_decay * wd_mult(group)        (decoupled: applied as lr * wd, so 0 where lr is 0)
 
 - ``schedule_lr`` is megatron-core's OptimizerParamScheduler: warmup from
   ``optim.lr_warmup_init``, then constant/linear/cosine/WSD decay to ``optim.min_lr``;
 - ``rewarm``: a stage with ``lr_rewarm_iters: W`` starting at step ``k0`` turns the schedule's
   own LR into a linear ramp ``init + (lr - init) * (k - k0) / W`` for ``k0 <= k < k0 + W``
   (``init = optim.lr_warmup_init``, the same form as the initial warmup);
-- ``multiplier`` and ``decay`` come from the group's :class:`~megatron_ct.training.freeze.
-  GroupPolicy` for the current stage (multiplier 0: frozen, the weights move by exactly 0).
+- ``multiplier`` comes from the group's :class:`~megatron_ct.training.freeze.GroupPolicy` for
+  the current stage: trainable_params (0: frozen, the weights move by exactly 0) times the
+  class's ``lr_mult``.
 
 ``k`` is ``num_steps`` (applied optimizer steps, restored from the checkpoint) and the stage
 is set by the trainer's stage-start hook (:meth:`CTScheduler.enter_stage`, also on resume),
@@ -69,12 +70,11 @@ class CTScheduler(OptimizerParamScheduler):
         self.stage = stage
         self.step(0)
 
-    def _policy(self, group: dict) -> tuple[float, bool]:
+    def _multiplier(self, group: dict) -> float:
         policy = self.policies.get(group.get("ct_group"))
         if policy is None or self.stage is None:
-            return 1.0, True
-        i = self.stage.index
-        return policy.lr_mult[i], policy.decay[i]
+            return 1.0
+        return policy.lr_mult[self.stage.index]
 
     def scheduled_lr(self, group: dict | None = None) -> float:
         """The LR of a multiplier-1 group now: schedule, then the stage's re-warm."""
@@ -89,10 +89,5 @@ class CTScheduler(OptimizerParamScheduler):
         return lr
 
     def get_lr(self, param_group: dict) -> float:
-        multiplier, _ = self._policy(param_group)
+        multiplier = self._multiplier(param_group)
         return 0.0 if multiplier == 0.0 else multiplier * self.scheduled_lr(param_group)
-
-    def get_wd(self, param_group: dict | None = None) -> float:
-        if param_group is not None and not self._policy(param_group)[1]:
-            return 0.0
-        return super().get_wd(param_group)

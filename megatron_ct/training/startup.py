@@ -143,6 +143,12 @@ def _check_trainable_provenance(schedule: Schedule, provenance: dict) -> None:
                     f"{stage.trainable_key}: '{alias}' needs a checkpoint.load written by {tool} (its metadata "
                     f"records {record}); the loaded checkpoint has none"
                 )
+            if alias in stage.lr_mult and not provenance.get(record):
+                key = f"data.stages[{stage.index}].lr_mult" if schedule.curriculum else "train.lr_mult"
+                raise ConfigError(
+                    f"{key}.{alias}: needs a checkpoint.load written by {tool} (its metadata records {record}); "
+                    "the loaded checkpoint has none"
+                )
 
 
 def _check_attention_for_document_masks(cfg: CTConfig, layout: Layout) -> None:

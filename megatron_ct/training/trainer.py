@@ -15,6 +15,7 @@ a run starts or resumes inside a stage, minus the evaluation.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from megatron_ct.checkpoint.preemption import PreemptionFlag
 from megatron_ct.config import CTConfig, Layout, config_to_dict
 from megatron_ct.config.schedule import Stage
 from megatron_ct.data.batches import build_data_source
+from megatron_ct.jsonl import RUN_LOGS, drop_records_after
 from megatron_ct.model.llama import Numerics, build_model
 from megatron_ct.training.evaluate import Evaluator
 from megatron_ct.training.flops import flops_per_token, peak_tflops_for
@@ -45,7 +47,7 @@ class TrainOutcome:
     """How a run ended (returned to the entry point and to tests)."""
 
     iteration: int
-    reason: str  # 'finished', 'preempted', 'exit_interval'
+    reason: str  # 'finished', 'preempted', 'exit_interval', 'regression' (data.on_regression=stop)
     last_loss: float | None
 
 
@@ -80,7 +82,10 @@ class Trainer:
         )
         self.scheduler = CTScheduler(self.optimizer, cfg.optim, t.train_iters, self.plan.policies)
         hook_model_config(self.model, self.optimizer)
-        self.state = TrainState(self.model, self.optimizer, self.scheduler, self.data)
+        self.state = TrainState(self.model, self.optimizer, self.scheduler, self.data, self.evaluator)
+        self.baseline = cfg.data.eval_baseline
+        if self.baseline is None:  # on by default when the run starts from a base model
+            self.baseline = bool(ck.load and ck.load_weights_only)
         self.iteration = 0
         self._last_saved: int | None = None
         if startup.load_dir:
@@ -88,6 +93,11 @@ class Trainer:
             if not ck.load_weights_only:
                 self.iteration = self._last_saved = startup.meta.iteration
                 log.info("resumed from %s at iteration %d (%s)", startup.load_dir, self.iteration, self.data.progress())
+                if dist.get_rank() == 0 and log_dir:
+                    for name in RUN_LOGS:  # what the interrupted job logged past the checkpoint
+                        dropped = drop_records_after(os.path.join(log_dir, name), self.iteration)
+                        if dropped:
+                            log.info("%s: dropped %d records past iteration %d", name, dropped, self.iteration)
         self.is_writer = dist.get_rank() == 0
         self.metrics = MetricsWriter(self.is_writer, log_dir, cfg.logging.tensorboard_dir)
         self._stage: Stage | None = None
@@ -126,6 +136,7 @@ class Trainer:
             layout={"tp": self.layout.tp, "pp": self.layout.pp},
             iteration=self.iteration,
             data=self.data.state_dict(),
+            evaluation=self.evaluator.state_dict(),
             **self.provenance,
         )
 
@@ -152,17 +163,27 @@ class Trainer:
                 self.plan.total,
                 stage.name,
             )
-        if self.iteration == stage.start_iter and self.iteration > 0:
+        if self.iteration == 0 and self.baseline:
+            self._evaluate("baseline", stage.name)  # every set's base value, before any update
+        elif self.iteration == stage.start_iter and self.iteration > 0:
             self._evaluate("stage_end", self.schedule.stage_at(self.iteration - 1).name)
 
     def _evaluate(self, trigger: str, stage_name: str) -> None:
         if not self.evaluator.sets or self._evaluated_at == self.iteration:
             return
         t0 = time.perf_counter()
-        self.evaluator.evaluate(self.model, self.iteration, stage_name, trigger)
+        results = self.evaluator.evaluate(self.model, self.iteration, stage_name, trigger)
         self._evaluated_at = self.iteration
         if self._throughput is not None:
             self._throughput.exclude(time.perf_counter() - t0)
+        regressed = self.evaluator.regressions(results)
+        if regressed:
+            stop = self.cfg.data.on_regression == "stop"
+            log.warning(
+                "iteration %d: %s%s", self.iteration, "; ".join(regressed), " -> saving and stopping" if stop else ""
+            )
+            if stop:
+                self._reason = "regression"
 
     # --- the loop ---------------------------------------------------------------------------
     def train(self) -> TrainOutcome:
@@ -182,11 +203,13 @@ class Trainer:
         if self.layout.on_gpu:
             torch.cuda.reset_peak_memory_stats()
         try:
+            if t.train_iters == 0 and self.iteration == 0:
+                self.on_stage_start(self.schedule.stage_at(0))  # the base-line evaluation alone
             while self.iteration < t.train_iters:
                 stage = self.schedule.stage_at(self.iteration)
                 if stage is not self._stage:
                     self.on_stage_start(stage)
-                if self._iteration(preempt):
+                if self._reason == "regression" or self._iteration(preempt):
                     break
             if self.iteration == t.train_iters and self.iteration > 0:
                 trigger = "stage_end" if self.schedule.is_stage_end(self.iteration) else "end"
@@ -200,6 +223,8 @@ class Trainer:
             self.data.close()
         if self._reason == "preempted":
             log.warning("SIGTERM received: saved iteration %d and stopping", self.iteration)
+        for line in self.evaluator.summary() if self.is_writer else []:
+            log.info("base -> now | %s", line)
         if self._first_loss is not None and self._last is not None:
             log.info(
                 "done (%s) at iteration %d: loss %.4f -> %.4f",
@@ -248,6 +273,8 @@ class Trainer:
         ck = cfg.checkpoint
         if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0:
             self._timed_save()
+        if self._reason == "regression":
+            return True
         if preempt.poll():
             self._reason = "preempted"
             return True
@@ -279,6 +306,7 @@ class Trainer:
             "iteration": self.iteration,
             "loss": loss,
             "lr": result.lr,
+            **{f"lr_{cls}": result.lr * m for cls, m in self.plan.class_multipliers().items()},
             "grad_norm": result.grad_norm,
             "applied": result.applied,
             "skipped_steps": self._skipped_total,

@@ -168,7 +168,6 @@ def test_cli_checks_sets_against_the_recipe_before_merging(tmp_path, pair, capsy
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="needs data.eval_baseline from the trainer redesign")
 def test_sweep_through_the_trainer(tmp_path, capsys):
     pytest.importorskip("mistral_common")
     pytest.importorskip("snownlp")

@@ -51,11 +51,13 @@ def build(cfg, reference_state=None):
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_ct.config import validate_for_world
-    from megatron_ct.model.llama import build_model
+    from megatron_ct.model.llama import Numerics, build_model
 
     torch.manual_seed(7)
     model_parallel_cuda_manual_seed(7)
-    chunks, info = build_model(cfg, validate_for_world(cfg, int(os.environ["WORLD_SIZE"])), "cpu")
+    t = cfg.train
+    numerics = Numerics(t.precision, t.recompute_granularity, cfg.data.uses_document_attention_mask)
+    chunks, info = build_model(cfg.model, validate_for_world(cfg, int(os.environ["WORLD_SIZE"])), numerics)
     model = chunks[0]
     if reference_state is not None:
         model.load_state_dict(reference_state)

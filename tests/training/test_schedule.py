@@ -90,11 +90,11 @@ def test_frozen_group_stays_at_zero_during_warmup():
     cfg = load_config(
         None, ["optim.lr=1e-3", "optim.lr_warmup_iters=4", "optim.lr_warmup_init=1e-4", "train.train_iters=10"]
     )
-    frozen = GroupPolicy(lr_mult=(0.0,), decay=(False,))
+    frozen = GroupPolicy(lr_mult=(0.0,))
     opt = FakeOptimizer()
     opt.param_groups.append({"params": [], "ct_group": frozen.key, "wd_mult": 1.0})
     sched = CTScheduler(opt, cfg.optim, 10, {frozen.key: frozen}, Schedule.from_config(cfg).stages[0])
     for _ in range(6):
-        assert opt.param_groups[1]["lr"] == 0.0 and opt.param_groups[1]["weight_decay"] == 0.0
+        assert opt.param_groups[1]["lr"] == 0.0
         sched.step(1)
-    assert opt.param_groups[0]["lr"] > 0 and opt.param_groups[0]["weight_decay"] == pytest.approx(0.1)
+    assert opt.param_groups[0]["lr"] > 0
