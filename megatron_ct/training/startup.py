@@ -183,6 +183,7 @@ def _load_data_tokenizer(cfg: CTConfig):
 
 def _check_datasets(cfg: CTConfig, names: list[str], cache: IndexCache) -> None:
     """Every dataset a stage uses and every validation set opens, and its token ids fit the vocabulary."""
+    from megatron_ct.data.indexed import check_same_tokenizer
     from megatron_ct.data.stream import DocumentStream
 
     d = cfg.data
@@ -190,10 +191,13 @@ def _check_datasets(cfg: CTConfig, names: list[str], cache: IndexCache) -> None:
     entries += [(f"data.valid.{n}", n, ds) for n, ds in d.valid.items()]
 
     def scan() -> None:
+        metas = {}  # every dataset's sidecar: one tokenizer for the whole run
         for key, name, ds in entries:
             stream = DocumentStream(
                 name, ds, key=key, seed=0, seq_length=d.seq_length, cache=cache, data_root=d.data_root, shuffle=False
             )
+            metas.update(stream.metadata())
+            check_same_tokenizer(metas)
             top, prefix = stream.max_token_id()
             if top >= cfg.model.vocab_size:
                 raise ConfigError(
