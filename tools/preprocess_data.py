@@ -39,29 +39,62 @@ from megatron_ct.preprocess.pipeline import (  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                   help="input files, folders or quoted globs: .jsonl/.json (JSON lines), "
-                        ".txt (one document per line), optionally .gz/.zst; .parquet; a datasets "
-                        "save_to_disk folder or .arrow file")
-    p.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY",
-                   help="JSON keys (parquet/Arrow columns) to tokenize, one output each (default: text)")
-    p.add_argument("--instruction-keys", nargs=2, default=None, metavar=("INSTR", "RESP"),
-                   help="write one '{INSTR}\\n{RESP}' document per line to {prefix}_instruction_document "
-                        "(unsupervised instruction data)")
-    p.add_argument("--output-prefix", required=True,
-                   help="writes {prefix}_{key}_document.bin/.idx and {prefix}_summary.json")
-    p.add_argument("--tokenizer", required=True,
-                   help="SentencePiece .model file or Hugging Face tokenizer directory")
-    p.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
-                   help="append the EOD id after each document (default: on)")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="input files, folders or quoted globs: .jsonl/.json (JSON lines), "
+        ".txt (one document per line), optionally .gz/.zst; .parquet; a datasets "
+        "save_to_disk folder or .arrow file",
+    )
+    p.add_argument(
+        "--json-keys",
+        nargs="+",
+        default=["text"],
+        metavar="KEY",
+        help="JSON keys (parquet/Arrow columns) to tokenize, one output each (default: text)",
+    )
+    p.add_argument(
+        "--instruction-keys",
+        nargs=2,
+        default=None,
+        metavar=("INSTR", "RESP"),
+        help="write one '{INSTR}\\n{RESP}' document per line to {prefix}_instruction_document "
+        "(unsupervised instruction data)",
+    )
+    p.add_argument(
+        "--output-prefix", required=True, help="writes {prefix}_{key}_document.bin/.idx and {prefix}_summary.json"
+    )
+    p.add_argument("--tokenizer", required=True, help="SentencePiece .model file or Hugging Face tokenizer directory")
+    p.add_argument(
+        "--append-eod",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="append the EOD id after each document (default: on)",
+    )
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
-    p.add_argument("--log-interval", type=int, default=1000,
-                   help="refresh docs/s and tokens/s on the progress bar every N documents (default: 1000)")
-    p.add_argument("--shard-index", type=int, default=None, metavar="I",
-                   help="process shard I of --num-shards (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN, else 0)")
-    p.add_argument("--num-shards", type=int, default=None, metavar="N",
-                   help="split the inputs by file and parquet row group into N shards, each written to "
-                        "{prefix}-{I:05d}-of-{N:05d}_... (default: SLURM_ARRAY_TASK_COUNT, else 1)")
+    p.add_argument(
+        "--log-interval",
+        type=int,
+        default=1000,
+        help="refresh docs/s and tokens/s on the progress bar every N documents (default: 1000)",
+    )
+    p.add_argument(
+        "--shard-index",
+        type=int,
+        default=None,
+        metavar="I",
+        help="process shard I of --num-shards (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN, else 0)",
+    )
+    p.add_argument(
+        "--num-shards",
+        type=int,
+        default=None,
+        metavar="N",
+        help="split the inputs by file and parquet row group into N shards, each written to "
+        "{prefix}-{I:05d}-of-{N:05d}_... (default: SLURM_ARRAY_TASK_COUNT, else 1)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (or MEGATRON_CT_DEBUG=1)")
     return p

@@ -131,21 +131,31 @@ def write_index(path: str, dtype: np.dtype | type, sequence_lengths: np.ndarray,
 
 # --- tokenizer and metadata ----------------------------------------------------------------------
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+TOKENIZER_PROBE = (
+    "The quick brown fox jumps over the lazy dog. 1234567890, 3.14159; e-mail: a.b@c.org\n"
+    "这家酒店的服务很好，我们下次还会再来。机器学习和自然语言处理。\n"
+    "def main(argv):\n\treturn {'key': [1, 2, 3]}  # comment\n"
+    "Émile a mangé 🦙 à Zürich; Привет мир; こんにちは世界"
+)
+"""Mixed text whose ids identify a tokenizer's behaviour: a SentencePiece ``.model`` and its
+``tokenizer.json`` conversion agree on it, different vocabularies do not."""
 
 
 def tokenizer_fingerprint(path: str, tokenizer) -> dict:
-    """What identifies the tokenization of a dataset: the tokenizer file's SHA-256 (a
-    SentencePiece ``.model``, or the ``tokenizer.json`` of a directory), the vocabulary size
-    and the EOD id appended after documents."""
+    """What identifies the tokenization of a dataset: vocabulary size, the EOD id appended after
+    documents, a hash of the ids of ``TOKENIZER_PROBE`` (behaviour), and for people the
+    tokenizer file's SHA-256 (a SentencePiece ``.model``, or the ``tokenizer.json`` of a directory)."""
     file = path
     if os.path.isdir(path):
         file = next((os.path.join(path, n) for n in _TOKENIZER_FILES if os.path.isfile(os.path.join(path, n))), "")
+    probe = np.asarray(tokenizer.encode(TOKENIZER_PROBE), dtype=np.int64)
     return {
         "file": os.path.basename(file) if file else None,
         "sha256": sha256_file(file) if file else None,
         "vocab_size": int(tokenizer.vocab_size),
         "eod_id": int(tokenizer.eod_id),
         "unk_id": getattr(tokenizer, "unk_id", None),
+        "probe": hashlib.sha256(probe.tobytes()).hexdigest()[:16],
     }
 
 
@@ -214,6 +224,13 @@ def read_meta(prefix: str) -> DatasetMeta | None:
         return None
 
 
+def _same_tokenizer(a: dict, b: dict) -> bool:
+    # Same ids for the same text: the probe decides when both have it (a .model and its
+    # tokenizer.json conversion agree), else the tokenizer file itself.
+    identity = "probe" if a.get("probe") and b.get("probe") else "sha256"
+    return all(a.get(k) == b.get(k) for k in ("vocab_size", "eod_id", identity))
+
+
 def check_same_tokenizer(metas: dict[str, DatasetMeta | None]) -> None:
     """Refuse datasets of one run that were tokenized with different tokenizers.
 
@@ -224,10 +241,10 @@ def check_same_tokenizer(metas: dict[str, DatasetMeta | None]) -> None:
     for label, meta in metas.items():
         if meta is None or not meta.tokenizer:
             continue
-        fp = {k: meta.tokenizer.get(k) for k in ("sha256", "vocab_size", "eod_id")}
+        fp = meta.tokenizer
         if first is None:
             first = (label, fp)
-        elif fp != first[1]:
+        elif not _same_tokenizer(fp, first[1]):
             raise DataError(
                 f"{label}: tokenized with {describe_tokenizer(meta.tokenizer)}, but {first[0]} with "
                 f"{describe_tokenizer(metas[first[0]].tokenizer)}; expected every dataset of a run "
@@ -347,6 +364,24 @@ class IndexedData:
             yield self.tokens[lo : lo + block_tokens]
 
 
+def _make_room_for_files(margin: int = 64) -> None:
+    """Each open dataset holds two memory maps (one file descriptor each); a glob over the
+    thousand shards of an array job would pass the usual soft limit of 1024. Raise the soft
+    limit to the hard one when it comes near."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY or soft >= hard != resource.RLIM_INFINITY:
+            return
+        if len(os.listdir("/proc/self/fd")) + margin >= soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.info("raised the open-file limit from %d to %d for the datasets' memory maps", soft, hard)
+    except (ImportError, OSError, ValueError):
+        pass  # not Linux, or not allowed: opening fails later with the usual message
+
+
 def open_indexed(prefix: str) -> IndexedData:
     """Open and validate ``{prefix}.bin``/``.idx`` (metadata only); DataError naming the file if unusable."""
+    _make_room_for_files()
     return IndexedData(prefix)
