@@ -350,11 +350,14 @@ def _tokenize_and_write(
 
 def _refuse_empty(files: list[InputFile], units: list[Unit], config: PreprocessConfig, stats: _Stats) -> None:
     """No document would be written: say why in one line (nothing is published)."""
-    where = f"{len({u.file_index for u in units})} input file(s)"
+    read = sorted({u.file_index for u in units})
+    where = (
+        f"input {files[read[0]].path}" if len(read) == 1 else f"{len(read)} input files ({files[read[0]].path}, ...)"
+    )
     if config.num_shards > 1:
         where += f" of shard {config.shard_index}/{config.num_shards}"
     if stats.lines == 0:
-        raise PreprocessError(f"no document to write: {where} ({files[units[0].file_index].path}, ...) hold no lines")
+        raise PreprocessError(f"no document to write: {where} has no lines or rows; expected at least one document")
     skipped = ", ".join(f"{r}={n}" for r, n in stats.skipped.items())
     keys = config.instruction_keys or tuple(config.json_keys)
     raise PreprocessError(
