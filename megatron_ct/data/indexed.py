@@ -320,7 +320,11 @@ class IndexedData:
         self.sequence_pointers = np.frombuffer(mm, np.int64, n_seq, PREAMBLE_BYTES + 4 * n_seq)  # [S] bytes
         self.document_indices = np.frombuffer(mm, np.int64, n_doc, PREAMBLE_BYTES + 12 * n_seq)  # [D]
         docs = self.document_indices
-        if docs[0] != 0 or docs[-1] != n_seq or np.any(docs[1:] < docs[:-1]):
+        ascending = True
+        for lo in range(0, n_doc - 1, _BLOCK):  # block-wise: no D-sized temporaries
+            hi = min(lo + _BLOCK, n_doc - 1)
+            ascending &= not np.any(docs[lo + 1 : hi + 1] < docs[lo:hi])
+        if docs[0] != 0 or docs[-1] != n_seq or not ascending:
             raise DataError(f"{path}: document indices are not ascending from 0 to {n_seq} (corrupt index)")
         self._check_pointers()
 

@@ -354,6 +354,7 @@ def _records(batch, columns: tuple[str, ...]) -> dict[str, list]:
 def _parquet_chunks(
     spec: InputFile, index: int, group: int, columns: tuple[str, ...], rows: int, done: int, size: int
 ) -> Iterator[Chunk]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     first = sum(n for n, _ in spec.row_groups[:group])
@@ -366,7 +367,7 @@ def _parquet_chunks(
             yield Chunk(
                 index, first + read - batch.num_rows, done + size * read // total, records=_records(batch, columns)
             )
-    except OSError as exc:  # pyarrow's errors for corrupt pages derive from OSError/ArrowException
+    except (OSError, pa.ArrowException) as exc:  # a corrupt page or column chunk
         raise PreprocessError(f"input {spec.path}: cannot read row group {group} ({exc})") from None
 
 
@@ -395,7 +396,7 @@ def _arrow_chunks(spec: InputFile, index: int, columns: tuple[str, ...], rows: i
                 first += part.num_rows
                 # Progress by rows is not known up front for a stream: count the file at its end.
                 yield Chunk(index, first - part.num_rows, done, records=_records(part, columns))
-    except (pa.ArrowInvalid, OSError) as exc:
+    except (OSError, pa.ArrowException) as exc:
         raise PreprocessError(f"input {spec.path}: cannot read past row {first} ({exc})") from None
 
 

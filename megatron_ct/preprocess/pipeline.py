@@ -256,7 +256,8 @@ def _summary(
     chars = sum(stats.characters.values())
     eod = stats.docs * len(stats.keys) if config.append_eod else 0
     unk = getattr(tokenizer, "unk_id", None)
-    unknown = sum(stats.unknown.values()) if unk is not None else None
+    unknown = sum(stats.unknown.values()) if unk is not None else None  # None: the tokenizer has no unknown id
+    share = None if unknown is None else unknown / tokens if tokens else 0.0
     read = sorted({u.file_index for u in units})
     return {
         "inputs": [files[i].path for i in read],
@@ -277,7 +278,7 @@ def _summary(
         "tokens_per_character": (tokens - eod) / chars if chars else 0.0,  # EOD excluded
         "unk_id": unk,
         "unknown_ids": unknown,
-        "unknown_id_share": unknown / tokens if unknown is not None and tokens else 0.0 if unk is not None else None,
+        "unknown_id_share": share,
         "per_key": {
             k: {"tokens": stats.tokens[k], "characters": stats.characters[k], "unknown_ids": stats.unknown[k]}
             for k in stats.keys
@@ -378,7 +379,17 @@ def preprocess(config: PreprocessConfig) -> dict:
     _check_inputs_fit_mode(files, config)
     source_keys = tuple(config.instruction_keys or config.json_keys)
     check_columns(files, source_keys)
-    units = select_shard(units_of(files), config.shard_index, config.num_shards)
+    all_units = units_of(files)
+    units = select_shard(all_units, config.shard_index, config.num_shards)
+    if config.num_shards > 1:
+        logger.info(
+            "shard %d of %d: %d of %d units (files, parquet row groups) -> %s_*",
+            config.shard_index,
+            config.num_shards,
+            len(units),
+            len(all_units),
+            shard_prefix(config.output_prefix, config.shard_index, config.num_shards),
+        )
     tokenizer = _load_tokenizer(config.tokenizer)
     dtype = optimal_dtype(tokenizer.vocab_size)
     prefixes = output_prefixes(config)

@@ -137,6 +137,10 @@ def _fault(prefix: str, other: str, case: str) -> str:
         n = int.from_bytes(data[18:26], "little")
         at = 34 + 4 * n + 8 * 5  # the sixth sequence pointer
         data[at : at + 8] = (12345).to_bytes(8, "little")
+    elif case == "descending-document-index":
+        n = int.from_bytes(data[18:26], "little")
+        at = 34 + 12 * n + 8 * 5  # the sixth document index
+        data[at : at + 8] = (1).to_bytes(8, "little")
     open(idx, "wb").write(bytes(data))
     return idx
 
@@ -151,6 +155,7 @@ FAULTS = {
     "wrong-version": "index version 7, expected 1",
     "bad-dtype-code": "token dtype code 42",
     "corrupt-pointer": "sequence pointers disagree with the lengths",
+    "descending-document-index": "document indices are not ascending from 0 to 4000",
 }
 
 
