@@ -306,3 +306,27 @@ def test_a_glob_of_prefixes_reads_every_shard_in_order(tmp_path):
     with pytest.raises(Exception, match=r"k\.prefixes\[0\]: expected the glob .*nothing-\* to match"):
         DocumentStream("x", DatasetConfig(prefixes=["nothing-*"]), key="k", seed=0, seq_length=8, cache=cache,
                        data_root=str(tmp_path))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_trainer_refuses_a_corrupt_dataset_in_one_line(tmp_path):
+    """pretrain_ct.py: a .bin shorter than its .idx says is one line and exit 2 (torchrun then exits 1),
+    no traceback from our code."""
+    from launch import run_trainer
+
+    prefix = str(tmp_path / "zh_text_document")
+    write_ours(prefix, random_docs(14, 50, vocab=500))
+    with open(prefix + ".bin", "r+b") as f:
+        f.truncate(os.path.getsize(prefix + ".bin") - 4096)
+    overrides = [
+        "data.datasets={zh: zh_text_document}",
+        "data.stages=[{name: a, blend: {zh: 1}}]",
+        f"data.data_root={tmp_path}",
+        "train.train_iters=2",
+        f"data.index_cache_dir={tmp_path}/cache",
+    ]
+    proc = run_trainer(1, overrides, check=False, timeout=120)
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("pretrain_ct.py: error:")]
+    assert len(errors) == 1 and f"{prefix}.bin: " in errors[0] and "truncated, or the .idx belongs" in errors[0]
+    assert "megatron_ct/" not in proc.stderr  # no traceback from our code
