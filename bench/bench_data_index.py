@@ -7,10 +7,10 @@ indices reads no token) and the ``.meta.json`` sidecar (``--no-sidecar``: as ups
 leave them, so the trainer scans each ``.bin`` for its largest id). Then, alternating in one
 process (ours, megatron-core, megatron-core, ours, ...; ``--repeat`` pairs, fresh cache dirs):
 
-* ours ``cold``: ``CurriculumSource`` over all datasets in one stage: open and validate every
-  dataset (header, sizes, ``.idx`` hash), the largest-id check, the tokenizer check, each
-  dataset's epoch-0 index (shuffled order, cumulative lengths; with ``--packing by_source``
-  greedy pack boundaries too), written to the cache;
+* ours ``cold``: the trainer's start-up over all datasets in one stage (``check_startup``: open
+  and validate every dataset (header, sizes, ``.idx`` hash), the largest-id and tokenizer
+  checks; then ``build_data_source``: each dataset's epoch-0 index (shuffled order, cumulative
+  lengths; with ``--packing by_source`` greedy pack boundaries too), written to the cache);
 * megatron-core ``cold``: ``BlendedMegatronDatasetBuilder`` + ``GPTDataset`` over the same
   prefixes and weights, asked for one epoch of samples (the blend's tokens / seq_length),
   building and caching its document, sample and shuffle indices and the blend index;
@@ -94,7 +94,8 @@ def build_megatron(datasets: dict[str, str], cache_dir: str, args) -> None:
 def build_source(datasets: dict[str, str], cache_dir: str, args):
     from megatron_ct.config.loader import build_config
     from megatron_ct.config.validate import validate_for_world
-    from megatron_ct.data.curriculum import CurriculumSource
+    from megatron_ct.data.batches import build_data_source
+    from megatron_ct.training.startup import check_startup
 
     weights = np.array(weights_of(datasets))
     cfg = build_config(
@@ -115,7 +116,9 @@ def build_source(datasets: dict[str, str], cache_dir: str, args):
             },
         }
     )
-    return CurriculumSource(cfg, validate_for_world(cfg, 1), 0, "cpu")
+    layout = validate_for_world(cfg, 1)
+    startup = check_startup(cfg, layout)  # what the trainer does first: every dataset checked
+    return build_data_source(cfg, layout, startup.schedule, 0, startup.cache)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
         t0 = time.perf_counter()
-        for k in range(args.steps):
-            src.plan(k)
+        for _ in range(args.steps):
+            src.plan()
         plan_ms = (time.perf_counter() - t0) / args.steps * 1000
         dist.destroy_process_group()
 

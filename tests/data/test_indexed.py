@@ -22,7 +22,7 @@ import pytest
 from megatron_ct.config.loader import build_config
 from megatron_ct.config.schema import DatasetConfig
 from megatron_ct.config.validate import validate_for_world
-from megatron_ct.data.curriculum import CurriculumSource
+from megatron_ct.data.batches import build_data_source
 from megatron_ct.data.index_cache import IndexCache
 from megatron_ct.data.indexed import (
     DatasetMeta,
@@ -34,6 +34,7 @@ from megatron_ct.data.indexed import (
 from megatron_ct.data.stream import DocumentStream
 from megatron_ct.errors import DataError
 from megatron_ct.preprocess.writer import IndexedDatasetWriter
+from megatron_ct.training.startup import check_startup
 
 FP = {"file": "tok.model", "sha256": "a" * 64, "vocab_size": 1000, "eod_id": 2, "unk_id": 0}
 
@@ -203,6 +204,12 @@ def curriculum_cfg(datasets: dict[str, str], cache_dir: str, vocab: int = 1000):
     return cfg, validate_for_world(cfg, 1)
 
 
+def start(cfg, layout):
+    """What the trainer does at start-up: the checks of every dataset, then the data source."""
+    startup = check_startup(cfg, layout)
+    return build_data_source(cfg, layout, startup.schedule, 0, startup.cache)
+
+
 def test_truncated_bin_stops_the_run_at_start_up(tmp_path):
     write_ours(str(tmp_path / "a"), random_docs(6, 20))
     write_ours(str(tmp_path / "b"), random_docs(7, 20))
@@ -210,7 +217,7 @@ def test_truncated_bin_stops_the_run_at_start_up(tmp_path):
         f.truncate(10)
     cfg, layout = curriculum_cfg({"a": str(tmp_path / "a"), "b": str(tmp_path / "b")}, str(tmp_path / "cache"))
     with pytest.raises(DataError) as err:
-        CurriculumSource(cfg, layout, 0, "cpu")
+        start(cfg, layout)
     assert str(err.value).startswith(str(tmp_path / "b.bin") + ": 10 bytes, expected")
 
 
@@ -220,8 +227,8 @@ def test_retokenized_corpus_same_sizes_same_mtime_rebuilds_the_index(tmp_path, c
     old = random_docs(8, 50)
     write_ours(prefix, old)
     cfg, layout = curriculum_cfg({"zh": prefix}, str(tmp_path / "cache"))
-    first = CurriculumSource(cfg, layout, 0, "cpu")
-    first.plan(0)
+    first = start(cfg, layout)
+    first.plan()
     state = first.state_dict()
     stat = {ext: os.stat(prefix + ext) for ext in (".bin", ".idx")}
 
@@ -231,14 +238,14 @@ def test_retokenized_corpus_same_sizes_same_mtime_rebuilds_the_index(tmp_path, c
     for ext, st in stat.items():
         os.utime(prefix + ext, ns=(st.st_atime_ns, st.st_mtime_ns))
         assert os.path.getsize(prefix + ext) == st.st_size
-    second = CurriculumSource(cfg, layout, 0, "cpu")
+    second = start(cfg, layout)
     assert second.cache.built > 0  # nothing reused from the first corpus' cache
     _, cum = second.streams["zh"].epoch_index(0)
     order, _ = second.streams["zh"].epoch_index(0)
     lengths = np.array([len(d) for d in new])
     assert np.array_equal(cum, np.concatenate([[0], np.cumsum(lengths[order])]))
     with caplog.at_level(logging.WARNING, logger="megatron_ct"):
-        second.resume(1, 4, state)
+        second.load_state_dict(state)
     assert f"dataset 'zh': files differ from the checkpoint's ({prefix})" in caplog.text
 
 
@@ -273,13 +280,13 @@ def test_datasets_of_different_tokenizers_are_refused_at_start_up(tmp_path):
     paths = {n: str(tmp_path / n) for n in "abc"}
     cfg, layout = curriculum_cfg(paths, str(tmp_path / "cache"))
     with pytest.raises(DataError) as err:
-        CurriculumSource(cfg, layout, 0, "cpu")
+        start(cfg, layout)
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"data.datasets.b ({paths['b']}): tokenized with tok.model")
     assert f"but data.datasets.a ({paths['a']}) with" in message and "EOD 0" in message and "EOD 2" in message
     # Same tokenizer (and a dataset without a sidecar): accepted.
     cfg, layout = curriculum_cfg({"a": paths["a"], "c": paths["c"]}, str(tmp_path / "cache"))
-    CurriculumSource(cfg, layout, 0, "cpu")
+    start(cfg, layout)
 
 
 def test_same_tokenizer_by_behaviour_is_accepted():
