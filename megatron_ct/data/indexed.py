@@ -37,6 +37,7 @@ upstream tools have none and still work.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -94,6 +95,14 @@ def sha256_file(path: str) -> str:
         while block := f.read(8 << 20):
             digest.update(block)
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=4096)
+def _sha256_of(path: str, identity: tuple[int, ...]) -> str:
+    """``sha256_file`` memoized by the file's identity (device, inode, size, mtime_ns, ctime_ns):
+    the trainer's start-up checks and its data source open each dataset once each. Any write
+    or rename changes ctime, so a changed file is always hashed again."""
+    return sha256_file(path)
 
 
 # --- writing -----------------------------------------------------------------------------------
@@ -275,7 +284,8 @@ class IndexedData:
                 f"{self.bin_path}: {bin_stat.st_size} bytes, expected {expected} ({self.num_tokens} "
                 f"{self.dtype.name} tokens per {self.idx_path}); truncated, or the .idx belongs to another dataset"
             )
-        self.idx_sha256 = sha256_file(self.idx_path)
+        identity = (idx_stat.st_dev, idx_stat.st_ino, idx_stat.st_size, idx_stat.st_mtime_ns, idx_stat.st_ctime_ns)
+        self.idx_sha256 = _sha256_of(os.path.realpath(self.idx_path), identity)
         self.fingerprint = hashlib.sha256(
             json.dumps(
                 [self.idx_sha256, idx_stat.st_size, bin_stat.st_size, idx_stat.st_mtime_ns, bin_stat.st_mtime_ns]
