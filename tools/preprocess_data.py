@@ -1,11 +1,18 @@
 #!/usr/bin/env python
-"""Tokenize corpora into megatron-core IndexedDataset .bin/.idx files.
+"""Tokenize corpora into megatron-core IndexedDataset .bin/.idx files (plus a .meta.json sidecar).
 
+Inputs: JSON lines (.jsonl/.json), text (.txt, a document per line), each optionally .gz/.zst;
+parquet (.parquet, streamed by row group); Hugging Face datasets save_to_disk folders (.arrow).
 Flag names follow Megatron-LM's tools/preprocess_data.py. Examples:
 
     python tools/preprocess_data.py --input 'corpus/*.jsonl.gz' --tokenizer llama/tokenizer.model \\
         --output-prefix data/corpus --workers 8
-    # -> data/corpus_text_document.bin/.idx, data/corpus_summary.json
+    # -> data/corpus_text_document.bin/.idx/.meta.json, data/corpus_summary.json
+
+    # one task of a SLURM array (--array=0-63): shard = SLURM_ARRAY_TASK_ID of SLURM_ARRAY_TASK_COUNT
+    python tools/preprocess_data.py --input 'web/*.parquet' --json-keys content --tokenizer model_dir/ \\
+        --output-prefix data/web --workers 16
+    # -> data/web-00007-of-00064_content_document.bin/.idx; train on the glob data/web-*_content_document
 
     python tools/preprocess_data.py --input sft.jsonl --instruction-keys instruction output \\
         --tokenizer hf_tokenizer_dir/ --output-prefix data/sft
@@ -22,29 +29,33 @@ import sys
 # Runnable as a plain script from a checkout, without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ct.errors import CTError  # noqa: E402
 from megatron_ct.preprocess.pipeline import (  # noqa: E402
     PreprocessConfig,
-    PreprocessError,
     format_summary,
     preprocess,
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=os.path.basename(__file__), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument(
         "--input",
         nargs="+",
         required=True,
         metavar="PATH",
-        help="input files or quoted globs: .jsonl/.json (JSON lines), .txt (one document per line), optionally .gz",
+        help="input files, folders or quoted globs: .jsonl/.json (JSON lines), "
+        ".txt (one document per line), optionally .gz/.zst; .parquet; a datasets "
+        "save_to_disk folder or .arrow file",
     )
     p.add_argument(
         "--json-keys",
         nargs="+",
         default=["text"],
         metavar="KEY",
-        help="JSON keys to tokenize, one output each (default: text)",
+        help="JSON keys (parquet/Arrow columns) to tokenize, one output each (default: text)",
     )
     p.add_argument(
         "--instruction-keys",
@@ -71,7 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=1000,
         help="refresh docs/s and tokens/s on the progress bar every N documents (default: 1000)",
     )
+    p.add_argument(
+        "--shard-index",
+        type=int,
+        default=None,
+        metavar="I",
+        help="process shard I of --num-shards (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN, else 0)",
+    )
+    p.add_argument(
+        "--num-shards",
+        type=int,
+        default=None,
+        metavar="N",
+        help="split the inputs by file and parquet row group into N shards, each written to "
+        "{prefix}-{I:05d}-of-{N:05d}_... (default: SLURM_ARRAY_TASK_COUNT, else 1)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (or MEGATRON_CT_DEBUG=1)")
     return p
 
 
@@ -94,13 +121,17 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             log_interval=args.log_interval,
             progress=args.progress,
+            shard_index=args.shard_index,
+            num_shards=args.num_shards,
         )
         summary = preprocess(config)
-    except PreprocessError as exc:
+    except CTError as exc:
+        if args.debug or os.environ.get("MEGATRON_CT_DEBUG") == "1":
+            raise
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     print(format_summary(summary))
-    print(f"  summary: {args.output_prefix}_summary.json")
+    print(f"  summary: {summary['summary']}")
     return 0
 
 

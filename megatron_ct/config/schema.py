@@ -347,7 +347,9 @@ class DatasetConfig:
 
     prefixes: list[str]
     """Path prefixes of ``.bin``/``.idx`` pairs (tools/preprocess_data.py outputs), read in
-    this order; relative ones are resolved against ``data.data_root``."""
+    this order; relative ones are resolved against ``data.data_root``. A glob
+    (``data/web-*_text_document``: the shards of an array job) stands for every prefix whose
+    ``.idx`` it matches, in sorted order."""
     doc_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
     """Fraction ``[start, end)`` of every prefix's documents to use; Megatron's ``--split``
     carves the train and valid parts of a file this way."""

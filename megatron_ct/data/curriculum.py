@@ -176,7 +176,8 @@ class CurriculumSource:
             self.samples_taken[name] = int(entry.get("samples", 0))
             fp = entry.get("fingerprint")
             if name in self.streams and fp and fp != self.streams[name].fingerprint:
-                log.warning("dataset %r: files differ from the checkpoint's; its position is kept as is", name)
+                changed = ", ".join(self.streams[name].prefixes)
+                log.warning("dataset %r: files differ from the checkpoint's (%s); position kept as is", name, changed)
         seg = state.get("segment")
         window = self.window(self.schedule.stage_at(step))
         if seg and seg["stage"] == window.stage.name and seg["signature"] == window.signature():

@@ -4,8 +4,10 @@ Building the index of one epoch of a dataset is a permutation and a cumulative s
 documents (plus a greedy packing pass for ``by_source``): cheap for one small dataset, but a
 blend of 200 large ones would spend minutes at every start. Each array is saved once as
 ``{dir}/{dataset}-{key}-{kind}.npy`` and memory-mapped afterwards. The key hashes everything
-the array depends on (format version, the files' identities, document range, seed, epoch,
-sequence length), so a changed input never reads a stale index.
+the array depends on (format version, the files' content fingerprints from
+:mod:`megatron_ct.data.indexed`: sizes, mtimes and the ``.idx`` hash; document range, seed,
+epoch, sequence length), so a changed input, even re-tokenized into the same prefix with the
+same size, never reads a stale index.
 
 Writes go to a temporary name and are renamed into place, so ranks that build the same
 array at the same time (or a run killed mid-write) never leave a torn file. A directory
@@ -25,7 +27,7 @@ import numpy as np
 
 log = logging.getLogger("megatron_ct")
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: keyed by content fingerprints (1 used path and size)
 T = TypeVar("T")
 
 

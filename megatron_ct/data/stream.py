@@ -1,4 +1,5 @@
-"""A named dataset read as one endless token stream over megatron-core IndexedDataset files.
+"""A named dataset read as one endless token stream over megatron-core IndexedDataset files
+(opened and validated by :mod:`megatron_ct.data.indexed`).
 
 The stream of a dataset is epoch 0, epoch 1, ... back to back; epoch ``e`` is all of the
 dataset's documents (every sequence of every prefix within ``doc_range``) in an order
@@ -18,10 +19,14 @@ Samples:
 
 Document boundaries are taken from the index, not from EOD tokens, so masks and resets work
 for data preprocessed without ``--append-eod`` too.
+
+A prefix may be a glob (``data/web-*_text_document``, the shards of an array job): it stands
+for every matching prefix, in sorted order.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import time
@@ -32,12 +37,29 @@ import numpy as np
 
 from megatron_ct.config.schema import ConfigError, DatasetConfig
 from megatron_ct.data.index_cache import IndexCache, cache_key
+from megatron_ct.data.indexed import DatasetMeta, IndexedData, open_indexed
 
 log = logging.getLogger("megatron_ct")
 
 
 def resolve_prefix(prefix: str, data_root: str | None) -> str:
     return prefix if os.path.isabs(prefix) or data_root is None else os.path.join(data_root, prefix)
+
+
+def resolve_prefixes(patterns: list[str], data_root: str | None, key: str) -> list[str]:
+    """Prefixes of ``patterns`` (resolved against ``data_root``); a glob becomes every prefix whose
+    ``.idx`` it matches, sorted (ConfigError naming the key when it matches none)."""
+    out = []
+    for i, pattern in enumerate(patterns):
+        path = resolve_prefix(pattern, data_root)
+        if not glob.has_magic(path):
+            out.append(path)
+            continue
+        matches = sorted(p[: -len(".idx")] for p in glob.glob(path + ".idx"))
+        if not matches:
+            raise ConfigError(f"{key}.prefixes[{i}]: expected the glob {path} to match .bin/.idx prefixes, found none")
+        out.extend(matches)
+    return out
 
 
 def check_prefix(prefix: str, key: str) -> None:
@@ -50,13 +72,9 @@ def check_prefix(prefix: str, key: str) -> None:
         )
 
 
-def _open_indexed(prefix: str):
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-    return IndexedDataset(prefix, mmap=True)
+def _open_indexed(prefix: str) -> IndexedData:
+    """Open and validate one prefix (DataError naming the file when it is unusable)."""
+    return open_indexed(prefix)
 
 
 def greedy_pack_boundaries(lengths: np.ndarray, capacity: int) -> np.ndarray:
@@ -112,9 +130,11 @@ class DocumentStream:
         shuffle: bool = True,
     ) -> None:
         self.name, self.seed, self.seq_length, self.cache, self.shuffle = name, seed, seq_length, cache, shuffle
-        self.prefixes = [resolve_prefix(p, data_root) for p in cfg.prefixes]
+        self.key = key
+        self.prefixes = resolve_prefixes(cfg.prefixes, data_root, key)
         lengths, files = [], []
-        self._datasets, self._first_doc, starts = [], [], [0]  # per prefix
+        self._datasets: list[IndexedData] = []
+        self._first_doc, starts = [], [0]  # per prefix
         for i, prefix in enumerate(self.prefixes):
             check_prefix(prefix, f"{key}.prefixes[{i}]")
             ds = _open_indexed(prefix)
@@ -124,7 +144,9 @@ class DocumentStream:
             self._datasets.append(ds)
             self._first_doc.append(lo)
             starts.append(starts[-1] + hi - lo)
-            files.append([os.path.abspath(prefix), os.path.getsize(prefix + ".idx"), n, lo, hi])
+            # The files' content fingerprint (sizes, mtimes, .idx hash), not their path: a
+            # re-tokenized corpus never meets the index cache of the old one.
+            files.append([ds.fingerprint, n, lo, hi])
         # Document g of the stream is document first_doc[k] + g - starts[k] of prefix k.
         self._starts = np.asarray(starts, dtype=np.int64)
         self.lengths = lengths[0] if len(lengths) == 1 else np.concatenate(lengths)  # [num_docs] int32
@@ -136,15 +158,24 @@ class DocumentStream:
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._packs: dict[int, np.ndarray] = {}
 
+    def metadata(self) -> dict[str, DatasetMeta | None]:
+        """``"{key} ({prefix})"`` -> the prefix's metadata sidecar (None: written without one)."""
+        return {f"{self.key} ({p})": ds.meta for p, ds in zip(self.prefixes, self._datasets, strict=True)}
+
     def max_token_id(self) -> tuple[int, str]:
-        """(largest token id, the prefix holding it) over this stream's files. One pass over
-        each ``.bin`` the first time, cached on disk afterwards (keyed by the files)."""
+        """(largest token id, the prefix holding it) over this stream's files: from each prefix's
+        metadata sidecar, else one pass over its ``.bin`` the first time, cached on disk afterwards
+        (keyed by the files' fingerprint)."""
         best, where = -1, self.prefixes[0]
         for prefix, ds in zip(self.prefixes, self._datasets, strict=True):
+            if ds.meta is not None:
+                if ds.meta.max_token_id > best:
+                    best, where = ds.meta.max_token_id, prefix
+                continue
 
             def scan(prefix=prefix, ds=ds) -> np.ndarray:
                 t0 = time.perf_counter()
-                tokens = np.memmap(prefix + ".bin", dtype=ds.index.dtype, mode="r")
+                tokens = ds.tokens
                 top = int(tokens.max()) if len(tokens) else -1
                 log.info(
                     "dataset %r: scanned %s tokens of %s for the largest id in %.1fs",
@@ -155,7 +186,7 @@ class DocumentStream:
                 )
                 return np.array([top], dtype=np.int64)
 
-            key = cache_key({"file": [os.path.abspath(prefix), os.path.getsize(prefix + ".bin")]})
+            key = cache_key({"file": ds.fingerprint})
             top = int(self.cache.get(prefix, self.name, key, "maxid", scan)[0])
             if top > best:
                 best, where = top, prefix

@@ -22,6 +22,8 @@ class Tokenizer(ABC):
         eod_id: Id appended after every document (the end-of-sequence token).
         bos_id: Beginning-of-sequence id, or None when the tokenizer has none.
         pad_id: Padding id, or None when the tokenizer has none.
+        unk_id: Id of unknown text, or None when the tokenizer has none
+            (preprocessing reports its share: a high one means the wrong tokenizer).
     """
 
     name: str
@@ -29,6 +31,7 @@ class Tokenizer(ABC):
     eod_id: int
     bos_id: int | None
     pad_id: int | None
+    unk_id: int | None = None
 
     @abstractmethod
     def encode(self, text: str) -> list[int]:

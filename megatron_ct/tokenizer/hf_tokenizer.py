@@ -31,6 +31,7 @@ class HFTokenizer(Tokenizer):
         self.eod_id = self._tok.eos_token_id
         self.bos_id = self._tok.bos_token_id
         self.pad_id = self._tok.pad_token_id
+        self.unk_id = self._tok.unk_token_id
 
     # split_special_tokens: text that spells a special token ("</s>",
     # "<|endoftext|>") is encoded as plain text, as SentencePiece does;

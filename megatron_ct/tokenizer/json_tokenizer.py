@@ -52,6 +52,10 @@ class JsonTokenizer(Tokenizer):
             )
         self.name = f"hf:{os.path.abspath(directory)} (tokenizer.json)"
         self.eod_id, self.bos_id, self.pad_id = special.eod_id, special.bos_id, special.pad_id
+        # The model's id for text it cannot cover (BPE/WordPiece/WordLevel; None with byte fallback):
+        # preprocessing reports its share.
+        unk = getattr(self._tok.model, "unk_token", None)
+        self.unk_id = self._tok.token_to_id(unk) if unk else None
         self.special_sources = special.sources
         # Ids ordinary text can become: the model's vocabulary and non-special added tokens.
         text_ids = list(model_vocab.values()) + [i for i, t in added.items() if not t.special]

@@ -45,6 +45,7 @@ class SentencePieceTokenizer(Tokenizer):
         if own["eos"] is None:
             raise ValueError(f"SentencePiece model {model_path} has no end-of-sequence piece to use as EOD")
         self.eod_id, self.bos_id, self.pad_id = own["eos"], own["bos"], own["pad"]
+        self.unk_id = _id_or_none(self._sp.unk_id())
 
     def _piece_id(self, piece: str) -> int | None:
         i = self._sp.piece_to_id(piece)

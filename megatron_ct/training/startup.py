@@ -189,6 +189,7 @@ def _load_data_tokenizer(cfg: CTConfig):
 
 def _check_datasets(cfg: CTConfig, names: list[str], cache: IndexCache) -> None:
     """Every dataset a stage uses and every validation set opens, and its token ids fit the vocabulary."""
+    from megatron_ct.data.indexed import check_same_tokenizer
     from megatron_ct.data.stream import DocumentStream
 
     d = cfg.data
@@ -196,10 +197,15 @@ def _check_datasets(cfg: CTConfig, names: list[str], cache: IndexCache) -> None:
     entries += [(f"data.valid.{n}", n, ds) for n, ds in d.valid.items()]
 
     def scan() -> None:
-        for key, name, ds in entries:
-            stream = DocumentStream(
+        streams = {
+            key: DocumentStream(
                 name, ds, key=key, seed=0, seq_length=d.seq_length, cache=cache, data_root=d.data_root, shuffle=False
             )
+            for key, name, ds in entries
+        }
+        # One tokenizer for the whole run (from each dataset's sidecar), before the ids are compared.
+        check_same_tokenizer({label: m for stream in streams.values() for label, m in stream.metadata().items()})
+        for key, stream in streams.items():
             top, prefix = stream.max_token_id()
             if top >= cfg.model.vocab_size:
                 raise ConfigError(

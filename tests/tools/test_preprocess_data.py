@@ -89,3 +89,28 @@ def test_main_reports_bad_paths_in_one_line(tmp_path, sp_path, capsys, bad):
     err = capsys.readouterr().err.strip()
     assert "error:" in err and missing in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["wrong-json-keys", "empty-input"])
+def test_zero_documents_exit_2_in_one_line_and_nothing_left(tmp_path, sp_path, capsys, case):
+    src = tmp_path / "d.jsonl"
+    src.write_text(json.dumps({"text": "a document"}) + "\n" if case == "wrong-json-keys" else "")
+    argv = ["--input", str(src), "--tokenizer", sp_path, "--output-prefix", str(tmp_path / "out" / "c"),
+            "--json-keys", "content" if case == "wrong-json-keys" else "text", "--no-progress"]  # fmt: skip
+    assert load_cli().main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    # Skipped lines are logged as warnings first; the error itself is the last line, whole.
+    assert err[-1].startswith("preprocess_data.py: error: no document to write")
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_shard_flags_name_the_outputs(tmp_path, sp_path, capsys):
+    for i in range(3):
+        (tmp_path / f"p{i}.jsonl").write_text(json.dumps({"text": f"doc {i}"}) + "\n")
+    argv = ["--input", str(tmp_path / "p*.jsonl"), "--tokenizer", sp_path, "--output-prefix", str(tmp_path / "c"),
+            "--shard-index", "1", "--num-shards", "3", "--no-progress"]  # fmt: skip
+    assert load_cli().main(argv) == 0
+    out = capsys.readouterr().out
+    assert "(shard 1 of 3, 1 unit(s))" in out and f"summary: {tmp_path / 'c'}-00001-of-00003_summary.json" in out
+    tok = load_tokenizer(sp_path)
+    assert [tok.decode(ids[:-1]) for ids in read_ids(str(tmp_path / "c-00001-of-00003_text_document"))] == ["doc 1"]
