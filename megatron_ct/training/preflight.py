@@ -232,12 +232,10 @@ def as_datasets(datasets: Mapping[str, Any], data_root: str | None = None) -> li
 
 
 def _index(prefix: str):
-    from megatron_ct.data.stream import _open_indexed
+    """The validated index of ``prefix`` (lengths, byte pointers, dtype); DataError if corrupt."""
+    from megatron_ct.data.indexed import open_indexed
 
-    try:
-        return _open_indexed(prefix).index
-    except Exception as e:  # megatron-core raises assorted types for a corrupt .idx
-        raise DataError(f"{prefix}.idx: not a readable IndexedDataset index ({type(e).__name__}: {e})") from None
+    return open_indexed(prefix)
 
 
 def _token_span(index, doc_range: tuple[float, float]) -> tuple[int, int, int, int]:
@@ -247,7 +245,7 @@ def _token_span(index, doc_range: tuple[float, float]) -> tuple[int, int, int, i
     lo, hi = (int(round(f * n)) for f in doc_range)
     if hi <= lo:
         return lo, hi, 0, 0
-    size = index.dtype_size
+    size = index.dtype.itemsize
     start = int(index.sequence_pointers[lo]) // size
     end = int(index.sequence_pointers[hi - 1]) // size + int(index.sequence_lengths[hi - 1])
     return lo, hi, start, end
@@ -389,7 +387,7 @@ def dataset_boundary_ids(ds: DatasetFiles) -> BoundaryIds:
         index = _index(prefix)
         lo, hi, _, _ = _token_span(index, ds.doc_range)
         lengths = np.asarray(index.sequence_lengths[lo:hi], dtype=np.int64)
-        starts = np.asarray(index.sequence_pointers[lo:hi], dtype=np.int64) // index.dtype_size
+        starts = np.asarray(index.sequence_pointers[lo:hi], dtype=np.int64) // index.dtype.itemsize
         keep = lengths > 0
         tokens = np.memmap(prefix + ".bin", dtype=index.dtype, mode="r")
         lasts.append(np.asarray(tokens[(starts + lengths - 1)[keep]], dtype=np.int64))
