@@ -17,25 +17,13 @@ MEGATRON_CT_DEBUG=1 for the traceback); 3 non-finite training (train.nan_policy)
 import os
 import sys
 
-# Warnings megatron-core and torch emit on every rank for conditions the start-up log
-# line already reports (which norm/optimizer implementation runs) or that are internal
-# to megatron-core's checkpoint code. Anything else still shows.
-KNOWN_NOISE = (
-    "Transformer Engine and Apex are not installed",
-    "Apex is not installed",
-    "full scope is deprecated",
-    "Please use DTensor instead",
-    "`load_state_dict` is deprecated",
-    "`torch.distributed.all_gather_into_tensor` is deprecated",
-)
-
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import warnings
 
-    for message in KNOWN_NOISE:
-        warnings.filterwarnings("ignore", message=".*" + message)
+    from megatron_ct.cli import quiet_known_warnings
+
+    quiet_known_warnings()
 
     parser = argparse.ArgumentParser(
         description="megatron-ct continual pre-training",

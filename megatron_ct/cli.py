@@ -12,11 +12,32 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
 from megatron_ct.errors import CTError
 
 EXIT_INPUT = 2
+
+# Warnings megatron-core and torch emit on import or on every rank for conditions our own logs
+# already report (which norm/optimizer implementation runs), or that are internal to
+# megatron-core's checkpoint code. Anything else still shows.
+KNOWN_NOISE = (
+    "Transformer Engine and Apex are not installed",
+    "Apex is not installed",
+    "full scope is deprecated",
+    "Please use DTensor instead",
+    "`load_state_dict` is deprecated",
+    "`torch.distributed.all_gather_into_tensor` is deprecated",
+)
+
+
+def quiet_known_warnings() -> None:
+    for message in KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=".*" + message)
+
+
+quiet_known_warnings()  # entry points import this module before megatron-core
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:

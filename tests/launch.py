@@ -150,3 +150,17 @@ def read_metrics(log_dir: Path) -> list[dict]:
 
 def losses(log_dir: Path) -> dict[int, float]:
     return {r["iteration"]: r["loss"] for r in read_metrics(log_dir)}
+
+
+def run_single(
+    overrides: list[str], timeout: float = 300, env: dict | None = None, script: Path | None = None
+) -> subprocess.CompletedProcess:
+    """``python pretrain_ct.py TINY + overrides`` as one plain process (no torchrun), so its own
+    exit status and stderr come back unwrapped."""
+    cmd = [sys.executable, str(script or REPO / "pretrain_ct.py"), *TINY, *overrides]
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        full_env.pop(key, None)
+    return subprocess.run(
+        cmd, capture_output=True, text=True, env={**full_env, **(env or {})}, cwd=REPO, timeout=timeout
+    )

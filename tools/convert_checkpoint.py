@@ -25,6 +25,8 @@ import sys
 # Runnable as a plain script from a checkout, without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ct.cli import add_debug_flag, run_tool  # noqa: E402
+
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -67,46 +69,45 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--overwrite", action="store_true", help="replace an existing output")
         s.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
         s.add_argument("--summary-json", default=None, help="also write the summary (seconds, bytes, peak RSS) here")
+        add_debug_flag(s)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from megatron_ct.errors import ConversionError
+    return run_tool("convert_checkpoint.py", lambda: convert(args), args, expected=(OSError,))
 
+
+def convert(args) -> int:
     dtype = None if args.dtype == "auto" else args.dtype
-    try:
-        if args.direction == "hf-to-ct":
-            from megatron_ct.convert.hf_to_ct import convert_hf_to_ct
+    if args.direction == "hf-to-ct":
+        from megatron_ct.convert.hf_to_ct import convert_hf_to_ct
 
-            report = convert_hf_to_ct(
-                args.input,
-                args.output,
-                target_tp=args.target_tp,
-                target_pp=args.target_pp,
-                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-                dtype=dtype,
-                overwrite=args.overwrite,
-                progress=args.progress,
-            )
-        else:
-            from megatron_ct.convert.ct_to_hf import convert_ct_to_hf
+        report = convert_hf_to_ct(
+            args.input,
+            args.output,
+            target_tp=args.target_tp,
+            target_pp=args.target_pp,
+            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+            dtype=dtype,
+            overwrite=args.overwrite,
+            progress=args.progress,
+        )
+    else:
+        from megatron_ct.convert.ct_to_hf import convert_ct_to_hf
 
-            report = convert_ct_to_hf(
-                args.input,
-                args.output,
-                architecture=args.architecture,
-                hf_base=args.hf_base,
-                tokenizer=args.tokenizer,
-                dtype=dtype,
-                max_shard_size=args.max_shard_size,
-                overwrite=args.overwrite,
-                progress=args.progress,
-            )
-    except ConversionError as e:
-        print(f"convert_checkpoint.py: error: {e}", file=sys.stderr)
-        return 2
+        report = convert_ct_to_hf(
+            args.input,
+            args.output,
+            architecture=args.architecture,
+            hf_base=args.hf_base,
+            tokenizer=args.tokenizer,
+            dtype=dtype,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+            progress=args.progress,
+        )
     for w in report.warnings:
         print(f"convert_checkpoint.py: warning: {w}", file=sys.stderr)
     print(report.summary())

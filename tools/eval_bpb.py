@@ -27,6 +27,10 @@ import sys
 # Runnable as a plain script from a checkout, without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ct.cli import quiet_known_warnings  # noqa: E402
+
+quiet_known_warnings()  # megatron-core's import-time notices; ours say which implementation runs
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

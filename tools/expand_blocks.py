@@ -20,6 +20,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ct.cli import add_debug_flag, run_tool  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,16 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=int, required=True, help="insert after every this many blocks (M)")
     parser.add_argument("--add", type=int, default=1, help="blocks inserted each time (P)")
     parser.add_argument("--overwrite", action="store_true")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
+    return run_tool("expand_blocks.py", lambda: expand(args), args, expected=(OSError,))
 
-    from megatron_ct.errors import ConversionError
+
+def expand(args) -> int:
     from megatron_ct.expansion.blocks import expand_blocks
 
-    try:
-        plan = expand_blocks(args.input, args.output, args.every, args.add, overwrite=args.overwrite)
-    except (ConversionError, FileNotFoundError, ValueError) as e:
-        print(f"expand_blocks.py: error: {e}", file=sys.stderr)
-        return 2
+    plan = expand_blocks(args.input, args.output, args.every, args.add, overwrite=args.overwrite)
     print(
         f"{len(plan.sources) - len(plan.new_layers)} -> {len(plan.sources)} layers; new layers "
         f"{list(plan.new_layers)}; run with model.num_layers={len(plan.sources)} train.trainable_params=new_blocks"

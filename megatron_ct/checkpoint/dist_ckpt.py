@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ct.checkpoint import root as ckpt_root
+from megatron_ct.checkpoint import verify as verify_files
 from megatron_ct.checkpoint.meta import CheckpointMeta, check_dcp_metadata
 from megatron_ct.checkpoint.preemption import helpers_ignore_sigterm
 from megatron_ct.errors import CheckpointError
@@ -143,7 +144,9 @@ def _unshare_torch_adam_steps(optimizer) -> None:
                 st["step"] = st["step"].clone()
 
 
-def save_checkpoint(root: str, state: TrainState, meta: CheckpointMeta, keep_last: int | None = None) -> str:
+def save_checkpoint(
+    root: str, state: TrainState, meta: CheckpointMeta, keep_last: int | None = None, verify: bool = False
+) -> str:
     """Collective: every rank calls it. Writes ``meta.iteration``; returns the final directory.
 
     A failed write (disk full, an unwritable directory) removes the partial, leaves the
@@ -168,11 +171,18 @@ def save_checkpoint(root: str, state: TrainState, meta: CheckpointMeta, keep_las
     sd["scheduler"] = state.scheduler.state_dict()
     sd["rng_state"] = _rng_sharded(_rng_state())
     sd["ct"] = meta.to_dict()
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         with helpers_ignore_sigterm():  # SIGTERM to the whole job must not kill the writer's helpers
             dist_checkpointing.save(sd, partial, content_metadata=dict(SHARDING_METADATA))
-    except Exception as e:  # DCP wraps per-rank failures (e.g. ENOSPC) in its own exception types
+    except (Exception, CheckpointException) as e:  # DCP's per-rank failures (ENOSPC...) are a BaseException
         error = e
+    if error is None:
+        try:  # every file's size (and, with verify, its checksum) recorded in the checkpoint
+            _write_manifest(partial, verify)
+        except OSError as e:
+            error = e
     if _any_rank(error is not None):
         if dist.get_rank() == 0:
             ckpt_root.discard(root, iteration)
@@ -182,6 +192,19 @@ def save_checkpoint(root: str, state: TrainState, meta: CheckpointMeta, keep_las
         ckpt_root.publish(root, iteration, keep_last)
     dist.barrier()
     return ckpt_root.iter_dir(root, iteration)
+
+
+def _write_manifest(partial: str, checksums: bool) -> None:
+    """Collective (after every rank's files are written): rank 0 records the file list."""
+    sums = None
+    if checksums:
+        mine = verify_files.hash_share(partial, dist.get_rank(), dist.get_world_size())
+        shares: list = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, mine)
+        sums = {k: v for share in shares for k, v in share.items()}
+    if dist.get_rank() == 0:
+        verify_files.write_manifest(partial, sums)
+    dist.barrier()
 
 
 def _any_rank(flag: bool) -> bool:
@@ -197,6 +220,9 @@ def _is_no_space(error: BaseException | None, depth: int = 0) -> bool:
     if error is None or depth > 8:
         return False
     if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left" in str(error):
+        return True
+    # torch's zip writer reports a short write as "unexpected pos" without the errno.
+    if "inline_container" in str(error) and "unexpected pos" in str(error):
         return True
     nested = getattr(error, "failures", None)  # torch DCP's CheckpointException: {rank: exception}
     if isinstance(nested, dict) and any(_is_no_space(e, depth + 1) for e in nested.values()):
@@ -215,6 +241,24 @@ def _write_error(root: str, partial: str, error: BaseException | None) -> str:
     return f"checkpoint.save: writing {partial} failed ({what}){kept}"
 
 
+def check_checkpoint_files(path: str, checksums: bool = False) -> None:
+    """Collective when distributed: every listed file present with its size (and, with
+    ``checksums``, this rank's share of the digests); every rank raises the same one line."""
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    message = None
+    try:
+        verify_files.check_files(path, checksums, rank, world)
+    except CheckpointError as e:
+        message = str(e)
+    if distributed:
+        messages: list = [None] * world
+        dist.all_gather_object(messages, message)
+        message = next((m for m in messages if m), None)
+    if message:
+        raise CheckpointError(message)
+
+
 def load_weights(load: str, chunks: list, key: str = "checkpoint.load") -> CheckpointMeta:
     """Collective: weights only into ``chunks`` (e.g. for inference or evaluation), from a save
     root or iter_* directory at any saved layout; returns the checkpoint's record."""
@@ -226,13 +270,16 @@ def load_weights(load: str, chunks: list, key: str = "checkpoint.load") -> Check
     return meta
 
 
-def load_checkpoint(path: str, state: TrainState, meta: CheckpointMeta, weights_only: bool = False) -> None:
+def load_checkpoint(
+    path: str, state: TrainState, meta: CheckpointMeta, weights_only: bool = False, verify: bool = False
+) -> None:
     """Collective. Loads weights (always) and, unless ``weights_only``, optimizer, scheduler,
     data position and (at the same layout) RNG states. Works across TP/PP layouts.
     ``path`` and ``meta`` come from the start-up check (``resolve_load_dir`` + ``read_meta``)."""
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
+    check_checkpoint_files(path, checksums=verify)  # a missing/truncated (or, verified, changed) file: one line
     check_dcp_metadata(path)  # DCP unpickles it: only checkpoint metadata classes may be in it
     model_sd = _model_sharded_state_dict(state.model)
     request: dict[str, Any] = dict(model_sd)

@@ -103,7 +103,7 @@ def check_weights(weights: list[float] | None, n: int) -> list[float]:
 
 def _open_input(ckpt: str, weight: float, aliases: dict[str, str]) -> MergeInput:
     try:
-        path, reader, meta = open_checkpoint(ckpt)
+        path, reader, meta = open_checkpoint(ckpt, key="--inputs")
     except CTError as e:
         raise ConversionError(str(e)) from None
     vocab = meta.true_vocab_size

@@ -19,13 +19,16 @@ from megatron_ct.checkpoint.dist_ckpt import SHARDING_METADATA
 from megatron_ct.checkpoint.dist_io import ChunkSpec, DistCheckpointReader, write_dist_checkpoint
 from megatron_ct.checkpoint.keys import LAYER_PREFIX, extra_state_objects
 from megatron_ct.checkpoint.meta import CheckpointMeta, check_dcp_metadata, read_meta
+from megatron_ct.checkpoint.verify import check_files, write_manifest
 from megatron_ct.errors import ConversionError
 
 
-def open_checkpoint(ckpt: str) -> tuple[str, DistCheckpointReader, CheckpointMeta]:
-    """(iteration directory, tensor reader, a copy of its metadata) of a save root or iter_* dir."""
-    path, _ = ckpt_root.resolve_load_dir(ckpt, key=ckpt)
+def open_checkpoint(ckpt: str, key: str = "--input") -> tuple[str, DistCheckpointReader, CheckpointMeta]:
+    """(iteration directory, tensor reader, a copy of its metadata) of a save root or iter_* dir;
+    ``key`` names the option it came from in messages."""
+    path, _ = ckpt_root.resolve_load_dir(ckpt, key=key)
     meta = read_meta(path)
+    check_files(path)  # sizes: a missing or truncated shard is one line here, not a read error later
     check_dcp_metadata(path)
     return path, DistCheckpointReader(path), copy.deepcopy(meta)
 
@@ -67,6 +70,7 @@ def write_weights_only(
             {"ct": meta.to_dict(), "content_metadata": dict(SHARDING_METADATA)},
             on_written=on_written,
         )
+        write_manifest(partial)
     except BaseException:
         ckpt_root.discard(out_dir, 0)
         raise

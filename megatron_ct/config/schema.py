@@ -668,7 +668,11 @@ class CheckpointConfig:
     save_on_sigterm: bool = True
     """On SIGTERM (SLURM preemption), save at the end of the current step and exit."""
     keep_last: int | None = None
-    """Delete older iter_* directories, keeping this many; None keeps all."""
+    """Delete older iter_* directories, keeping this many (by iteration number; the tracked and
+    the newest iteration are never deleted); None keeps all."""
+    verify: bool = False
+    """Write a SHA-256 of every checkpoint file at save and compare it at load (each rank hashes
+    a share), catching a flipped bit in a shard. File sizes are always recorded and checked."""
 
     def __post_init__(self) -> None:
         if self.save_interval is not None:

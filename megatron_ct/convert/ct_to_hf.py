@@ -28,6 +28,7 @@ import torch
 from megatron_ct.checkpoint.dist_io import DistCheckpointReader
 from megatron_ct.checkpoint.meta import CheckpointMeta, check_dcp_metadata, read_meta
 from megatron_ct.checkpoint.root import resolve_load_dir
+from megatron_ct.checkpoint.verify import check_files
 from megatron_ct.config import ModelConfig
 from megatron_ct.convert import hf_layout as L
 from megatron_ct.convert.hf_files import SafetensorsShardWriter, is_weight_file, parse_size
@@ -177,8 +178,9 @@ def convert_ct_to_hf(
     """Convert; raises :class:`ConversionError` on bad input before writing anything."""
     parse_dtype(dtype)  # a bad option is refused before the checkpoint is opened
     try:
-        path, _ = resolve_load_dir(ckpt, key=ckpt)
+        path, _ = resolve_load_dir(ckpt, key="--input")
         meta = read_meta(path)
+        check_files(path)
         check_dcp_metadata(path)
     except CTError as e:
         raise ConversionError(str(e)) from None

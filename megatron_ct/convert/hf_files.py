@@ -67,9 +67,13 @@ def _read_safetensors_header(path: str) -> dict[str, _Entry]:
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
+            if n > os.path.getsize(path) - 8:
+                raise ValueError(f"header length {n} exceeds the file")
             header = json.loads(f.read(n))
     except (OSError, struct.error, ValueError) as e:
         raise ConversionError(f"{path}: not a readable safetensors file ({e.__class__.__name__}: {e})") from None
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path}: not a readable safetensors file (its header is not a JSON object)")
     entries = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -80,6 +84,11 @@ def _read_safetensors_header(path: str) -> dict[str, _Entry]:
             )
         begin, end = info["data_offsets"]
         entries[name] = _Entry(path, _ST_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + begin, 8 + n + end)
+    # A truncated file is refused here, before anything is converted, not when its last tensor is read.
+    size = os.path.getsize(path)
+    needed = max((e.end for e in entries.values()), default=8 + n)
+    if size < needed:
+        raise ConversionError(f"{path}: {size} bytes, expected at least {needed} (the header's tensors); truncated")
     return entries
 
 

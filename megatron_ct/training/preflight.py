@@ -590,7 +590,7 @@ def checkpoint_inputs(ckpt: str) -> dict[str, Any]:
     (read lazily, block by block), true vocabulary, expansion record and recorded HF config."""
     from megatron_ct.checkpoint.rewrite import open_checkpoint
 
-    path, reader, meta = open_checkpoint(ckpt)
+    path, reader, meta = open_checkpoint(ckpt, key="--checkpoint")
     hf = (meta.hf or {}).get("config")
     return {
         "vocab_rows": {k: reader for k in VOCAB_MATRICES if k in reader.tensors},

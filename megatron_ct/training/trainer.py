@@ -89,7 +89,9 @@ class Trainer:
         self.iteration = 0
         self._last_saved: int | None = None
         if startup.load_dir:
-            load_checkpoint(startup.load_dir, self.state, startup.meta, weights_only=ck.load_weights_only)
+            load_checkpoint(
+                startup.load_dir, self.state, startup.meta, weights_only=ck.load_weights_only, verify=ck.verify
+            )
             if not ck.load_weights_only:
                 self.iteration = self._last_saved = startup.meta.iteration
                 log.info("resumed from %s at iteration %d (%s)", startup.load_dir, self.iteration, self.data.progress())
@@ -143,7 +145,7 @@ class Trainer:
     def save(self) -> None:
         ck = self.cfg.checkpoint
         t0 = time.perf_counter()
-        path = save_checkpoint(ck.save, self.state, self.checkpoint_meta(), keep_last=ck.keep_last)
+        path = save_checkpoint(ck.save, self.state, self.checkpoint_meta(), keep_last=ck.keep_last, verify=ck.verify)
         self._last_saved = self.iteration
         log.info("saved checkpoint %s in %.1fs", path, time.perf_counter() - t0)
 

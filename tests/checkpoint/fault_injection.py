@@ -3,6 +3,7 @@
 CT_FAULT=kill_during_save:N  every rank dies (os._exit) in the middle of writing the
                              checkpoint of iteration N, after its shards are on disk
 CT_FAULT=sigterm_after:N     rank 0 receives SIGTERM right after iteration N
+CT_FAULT=kill_after:N        every rank dies (os._exit) right after logging iteration N
 CT_FAULT=killpg_after:N      rank 0 sends SIGTERM to its whole process group (every rank, their
                              checkpoint helpers; what SLURM does) right after iteration N
 CT_FAULT=killpg_during_save:N  the same, sent by rank 0's checkpoint writer process while it
@@ -47,6 +48,17 @@ def install(fault: str) -> None:
                 os.kill(os.getpid(), signal.SIGTERM)
 
         trainer.Trainer._log = log_then_signal
+    elif kind == "kill_after":
+        from megatron_ct.training import trainer
+
+        real_log = trainer.Trainer._log
+
+        def log_then_die(self, *a, **k):
+            real_log(self, *a, **k)
+            if self.iteration == n:
+                os._exit(9)  # kill -9: logs written so far stay, nothing is saved
+
+        trainer.Trainer._log = log_then_die
     elif kind == "killpg_after":
         from megatron_ct.training import trainer
 
