@@ -36,7 +36,8 @@ def test_recipe_that_is_not_utf8_or_not_yaml(tmp_path):
     latin1.write_bytes("train:\n  train_iters: 2  # r\xe9sum\xe9\n".encode("latin-1"))
     broken = tmp_path / "broken.yaml"
     broken.write_text("train: [unclosed\n")
-    for path, expected in ((latin1, "not UTF-8 text"), (broken, "not valid YAML"), (tmp_path / "no.yaml", "config file not found")):
+    cases = ((latin1, "not UTF-8 text"), (broken, "not valid YAML"), (tmp_path / "no.yaml", "config file not found"))
+    for path, expected in cases:
         proc = run_single(["--config", str(path)], timeout=60)
         assert proc.returncode == 2 and f"pretrain_ct.py: error: {path}: {expected}" in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
