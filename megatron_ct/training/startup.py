@@ -20,6 +20,7 @@ one :class:`~megatron_ct.config.schedule.Schedule` is built here and handed on.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +30,9 @@ from megatron_ct.checkpoint.root import resolve_load_dir
 from megatron_ct.config import CTConfig, Layout, validate_for_world
 from megatron_ct.config.schedule import Schedule
 from megatron_ct.data.index_cache import IndexCache, rank0_first
-from megatron_ct.errors import CheckpointError, ConfigError, DataError
+from megatron_ct.errors import CheckpointError, ConfigError, CTError, DataError
+
+log = logging.getLogger(__name__)
 
 # Model fields that decide tensor shapes: a checkpoint must agree on them.
 _SHAPE_FIELDS = (
@@ -94,6 +97,23 @@ def check_startup(cfg: CTConfig, layout: Layout) -> Startup:
     if cfg.data.source == "indexed":
         _check_datasets(cfg, out.schedule.names, out.cache)
     return out
+
+
+def startup_preflight(cfg: CTConfig) -> None:
+    """Rank 0, at the start of a CT run from a base checkpoint: the pre-flight report's warnings
+    as log warnings (no id counting: that scans every dataset; tools/preflight.py does it). A
+    report that cannot be made is itself a warning, never a reason to stop: the start-up checks
+    above already refused what would break the run."""
+    if not (cfg.checkpoint.preflight and cfg.checkpoint.load and cfg.checkpoint.load_weights_only):
+        return
+    from megatron_ct.training.preflight import log_findings, preflight_for_config
+
+    try:
+        report = preflight_for_config(cfg, count_ids=False)
+    except (CTError, OSError, ValueError) as e:
+        log.warning("pre-flight: skipped (%s)", e)
+        return
+    log_findings(report, log)
 
 
 def _check_checkpoint_fits(cfg: CTConfig, path: str, meta: CheckpointMeta) -> None:

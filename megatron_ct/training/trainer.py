@@ -329,7 +329,7 @@ class Trainer:
 def run_training(cfg: CTConfig) -> TrainOutcome:
     """Check the world, set up the process group, check files, build, train, tear down."""
     from megatron_ct.parallel.distributed import init_distributed, read_launch_env, teardown_distributed
-    from megatron_ct.training.startup import check_startup, resolve_layout
+    from megatron_ct.training.startup import check_startup, resolve_layout, startup_preflight
 
     env = read_launch_env()
     layout = resolve_layout(cfg, env.world_size, env.local_rank)
@@ -344,6 +344,8 @@ def run_training(cfg: CTConfig) -> TrainOutcome:
     init_distributed(cfg, layout, env)
     try:
         startup = check_startup(cfg, layout)
+        if env.rank == 0:
+            startup_preflight(cfg)
         return Trainer(cfg, layout, startup).train()
     finally:
         teardown_distributed()

@@ -61,9 +61,19 @@ def test_logits_over_old_ids_unchanged(resized):
 
 def test_only_new_rows_learn(resized):
     root = resized
-    run_trainer(2, ["model.vocab_size=520", "--tensor-model-parallel-size", "2", "train.train_iters=3",
-                    "train.trainable_params=new_vocab_rows", f"checkpoint.load={root / 'big'}",
-                    "checkpoint.load_weights_only=true", f"checkpoint.save={root / 'tuned'}"])
+    run_trainer(
+        2,
+        [
+            "model.vocab_size=520",
+            "--tensor-model-parallel-size",
+            "2",
+            "train.train_iters=3",
+            "train.trainable_params=new_vocab_rows",
+            f"checkpoint.load={root / 'big'}",
+            "checkpoint.load_weights_only=true",
+            f"checkpoint.save={root / 'tuned'}",
+        ],
+    )
     before, after = read_all(root / "big" / "iter_0000000"), read_all(root / "tuned" / "iter_0000003")
     for key in before:
         if key in (EMB, OUT):

@@ -140,9 +140,7 @@ def test_bad_lines_are_reported_with_location_and_skipped(tmp_path, sp_path, cap
 
     texts = [tok.decode(ids) for ids in read_ids(str(tmp_path / "out" / "corpus_text_document"))]
     assert texts == ["good one", "good two", "good three"]
-    assert summary["skipped"] == {
-        "invalid_json": 1, "invalid_utf8": 2, "missing_key": 1, "not_string": 1, "empty": 1
-    }
+    assert summary["skipped"] == {"invalid_json": 1, "invalid_utf8": 2, "missing_key": 1, "not_string": 1, "empty": 1}
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     for line_no, reason in [(2, "invalid_json"), (4, "invalid_utf8"), (5, "missing_key"), (6, "not_string")]:
         assert any(m.startswith(f"{src}:{line_no}: skipped line ({reason}") for m in messages), messages

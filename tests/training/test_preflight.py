@@ -189,3 +189,25 @@ def test_recipe_and_bad_input(setup, capsys, tmp_path):
     )
     rc, _, err = run_cli(["--checkpoint", tmp_path / "nothing"], capsys)
     assert rc == 2 and err.startswith("preflight.py: error: ") and len(err.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_trainer_start_up_logs_the_warnings(tmp_path):
+    """A CT run from a base with planted zero rows warns before training; a resume does not check."""
+    from launch import run_single
+
+    base = write_random_checkpoint(tmp_path / "base", seed=3)
+    bad = write_like(
+        base,
+        tmp_path / "bad",
+        seed=3,
+        edit=lambda k, t: t.index_fill_(0, torch.tensor([7, 9]), 0) if k == EMBEDDING else t,
+    )
+    run = ["train.train_iters=1", "data.source=synthetic", f"checkpoint.load={bad}"]
+    proc = run_single([*run, "checkpoint.load_weights_only=true"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if "pre-flight:" in ln]
+    assert any("untrained" in ln.lower() or "zero" in ln for ln in lines[:-1]), lines
+    assert "1 warnings" in lines[-1] or "2 warnings" in lines[-1], lines
+    proc = run_single([*run, "checkpoint.load_weights_only=true", "checkpoint.preflight=false"])
+    assert proc.returncode == 0 and "pre-flight:" not in proc.stderr
