@@ -93,7 +93,9 @@ def run_ours(shape: dict, device: str, nproc: int, iters: int, extra: list[str])
             f"logging.log_dir={tmp}",
             *extra,
         ]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+        # One process runs as plain `python pretrain_ct.py`, as the baseline does (no torchrun
+        # agent polling beside it on a small machine); more go through torchrun.
+        cmd = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else [])
         cmd += [str(REPO / "pretrain_ct.py"), *overrides]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         if proc.returncode != 0:

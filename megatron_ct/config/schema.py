@@ -105,7 +105,8 @@ class ModelConfig:
     Engine; needs transformer_impl to resolve to transformer_engine; ignores document masks), or
     'auto': on GPU 'flex' when a stage masks documents (reset_attention_mask; 'sdpa' if
     torch.compile cannot build Triton kernels there), else 'te' with the TE layer spec, else
-    'sdpa'; on CPU 'local'. sdpa/flex also run on CPU (tests; flex trains through SDPA there)."""
+    'sdpa'; on CPU 'sdpa' (dense document mask). flex also runs on CPU (tests; it trains
+    through SDPA there)."""
     attention_softmax_in_fp32: bool = True
     """Compute the attention softmax in FP32 (Ziya2: avoids bf16/fp16 overflow in CT). The fused
     sdpa/flex/te kernels always keep FP32 softmax statistics; only 'local' honours False."""

@@ -84,8 +84,24 @@ def build_optimizer(
     overrides = get_standard_config_overrides(opt_config)  # no weight decay on norms and biases
     overrides.update(plan.param_overrides())
     optimizer = get_megatron_optimizer(opt_config, ddp_chunks, config_overrides=overrides)
+    if layout.device.type == "cpu":
+        _use_fused_cpu_adam(optimizer)
     RowScaling(plan, optimizer)  # old vs appended vocabulary rows at different rates (step hooks)
     return optimizer
+
+
+def _use_fused_cpu_adam(optimizer) -> None:
+    """On CPU megatron-core falls back to ``torch.optim.AdamW`` with its per-tensor Python loop
+    (about ten dispatches per parameter); torch's fused CPU kernel does one pass per tensor with
+    the same update rule. Set per group, as ``step()`` reads it (torch >= 2.4)."""
+    from torch.optim import Adam, AdamW
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if type(inner) in (Adam, AdamW):
+            for group in inner.param_groups:
+                group.update(fused=True, foreach=False)
+            inner.defaults.update(fused=True, foreach=False)
 
 
 def grad_norm(optimizer) -> float:

@@ -19,6 +19,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from megatron_ct.parallel.device import rewrites_suspended
 from megatron_ct.training.optimizer import grad_norm as global_grad_norm
 
 
@@ -43,12 +44,13 @@ def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
     # Packed documents: per-token segment ids [b, s]; our attention modules attend causally
     # within each document (megatron_ct/model/attention.py), building any mask on the device.
     mask = batch.get("segment_ids", batch.get("attention_mask"))
-    output = model(
-        input_ids=batch["tokens"],
-        position_ids=batch["position_ids"],
-        attention_mask=mask,
-        labels=batch["labels"],
-    )
+    with rewrites_suspended():
+        output = model(
+            input_ids=batch["tokens"],
+            position_ids=batch["position_ids"],
+            attention_mask=mask,
+            labels=batch["labels"],
+        )
     return output, partial(loss_func, batch["loss_mask"])
 
 

@@ -45,8 +45,8 @@ def cpu_device_layer():
 
 def test_auto_choice(monkeypatch):
     monkeypatch.setattr(attn, "_flex_compilable", lambda: True)  # as on a GPU machine with Triton
-    assert choose_attention_backend("auto", "local", torch.device("cpu"), document_masks=False) == "local"
-    assert choose_attention_backend("auto", "local", torch.device("cpu"), document_masks=True) == "local"
+    assert choose_attention_backend("auto", "local", torch.device("cpu"), document_masks=False) == "sdpa"
+    assert choose_attention_backend("auto", "local", torch.device("cpu"), document_masks=True) == "sdpa"
     assert choose_attention_backend("auto", "local", torch.device("cuda"), document_masks=False) == "sdpa"
     assert choose_attention_backend("auto", "local", torch.device("cuda"), document_masks=True) == "flex"
     assert choose_attention_backend("auto", "transformer_engine", torch.device("cuda"), document_masks=False) == "te"
