@@ -56,7 +56,18 @@ from megatron_ct.checkpoint.root import iter_dir
 from megatron_ct.errors import ConversionError, CTError
 
 # Model config keys that do not change what the stored tensors mean.
-IGNORED_MODEL_KEYS = ("vocab_size", "init_method_std", "transformer_impl")
+# Model settings that change no stored tensor and not what the weights compute: how a run pads
+# the vocabulary, initialises, or which kernels and how long a position table it uses.
+IGNORED_MODEL_KEYS = (
+    "vocab_size",
+    "make_vocab_size_divisible_by",
+    "init_method_std",
+    "transformer_impl",
+    "attention_backend",
+    "attention_softmax_in_fp32",
+    "loss_chunk_size",
+    "max_position_embeddings",
+)
 # Elements accumulated at once (float64, 32 MB): what a region read holds beyond its output.
 BLOCK_ELEMENTS = 1 << 22
 WEIGHT_SUM_TOLERANCE = 1e-6

@@ -92,6 +92,17 @@ def run_cli(args, capsys):
     return rc, capsys.readouterr().err.strip()
 
 
+def test_a_shorter_position_table_does_not_block_a_merge(tmp_path, pair):
+    """A CT run trained with a shorter max_position_embeddings than its base (the quickstart's
+    2048 against SmolLM2's 8192) stores the same tensors: base and result still merge."""
+    base, _ = pair
+    short = write_random_checkpoint(tmp_path / "short", seed=2, max_position_embeddings=1024)
+    merge_checkpoints([base, short], [0.5, 0.5], str(tmp_path / "mid"), progress=False)
+    a, b, mid = read_all(base), read_all(short), read_all(tmp_path / "mid")
+    for k in a:
+        torch.testing.assert_close(mid[k].double(), 0.5 * a[k].double() + 0.5 * b[k].double())
+
+
 def test_refusals_are_one_line_exit_2(tmp_path, pair, capsys):
     base, ct = pair
     deep = write_random_checkpoint(tmp_path / "deep", seed=4, num_layers=6)
