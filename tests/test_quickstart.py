@@ -75,6 +75,10 @@ def test_every_set_has_a_base_line_and_a_final_evaluation(quickstart):
     for r in records:
         assert math.isfinite(r["loss"]) and r["bits_per_byte"] > 0
         assert r["base_bits_per_byte"] > 0  # every record compares with the base line
+    # What the quickstart is for: Chinese improves on its iteration-0 value, English keeps within 2%.
+    end = {r["set"]: r for r in records if r["trigger"] == "end"}
+    assert end["zh"]["bits_per_byte"] < end["zh"]["base_bits_per_byte"]
+    assert end["en"]["bits_per_byte"] <= 1.02 * end["en"]["base_bits_per_byte"]
     bpb = quickstart["bits_per_byte"]
     assert set(bpb) == {"base", "expanded", "after"} and all(v > 0 for rows in bpb.values() for v in rows.values())
 
