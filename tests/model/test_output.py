@@ -1,9 +1,10 @@
-"""The padded-vocabulary mask of the output layer's logits."""
+"""The padded-vocabulary mask of the output layer's logits, and the plain path's cross-entropy
+(megatron-core's, bit for bit, without its argmax and one-rank collectives)."""
 
 import pytest
 import torch
 
-from megatron_ct.model.output import fill_padded_vocab_
+from megatron_ct.model.output import _vocab_parallel_cross_entropy, fill_padded_vocab_
 
 
 def loss_and_grads(h, w, labels, mask):
@@ -48,3 +49,21 @@ def test_fill_only_touches_this_ranks_padding_columns():
     whole = torch.zeros(2, 64)
     assert fill_padded_vocab_(whole, vocab_start=128, true_vocab_size=100)  # a rank with padding only
     assert torch.isinf(whole).all()
+
+
+def test_cross_entropy_equals_megatron_core_bit_for_bit(mcore_tp1, seeded):
+    logits = torch.randn(64, 2, 1000) * 4
+    logits[..., 990:] = float("-inf")  # padding columns
+    target = torch.randint(0, 990, (64, 2))
+    ours, theirs = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    # Both compute the softmax in their input, in place: give each a fresh non-leaf tensor.
+    loss_ours = _vocab_parallel_cross_entropy(ours * 1.0, target)
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    loss_theirs = vocab_parallel_cross_entropy(theirs * 1.0, target)
+    grad = torch.rand(64, 2)
+    loss_ours.backward(grad)
+    loss_theirs.backward(grad)
+    assert torch.equal(loss_ours, loss_theirs)
+    assert torch.equal(ours.grad, theirs.grad)
+    assert torch.isfinite(loss_ours).all()
