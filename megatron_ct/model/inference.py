@@ -12,6 +12,40 @@ from __future__ import annotations
 import torch
 
 
+def _micro_batches(model_chunks, tokens: torch.Tensor, micro_batch_size: int | None):
+    """``tokens [b, ...]`` split into micro-batches on the model's device."""
+    b = tokens.shape[0]
+    mbs = micro_batch_size or b
+    if b % mbs:
+        raise ValueError(f"batch of {b} sequences is not a multiple of micro_batch_size={mbs}")
+    device = next(model_chunks[0].parameters()).device
+    return mbs, [tokens[i : i + mbs].to(device) for i in range(0, b, mbs)]
+
+
+def _run_forward_only(model_chunks, micro: list[torch.Tensor], forward_step, seq_length: int, mbs: int):
+    """megatron-core's schedule, forward only, collecting ``forward_step``'s non-loss outputs:
+    concatenated on the last pipeline stage, None elsewhere."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for chunk in model_chunks:
+        chunk.eval()
+    with torch.no_grad():
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=[iter(micro) for _ in model_chunks] if len(model_chunks) > 1 else iter(micro),
+            model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+            num_microbatches=len(micro),
+            seq_length=seq_length,
+            micro_batch_size=mbs,
+            forward_only=True,
+            collect_non_loss_data=True,
+        )
+    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    return torch.cat(list(outputs), dim=0)
+
+
 def forward_logits(
     model_chunks: list[torch.nn.Module], tokens: torch.Tensor, vocab_size: int, micro_batch_size: int | None = None
 ) -> torch.Tensor | None:
@@ -20,16 +54,10 @@ def forward_logits(
     Collective over the model-parallel group: every rank passes the same tokens. Returns the
     logits on every rank of the last pipeline stage and None on the others.
     """
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    b, s = tokens.shape
-    mbs = micro_batch_size or b
-    if b % mbs:
-        raise ValueError(f"batch of {b} sequences is not a multiple of micro_batch_size={mbs}")
-    device = next(model_chunks[0].parameters()).device
-    micro = [tokens[i : i + mbs].to(device) for i in range(0, b, mbs)]
+    s = tokens.shape[1]
+    mbs, micro = _micro_batches(model_chunks, tokens, micro_batch_size)
 
     def forward_step(data_iterator, model):
         ids = next(data_iterator)
@@ -43,22 +71,7 @@ def forward_logits(
 
         return output, gather
 
-    for chunk in model_chunks:
-        chunk.eval()
-    with torch.no_grad():
-        outputs = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=[iter(micro) for _ in model_chunks] if len(model_chunks) > 1 else iter(micro),
-            model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
-            num_microbatches=len(micro),
-            seq_length=s,
-            micro_batch_size=mbs,
-            forward_only=True,
-            collect_non_loss_data=True,
-        )
-    if not ps.is_pipeline_last_stage(ignore_virtual=True):
-        return None
-    return torch.cat(list(outputs), dim=0)
+    return _run_forward_only(model_chunks, micro, forward_step, s, mbs)
 
 
 def forward_token_nll(
@@ -72,16 +85,8 @@ def forward_token_nll(
     are never gathered. Collective over the model-parallel group like
     :func:`forward_logits`; returns the NLL on the last pipeline stage and None elsewhere.
     """
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    b, s = tokens.shape
-    s -= 1  # inputs tokens[:, :-1], labels tokens[:, 1:]
-    mbs = micro_batch_size or b
-    if b % mbs:
-        raise ValueError(f"batch of {b} sequences is not a multiple of micro_batch_size={mbs}")
-    device = next(model_chunks[0].parameters()).device
-    micro = [tokens[i : i + mbs].to(device) for i in range(0, b, mbs)]
+    s = tokens.shape[1] - 1  # inputs tokens[:, :-1], labels tokens[:, 1:]
+    mbs, micro = _micro_batches(model_chunks, tokens, micro_batch_size)
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)  # [mbs, s + 1]
@@ -95,19 +100,4 @@ def forward_token_nll(
 
         return output, keep
 
-    for chunk in model_chunks:
-        chunk.eval()
-    with torch.no_grad():
-        outputs = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=[iter(micro) for _ in model_chunks] if len(model_chunks) > 1 else iter(micro),
-            model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
-            num_microbatches=len(micro),
-            seq_length=s,
-            micro_batch_size=mbs,
-            forward_only=True,
-            collect_non_loss_data=True,
-        )
-    if not ps.is_pipeline_last_stage(ignore_virtual=True):
-        return None
-    return torch.cat(list(outputs), dim=0)
+    return _run_forward_only(model_chunks, micro, forward_step, s, mbs)

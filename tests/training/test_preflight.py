@@ -193,7 +193,8 @@ def test_recipe_and_bad_input(setup, capsys, tmp_path):
 
 @pytest.mark.slow
 def test_trainer_start_up_logs_the_warnings(tmp_path):
-    """A CT run from a base with planted zero rows warns before training; a resume does not check."""
+    """A CT run from a base with planted zero rows warns before training; checkpoint.preflight=false
+    silences it."""
     from launch import run_single
 
     base = write_random_checkpoint(tmp_path / "base", seed=3)
