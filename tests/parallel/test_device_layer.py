@@ -50,3 +50,36 @@ def test_megatron_rng_tracker_forks_cpu_generator():
         print(before == after, inside != before)
     """)
     assert out == "True True"
+
+
+def test_rewrites_suspended_only_inside_the_block_and_not_under_another_mode():
+    """The model forward runs without the rewriting mode; it is back afterwards (also after an
+    exception), and a mode stacked on top of ours (a test's HostSyncCounter) keeps it active."""
+    out = run("""
+        import warnings; warnings.filterwarnings("ignore")
+        import torch
+        from megatron_ct.parallel.device import (
+            HostSyncCounter, activate_cpu_device_layer, rewrites_suspended)
+        activate_cpu_device_layer()
+
+        def mapped():
+            try:
+                return torch.zeros(1, device="cuda").device.type
+            except (RuntimeError, AssertionError):
+                return "unmapped"
+
+        with rewrites_suspended():
+            inside = mapped()
+            cpu_still = torch.ones(1, device=torch.cuda.current_device()).device.type
+        try:
+            with rewrites_suspended():
+                raise ValueError
+        except ValueError:
+            pass
+        after = mapped()
+        with HostSyncCounter():
+            with rewrites_suspended():
+                stacked = mapped()
+        print(inside, cpu_still, after, stacked)
+    """)
+    assert out == "unmapped cpu cpu cpu"

@@ -4,7 +4,7 @@
 
 Runs pretrain_ct.py's training as a single rank (gloo, CPU device layer) with every
 training iteration (step plus bookkeeping) inside a HostSyncCounter; writes
-``[{"iteration": k, "syncs": [...]}]``.
+``[{"iteration": k, "syncs": [...], "fused_adam": bool}]``.
 """
 
 import json
@@ -26,7 +26,12 @@ def main(out: str, overrides: list[str]) -> None:
     def counted(self, preempt):
         with HostSyncCounter() as counter:
             stop = real(self, preempt)
-        records.append({"iteration": self.iteration, "syncs": counter.events})
+        groups = [
+            g for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]) for g in opt.param_groups
+        ]
+        records.append(
+            {"iteration": self.iteration, "syncs": counter.events, "fused_adam": all(g["fused"] for g in groups)}
+        )
         return stop
 
     trainer.Trainer._iteration = counted
