@@ -63,7 +63,8 @@ def _cross_entropy_function():
     """megatron-core's vocab-parallel cross-entropy, bit for bit, made cheaper in two places:
     the per-token maximum is ``amax`` (megatron-core's ``max`` also computes the argmax it drops:
     3.6x the time on CPU), and no collective runs over a one-rank TP group. The backward, and
-    the helpers that compute the target logits and the softmax in place, are megatron-core's."""
+    the helpers that compute the target logits and the softmax in place, are megatron-core's
+    (the same names, arguments and saved tensors in 0.16.1 and 0.19.2)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy, _VocabParallelCrossEntropy
