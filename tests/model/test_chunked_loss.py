@@ -53,7 +53,10 @@ def test_equal_to_plain_path_fp32(mcore_tp1, chunk):
     for name, a, e in zip(("loss", "d hidden", "d weight"), got, ref, strict=True):
         if chunk >= 24:  # one chunk and one vocabulary slice: the same operations, bit for bit
             assert torch.equal(a, e), name
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6, msg=name)
+        # Otherwise d hidden is a sum over up to 100 vocabulary slices in FP32: its round-off is
+        # bounded by ~100 x eps x the largest entry (measured: 7e-7 at entries up to 1.65; a fixed
+        # atol of 1e-6 failed once in CI when the GEMM kernel summed in another order).
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5 * float(e.abs().max()), msg=name)
     assert torch.all(got[2][100:] == 0)  # padding rows get no gradient
 
 
