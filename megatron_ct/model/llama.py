@@ -73,6 +73,10 @@ def transformer_config(m: ModelConfig, layout: Layout, numerics: Numerics):
 
     dtype = params_dtype(numerics.precision)
     on_cpu = not layout.on_gpu
+    if on_cpu:
+        from megatron_ct.model.rope import install_cpu_rope_kernel
+
+        install_cpu_rope_kernel()  # what apply_rope_fusion runs on CPU
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -110,7 +114,12 @@ def transformer_config(m: ModelConfig, layout: Layout, numerics: Numerics):
         # Fused kernels need CUDA (and apex/TE); the unfused paths compute the same thing.
         bias_activation_fusion=not on_cpu,
         bias_dropout_fusion=not on_cpu,
-        apply_rope_fusion=False,
+        # On CPU: our RoPE kernel (megatron_ct.model.rope), bit-identical to the unfused
+        # one, with cos/sin computed once per angle table and no concatenations.
+        apply_rope_fusion=on_cpu,
+        # On CPU the SwiGLU of the layer spec (megatron_ct.model.swiglu) replaces megatron-core's
+        # unfused one; the flag means "the activation module comes from the spec".
+        use_te_activation_func=on_cpu,
         # megatron-ct data: curriculum stages with reset_attention_mask pass a block-diagonal
         # mask; the fused causal softmax kernel ignores explicit masks, the unfused one applies
         # them (see megatron_ct/data/packing.py).
@@ -146,6 +155,7 @@ def layer_spec(impl: str, num_layers: int, qk_layernorm: bool = False, attention
 
     from megatron_ct.model.attention import BlockMaskCache, core_attention_module
     from megatron_ct.model.rmsnorm import RMSNorm
+    from megatron_ct.model.swiglu import SwiGLU
 
     if impl == "transformer_engine":
         from megatron.core.extensions.transformer_engine import TENorm
@@ -161,6 +171,8 @@ def layer_spec(impl: str, num_layers: int, qk_layernorm: bool = False, attention
         # the input dtype; ours keeps FP32 statistics and marks weights for SP reduction.
         spec.submodules.input_layernorm = RMSNorm
         spec.submodules.pre_mlp_layernorm = RMSNorm
+        # Used where the config sets use_te_activation_func (on CPU, see transformer_config).
+        spec.submodules.mlp.submodules.activation_func = SwiGLU
         if qk_layernorm:  # on [s, b, heads, head_dim], normalised over head_dim
             spec.submodules.self_attention.submodules.q_layernorm = RMSNorm
             spec.submodules.self_attention.submodules.k_layernorm = RMSNorm

@@ -13,15 +13,19 @@ Layout: megatron-core's non-interleaved rotary layout (``rotary_interleaved=Fals
 YaRN's attention factor multiplies cos and sin in HF. megatron-core applies such a factor
 through the ``mscale`` argument of ``apply_rotary_pos_emb``, which ``SelfAttention`` reads
 from the model config (``yarn_*`` attributes); :func:`install_rope` sets those.
+
+On CPU, where Transformer Engine's fused RoPE does not exist, :func:`install_cpu_rope_kernel`
+puts :class:`_CpuRope` in megatron-core's fused-RoPE slot (``apply_rope_fusion``): the same
+values and gradients as its unfused RoPE, with less work per layer.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
+from megatron.core.models.common.embeddings import rope_utils
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
     _yarn_get_concentration_factor_from_config,
@@ -260,10 +264,9 @@ def install_rope(
         head_dim, rotary_base, scaling, max_position_embeddings, cp_group=gpt_model.rotary_pos_emb.cp_group
     )
     if rope.attention_factor != 1.0 and config.apply_rope_fusion:
-        warnings.warn(
-            "apply_rope_fusion: TE's fused RoPE ignores mscale; megatron-core falls back to unfused RoPE",
-            stacklevel=2,
-        )
+        # Fused RoPE kernels (TE's, our CPU one) take no attention factor: megatron-core would use
+        # its unfused RoPE at every call, warning each time. Ask for the unfused one.
+        config.apply_rope_fusion = False
     gpt_model.rotary_pos_emb = rope
     gpt_model.rotary_pos_emb_cache = {}  # inference cos/sin cache built from the old module
     _set_attention_factor(config, rope.attention_factor)
@@ -271,3 +274,84 @@ def install_rope(
 
     refresh_yarn_attention_factor(gpt_model, _yarn_get_concentration_factor_from_config(config))
     return rope
+
+
+class _RopeFunction(torch.autograd.Function):
+    """``t * cos + rotate_half(t) * sin`` on the two halves of the head dim, into one output.
+
+    With ``t = [x1, x2]``: ``out = [x1 c1 - x2 s1, x2 c2 + x1 s2]``, and the backward is its
+    transpose, ``dt = [g1 c1 + g2 s2, g2 c2 - g1 s1]``. Each product is rounded once and the two
+    are added, as autograd does through megatron-core's unfused form (``a + (-b)`` is ``a - b``
+    exactly), so values and gradients are bit-identical to it; the half-size operations write
+    into one tensor instead of building ``rotate_half(t)`` and concatenating.
+    """
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _RopeFunction._rotate(t, cos, sin, sign=1.0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return _RopeFunction._rotate(grad, cos, sin, sign=-1.0), None, None
+
+    @staticmethod
+    def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+        # sign 1: the rotation (forward); sign -1: its transpose (backward).
+        x1, x2 = torch.chunk(t, 2, dim=-1)
+        c1, c2 = torch.chunk(cos, 2, dim=-1)
+        s1, s2 = torch.chunk(sin, 2, dim=-1)
+        out = torch.empty_like(t, memory_format=torch.contiguous_format)
+        o1, o2 = torch.chunk(out, 2, dim=-1)
+        torch.mul(x1, c1, out=o1)
+        torch.mul(x2, c2, out=o2)
+        if sign > 0:
+            o1.sub_(x2 * s1)
+            o2.add_(x1 * s2)
+        else:
+            o1.add_(x2 * s2)
+            o2.sub_(x1 * s1)
+        return out
+
+
+class _CpuRope:
+    """``fused_apply_rotary_pos_emb(t, freqs, interleaved)`` for CPU tensors.
+
+    The same values and gradients, bit for bit, as megatron-core's unfused
+    ``_apply_rotary_pos_emb_bshd`` with ``mscale=1`` (megatron-core calls a fused kernel for no
+    other), minus its per-call work:
+
+    - cos and sin of the angle table are computed once per table, not for every query and key
+      of every layer: the rotary module returns the same (LRU-cached) table to all layers;
+    - no ``rotate_half`` tensor, no concatenations (:class:`_RopeFunction`).
+    """
+
+    def __init__(self) -> None:
+        self._freqs: torch.Tensor | None = None  # held, so its identity stays unique
+        self._key: tuple = ()
+        self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False, **_: Any) -> torch.Tensor:
+        if t.device.type != "cpu":
+            raise RuntimeError(f"CPU RoPE kernel called on a {t.device.type} tensor")
+        if interleaved or freqs.shape[-1] != t.shape[-1] or t.shape[-1] % 2:  # not LLaMA's: the general path
+            return rope_utils._apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=interleaved)
+        return _RopeFunction.apply(t, *self._cos_sin_of(freqs, t.dtype))
+
+    def _cos_sin_of(self, freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (freqs._version, dtype)
+        if freqs is not self._freqs or key != self._key or self._cos_sin is None:
+            with torch.no_grad():
+                self._cos_sin = (torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype))
+            self._freqs, self._key = freqs, key
+        return self._cos_sin
+
+
+def install_cpu_rope_kernel() -> None:
+    """Fill megatron-core's fused-RoPE slot with :class:`_CpuRope` where it is empty (no
+    Transformer Engine; idempotent, a CUDA kernel is kept). It runs only for models whose
+    config sets ``apply_rope_fusion``, which :func:`megatron_ct.model.llama.transformer_config`
+    does on CPU only."""
+    if rope_utils.fused_apply_rotary_pos_emb is None:
+        rope_utils.fused_apply_rotary_pos_emb = _CpuRope()

@@ -37,6 +37,9 @@ def test_gpu_config_takes_megatron_cores_fused_swiglu():
     )
     assert gpu.bias_activation_fusion and gpu.gated_linear_unit and gpu.activation_func is F.silu
     assert not cpu.bias_activation_fusion  # CPU: the unfused path, same formula
+    # CPU only: our SwiGLU module and RoPE kernel (tests/model/test_swiglu.py); never on GPU.
+    assert cpu.use_te_activation_func and cpu.apply_rope_fusion
+    assert not gpu.use_te_activation_func and not gpu.apply_rope_fusion
 
 
 @pytest.mark.slow  # torch.compile of forward and backward: ~15 s on 2 cores

@@ -254,3 +254,59 @@ def test_get_cos_sin_for_flash_decode_includes_factor(mcore_tp1):
     ref_cos, ref_sin = hf_cos_sin(rope_scaling, 32)
     torch.testing.assert_close(cos, ref_cos[:, : HEAD_DIM // 2], atol=1e-6, rtol=0)
     torch.testing.assert_close(sin, ref_sin[:, : HEAD_DIM // 2], atol=1e-6, rtol=0)
+
+
+# --- the CPU fused-RoPE kernel ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_rope_kernel_is_bit_identical_to_megatron_cores_unfused_rope(dtype, mcore_tp1, seeded):
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    from megatron_ct.model.rope import _CpuRope
+
+    rope = HFRotaryEmbedding(HEAD_DIM, BASE, RopeScaling.from_hf_dict(dict(CASES)["llama3"]), MAX_POS)
+    freqs = rope(40)  # [s, 1, 1, d]
+    # A strided [s, b, heads, d] view, as megatron-core's key is a slice of the fused projection.
+    base = (torch.randn(40, 2, 3, 2 * HEAD_DIM) * 3).to(dtype)
+    ours, ref = base.clone().requires_grad_(), base.clone().requires_grad_()
+    out = _CpuRope()(ours[..., :HEAD_DIM], freqs)
+    expected = _apply_rotary_pos_emb_bshd(ref[..., :HEAD_DIM], freqs)
+    upstream = torch.randn_like(out)
+    out.backward(upstream)
+    expected.backward(upstream)
+    assert torch.equal(out, expected)
+    assert torch.equal(ours.grad, ref.grad)
+
+
+def test_cpu_rope_kernel_follows_a_changed_or_new_angle_table(mcore_tp1, seeded):
+    """cos and sin are cached per table: a table changed in place, or another one, is
+    never answered from the cache."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    from megatron_ct.model.rope import _CpuRope
+
+    kernel = _CpuRope()
+    rope = HFRotaryEmbedding(HEAD_DIM, BASE, RopeScaling.from_hf_dict({"rope_type": "default"}), MAX_POS)
+    t = torch.randn(24, 2, 4, HEAD_DIM)
+    freqs = rope(24).clone()
+    assert torch.equal(kernel(t, freqs), _apply_rotary_pos_emb_bshd(t, freqs))
+    cached = kernel._cos_sin
+    assert torch.equal(kernel(t, freqs), _apply_rotary_pos_emb_bshd(t, freqs))
+    assert kernel._cos_sin is cached  # the same table: computed once
+    freqs.mul_(3.0)
+    assert torch.equal(kernel(t, freqs), _apply_rotary_pos_emb_bshd(t, freqs))
+    other = rope(24) * 0.5
+    assert torch.equal(kernel(t, other), _apply_rotary_pos_emb_bshd(t, other))
+    with pytest.raises(RuntimeError, match="CPU RoPE kernel called on a meta tensor"):
+        kernel(t.to("meta"), freqs)
+
+
+def test_yarn_attention_factor_turns_the_fused_rope_off(mcore_tp1):
+    """Fused RoPE kernels take no attention factor: a YaRN model asks for the unfused RoPE."""
+    model = tiny_gpt(mcore_tp1)
+    model.config.apply_rope_fusion = True
+    install_rope(model, HEAD_DIM, BASE, RopeScaling.from_hf_dict({"rope_type": "default"}), MAX_POS)
+    assert model.config.apply_rope_fusion  # factor 1: kept
+    install_rope(model, HEAD_DIM, BASE, RopeScaling.from_hf_dict(dict(CASES)["yarn"]), MAX_POS)
+    assert not model.config.apply_rope_fusion
