@@ -121,6 +121,22 @@ def grad_norm(optimizer) -> float:
     return math.sqrt(total.item()) if total is not None else 0.0  # the step's host sync
 
 
+def clip_grads_(optimizer, total_norm: float) -> None:
+    """Scale the gradients by ``clip_grad / total_norm`` where that is below 1: megatron-core's
+    ``clip_grad_by_total_norm_fp32`` (the same coefficient and gradients), as one in-place
+    ``_foreach_mul_``; without apex or Transformer Engine, megatron-core's fallback writes
+    ``grad * coeff`` into a new tensor per parameter and copies it back."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if opt.config.clip_grad <= 0.0:
+            continue
+        coeff = opt.config.clip_grad / (total_norm + 1.0e-6)
+        if coeff >= 1.0:
+            continue
+        grads = [p.grad.detach() for p in opt.get_parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, coeff)
+
+
 def finalize_grads(model: list[torch.nn.Module], num_tokens: torch.Tensor | None = None, **kwargs) -> None:
     """megatron-core's end-of-step gradient finalisation (DP reduce, SP norm reduce, tied
     embeddings), then the per-token scaling ``1 / global tokens`` without a host round trip."""

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ct.parallel.device import rewrites_suspended
+from megatron_ct.training.optimizer import clip_grads_
 from megatron_ct.training.optimizer import grad_norm as global_grad_norm
 
 
@@ -131,8 +132,6 @@ def train_step(
     micro_batch_size: int,
     nan_policy: str,
 ) -> StepResult:
-    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
-
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -158,10 +157,7 @@ def train_step(
         if nan_policy == "stop":
             raise NonFiniteError(message + "; stopping (train.nan_policy=stop)")
         return StepResult(False, grad_norm, loss_sums, lr, message + "; update skipped")
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        params = opt.get_parameters()
-        if opt.config.clip_grad > 0.0 and params:
-            clip_grad_by_total_norm_fp32(params, max_norm=opt.config.clip_grad, total_norm=grad_norm)
+    clip_grads_(optimizer, grad_norm)
     applied = optimizer.step_with_ready_grads()
     if applied:
         scheduler.step(increment=1)
