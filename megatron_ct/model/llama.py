@@ -59,12 +59,14 @@ def params_dtype(precision: str) -> torch.dtype:
 
 @dataclass(frozen=True)
 class Numerics:
-    """How the model computes, from the ``train`` section (precision and recomputation) and the
-    data (explicit document masks)."""
+    """How the model computes, from the ``train`` section (precision and recomputation), the
+    data (explicit document masks) and the trainer (``ddp``: the model will be wrapped in
+    megatron-core's DDP, whose buffers the weight gradients can be accumulated into)."""
 
     precision: str = "fp32"
     recompute_granularity: str | None = None
     document_masks: bool = False
+    ddp: bool = False
 
 
 def transformer_config(m: ModelConfig, layout: Layout, numerics: Numerics):
@@ -77,6 +79,10 @@ def transformer_config(m: ModelConfig, layout: Layout, numerics: Numerics):
         from megatron_ct.model.rope import install_cpu_rope_kernel
 
         install_cpu_rope_kernel()  # what apply_rope_fusion runs on CPU
+        if numerics.ddp:
+            from megatron_ct.parallel.device import install_cpu_wgrad_accumulation
+
+            install_cpu_wgrad_accumulation()  # what gradient_accumulation_fusion runs on CPU
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -124,7 +130,9 @@ def transformer_config(m: ModelConfig, layout: Layout, numerics: Numerics):
         # mask; the fused causal softmax kernel ignores explicit masks, the unfused one applies
         # them (see megatron_ct/data/packing.py).
         masked_softmax_fusion=not on_cpu and have_fused_softmax_kernels() and not numerics.document_masks,
-        gradient_accumulation_fusion=False,
+        # On CPU, where the model gets DDP buffers: the weight gradient is accumulated into them
+        # by its GEMM (megatron_ct.parallel.device). megatron-core fails without the buffers.
+        gradient_accumulation_fusion=on_cpu and numerics.ddp,
         persist_layer_norm=False,
         # gloo's batch_isend_irecv can pair the interleaved schedule's concurrent
         # same-peer messages wrongly (micro-batches swap); plain isend/irecv keeps order.

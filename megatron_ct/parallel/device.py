@@ -19,6 +19,10 @@ What it does, all process-wide and reversible with :func:`deactivate_cpu_device_
   RNG state get/set, memory queries, streams/events, ...) are replaced by CPU
   equivalents or no-ops.
 
+Separately, :func:`install_cpu_wgrad_accumulation` gives megatron-core a CPU stand-in for
+apex's ``fused_weight_gradient_mlp_cuda`` extension, used where a model's config sets
+``gradient_accumulation_fusion`` (CPU training runs: ``megatron_ct.model.llama``).
+
 :class:`HostSyncCounter` counts the calls that would synchronise a GPU with the host
 (``.item()``, ``.cpu()``, ``.tolist()``, ``bool(t)``, ... and ``torch.cuda.synchronize``): tests
 use it on CPU to hold the training step to its budget of host syncs.
@@ -363,6 +367,36 @@ def deactivate_cpu_device_layer() -> None:
         for (module, name), fn in _state.get("saved_masks", {}).items():
             setattr(module, name, fn)
         _state.update(mode=None, saved={}, saved_random={}, saved_masks={})
+
+
+class _CpuWgradAccumulation:
+    """apex's ``fused_weight_gradient_mlp_cuda`` for CPU tensors: a linear layer's weight
+    gradient is added to its DDP buffer by the GEMM itself (``main_grad += g^T x``), not
+    computed into a new tensor that DDP's hook then adds (about 1% of a CPU step). Inputs of a
+    lower precision are widened to the buffer's dtype first (exact), as the CUDA kernel
+    accumulates in FP32."""
+
+    @staticmethod
+    def _accumulate(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
+        if main_grad.device.type != "cpu":
+            raise RuntimeError(f"CPU weight-gradient kernel called on a {main_grad.device.type} tensor")
+        x = total_input.reshape(-1, total_input.shape[-1]).to(main_grad.dtype)
+        g = grad_output.reshape(-1, grad_output.shape[-1]).to(main_grad.dtype)
+        main_grad.addmm_(g.t(), x)
+
+    wgrad_gemm_accum_fp32 = _accumulate
+    wgrad_gemm_accum_fp16 = _accumulate
+
+
+def install_cpu_wgrad_accumulation() -> None:
+    """Let megatron-core's linear layers take ``gradient_accumulation_fusion`` on CPU, with
+    :class:`_CpuWgradAccumulation` (idempotent; where apex's extension is importable it is kept)."""
+    from megatron.core.tensor_parallel import layers
+
+    with _lock:
+        if not layers._grad_accum_fusion_available:
+            layers.fused_weight_gradient_mlp_cuda = _CpuWgradAccumulation
+            layers._grad_accum_fusion_available = True
 
 
 def cpu_device_layer_active() -> bool:

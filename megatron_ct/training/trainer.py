@@ -73,7 +73,7 @@ class Trainer:
             log_dir=log_dir,
             tensorboard_dir=cfg.logging.tensorboard_dir,
         )
-        numerics = Numerics(t.precision, t.recompute_granularity, cfg.data.uses_document_attention_mask)
+        numerics = Numerics(t.precision, t.recompute_granularity, cfg.data.uses_document_attention_mask, ddp=True)
         chunks, self.model_info = build_model(cfg.model, layout, numerics)
         self.plan = FreezePlan(chunks, self.schedule, cfg.model.num_layers, self.provenance)
         self.model = wrap_ddp(chunks, layout)
