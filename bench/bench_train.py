@@ -156,6 +156,17 @@ def run_baseline(shape: dict, device: str, iters: int) -> list[float]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def median_interval(ratios: list[float], level: float = 0.9, draws: int = 2000) -> tuple[float, float]:
+    """Bootstrap interval of the median pair ratio (seeded): how far the printed median could
+    move on a re-run of as many pairs on a machine as noisy as this one."""
+    import random
+
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))
+    tail = (1.0 - level) / 2
+    return medians[int(tail * draws)], medians[min(int((1.0 - tail) * draws), draws - 1)]
+
+
 def main() -> None:
     import torch
 
@@ -219,9 +230,19 @@ def main() -> None:
             f"{r['tflops_per_device']:>12.2f} {mfu:>6}"
         )
     print(f"median step-time ratio ours/baseline over {len(pairs)} pairs: {ratio:.3f} (< 1: ours faster)")
+    ratios = [o / b for o, b in pairs]
+    low, high = median_interval(ratios)
+    print(f"90% bootstrap interval of that median: {low:.3f}-{high:.3f} (pairs {min(ratios):.3f} to {max(ratios):.3f})")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_train.jsonl"), "a") as f:
-        record = {"machine": machine(device), "shape": shape, "pairs": pairs, "ratio": ratio, "rows": rows}
+        record = {
+            "machine": machine(device),
+            "shape": shape,
+            "pairs": pairs,
+            "ratio": ratio,
+            "ratio_interval_90": [low, high],
+            "rows": rows,
+        }
         f.write(json.dumps({**record, "time": time.time()}) + "\n")
 
 
