@@ -239,6 +239,10 @@ def build_model(
                 RopeScaling.from_hf_dict(m.rope_scaling or {"rope_type": "default"}),
                 m.max_position_embeddings,
             )
+        if tcfg.gradient_accumulation_fusion and model.pre_process:
+            from megatron_ct.model.embedding import accumulate_embedding_grads
+
+            accumulate_embedding_grads(model)  # the lookup's gradient into the DDP buffer, as the GEMMs
         if model.post_process and vocab > m.vocab_size:
             mask_padded_vocab(model, m.vocab_size)  # the plain path's logits (the chunked loss fills its own)
         if layout.on_gpu:

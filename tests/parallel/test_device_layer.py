@@ -111,7 +111,9 @@ def test_cpu_weight_gradient_accumulation_equals_grad_then_add():
 
 def test_training_models_accumulate_weight_gradients_in_the_ddp_buffers():
     """A CPU model built for DDP accumulates its linear layers' weight gradients into the DDP
-    buffers by the GEMM; over micro-batches the buffers hold what DDP's add-after-backward gives."""
+    buffers by the GEMM, and its word embedding's by the lookup's backward
+    (megatron_ct/model/embedding.py); over micro-batches the buffers hold what DDP's
+    add-after-backward gives."""
     out = run("""
         import warnings; warnings.filterwarnings("ignore")
         import torch, torch.distributed as dist
@@ -130,13 +132,18 @@ def test_training_models_accumulate_weight_gradients_in_the_ddp_buffers():
         layout = validate_for_world(cfg, 1)
         chunks, _ = build_model(cfg.model, layout, Numerics(ddp=True))
         model = wrap_ddp(chunks, layout)[0]
+        from megatron.core.tensor_parallel.layers import VocabParallelEmbedding
+        from megatron_ct.model.embedding import AccumulatingVocabParallelEmbedding
         linears = [m for m in model.modules() if getattr(m, "gradient_accumulation_fusion", False)]
+        embedding = model.module.embedding.word_embeddings
+        assert type(embedding) is AccumulatingVocabParallelEmbedding
         tokens = torch.randint(0, 200, (3, 2, 33))
         positions = torch.arange(32).expand(2, -1)
 
         def buffers(fused):
             for m in linears:
                 m.gradient_accumulation_fusion = fused  # read at every forward
+            embedding.__class__ = AccumulatingVocabParallelEmbedding if fused else VocabParallelEmbedding
             model.zero_grad_buffer()
             for mb in tokens:  # three micro-batches into the same buffers
                 with rewrites_suspended():
