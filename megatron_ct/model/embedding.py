@@ -38,27 +38,31 @@ class _EmbeddingIntoMainGrad(torch.autograd.Function):
 
 
 class AccumulatingVocabParallelEmbedding(VocabParallelEmbedding):
-    """megatron-core's ``VocabParallelEmbedding`` whose weight gradient goes into the DDP buffer."""
+    """megatron-core's ``VocabParallelEmbedding`` whose weight gradient goes into the DDP buffer.
+
+    Installed by :func:`accumulate_embedding_grads` only where that is exact (untied, one TP
+    rank, no scattering); the forward checks only what can change after building: a weight
+    with a DDP buffer that trains (otherwise megatron-core's forward, unchanged)."""
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (
-            self.tp_group.size() > 1
-            or self.reduce_scatter_embeddings
-            or not (w.requires_grad and hasattr(w, "main_grad"))
-            or getattr(w, "zero_out_wgrad", False)  # tied to the output layer: DDP adds the sum
-        ):
+        if not (w.requires_grad and hasattr(w, "main_grad")):
             return super().forward(input_)
         return _EmbeddingIntoMainGrad.apply(input_, w)
 
 
 def accumulate_embedding_grads(model: torch.nn.Module) -> bool:
     """Make a built GPTModel's word embedding accumulate into the DDP buffer (see the module
-    docstring); returns whether it applies (first stage, untied, TP 1)."""
+    docstring); returns whether it applies: first stage, untied (a tied weight's DDP hook adds
+    the sum of both gradients), one TP rank and no sequence-parallel scattering (no masking or
+    reduction in the lookup)."""
     embedding = getattr(getattr(model, "embedding", None), "word_embeddings", None)
-    if type(embedding) is not VocabParallelEmbedding or getattr(model, "share_embeddings_and_output_weights", True):
-        return False
-    if embedding.tp_group.size() > 1:
+    if (
+        type(embedding) is not VocabParallelEmbedding
+        or getattr(model, "share_embeddings_and_output_weights", True)
+        or embedding.tp_group.size() > 1
+        or embedding.reduce_scatter_embeddings
+    ):
         return False
     embedding.__class__ = AccumulatingVocabParallelEmbedding  # a subclass adding no state
     return True

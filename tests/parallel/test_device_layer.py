@@ -111,50 +111,57 @@ def test_cpu_weight_gradient_accumulation_equals_grad_then_add():
 
 def test_training_models_accumulate_weight_gradients_in_the_ddp_buffers():
     """A CPU model built for DDP accumulates its linear layers' weight gradients into the DDP
-    buffers by the GEMM, and its word embedding's by the lookup's backward
+    buffers by the GEMM, and an untied word embedding's by the lookup's backward
     (megatron_ct/model/embedding.py); over micro-batches the buffers hold what DDP's
-    add-after-backward gives."""
+    add-after-backward gives. A tied embedding (SmolLM2, Llama-3.2) keeps megatron-core's lookup:
+    its DDP hook adds the sum of the embedding's and the output layer's gradients."""
     out = run("""
         import warnings; warnings.filterwarnings("ignore")
         import torch, torch.distributed as dist
         from megatron.core import parallel_state as ps, tensor_parallel
+        from megatron.core.tensor_parallel.layers import VocabParallelEmbedding
         from megatron_ct.config import load_config, validate_for_world
+        from megatron_ct.model.embedding import AccumulatingVocabParallelEmbedding
         from megatron_ct.model.llama import Numerics, build_model
         from megatron_ct.parallel.device import activate_cpu_device_layer, rewrites_suspended
         from megatron_ct.training.optimizer import wrap_ddp
         activate_cpu_device_layer()
         dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
         ps.initialize_model_parallel(1, 1)
-        tensor_parallel.model_parallel_cuda_manual_seed(1234)
-        cfg = load_config(None, ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
-                                 "model.num_query_groups=2", "model.ffn_hidden_size=96", "model.vocab_size=200",
-                                 "parallel.device=cpu"])
-        layout = validate_for_world(cfg, 1)
-        chunks, _ = build_model(cfg.model, layout, Numerics(ddp=True))
-        model = wrap_ddp(chunks, layout)[0]
-        from megatron.core.tensor_parallel.layers import VocabParallelEmbedding
-        from megatron_ct.model.embedding import AccumulatingVocabParallelEmbedding
-        linears = [m for m in model.modules() if getattr(m, "gradient_accumulation_fusion", False)]
-        embedding = model.module.embedding.word_embeddings
-        assert type(embedding) is AccumulatingVocabParallelEmbedding
-        tokens = torch.randint(0, 200, (3, 2, 33))
-        positions = torch.arange(32).expand(2, -1)
+        for untie in ("true", "false"):
+            tensor_parallel.model_parallel_cuda_manual_seed(1234)
+            cfg = load_config(None, ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+                                     "model.num_query_groups=2", "model.ffn_hidden_size=96", "model.vocab_size=200",
+                                     "parallel.device=cpu", f"model.untie_embeddings_and_output_weights={untie}"])
+            layout = validate_for_world(cfg, 1)
+            chunks, _ = build_model(cfg.model, layout, Numerics(ddp=True))
+            model = wrap_ddp(chunks, layout)[0]
+            linears = [m for m in model.modules() if getattr(m, "gradient_accumulation_fusion", False)]
+            embedding = model.module.embedding.word_embeddings
+            ours = AccumulatingVocabParallelEmbedding if untie == "true" else VocabParallelEmbedding
+            tokens = torch.randint(0, 200, (3, 2, 33))
+            positions = torch.arange(32).expand(2, -1)
 
-        def buffers(fused):
-            for m in linears:
-                m.gradient_accumulation_fusion = fused  # read at every forward
-            embedding.__class__ = AccumulatingVocabParallelEmbedding if fused else VocabParallelEmbedding
-            model.zero_grad_buffer()
-            for mb in tokens:  # three micro-batches into the same buffers
-                with rewrites_suspended():
-                    loss = model(mb[:, :-1], positions, attention_mask=None, labels=mb[:, 1:]).sum()
-                loss.backward()
-            return {n: p.main_grad.clone() for n, p in model.named_parameters()}
+            def buffers(fused):
+                for m in linears:
+                    m.gradient_accumulation_fusion = fused  # read at every forward
+                embedding.__class__ = ours if fused else VocabParallelEmbedding
+                model.zero_grad_buffer()
+                for mb in tokens:  # three micro-batches into the same buffers
+                    with rewrites_suspended():
+                        loss = model(mb[:, :-1], positions, attention_mask=None, labels=mb[:, 1:]).sum()
+                    loss.backward()
+                return {n: p.main_grad.clone() for n, p in model.named_parameters()}
 
-        fused, unfused = buffers(True), buffers(False)
-        close = all(torch.allclose(fused[n], unfused[n], rtol=1e-5, atol=1e-6) for n in fused)
-        nonzero = all(fused[n].abs().sum() > 0 for n in fused)
-        print(len(linears), close, nonzero)
+            installed = type(embedding).__name__
+            fused, unfused = buffers(True), buffers(False)
+            close = all(torch.allclose(fused[n], unfused[n], rtol=1e-5, atol=1e-6) for n in fused)
+            nonzero = all(fused[n].abs().sum() > 0 for n in fused)
+            print(untie, installed, len(linears), close, nonzero)
+            ps.destroy_model_parallel(); ps.initialize_model_parallel(1, 1)
     """)
-    count, close, nonzero = out.split()
-    assert int(count) >= 9 and close == "True" and nonzero == "True"  # qkv, proj, fc1, fc2 per layer + output
+    untied, tied = (line.split() for line in out.splitlines())
+    assert untied[:2] == ["true", "AccumulatingVocabParallelEmbedding"]
+    assert tied[:2] == ["false", "VocabParallelEmbedding"]
+    for _, _, count, close, nonzero in (untied, tied):
+        assert int(count) >= 9 and close == "True" and nonzero == "True"  # qkv, proj, fc1, fc2 per layer + output
