@@ -76,7 +76,9 @@ def init_single_process(device: str) -> None:
 def make_inputs(shape: dict, device: str):
     import torch
 
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[shape["dtype"]]
+    from megatron_ct.dtypes import DTYPES
+
+    dtype = DTYPES[shape["dtype"]]
     g = torch.Generator(device=device).manual_seed(0)
     s, b, h = shape["seq"], shape["batch"], shape["hidden"]
     hidden = torch.randn(s, b, h, device=device, generator=g).to(dtype).requires_grad_()  # [s, b, h]

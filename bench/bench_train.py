@@ -108,7 +108,9 @@ def hf_baseline(shape: dict, device: str, iters: int) -> list[float]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[shape["precision"]]
+    from megatron_ct.dtypes import DTYPES
+
+    dtype = DTYPES[shape["precision"]]
     config = LlamaConfig(
         vocab_size=shape["vocab_size"],
         hidden_size=shape["hidden_size"],

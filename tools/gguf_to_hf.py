@@ -47,7 +47,9 @@ def gguf_to_hf(gguf_path: str, out_dir: str, dtype: str = "fp32") -> str:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    from megatron_ct.dtypes import torch_dtype as to_torch
+
+    torch_dtype = to_torch(dtype)
     if not os.path.isfile(gguf_path):
         raise FileNotFoundError(f"{gguf_path}: no such GGUF file")
     src, name = os.path.dirname(os.path.abspath(gguf_path)), os.path.basename(gguf_path)

@@ -45,11 +45,10 @@ from megatron_ct.config import (
 from megatron_ct.convert import hf_layout as L
 from megatron_ct.convert.hf_files import HFWeights, is_weight_file
 from megatron_ct.convert.progress import Progress, peak_rss_bytes
+from megatron_ct.dtypes import DTYPES
 from megatron_ct.errors import ConversionError
 from megatron_ct.expansion.vocab.record import read_hf_record
 from megatron_ct.model.llama import padded_vocab_size
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_dtype(dtype: str | None) -> torch.dtype | None:

@@ -302,7 +302,9 @@ def evaluate(
 
         device = resolve_device(opts.device, 0)
         precision = opts.precision if opts.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        from megatron_ct.dtypes import torch_dtype
+
+        dtype = torch_dtype(precision, "--precision")
         with open(os.path.join(checkpoint, "config.json"), encoding="utf-8") as f:
             _check_vocab(tok, int(json.load(f).get("vocab_size", 0)), tok_dir, checkpoint)
         scorer = hf_scorer(checkpoint, device, dtype)

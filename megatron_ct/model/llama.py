@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_ct.config import Layout, ModelConfig
+from megatron_ct.dtypes import torch_dtype
 from megatron_ct.model.output import loss_model_class, mask_padded_vocab
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def have_fused_softmax_kernels() -> bool:
 
 
 def params_dtype(precision: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    return torch_dtype(precision, "train.precision")
 
 
 @dataclass(frozen=True)
