@@ -57,19 +57,16 @@ def machine(device: str) -> str:
 
 
 def init_single_process(device: str) -> None:
-    import socket
-
     import torch.distributed as dist
     from megatron.core import parallel_state
+
+    from megatron_ct.parallel.launch import tcp_init_method
 
     if device == "cpu":
         from megatron_ct.parallel.device import activate_cpu_device_layer
 
         activate_cpu_device_layer()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=tcp_init_method(), rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
 
 
@@ -137,6 +134,8 @@ def worker(path: str, shape: dict, save: str | None) -> None:
 
 
 def run_cpu(shape: dict, pairs: int) -> tuple[dict, dict]:
+    from megatron_ct.parallel.launch import child_env
+
     results: dict[str, list[dict]] = {"plain": [], "chunked": []}
     with tempfile.TemporaryDirectory() as tmp:
         saved = {}
@@ -146,8 +145,7 @@ def run_cpu(shape: dict, pairs: int) -> tuple[dict, dict]:
                 if i == 0:
                     saved[path] = os.path.join(tmp, f"{path}.pt")
                     cmd += ["--save", saved[path]]
-                env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
                 if proc.returncode:
                     sys.exit(f"worker failed:\n{proc.stderr[-3000:]}")
                 results[path].append(json.loads(proc.stdout.strip().splitlines()[-1]))

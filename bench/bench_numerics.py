@@ -23,7 +23,6 @@ import argparse
 import math
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -108,14 +107,13 @@ def init_single_process_mcore():
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
 
+    from megatron_ct.parallel.launch import tcp_init_method
+
     if not torch.cuda.is_available():
         from megatron_ct.parallel.device import activate_cpu_device_layer
 
         activate_cpu_device_layer()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=tcp_init_method(), rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
 

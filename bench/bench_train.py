@@ -30,6 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from megatron_ct.parallel.launch import child_env, torchrun_command  # noqa: E402
+
 SHAPES = {
     # A LLaMA-7B-width slice: full width and sequence, 4 of the 32 layers.
     "gpu": dict(
@@ -95,9 +97,8 @@ def run_ours(shape: dict, device: str, nproc: int, iters: int, extra: list[str])
         ]
         # One process runs as plain `python pretrain_ct.py`, as the baseline does (no torchrun
         # agent polling beside it on a small machine); more go through torchrun.
-        cmd = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else [])
-        cmd += [str(REPO / "pretrain_ct.py"), *overrides]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        cmd = torchrun_command(nproc, REPO / "pretrain_ct.py", overrides, plain_for_one=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
         if proc.returncode != 0:
             sys.exit(f"pretrain_ct.py failed:\n{proc.stderr[-4000:]}")
         return [json.loads(li)["step_time_s"] for li in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
@@ -152,7 +153,7 @@ def run_baseline(shape: dict, device: str, iters: int) -> list[float]:
         "--baseline-worker",
         json.dumps({"shape": shape, "device": device, "iters": iters}),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
     if proc.returncode != 0:
         sys.exit(f"baseline failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -42,6 +42,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from bench_train import SHAPES, machine  # noqa: E402
 
+from megatron_ct.parallel.launch import child_env, torchrun_command  # noqa: E402
+
 SLICE = SHAPES["gpu"]
 T0 = float(os.environ.get("GPU_CHECK_T0", time.time()))  # the shell's start: setup time counts
 BUDGET_S = float(os.environ.get("GPU_CHECK_BUDGET_S", 440))
@@ -89,21 +91,10 @@ def train_run(name: str, steps: int, extra: list[str], timeout: float) -> dict:
     """pretrain_ct.py under torchrun on this GPU; a summary plus the per-step records."""
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "1",
-            str(REPO / "pretrain_ct.py"),
-            *slice_overrides(),
-            f"train.train_iters={steps}",
-            f"logging.log_dir={tmp}",
-            *extra,
-        ]
-        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        args = [*slice_overrides(), f"train.train_iters={steps}", f"logging.log_dir={tmp}", *extra]
+        cmd = torchrun_command(1, REPO / "pretrain_ct.py", args)
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=timeout, cwd=REPO)
         except subprocess.TimeoutExpired as e:
             return {"name": name, "status": f"timeout after {timeout:.0f}s", "stderr": tail(str(e.stderr))}
         metrics = Path(tmp) / "metrics.jsonl"
@@ -193,7 +184,7 @@ def upstream_run(tree: Path, steps: int, timeout: float) -> dict:
         "--vocab-size", str(s["vocab_size"]), "--log-interval", "1", "--eval-iters", "0",
         "--log-throughput", "--seed", "1234",
     ]  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "pretrain_gpt.py", *args]
+    cmd = torchrun_command(1, "pretrain_gpt.py", args)
     result = run_script("upstream pretrain_gpt.py", cmd, timeout, env={"PYTHONPATH": str(tree)}, cwd=tree)
     text = result.get("stdout", "") + result.get("stderr", "")
     ms = [float(x) for x in re.findall(r"elapsed time per iteration \(ms\): ([0-9.]+)", text)]

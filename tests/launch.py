@@ -1,23 +1,21 @@
-"""Run pretrain_ct.py under torchrun in a subprocess, as a user would, and read its metrics."""
+"""Run pretrain_ct.py under torchrun in a subprocess, as a user would, and read its metrics;
+wait for what launched processes do (a file, a log line, a signal reaching them) with a deadline."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+from megatron_ct.parallel.launch import RANK_VARIABLES, child_env, free_port, torchrun_command
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # A tiny model that still has GQA (4 heads, 2 groups), 4 layers for PP2 x VPP2,
@@ -49,18 +47,8 @@ def run_torchrun(
     env: dict | None = None,
 ) -> subprocess.CompletedProcess:
     """torchrun --nproc_per_node nproc SCRIPT ARGS from the repo root."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_port",
-        str(free_port()),
-        str(script),
-        *args,
-    ]
-    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = torchrun_command(nproc, script, args, master_port=free_port())
+    full_env = child_env(env, threads=1)
     # Output goes to files, not pipes: a rank killed mid-save orphans megatron-core's
     # writer-manager process, which would hold a pipe open forever. The whole process
     # group is killed afterwards so no orphan outlives the test.
@@ -93,9 +81,7 @@ def run_ranks(
     every process of the job at once, as SLURM does. Returns each rank's result."""
     port = free_port()
     cmd = [sys.executable, str(script), *args]
-    base = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # torchrun's variables would win
-        base.pop(key, None)
+    base = child_env(env, threads=1, drop=RANK_VARIABLES)  # torchrun's variables would win
     files, procs = [], []
     try:
         for rank in range(nproc):
@@ -158,9 +144,68 @@ def run_single(
     """``python pretrain_ct.py TINY + overrides`` as one plain process (no torchrun), so its own
     exit status and stderr come back unwrapped."""
     cmd = [sys.executable, str(script or REPO / "pretrain_ct.py"), *TINY, *overrides]
-    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
-        full_env.pop(key, None)
-    return subprocess.run(
-        cmd, capture_output=True, text=True, env={**full_env, **(env or {})}, cwd=REPO, timeout=timeout
+    full_env = child_env(
+        {"MASTER_PORT": str(free_port()), **(env or {})},
+        threads=1,
+        drop=(*RANK_VARIABLES, "SLURM_PROCID", "SLURM_NTASKS"),
     )
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=REPO, timeout=timeout)
+
+
+def wait_for(
+    predicate: Callable[[], object],
+    timeout: float,
+    what: str,
+    details: Callable[[], str] | None = None,
+    interval: float = 0.05,
+):
+    """Poll ``predicate()`` until it returns something true, and return that. Past ``timeout``
+    seconds, fail the test with ``what`` it waited for (and ``details()``, e.g. a log's tail).
+    The predicate may raise AssertionError itself when the event can no longer come. The poll
+    interval only bounds how late the event is seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:g} s for {what}" + (f":\n{details()}" if details else ""))
+        time.sleep(interval)
+
+
+def _mask(status: str, field: str) -> int:
+    """A signal mask (hex) from /proc/<pid>/status text, e.g. ``ShdPnd`` or ``SigBlk``."""
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith(field + ":")), 16)
+
+
+def signal_arrived(pid: int, sig: int) -> bool:
+    """``sig``, sent to process ``pid``, is no longer on its way (Linux /proc): the process is gone
+    (or a zombie), has taken it (run its handler, ignored it) or blocks it in every thread, where it
+    stays pending for good (a checkpoint helper started under ``helpers_ignore_sigterm``)."""
+    bit = 1 << (sig - 1)
+    try:
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            return True
+        if not _mask(Path(f"/proc/{pid}/status").read_text(), "ShdPnd") & bit:
+            return True
+        threads = list(Path(f"/proc/{pid}/task").iterdir())
+    except (FileNotFoundError, ProcessLookupError):
+        return True  # exited
+    try:
+        return all(_mask((t / "status").read_text(), "SigBlk") & bit for t in threads)
+    except (FileNotFoundError, ProcessLookupError):
+        return False  # a thread ended meanwhile: look again
+
+
+def process_group(pgid: int) -> list[int]:
+    """The processes of process group ``pgid`` (Linux /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # exited meanwhile
+            if int(fields[2]) == pgid:
+                pids.append(int(entry.name))
+    return pids

@@ -5,10 +5,9 @@ tests/slurm/ runs it under a real SLURM (signals, requeue, resume)."""
 import os
 import signal
 import subprocess
-import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from launch import REPO, wait_for
+
 SCRIPT = REPO / "examples" / "slurm" / "pretrain_ct.sbatch"
 
 
@@ -77,12 +76,15 @@ def test_job_log_goes_where_the_job_can_always_open_it():
 
 
 # The signal handling of the script, against stand-ins for srun, scancel and scontrol (tests/slurm/
-# runs it under a real SLURM). The stand-in trainer saves iteration 7 when it gets SIGTERM.
+# runs it under a real SLURM). The stand-in trainer saves iteration 7 when it gets SIGTERM; it
+# writes its pid once its trap is set, and idles in `wait`, which a trapped signal interrupts.
 STUBS = {
     "srun": """#!/bin/bash
+trap 'kill "$IDLE"; [ "$SAVES" = 1 ] && echo 7 > "$SAVE_DIR/latest_checkpointed_iteration.txt"; exit 0' TERM
+sleep infinity >/dev/null 2>&1 &
+IDLE=$!
 echo $$ > "$STUB/trainer.pid"
-trap '[ "$SAVES" = 1 ] && echo 7 > "$SAVE_DIR/latest_checkpointed_iteration.txt"; exit 0' TERM
-while true; do sleep 0.05; done
+wait
 """,
     "scancel": """#!/bin/bash
 echo "scancel $*" >> "$STUB/calls"
@@ -130,10 +132,12 @@ def run_signalled(tmp_path, sig, job_state="RUNNING", saves=True, preempt_time=N
         text=True,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 10
-    while not (stub / "trainer.pid").exists():
-        assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()
-        time.sleep(0.05)
+
+    def trainer_started() -> bool:
+        assert proc.poll() is None, f"the script exited {proc.returncode}:\n{proc.stdout.read()}"
+        return (stub / "trainer.pid").exists() and (stub / "trainer.pid").read_text().strip() != ""
+
+    wait_for(trainer_started, 10, "the stand-in trainer to start (its pid file)")
     if sig is not None:
         proc.send_signal(sig)
     if job_state != "RUNNING" or sig is None:  # SLURM itself signals every step of a job it ends

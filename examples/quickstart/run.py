@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -272,30 +271,13 @@ def curriculum_config(base_ckpt: Path, tokenizer: Path, prefixes: dict, save: Pa
     }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train(config: dict, config_path: Path, logs: Path) -> None:
     """pretrain_ct.py on one CPU process."""
+    from megatron_ct.parallel.launch import free_port, torchrun_command
+
     config_path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
-    run_cmd(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "1",
-            "--master_port",
-            str(free_port()),
-            str(REPO / "pretrain_ct.py"),
-            "--config",
-            str(config_path),
-        ],
-        logs / "train.log",
-    )
+    command = torchrun_command(1, REPO / "pretrain_ct.py", ["--config", str(config_path)], master_port=free_port())
+    run_cmd(command, logs / "train.log")
 
 
 def eval_records(run_dir: Path) -> dict[str, dict[str, dict]]:

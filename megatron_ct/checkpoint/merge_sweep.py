@@ -20,9 +20,7 @@ import logging
 import math
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +28,7 @@ from pathlib import Path
 
 from megatron_ct.checkpoint.merge import merge_checkpoints
 from megatron_ct.errors import ConfigError, ConversionError, CTError
+from megatron_ct.parallel.launch import child_env, free_port, torchrun_command
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +44,6 @@ EVAL_OVERRIDES = (
 
 Evaluate = Callable[[str, str], list[dict]]
 """(checkpoint save root, log directory) -> eval records ({"set", "loss", "bits_per_byte", ...})."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -72,15 +65,7 @@ class TrainerEvaluation:
         return list(cfg.data.valid)
 
     def command(self, ckpt: str, log_dir: str) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(self.nproc),
-            "--master_port",
-            str(_free_port()),
-            self.script,
+        args = [
             "--config",
             self.recipe,
             *self.overrides,
@@ -88,15 +73,15 @@ class TrainerEvaluation:
             *EVAL_OVERRIDES,
             f"logging.log_dir={log_dir}",
         ]
+        return torchrun_command(self.nproc, self.script, args, master_port=free_port())
 
     def __call__(self, ckpt: str, log_dir: str) -> list[dict]:
         if not os.path.isfile(self.script):
             raise ConfigError(f"{self.script}: not found (the sweep runs the trainer of a megatron-ct checkout)")
         os.makedirs(log_dir, exist_ok=True)
         out = os.path.join(log_dir, "trainer.log")
-        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         with open(out, "w") as f:
-            rc = subprocess.call(self.command(ckpt, log_dir), stdout=f, stderr=subprocess.STDOUT, env=env)
+            rc = subprocess.call(self.command(ckpt, log_dir), stdout=f, stderr=subprocess.STDOUT, env=child_env())
         if rc != 0:
             # The trainer's own one-line error if it printed one (torchrun adds its own report).
             lines = [li.strip() for li in Path(out).read_text(errors="replace").splitlines() if li.strip()]

@@ -27,7 +27,6 @@ import os
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ import yaml
 from megatron_ct.errors import ConfigError, DataError
 from megatron_ct.mixture.observations import POINT_FILE, SWEEP_FILE, count_parameters, swept_span
 from megatron_ct.mixture.report import write_text
+from megatron_ct.parallel.launch import torchrun_command
 
 REPO = Path(__file__).resolve().parents[2]
 LOG_FILES = ("eval.jsonl", "metrics.jsonl", "samples.jsonl", "train.log", "run.json")
@@ -294,13 +294,9 @@ def write_sweep(spec: SweepSpec, points: list[SweepPoint], force: bool = False, 
 
 def trainer_command(config_path: str, nproc: int) -> list[str]:
     """pretrain_ct.py for one point: a plain process for one rank, torchrun for more."""
-    script = str(REPO / "pretrain_ct.py")
-    if nproc == 1:
-        return [sys.executable, script, "--config", config_path]
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-        script, "--config", config_path,
-    ]  # fmt: skip
+    return torchrun_command(
+        nproc, REPO / "pretrain_ct.py", ["--config", config_path], standalone=True, plain_for_one=True
+    )
 
 
 def _fmt_seconds(s: float) -> str:

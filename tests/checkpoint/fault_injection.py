@@ -13,14 +13,29 @@ CT_FAULT=killpg_during_save:N  the same, sent by rank 0's checkpoint writer proc
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: launch.py
+
+from launch import process_group, signal_arrived, wait_for  # noqa: E402
 
 
 def _rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+
+
+def _signal_whole_group() -> None:
+    """SIGTERM to this process group, as SLURM sends it to a job's processes; returns once it has
+    arrived everywhere (every handler has it, every helper holds it blocked), so that what follows
+    (this step's preemption check, the rest of a shard write) happens after it, as in a real job."""
+    group = os.getpgrp()
+    os.killpg(group, signal.SIGTERM)
+    wait_for(
+        lambda: all(signal_arrived(pid, signal.SIGTERM) for pid in process_group(group)),
+        30,
+        f"SIGTERM to reach every process of process group {group}",
+    )
 
 
 def install(fault: str) -> None:
@@ -67,8 +82,7 @@ def install(fault: str) -> None:
         def log_then_signal_group(self, *a, **k):
             real_log(self, *a, **k)
             if self.iteration == n and _rank() == 0:
-                os.killpg(os.getpgrp(), signal.SIGTERM)
-                time.sleep(0.5)  # the handlers run before this step's preemption check, as in a real step
+                _signal_whole_group()  # the handlers run before this step's preemption check
 
         trainer.Trainer._log = log_then_signal_group
     elif kind == "killpg_during_save":
@@ -79,8 +93,7 @@ def install(fault: str) -> None:
         def signal_group_then_write(transform_list, local_proc_idx, write_bucket, *a, **k):
             # Runs in the writer process megatron-core forks for each shard file.
             if f"iter_{n:07d}" in str(write_bucket[0]) and _rank() == 0 and local_proc_idx == 0:
-                os.killpg(os.getpgrp(), signal.SIGTERM)
-                time.sleep(0.5)  # let the signal reach every process before the write goes on
+                _signal_whole_group()  # every process has it before the write goes on
             return real_write(transform_list, local_proc_idx, write_bucket, *a, **k)
 
         FileSystemWriterAsync.write_preloaded_data = staticmethod(signal_group_then_write)

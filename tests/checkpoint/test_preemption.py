@@ -3,20 +3,23 @@
 import multiprocessing as mp
 import os
 import signal
-import time
 
 from megatron_ct.checkpoint.preemption import helpers_ignore_sigterm
+
+from launch import signal_arrived, wait_for
 
 
 def _manager_survives_sigterm() -> bool:
     """A spawned manager (what megatron-core's writer keeps) started inside the block, then
-    SIGTERM to it: does its queue still work?"""
+    SIGTERM to it: does its queue still work once the signal has arrived?"""
     with helpers_ignore_sigterm():
         manager = mp.get_context("spawn").Manager()
         queue = manager.Queue()
     try:
-        os.kill(manager._process.pid, signal.SIGTERM)
-        time.sleep(0.5)
+        pid = manager._process.pid
+        os.kill(pid, signal.SIGTERM)
+        # Arrived: the manager died of it, or holds it blocked (pending for good).
+        wait_for(lambda: signal_arrived(pid, signal.SIGTERM), 10, f"SIGTERM to reach the manager (pid {pid})")
         try:
             queue.put(1)
             return queue.get(timeout=5) == 1
@@ -31,12 +34,11 @@ def test_helpers_survive_sigterm_and_the_trainer_still_sees_it():
     previous = signal.signal(signal.SIGTERM, lambda *_: received.append(True))
     try:
         assert _manager_survives_sigterm()
-        # A signal that arrives inside the block reaches this process when it ends.
+        # A signal sent inside the block (to itself: pending, or taken by another thread, when
+        # os.kill returns) reaches this process's handler; the block holds it back, no more.
         with helpers_ignore_sigterm():
             os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.1)
-        time.sleep(0.1)
-        assert received
+        wait_for(lambda: received, 5, "the SIGTERM sent inside the block to reach the handler")
         assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
     finally:
         signal.signal(signal.SIGTERM, previous)

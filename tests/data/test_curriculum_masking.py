@@ -6,8 +6,6 @@ batch built by megatron_ct.data.packing from a window of three documents.
 
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pytest
 import torch
@@ -18,15 +16,10 @@ from megatron_ct.config.validate import validate_for_world
 from megatron_ct.data.packing import PackingOptions, build_batch
 from megatron_ct.data.stream import Window
 from megatron_ct.model.attention import document_mask as document_attention_mask
+from megatron_ct.parallel.launch import tcp_init_method
 
 SEQ = 96
 DOC_LENGTHS = (20, 35, 41)  # one window of 96 inputs (+1 label token)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +61,7 @@ def model():
     activate_cpu_device_layer()
     created_pg = not dist.is_initialized()
     if created_pg:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method=tcp_init_method(), rank=0, world_size=1)
     created_mp = not ps.model_parallel_is_initialized()
     if created_mp:
         ps.initialize_model_parallel(1, 1)

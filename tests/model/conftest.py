@@ -1,17 +1,10 @@
 """Fixtures for model-level tests: megatron-core parallel state on one CPU process (gloo)."""
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 
-
-def free_port() -> int:
-    """A TCP port that is free right now, for a gloo rendezvous on localhost."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_ct.parallel.launch import free_port, tcp_init_method
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +14,7 @@ def mcore_tp1():
 
     created = not dist.is_initialized()
     if created:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method=tcp_init_method(), rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
     yield parallel_state
     parallel_state.destroy_model_parallel()

@@ -12,9 +12,12 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pytest
+
+from launch import wait_for
 
 CLUSTER_DIR = Path(os.environ.get("CT_SLURM_DIR", "/tmp/ct-slurm"))
 FINISHED = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
@@ -65,23 +68,29 @@ class Cluster:
         return self.job(job_id)["JobState"]
 
     def wait(self, job_id: str, states: set[str], timeout: float, log: Path | None = None) -> dict[str, str]:
-        """Poll until the job is in one of ``states``; fail with its record and log otherwise."""
-        deadline = time.monotonic() + timeout
-        while True:
+        """Poll until the job is in one of ``states``; fail with its record and log otherwise
+        (at once when it has finished in another state)."""
+
+        def tail() -> str:
+            return log.read_text()[-4000:] if log is not None and log.exists() else "(no log)"
+
+        def reached() -> dict[str, str] | None:
             info = self.job(job_id)
-            if info["JobState"] in states:
-                return info
-            if info["JobState"] in FINISHED or time.monotonic() > deadline:
-                tail = log.read_text()[-4000:] if log is not None and log.exists() else "(no log)"
-                raise AssertionError(f"job {job_id} is {info['JobState']}, expected {sorted(states)}:\n{tail}")
-            time.sleep(0.5)
+            if info["JobState"] in FINISHED and info["JobState"] not in states:
+                raise AssertionError(f"job {job_id} is {info['JobState']}, expected {sorted(states)}:\n{tail()}")
+            return info if info["JobState"] in states else None
+
+        what = f"job {job_id} to be {' or '.join(sorted(states))}"
+        return wait_for(reached, timeout, what, lambda: f"it is {self.state(job_id)}; log:\n{tail()}", interval=0.5)
 
     def release(self, job_id: str, time_limit_min: int | None = None) -> None:
         """Start a requeued job now (SLURM holds it back for a while after a requeue)."""
         # slurmd revokes a killed job's credential with a 1-second time stamp and refuses a
-        # launch of the same job id within that second ("Job N already killed, do not launch
-        # batch job": the job fails) -- what SLURM's own hold avoids.
-        time.sleep(2)
+        # launch credential made within that second ("Job N already killed, do not launch batch
+        # job": the job fails) -- what SLURM's own hold avoids. The requeue's time is the job's
+        # new SubmitTime; the kill is stamped then or, at worst, in the second after it.
+        requeued = datetime.fromisoformat(self.job(job_id)["SubmitTime"]).timestamp()
+        wait_for(lambda: time.time() >= requeued + 2, 10, f"the second after job {job_id}'s requeue to pass")
         extra = [f"TimeLimit={time_limit_min}"] if time_limit_min else []
         self.run("scontrol", "update", f"jobid={job_id}", "StartTime=now", *extra)
 

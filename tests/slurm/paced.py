@@ -17,7 +17,7 @@ if __name__ == "__main__":
         real_step, delay = trainer.train_step, float(os.environ.get("CT_STEP_DELAY", "1"))
 
         def paced_step(*a, **k):
-            time.sleep(delay)
+            time.sleep(delay)  # the pacing is the point, not a wait: SLURM's warning must land mid-run
             return real_step(*a, **k)
 
         trainer.train_step = paced_step

@@ -4,7 +4,7 @@ its shards, the last task queues the merge, the merged dataset holds every docum
 from __future__ import annotations
 
 import json
-import time
+import re
 
 import pytest
 
@@ -44,11 +44,12 @@ def test_array_writes_shards_and_merges(cluster, tmp_path):
     shards = sorted((tmp_path / "out").glob("web-*-of-00002_text_document.idx"))
     assert [p.name for p in shards] == ["web-00000-of-00002_text_document.idx", "web-00001-of-00002_text_document.idx"]
     assert sum(len(open_indexed(str(p)[: -len(".idx")])) for p in shards) == 12
+    # The last task queued the merge (sbatch printed its id into the task's log): wait for that
+    # job to complete, so the merged dataset is whole (.bin written, .idx renamed last).
+    last_task_log = (tmp_path / f"preprocess-{job}_1.out").read_text()
+    merges = re.findall(r"Submitted batch job (\d+)", last_task_log)
+    assert len(merges) == 1, last_task_log[-3000:]
+    info = cluster.wait(merges[0], {"COMPLETED"}, 120, tmp_path / f"merge-{merges[0]}.out")
+    assert info["ExitCode"] == "0:0", info
     merged = tmp_path / "out" / "web_text_document"
-    deadline = time.monotonic() + 120
-    while not merged.with_suffix(".idx").exists():
-        logs = "\n".join(p.read_text() for p in tmp_path.glob("merge-*.out"))
-        assert time.monotonic() < deadline, f"no merged dataset after 120 s:\n{logs[-3000:]}"
-        time.sleep(0.5)
-    time.sleep(1)  # the merge writes .bin then renames .idx; let it exit
     assert len(open_indexed(str(merged))) == 12

@@ -1,13 +1,14 @@
 """The training step brings at most one value to the host on steps that do not log."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from launch import REPO, TINY, free_port
+from megatron_ct.parallel.launch import child_env, free_port
+
+from launch import REPO, TINY
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +24,7 @@ def test_non_log_steps_sync_at_most_once(tmp_path, precision):
         f"checkpoint.save={tmp_path / 'ck'}",
         "checkpoint.save_on_sigterm=true",
     ]
-    env = {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = child_env({"MASTER_PORT": str(free_port())}, threads=1)
     proc = subprocess.run(
         [sys.executable, str(REPO / "tests" / "training" / "sync_worker.py"), str(out), *overrides],
         cwd=REPO,
