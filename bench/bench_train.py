@@ -174,7 +174,8 @@ def main() -> None:
     import torch
 
     from megatron_ct.config import load_config
-    from megatron_ct.training.flops import flops_per_token, peak_tflops_for
+    from megatron_ct.families import family_of
+    from megatron_ct.training.flops import peak_tflops_for
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -195,7 +196,7 @@ def main() -> None:
     cfg = load_config(None, [f"model.{k}={shape[k]}" for k in names])
     padded = ((shape["vocab_size"] + 127) // 128) * 128
     tokens = shape["global_batch_size"] * shape["seq_length"]
-    flops_step = tokens * flops_per_token(cfg.model, shape["seq_length"], padded)
+    flops_step = tokens * family_of(cfg.model).flops_per_token(cfg.model, shape["seq_length"], padded)
     peak = peak_tflops_for(torch.cuda.get_device_name()) if device == "cuda" else None
 
     print(f"machine: {machine(device)}")

@@ -1,6 +1,6 @@
 """Tiny random megatron-ct checkpoints written directly (no trainer run), for offline-tool tests.
 
-Tensors have the names and global shapes the trainer saves (``hf_layout.expected_ct_shapes``)
+Tensors have the names and global shapes the trainer saves (the family's ``ct_shapes``)
 and the ``ct`` metadata it records, so the trainer loads them with
 ``checkpoint.load_weights_only=true`` like a converted model.
 """
@@ -16,7 +16,7 @@ from megatron_ct.checkpoint.keys import LAYER_PREFIX
 from megatron_ct.checkpoint.meta import CheckpointMeta
 from megatron_ct.checkpoint.rewrite import model_keys, open_checkpoint, write_weights_only
 from megatron_ct.config import CTConfig, ModelConfig, config_to_dict
-from megatron_ct.convert.hf_layout import expected_ct_shapes
+from megatron_ct.families import family_of
 from megatron_ct.model.llama import padded_vocab_size
 
 # tests/launch.py's TINY model.
@@ -63,7 +63,7 @@ def write_random_checkpoint(
     """A save root holding iteration 0 of a random model (``TINY_MODEL`` updated by ``model_kw``)."""
     m = ModelConfig(**{**TINY_MODEL, **(model or {}), **model_kw})
     padded = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, 1)
-    chunks = _layer_chunks(expected_ct_shapes(m, padded), dtype, lambda k, s, dt: _random(k, s, seed, dt))
+    chunks = _layer_chunks(family_of(m).ct_shapes(m, padded), dtype, lambda k, s, dt: _random(k, s, seed, dt))
     meta = CheckpointMeta(
         config=config_to_dict(CTConfig(model=m)),
         true_vocab_size=m.vocab_size,

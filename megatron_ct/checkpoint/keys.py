@@ -16,18 +16,20 @@ OUTPUT = "output_layer.weight"
 LAYER_PREFIX = "decoder.layers."
 VOCAB_MATRICES = (EMBEDDING, OUTPUT)
 
-# megatron-core's local linear layers save an (empty) ``_extra_state`` object per layer.
-EXTRA_STATE_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
 
+def extra_state_objects(model: dict) -> dict[str, bytes]:
+    """The empty ``_extra_state`` objects megatron-core's local linear layers save (one per linear
+    module per layer) for the model config dict ``model``, serialised under megatron-core's
+    ShardedObject keys (``key/shard_<i>_<n>``)."""
+    from megatron_ct.config import ModelConfig
+    from megatron_ct.families import family_of
 
-def extra_state_objects(num_layers: int) -> dict[str, bytes]:
-    """The empty ``_extra_state`` objects a checkpoint of ``num_layers`` local layers holds,
-    serialised under megatron-core's ShardedObject keys (``key/shard_<i>_<n>``)."""
+    m = ModelConfig(**model)
     buf = io.BytesIO()
     torch.save([None], buf)
     empty = buf.getvalue()
     return {
-        f"{LAYER_PREFIX}{mod}._extra_state/shard_{i}_{num_layers}": empty
-        for i in range(num_layers)
-        for mod in EXTRA_STATE_MODULES
+        f"{LAYER_PREFIX}{mod}._extra_state/shard_{i}_{m.num_layers}": empty
+        for i in range(m.num_layers)
+        for mod in family_of(m).linear_modules(m)
     }

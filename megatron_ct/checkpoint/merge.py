@@ -74,10 +74,10 @@ WEIGHT_SUM_TOLERANCE = 1e-6
 
 
 def _aliases() -> dict[str, str]:
-    """Other spellings of layer tensors (unfused norm names) -> the name we write."""
-    from megatron_ct.convert.hf_layout import layer_tensors
+    """Other spellings of layer tensors (unfused norm names) -> the name we write, for every family."""
+    from megatron_ct.families import all_families
 
-    return {LAYER_PREFIX + a: lt.ct_key for lt in layer_tensors(True) for a in lt.ct_aliases}
+    return {alias: key for family in all_families().values() for alias, key in family.ct_aliases().items()}
 
 
 @dataclass(frozen=True)

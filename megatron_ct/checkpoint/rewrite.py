@@ -61,12 +61,11 @@ def write_weights_only(
     meta = dataclasses.replace(meta, iteration=0, weights_only=True, data=None, evaluation=None)
     partial = ckpt_root.stage(out_dir, 0)
     os.rmdir(partial)  # write_dist_checkpoint creates it
-    num_layers = meta.model["num_layers"]
     try:
         write_dist_checkpoint(
             partial,
             chunks,
-            extra_state_objects(num_layers),
+            extra_state_objects(meta.model),
             {"ct": meta.to_dict(), "content_metadata": dict(SHARDING_METADATA)},
             on_written=on_written,
         )

@@ -57,8 +57,14 @@ def check_param_patterns(patterns: list[str] | None, key: str) -> None:
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    """LLaMA-architecture GPT (RMSNorm, SwiGLU, RoPE, GQA, no biases)."""
+    """A decoder of one model family (megatron_ct/families): LLaMA-architecture GPT (RMSNorm,
+    SwiGLU, RoPE, GQA) and its variants."""
 
+    family: str | None = None
+    """Model family (megatron_ct/families): 'llama' (LLaMA, SmolLM2, Mistral), 'qwen2' (QKV
+    bias) or 'qwen3' (q/k norm). The converter sets it from the HF config's ``architectures``;
+    None detects it from ``add_qkv_bias`` / ``qk_layernorm`` (configs written before families),
+    'llama' when neither is set."""
     num_layers: int = 4
     """Number of transformer blocks."""
     hidden_size: int = 128
@@ -84,13 +90,15 @@ class ModelConfig:
     """RMSNorm epsilon (HF ``rms_norm_eps``)."""
     untie_embeddings_and_output_weights: bool = True
     """LLaMA-2 has separate input and output embeddings; False ties them (e.g. small Qwen2)."""
-    add_qkv_bias: bool = False
-    """Bias on the QKV projection (Qwen2)."""
+    add_qkv_bias: bool | None = None
+    """Bias on the QKV projection: the family's (Qwen2: true), filled in from ``family``; a value
+    given must agree with it."""
     kv_channels: int | None = None
     """Width of each attention head (HF ``head_dim``); None: hidden_size / num_attention_heads.
     Qwen3 sets it apart from the hidden size (Qwen3-0.6B: 16 heads of 128 on a 1024 hidden)."""
-    qk_layernorm: bool = False
-    """RMSNorm on every query and key head before RoPE (Qwen3's ``q_norm`` / ``k_norm``)."""
+    qk_layernorm: bool | None = None
+    """RMSNorm on every query and key head before RoPE: the family's (Qwen3's ``q_norm`` /
+    ``k_norm``), filled in from ``family``; a value given must agree with it."""
     init_method_std: float = 0.02
     """Std of the normal initialisation of a model built from scratch."""
     transformer_impl: str = "auto"
@@ -118,6 +126,7 @@ class ModelConfig:
     and gradients as the plain path. None: megatron-core's output layer and cross-entropy."""
 
     def __post_init__(self) -> None:
+        self._resolve_family()
         for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_position_embeddings"):
             _require(getattr(self, key) > 0, f"model.{key}", "a positive integer", getattr(self, key))
         if self.num_query_groups is None:
@@ -169,6 +178,20 @@ class ModelConfig:
                 self.loss_chunk_size,
             )
 
+    def _resolve_family(self) -> None:
+        """``family`` named or detected; the layer features it implies filled in (one source)."""
+        from megatron_ct.families import detect_family, get_family
+
+        if self.family is None:
+            family = detect_family(bool(self.add_qkv_bias), bool(self.qk_layernorm))
+        else:
+            family = get_family(self.family)
+        for key, value in (("add_qkv_bias", family.qkv_bias), ("qk_layernorm", family.qk_norm)):
+            given = getattr(self, key)
+            _require(given in (None, value), f"model.{key}", f"{value} (model.family={family.name})", given)
+            setattr(self, key, value)
+        self.family = family.name
+
     @property
     def head_dim(self) -> int:
         """Width of one attention head: ``kv_channels``, else hidden_size / num_attention_heads."""
@@ -185,6 +208,11 @@ class ParallelConfig:
     """PP: layers split into this many stages (1F1B schedule)."""
     virtual_pipeline_model_parallel_size: int | None = None
     """Interleaved 1F1B: model chunks per pipeline rank (needs PP > 1)."""
+    context_parallel_size: int = 1
+    """CP: each sequence split across this many ranks (not implemented by megatron-ct's attention
+    backends yet: 1)."""
+    expert_model_parallel_size: int = 1
+    """EP: the experts of MoE layers split across this many ranks (1 for dense model families)."""
     sequence_parallel: bool = False
     """Split norms/dropout activations along the sequence across TP ranks (needs TP > 1)."""
     use_distributed_optimizer: bool = False
@@ -197,7 +225,12 @@ class ParallelConfig:
     """Collective timeout."""
 
     def __post_init__(self) -> None:
-        for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        for key in (
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+            "context_parallel_size",
+            "expert_model_parallel_size",
+        ):
             _require(getattr(self, key) >= 1, f"parallel.{key}", "an integer >= 1", getattr(self, key))
         vpp = self.virtual_pipeline_model_parallel_size
         if vpp is not None:

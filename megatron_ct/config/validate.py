@@ -1,5 +1,8 @@
 """The parallel layout of a run: the config checked against the world size.
 
+The parallel dimensions themselves are :class:`~megatron_ct.parallel.dims.ParallelDims`'s
+(built and checked once, there); this adds what the batch and the device need.
+
 Every rank computes the same verdict from the same config and ``WORLD_SIZE``, so a bad
 layout stops all ranks with the same one-line error instead of leaving some of them
 waiting in a collective that never completes. The trainer's start-up function
@@ -13,22 +16,18 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_ct.config.schema import ConfigError, CTConfig
+from megatron_ct.parallel.dims import ParallelDims
 
 
 @dataclass(frozen=True)
 class Layout:
-    """The resolved ``parallel`` section: sizes derived from the world, and the device.
+    """The resolved ``parallel`` section: the parallel dimensions, the batch split, the device.
 
     Builders take their own config section plus this.
     """
 
-    world_size: int
-    tp: int
-    pp: int
-    vpp: int | None
-    dp: int
+    dims: ParallelDims
     num_microbatches: int
-    sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -41,65 +40,29 @@ class Layout:
 
 def validate_for_world(cfg: CTConfig, world_size: int, device: torch.device | None = None) -> Layout:
     """Raise ConfigError (naming the key and the expected value) or return the layout."""
-    m, p, t = cfg.model, cfg.parallel, cfg.train
-    tp, pp, vpp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
-
-    if world_size % (tp * pp) != 0:
-        raise ConfigError(
-            f"parallel.tensor_model_parallel_size*pipeline_model_parallel_size: expected a divisor of the "
-            f"world size {world_size}, got {tp}*{pp}={tp * pp}"
-        )
-    dp = world_size // (tp * pp)
-    if m.num_attention_heads % tp != 0:
-        raise ConfigError(
-            f"parallel.tensor_model_parallel_size: expected a divisor of model.num_attention_heads="
-            f"{m.num_attention_heads}, got {tp}"
-        )
-    if m.num_query_groups % tp != 0:
-        raise ConfigError(
-            f"parallel.tensor_model_parallel_size: expected a divisor of model.num_query_groups="
-            f"{m.num_query_groups}, got {tp}"
-        )
-    if m.ffn_hidden_size % tp != 0:
-        raise ConfigError(
-            f"parallel.tensor_model_parallel_size: expected a divisor of model.ffn_hidden_size="
-            f"{m.ffn_hidden_size}, got {tp}"
-        )
-    chunks = pp * (vpp or 1)
-    if m.num_layers % chunks != 0:
-        key = "virtual_pipeline_model_parallel_size" if vpp else "pipeline_model_parallel_size"
-        raise ConfigError(
-            f"parallel.{key}: expected pipeline stages x virtual stages ({pp}x{vpp or 1}) to divide "
-            f"model.num_layers={m.num_layers}"
-        )
-    if p.sequence_parallel and tp == 1:
-        raise ConfigError("parallel.sequence_parallel: expected false when tensor_model_parallel_size is 1, got True")
-    per_step = t.micro_batch_size * dp
+    t = cfg.train
+    dims = ParallelDims.from_config(cfg.parallel, cfg.model, world_size)
+    per_step = t.micro_batch_size * dims.dp
     if t.global_batch_size % per_step != 0:
         raise ConfigError(
             f"train.global_batch_size: expected a multiple of micro_batch_size*data_parallel_size="
-            f"{t.micro_batch_size}*{dp}={per_step}, got {t.global_batch_size}"
+            f"{t.micro_batch_size}*{dims.dp}={per_step}, got {t.global_batch_size}"
         )
     num_micro = t.global_batch_size // per_step
-    if pp > 1 and num_micro < 2:
+    if dims.pp > 1 and num_micro < 2:
         raise ConfigError(
             f"train.global_batch_size: pipeline parallelism needs >= 2 micro-batches per step, expected >= "
             f"{2 * per_step}, got {t.global_batch_size}"
         )
-    if vpp and num_micro % pp != 0:
+    if dims.vpp and num_micro % dims.pp != 0:
         raise ConfigError(
             f"train.global_batch_size: the interleaved schedule needs micro-batches ({num_micro}) to be a "
-            f"multiple of pipeline_model_parallel_size={pp}"
+            f"multiple of pipeline_model_parallel_size={dims.pp}"
         )
     return Layout(
-        world_size=world_size,
-        tp=tp,
-        pp=pp,
-        vpp=vpp,
-        dp=dp,
+        dims=dims,
         num_microbatches=num_micro,
-        sequence_parallel=p.sequence_parallel,
-        use_distributed_optimizer=p.use_distributed_optimizer,
-        overlap_grad_reduce=p.overlap_grad_reduce,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         device=device or torch.device("cpu"),
     )

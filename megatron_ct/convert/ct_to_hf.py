@@ -6,8 +6,8 @@ read), tokenizer and generation files, written into ``OUT.partial`` and renamed 
 
 Where the HF side comes from, first found wins:
 - architecture: ``architecture`` argument, else the ``hf`` record a converted checkpoint
-  carries, else the ``hf_base`` directory's config.json, else Qwen2 when the model has a
-  QKV bias and LLaMA otherwise;
+  carries, else the ``hf_base`` directory's config.json, else the first architecture of the
+  model's family (megatron_ct/families); it must be one of that family's;
 - config.json keys our model does not define (token ids, ...): ``hf_base``'s config.json,
   else the ``hf`` record, else a fresh config;
 - tokenizer files: ``tokenizer`` directory, else ``hf_base``, else ``hf_assets/`` beside a
@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import torch
 
+from megatron_ct.checkpoint import keys
 from megatron_ct.checkpoint.dist_io import DistCheckpointReader
 from megatron_ct.checkpoint.meta import CheckpointMeta, check_dcp_metadata, read_meta
 from megatron_ct.checkpoint.root import resolve_load_dir
@@ -35,6 +36,8 @@ from megatron_ct.convert.hf_files import SafetensorsShardWriter, is_weight_file,
 from megatron_ct.convert.hf_to_ct import ConversionReport, parse_dtype, read_hf_config, remove_path
 from megatron_ct.convert.progress import Progress, peak_rss_bytes
 from megatron_ct.errors import ConversionError, CTError
+from megatron_ct.families import family_of
+from megatron_ct.families.spec import LAYER_PREFIX, Tensor
 
 
 class _Source:
@@ -46,48 +49,51 @@ class _Source:
         self.m = m
         self._cached: tuple[tuple[str, int] | None, tuple[torch.Tensor, ...]] = (None, ())
 
-    def key(self, lt: L.LayerTensor) -> str:
-        for k in (lt.ct_key, *(L.CT_LAYER + a for a in lt.ct_aliases)):
+    def key(self, t: Tensor) -> str:
+        for k in (t.ct_key, *(LAYER_PREFIX + a for a in t.ct_aliases)):
             if k in self.reader.tensors:
                 return k
-        raise ConversionError(f"{self.reader.path}: missing tensor {lt.ct_key}")
+        raise ConversionError(f"{self.reader.path}: missing tensor {t.ct_key}")
 
-    def layer_parts(self, lt: L.LayerTensor, i: int) -> tuple[torch.Tensor, ...]:
-        """Layer ``i`` of ``lt``, split into its HF tensors (shapes without the layer axis)."""
-        key = self.key(lt)
+    def layer_parts(self, t: Tensor, i: int) -> tuple[torch.Tensor, ...]:
+        """Layer ``i`` of ``t``, split into its HF tensors (shapes without the layer axis)."""
+        key = self.key(t)
         if self._cached[0] != (key, i):
             self._cached = (None, ())  # drop the previous chunk before reading the next
             shape = self.reader.shape(key)
-            t = self.reader.read(key, (i,) + (0,) * (len(shape) - 1), (1, *shape[1:]))[0]
-            if lt.kind == "qkv":
-                parts = L.split_qkv(t, self.m.num_attention_heads, self.m.num_query_groups)
-            elif lt.kind == "gate_up":
-                parts = L.split_gate_up(t)
+            x = self.reader.read(key, (i,) + (0,) * (len(shape) - 1), (1, *shape[1:]))[0]
+            if t.kind == "qkv":
+                parts = L.split_qkv(x, self.m.num_attention_heads, self.m.num_query_groups)
+            elif t.kind == "gate_up":
+                parts = L.split_gate_up(x)
             else:
-                parts = (t,)
+                parts = (x,)
             self._cached = ((key, i), parts)
         return self._cached[1]
 
-    def rows(self, key: str, n: int) -> torch.Tensor:
-        """The first ``n`` rows (the vocabulary without padding)."""
-        shape = self.reader.shape(key)
-        return self.reader.read(key, (0,) * len(shape), (n, *shape[1:]))
+    def whole(self, t: Tensor, true_vocab: int) -> torch.Tensor:
+        """A global tensor; a vocabulary matrix without its padding rows."""
+        shape = self.reader.shape(t.ct_key)
+        if not t.vocab:
+            return self.reader.read(t.ct_key)
+        return self.reader.read(t.ct_key, (0,) * len(shape), (true_vocab, *shape[1:]))
 
 
 def check_ct_tensors(reader: DistCheckpointReader, m: ModelConfig, true_vocab: int) -> int:
     """Shapes against the checkpoint's own config; returns the stored (padded) vocabulary."""
-    if L.CT_EMBED not in reader.tensors:
-        raise ConversionError(f"{reader.path}: missing tensor {L.CT_EMBED}")
-    padded = reader.shape(L.CT_EMBED)[0]
+    if keys.EMBEDDING not in reader.tensors:
+        raise ConversionError(f"{reader.path}: missing tensor {keys.EMBEDDING}")
+    padded = reader.shape(keys.EMBEDDING)[0]
     if padded < true_vocab:
         raise ConversionError(
-            f"{reader.path}: {L.CT_EMBED} has {padded} rows, fewer than the true vocabulary "
+            f"{reader.path}: {keys.EMBEDDING} has {padded} rows, fewer than the true vocabulary "
             f"size {true_vocab} in the checkpoint metadata"
         )
+    family = family_of(m)
     src = _Source(reader, m)
-    aliases = {lt.ct_key: src.key(lt) for lt in L.layer_tensors(m.add_qkv_bias, m.qk_layernorm)}
-    for key, shape in L.expected_ct_shapes(m, padded).items():
-        stored_key = aliases.get(key, key)
+    stored = {t.ct_key: src.key(t) for t in family.layer_tensors(m)}
+    for key, shape in family.ct_shapes(m, padded).items():
+        stored_key = stored.get(key, key)
         if stored_key not in reader.tensors:
             raise ConversionError(f"{reader.path}: missing tensor {key} (expected from the checkpoint's model config)")
         if reader.shape(stored_key) != shape:
@@ -95,8 +101,13 @@ def check_ct_tensors(reader: DistCheckpointReader, m: ModelConfig, true_vocab: i
                 f"{reader.path}: tensor {stored_key} has shape {reader.shape(stored_key)}, "
                 f"expected {shape} from the checkpoint's model config"
             )
-    if m.add_qkv_bias is False and L.CT_LAYER + "self_attention.linear_qkv.bias" in reader.tensors:
-        raise ConversionError(f"{reader.path}: has a QKV bias but model.add_qkv_bias is false")
+    expected = set(stored.values()) | set(family.ct_shapes(m, padded))
+    known = {t.ct_key for t in family.tensors_table} | set(family.ct_aliases())
+    extra = sorted(k for k in reader.tensors if k in known and k not in expected)
+    if extra:
+        raise ConversionError(
+            f"{reader.path}: has tensor {extra[0]}, which model.family={family.name} with this config does not have"
+        )
     return padded
 
 
@@ -104,16 +115,18 @@ def plan_hf_tensors(
     reader: DistCheckpointReader, m: ModelConfig, true_vocab: int, dtype: torch.dtype
 ) -> list[tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]]:
     """``(hf_name, shape, produce)`` in write order: embedding, per layer, norm, lm_head."""
+    family = family_of(m)
     src = _Source(reader, m)
-    shapes = L.expected_hf_shapes(m)
-    out = [(L.HF_EMBED, shapes[L.HF_EMBED], lambda: src.rows(L.CT_EMBED, true_vocab))]
-    for i in range(m.num_layers):
-        for lt in L.layer_tensors(m.add_qkv_bias, m.qk_layernorm):
-            for j, name in enumerate(lt.hf_names(i)):
-                out.append((name, shapes[name], lambda lt=lt, i=i, j=j: src.layer_parts(lt, i)[j]))
-    out.append((L.HF_FINAL_NORM, shapes[L.HF_FINAL_NORM], lambda: reader.read(L.CT_FINAL_NORM)))
-    if m.untie_embeddings_and_output_weights:
-        out.append((L.HF_LM_HEAD, shapes[L.HF_LM_HEAD], lambda: src.rows(L.CT_OUTPUT, true_vocab)))
+    shapes = family.hf_shapes(m)
+    out = []
+    for t in family.tensors(m):
+        if not t.per_layer:
+            (name,) = t.hf_names()
+            out.append((name, shapes[name], lambda t=t: src.whole(t, true_vocab)))
+            continue
+        for i in range(m.num_layers):
+            for j, name in enumerate(t.hf_names(i)):
+                out.append((name, shapes[name], lambda t=t, i=i, j=j: src.layer_parts(t, i)[j]))
     return [(name, shape, (lambda p=produce: p().to(dtype))) for name, shape, produce in out]
 
 
@@ -231,18 +244,13 @@ def export_hf(
         )
     record = meta.hf or {}
     base = read_hf_config(hf_base) if hf_base else record.get("config")
-    arch = (
-        architecture
-        or record.get("architecture")
-        or ((base or {}).get("architectures") or [None])[0]
-        or L.default_architecture(m)
-    )
-    L.check_architecture_fits(arch, m, path)
+    requested = architecture or record.get("architecture") or ((base or {}).get("architectures") or [None])[0]
+    arch = L.architecture_for(m, requested, path)
     if base and (base.get("architectures") or [arch])[0] != arch:
         base = None  # keys of another architecture's config would not apply
 
     check_ct_tensors(reader, m, true_vocab)
-    torch_dtype = wanted_dtype or reader.dtype(L.CT_EMBED)
+    torch_dtype = wanted_dtype or reader.dtype(keys.EMBEDDING)
     tensors = plan_hf_tensors(reader, m, true_vocab, torch_dtype)
 
     # Tokenizer files: as given, else next to a converted checkpoint, else the HF model it

@@ -48,7 +48,9 @@ from megatron_ct.convert.progress import Progress, peak_rss_bytes
 from megatron_ct.dtypes import DTYPES
 from megatron_ct.errors import ConversionError
 from megatron_ct.expansion.vocab.record import read_hf_record
+from megatron_ct.families import family_of
 from megatron_ct.model.llama import padded_vocab_size
+from megatron_ct.parallel.dims import ParallelDims
 
 
 def parse_dtype(dtype: str | None) -> torch.dtype | None:
@@ -96,7 +98,10 @@ def read_hf_config(hf_dir: str) -> dict:
 
 def check_layout(m: ModelConfig, tp: int, pp: int) -> CTConfig:
     """The CTConfig recorded in the checkpoint, after the trainer's own divisibility checks."""
-    L.check_tp_size(m, tp, "--target-tp")
+    try:
+        ParallelDims.build(tp * pp, m, tp=tp, pp=pp, keys={"tp": "--target-tp", "pp": "--target-pp"})
+    except ConfigError as e:
+        raise ConversionError(str(e)) from None
     cfg = CTConfig(
         model=m,
         parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
@@ -112,68 +117,69 @@ def check_layout(m: ModelConfig, tp: int, pp: int) -> CTConfig:
 
 def check_hf_tensors(weights: HFWeights, m: ModelConfig, arch: str) -> None:
     """Every expected tensor present with the expected shape, nothing unexplained left over."""
-    expected = L.expected_hf_shapes(m)
+    family = family_of(m)
+    expected = family.hf_shapes(m)
     where = weights.directory
-    if L.HF_EMBED in weights and weights.shape(L.HF_EMBED)[0] != m.vocab_size:
-        raise ConversionError(
-            f"{weights.file_of(L.HF_EMBED)}: {L.HF_EMBED} has {weights.shape(L.HF_EMBED)[0]} rows but config.json "
-            f"vocab_size is {m.vocab_size}; they must agree"
-        )
+    for t in family.global_tensors(m):
+        name = t.hf_names()[0]
+        if t.vocab and name in weights and weights.shape(name)[0] != m.vocab_size:
+            raise ConversionError(
+                f"{weights.file_of(name)}: {name} has {weights.shape(name)[0]} rows but config.json "
+                f"vocab_size is {m.vocab_size}; they must agree"
+            )
     for name, shape in expected.items():
         if name not in weights:
+            untied = ", untied lm_head" if name in _tied_output_names(family) else ""
             raise ConversionError(
-                f"{where}: missing tensor {name} (expected for {arch} with "
-                f"{m.num_layers} layers{', untied lm_head' if name == L.HF_LM_HEAD else ''})"
+                f"{where}: missing tensor {name} (expected for {arch} with {m.num_layers} layers{untied})"
             )
         if weights.shape(name) != shape:
             raise ConversionError(
                 f"{weights.file_of(name)}: tensor {name} has shape {weights.shape(name)}, "
                 f"expected {shape} from config.json"
             )
-    tied_head = not m.untie_embeddings_and_output_weights and L.HF_LM_HEAD in weights
+    # A tied model's checkpoint may still hold the (shared) output matrix.
+    tolerated = () if m.untie_embeddings_and_output_weights else _tied_output_names(family)
     for name in weights.names():
-        if name in expected or name.endswith(L.IGNORABLE_HF_SUFFIXES) or (tied_head and name == L.HF_LM_HEAD):
+        if name in expected or name.endswith(L.IGNORABLE_HF_SUFFIXES) or name in tolerated:
             continue
         raise ConversionError(
             f"{weights.file_of(name)}: unexpected tensor {name} for {arch} (config.json does not account for it)"
         )
 
 
+def _tied_output_names(family) -> tuple[str, ...]:
+    """HF names of the output matrix, which exists only when untied."""
+    return tuple(n for t in family.tensors_table if t.role == "output" for n in t.hf_names())
+
+
 def plan_chunks(weights: HFWeights, m: ModelConfig, padded_vocab: int, dtype: torch.dtype | None) -> list[ChunkSpec]:
     """One chunk per layer per stacked tensor, plus the embedding, final norm and output layer.
     Each chunk's ``produce`` reads its HF tensors, fuses and casts them (never the model)."""
-
-    def cast(t: torch.Tensor) -> torch.Tensor:
-        return t if dtype is None else t.to(dtype)
-
-    shapes = L.expected_ct_shapes(m, padded_vocab)
-
-    def whole(key: str, hf_name: str, produce) -> ChunkSpec:
-        """A tensor stored as one chunk (the global ones)."""
-        shape = shapes[key]
-        return ChunkSpec(key, shape, (0,) * len(shape), shape, dtype or weights.dtype(hf_name), produce)
-
+    family = family_of(m)
+    shapes = family.ct_shapes(m, padded_vocab)
     fuse = {
         "copy": lambda ts: ts[0],
         "qkv": lambda ts: L.fuse_qkv(*ts, num_query_groups=m.num_query_groups),
         "gate_up": lambda ts: L.fuse_gate_up(*ts),
     }
-    chunks = [whole(L.CT_EMBED, L.HF_EMBED, lambda: L.pad_vocab(cast(weights.load(L.HF_EMBED)), padded_vocab))]
-    for i in range(m.num_layers):
-        for lt in L.layer_tensors(m.add_qkv_bias, m.qk_layernorm):
-            names, shape = lt.hf_names(i), shapes[lt.ct_key]
 
-            def produce(names=names, kind=lt.kind) -> torch.Tensor:
-                return cast(fuse[kind]([weights.load(n) for n in names]))
+    def produce(names: tuple[str, ...], t) -> torch.Tensor:
+        out = fuse[t.kind]([weights.load(n) for n in names])
+        out = out if dtype is None else out.to(dtype)
+        return L.pad_vocab(out, padded_vocab) if t.vocab else out
 
-            # Layer i of the stacked [L, ...] tensor: offset (i, 0, ..), size (1, ...).
-            offsets, sizes = (i,) + (0,) * (len(shape) - 1), (1, *shape[1:])
-            chunks.append(ChunkSpec(lt.ct_key, shape, offsets, sizes, dtype or weights.dtype(names[0]), produce))
-    chunks.append(whole(L.CT_FINAL_NORM, L.HF_FINAL_NORM, lambda: cast(weights.load(L.HF_FINAL_NORM))))
-    if m.untie_embeddings_and_output_weights:
-        chunks.append(
-            whole(L.CT_OUTPUT, L.HF_LM_HEAD, lambda: L.pad_vocab(cast(weights.load(L.HF_LM_HEAD)), padded_vocab))
-        )
+    chunks = []
+    for t in family.tensors(m):
+        shape = shapes[t.ct_key]
+        # A stacked [L, ...] tensor is written one layer per chunk (offset (i, 0, ..), size (1, ...)),
+        # the others whole.
+        for i in range(m.num_layers) if t.per_layer else [None]:
+            names = t.hf_names(i)
+            offsets = (0,) * len(shape) if i is None else (i,) + (0,) * (len(shape) - 1)
+            sizes = shape if i is None else (1, *shape[1:])
+            dt = dtype or weights.dtype(names[0])
+            chunks.append(ChunkSpec(t.ct_key, shape, offsets, sizes, dt, lambda n=names, t=t: produce(n, t)))
     return chunks
 
 
@@ -206,7 +212,7 @@ def convert_hf_to_ct(
     torch_dtype = parse_dtype(dtype)
     hf_config = read_hf_config(hf_dir)
     source = os.path.join(hf_dir, "config.json")
-    arch, m = L.model_config_from_hf(hf_config, source, make_vocab_size_divisible_by)
+    _, arch, m = L.model_config_from_hf(hf_config, source, make_vocab_size_divisible_by)
     cfg = check_layout(m, target_tp, target_pp)
     warnings = [w for w in [L.sliding_window_warning(hf_config, source)] if w]
     weights = HFWeights(hf_dir)

@@ -106,7 +106,7 @@ class SyntheticSource:
     def __init__(self, dataset, layout: Layout, micro_batch_size: int, global_batch_size: int, dp_rank: int) -> None:
         self.dataset = dataset
         self.position = SamplePosition(global_batch_size)
-        self.mbs, self.dp, self.dp_rank = micro_batch_size, layout.dp, dp_rank
+        self.mbs, self.dp, self.dp_rank = micro_batch_size, layout.dims.dp, dp_rank
         self.num_microbatches = layout.num_microbatches
         self.device = layout.device
 

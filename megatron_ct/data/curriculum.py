@@ -108,7 +108,7 @@ class CurriculumSource:
         log_dir: str | None = None,
     ) -> None:
         self.seq_length = data.seq_length
-        self.mbs, self.dp, self.dp_rank = micro_batch_size, layout.dp, dp_rank
+        self.mbs, self.dp, self.dp_rank = micro_batch_size, layout.dims.dp, dp_rank
         self.num_microbatches = layout.num_microbatches
         self.device = layout.device
         self.schedule = schedule

@@ -103,7 +103,7 @@ class ValidationSet:
     def microbatches(self, it: int, dp_rank: int, mbs: int, layout) -> Iterator[dict]:
         """This rank's micro-batches of evaluation step ``it`` (same layout as training)."""
         for j in range(layout.num_microbatches):
-            idx = sample_indices(it * self.global_batch, j, dp_rank, mbs, layout.dp)
+            idx = sample_indices(it * self.global_batch, j, dp_rank, mbs, layout.dims.dp)
             batch = build_batch([self._window(i) for i in idx], self.seq_length, PackingOptions())
             yield to_device(batch, layout.device)
 

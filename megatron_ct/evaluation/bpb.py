@@ -247,21 +247,15 @@ def _ct_config(checkpoint: str, opts: EvalOptions, world_size: int):
     from megatron_ct.checkpoint.meta import read_meta
     from megatron_ct.checkpoint.root import resolve_load_dir
     from megatron_ct.config import CTConfig, DataConfig, ModelConfig, ParallelConfig, TrainConfig, validate_for_world
-    from megatron_ct.convert.hf_layout import check_tp_size
+    from megatron_ct.parallel.dims import ParallelDims
     from megatron_ct.parallel.distributed import read_launch_env
     from megatron_ct.training.startup import resolve_device
 
     path, _ = resolve_load_dir(checkpoint, key="--checkpoint")
     m = ModelConfig(**read_meta(path).model)
     tp, pp = opts.tensor_model_parallel_size, opts.pipeline_model_parallel_size
-    check_tp_size(m, tp, "--tensor-model-parallel-size")
-    if world_size % (tp * pp):
-        from megatron_ct.config import ConfigError
-
-        raise ConfigError(
-            f"--tensor-model-parallel-size x --pipeline-model-parallel-size: {tp}x{pp} does not divide "
-            f"the {world_size} launched processes"
-        )
+    flags = {"tp": "--tensor-model-parallel-size", "pp": "--pipeline-model-parallel-size"}
+    ParallelDims.build(world_size, m, tp=tp, pp=pp, keys=flags)  # the trainer's checks, named by our flags
     device = resolve_device(opts.device, read_launch_env().local_rank)
     precision = opts.precision if opts.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     dp, mbs = world_size // (tp * pp), opts.micro_batch_size
@@ -333,7 +327,7 @@ def evaluate(
             return float(t[0]), int(t[1])
 
         # Batches of micro_batch_size x PP documents keep the pipeline full.
-        batch = opts.micro_batch_size * layout.pp
+        batch = opts.micro_batch_size * layout.dims.pp
         results = _score_all(texts, tok, scorer, opts, shard=shard, reduce=reduce, batch=batch)
         return results if env.rank == 0 else None
     finally:

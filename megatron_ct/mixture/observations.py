@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass
 
 from megatron_ct.errors import ConfigError, DataError
+from megatron_ct.families import family_of
 
 POINT_FILE = "mixture_point.json"
 SWEEP_FILE = "sweep.json"
@@ -61,19 +62,6 @@ class RunInfo:
     """Domain datasets and their share of the blend (summing to ``ratio``)."""
     general: dict[str, float]
     """General datasets and their share (summing to 1 - ``ratio``)."""
-
-
-def count_parameters(model) -> int:
-    """Parameters of the LLaMA model a ModelConfig describes (true vocabulary, no padding):
-    embeddings, output layer unless tied, per layer QKV (+bias), output projection,
-    SwiGLU and two RMSNorms, and the final norm."""
-    h, v = model.hidden_size, model.vocab_size
-    kv = model.num_query_groups * (h // model.num_attention_heads)
-    per_layer = h * (h + 2 * kv) + h * h + 3 * h * model.ffn_hidden_size + 2 * h
-    if model.add_qkv_bias:
-        per_layer += h + 2 * kv
-    embed = v * h * (2 if model.untie_embeddings_and_output_weights else 1)
-    return embed + model.num_layers * per_layer + h
 
 
 def swept_span(names: list[str], stages: list[str], where: str) -> tuple[int, int]:
@@ -183,7 +171,7 @@ def run_info(path: str, domain: list[str] | None = None, stages: list[str] | Non
     info = RunInfo(
         path=path,
         ratio=ratio,
-        params=count_parameters(cfg.model),
+        params=family_of(cfg.model).num_parameters(cfg.model),
         tokens_per_iter=cfg.train.global_batch_size * cfg.data.seq_length,
         start_iter=start,
         end_iter=end,

@@ -34,7 +34,8 @@ from pathlib import Path
 import yaml
 
 from megatron_ct.errors import ConfigError, DataError
-from megatron_ct.mixture.observations import POINT_FILE, SWEEP_FILE, count_parameters, swept_span
+from megatron_ct.families import family_of
+from megatron_ct.mixture.observations import POINT_FILE, SWEEP_FILE, swept_span
 from megatron_ct.mixture.report import write_text
 from megatron_ct.parallel.launch import torchrun_command
 
@@ -217,7 +218,7 @@ def plan_sweep(spec: SweepSpec) -> list[SweepPoint]:
                     "ratio": ratio,
                     "tokens": tokens,
                     "model": label,
-                    "params": count_parameters(point_cfg.model),
+                    "params": family_of(point_cfg.model).num_parameters(point_cfg.model),
                     "domain": list(spec.domain),
                     "general": list(spec.general),
                     "stages": list(stages),

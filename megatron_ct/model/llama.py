@@ -1,4 +1,4 @@
-"""megatron-core ``GPTModel`` configured as LLaMA (RMSNorm, SwiGLU, RoPE, GQA, no biases).
+"""megatron-core ``GPTModel`` configured as a LLaMA-like decoder of one model family.
 
 One function, :func:`build_model`, turns a :class:`ModelConfig` into the list of model
 chunks this rank holds (one per virtual pipeline stage). The layer spec is chosen at run
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from megatron_ct.config import Layout, ModelConfig
 from megatron_ct.dtypes import torch_dtype
+from megatron_ct.families import family_of
 from megatron_ct.model.output import loss_model_class, mask_padded_vocab
 
 log = logging.getLogger(__name__)
@@ -71,10 +72,12 @@ class Numerics:
 
 
 def transformer_config(m: ModelConfig, layout: Layout, numerics: Numerics):
-    """megatron-core TransformerConfig for a LLaMA-architecture model."""
+    """megatron-core TransformerConfig for a model of one family (its layer features come from
+    the family's spec, megatron_ct/families)."""
     from megatron.core.transformer import TransformerConfig
 
     dtype = params_dtype(numerics.precision)
+    family = family_of(m)
     on_cpu = not layout.on_gpu
     if on_cpu:
         from megatron_ct.model.rope import install_cpu_rope_kernel
@@ -91,13 +94,13 @@ def transformer_config(m: ModelConfig, layout: Layout, numerics: Numerics):
         num_query_groups=m.num_query_groups,
         ffn_hidden_size=m.ffn_hidden_size,
         kv_channels=m.head_dim,
-        qk_layernorm=m.qk_layernorm,  # Qwen3: RMSNorm per query/key head before RoPE
+        qk_layernorm=family.qk_norm,  # Qwen3: RMSNorm per query/key head before RoPE
         normalization="RMSNorm",
         layernorm_epsilon=m.norm_epsilon,
         gated_linear_unit=True,  # SwiGLU = silu(x W_gate) * (x W_up)
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=m.add_qkv_bias,
+        add_qkv_bias=family.qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=m.init_method_std,
@@ -105,10 +108,12 @@ def transformer_config(m: ModelConfig, layout: Layout, numerics: Numerics):
         apply_query_key_layer_scaling=False,
         # Parallel layout; must match parallel_state or layer offsets and checkpoint
         # sharding come out wrong.
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp,
-        sequence_parallel=layout.sequence_parallel,
+        tensor_model_parallel_size=layout.dims.tp,
+        pipeline_model_parallel_size=layout.dims.pp,
+        virtual_pipeline_model_parallel_size=layout.dims.vpp,
+        context_parallel_size=layout.dims.cp,
+        expert_model_parallel_size=layout.dims.ep,
+        sequence_parallel=layout.dims.sequence_parallel,
         pipeline_dtype=dtype,
         params_dtype=dtype,
         bf16=numerics.precision == "bf16",
@@ -209,13 +214,13 @@ def build_model(
     attention = choose_attention_backend(m.attention_backend, impl, layout.device, numerics.document_masks)
     log.info(describe_attention(attention, m.attention_softmax_in_fp32))
     tcfg = transformer_config(m, layout, numerics)
-    vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, layout.tp)
-    spec, final_norm, BlockSubmodules = layer_spec(impl, m.num_layers, m.qk_layernorm, attention)
+    vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, layout.dims.tp)
+    spec, final_norm, BlockSubmodules = layer_spec(impl, m.num_layers, family_of(m).qk_norm, attention)
     model_class = loss_model_class(m.loss_chunk_size, m.vocab_size)
 
     chunks = []
-    for vp_stage in range(layout.vpp or 1):
-        vp = vp_stage if layout.vpp else None
+    for vp_stage in range(layout.dims.vpp or 1):
+        vp = vp_stage if layout.dims.vpp else None
         n = get_num_layers_to_build(tcfg, vp_stage=vp)
         model = model_class(
             config=tcfg,

@@ -97,11 +97,7 @@ def init_distributed(cfg: CTConfig, layout: Layout, env: LaunchEnv) -> None:
             world_size=env.world_size,
             timeout=timedelta(minutes=cfg.parallel.distributed_timeout_minutes),
         )
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp,
-    )
+    parallel_state.initialize_model_parallel(**layout.dims.megatron_core_sizes())
     # Seeds the default generator (CPU initialisation, data-parallel-shared randomness) and
     # megatron-core's tensor-parallel RNG tracker (per-TP-rank dropout).
     torch.manual_seed(cfg.train.seed)

@@ -1,8 +1,7 @@
-"""Model FLOPs per token and peak device throughput, for TFLOP/s and MFU."""
+"""Peak device throughput, for MFU. (Model FLOPs per token are the family's:
+:meth:`megatron_ct.families.spec.ModelFamily.flops_per_token`.)"""
 
 from __future__ import annotations
-
-from megatron_ct.config import ModelConfig
 
 # Dense bf16/fp16 tensor-core peak TFLOP/s (no sparsity), by a substring of
 # torch.cuda.get_device_name(). Order matters: more specific names first.
@@ -31,21 +30,3 @@ def peak_tflops_for(device_name: str) -> float | None:
         if key in device_name:
             return value
     return None
-
-
-def flops_per_token(m: ModelConfig, seq_length: int, padded_vocab: int) -> float:
-    """Training FLOPs (forward + backward = 3x forward) per token, counting matmuls only.
-
-    Attention scores and weighted sum are counted over the full sequence (no causal
-    discount), the convention of Megatron-LM's reports, so MFU figures compare.
-    """
-    h, s = m.hidden_size, seq_length
-    q, kv = m.num_attention_heads * m.head_dim, m.num_query_groups * m.head_dim  # h, h for LLaMA
-    per_layer = (
-        2 * h * (q + 2 * kv)  # QKV projection
-        + 2 * 2 * s * q  # QK^T and attention x V
-        + 2 * q * h  # output projection
-        + 2 * 3 * h * m.ffn_hidden_size  # SwiGLU: gate, up, down
-    )
-    forward = m.num_layers * per_layer + 2 * h * padded_vocab  # + logits
-    return 3.0 * forward

@@ -31,22 +31,9 @@ from megatron_ct.config import CTConfig, Layout, validate_for_world
 from megatron_ct.config.schedule import Schedule
 from megatron_ct.data.index_cache import IndexCache, rank0_first
 from megatron_ct.errors import CheckpointError, ConfigError, CTError, DataError
+from megatron_ct.families.spec import SHAPE_FIELDS
 
 log = logging.getLogger(__name__)
-
-# Model fields that decide tensor shapes: a checkpoint must agree on them.
-_SHAPE_FIELDS = (
-    "num_layers",
-    "hidden_size",
-    "num_attention_heads",
-    "num_query_groups",
-    "ffn_hidden_size",
-    "add_qkv_bias",
-    "untie_embeddings_and_output_weights",
-    "kv_channels",
-    "qk_layernorm",
-)
-
 
 @dataclass
 class Startup:
@@ -119,7 +106,7 @@ def startup_preflight(cfg: CTConfig) -> None:
 def _check_checkpoint_fits(cfg: CTConfig, path: str, meta: CheckpointMeta) -> None:
     ck = cfg.checkpoint
     saved = meta.model
-    for name in _SHAPE_FIELDS:
+    for name in SHAPE_FIELDS:
         if name in saved and saved[name] != getattr(cfg.model, name):
             raise ConfigError(
                 f"model.{name}: expected {saved[name]!r} (the model of checkpoint {path}), "

@@ -28,10 +28,11 @@ from megatron_ct.checkpoint.preemption import PreemptionFlag
 from megatron_ct.config import CTConfig, Layout, config_to_dict
 from megatron_ct.config.schedule import Stage
 from megatron_ct.data.batches import build_data_source
+from megatron_ct.families import family_of
 from megatron_ct.jsonl import RUN_LOGS, drop_records_after
 from megatron_ct.model.llama import Numerics, build_model
 from megatron_ct.training.evaluate import Evaluator
-from megatron_ct.training.flops import flops_per_token, peak_tflops_for
+from megatron_ct.training.flops import peak_tflops_for
 from megatron_ct.training.freeze import FreezePlan
 from megatron_ct.training.metrics import MetricsWriter, Throughput, format_line, memory_gib
 from megatron_ct.training.optimizer import build_optimizer, hook_model_config, wrap_ddp
@@ -113,17 +114,15 @@ class Trainer:
         total = torch.tensor([info.num_parameters], dtype=torch.float64, device=lay.device)
         dist.all_reduce(total)
         log.info(
-            "model: %.2fM parameters | transformer_impl=%s | norm=%s | vocab %d (padded %d) | "
-            "layout TP%d PP%d%s DP%d | %d micro-batches/step | device=%s | precision=%s",
-            total.item() / lay.dp / 1e6,
+            "model: %s, %.2fM parameters | transformer_impl=%s | norm=%s | vocab %d (padded %d) | "
+            "layout %s | %d micro-batches/step | device=%s | precision=%s",
+            self.cfg.model.family,
+            total.item() / (lay.dims.dp * lay.dims.cp) / 1e6,  # replicas: every DP x CP rank
             info.transformer_impl,
             info.norm_impl,
             info.true_vocab_size,
             info.padded_vocab_size,
-            lay.tp,
-            lay.pp,
-            f" VPP{lay.vpp}" if lay.vpp else "",
-            lay.dp,
+            lay.dims.describe(),
             lay.num_microbatches,
             lay.device,
             self.cfg.train.precision,
@@ -135,7 +134,7 @@ class Trainer:
             config=config_to_dict(self.cfg),
             true_vocab_size=self.model_info.true_vocab_size,
             padded_vocab_size=self.model_info.padded_vocab_size,
-            layout={"tp": self.layout.tp, "pp": self.layout.pp},
+            layout={"tp": self.layout.dims.tp, "pp": self.layout.dims.pp},
             iteration=self.iteration,
             data=self.data.state_dict(),
             evaluation=self.evaluator.state_dict(),
@@ -194,8 +193,8 @@ class Trainer:
         tokens_per_step = t.global_batch_size * seq
         self._throughput = Throughput(
             tokens_per_step,
-            tokens_per_step * flops_per_token(cfg.model, seq, self.model_info.padded_vocab_size),
-            self.layout.world_size,
+            tokens_per_step * family_of(cfg.model).flops_per_token(cfg.model, seq, self.model_info.padded_vocab_size),
+            self.layout.dims.world_size,
             self._peak_tflops(),
         )
         preempt = PreemptionFlag(cfg.checkpoint.save_on_sigterm and cfg.checkpoint.save is not None, self.layout.on_gpu)

@@ -24,7 +24,8 @@ from launch import run_trainer
         ),
         (
             ["--tensor-model-parallel-size", "2", "model.num_query_groups=1"],
-            "parallel.tensor_model_parallel_size: expected a divisor of model.num_query_groups=1, got 2",
+            "parallel.tensor_model_parallel_size: expected one of 1 (a divisor of num_attention_heads=4, "
+            "num_query_groups=1 and ffn_hidden_size=128), got 2",
         ),
         (
             ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"],
@@ -55,7 +56,8 @@ def test_tp_must_divide_heads():
         None, ["model.num_attention_heads=4", "model.num_query_groups=4", "--tensor-model-parallel-size", "8"]
     )
     with pytest.raises(
-        ConfigError, match=r"tensor_model_parallel_size: expected a divisor of model.num_attention_heads=4, got 8"
+        ConfigError,
+        match=r"tensor_model_parallel_size: expected one of 1, 2, 4 \(a divisor of num_attention_heads=4, .*\), got 8",
     ):
         validate_for_world(cfg, 8)
 
@@ -79,7 +81,7 @@ def test_layout_is_derived():
         None, ["--tensor-model-parallel-size", "2", "train.global_batch_size=16", "train.micro_batch_size=2"]
     )
     lay = validate_for_world(cfg, 8)
-    assert (lay.tp, lay.pp, lay.dp, lay.num_microbatches) == (2, 1, 4, 2)
+    assert (lay.dims.tp, lay.dims.pp, lay.dims.dp, lay.num_microbatches) == (2, 1, 4, 2)
 
 
 def test_head_width_fields():

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from real_configs import LLAMA_3_2_1B, QWEN3_0_6B
 
 from launch import REPO, run_torchrun  # noqa: F401  (re-exported for the convert tests)
 
@@ -20,23 +21,8 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 32,
 }
-# Published config.json of two current bases (sizes as released), scaled down below: the
-# keys, RoPE settings, tying and head ratios stay, the sizes shrink to a few kB of weights.
-QWEN3_0_6B = {
-    "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "head_dim": 128, "hidden_act": "silu",
-    "hidden_size": 1024, "intermediate_size": 3072, "max_position_embeddings": 40960, "max_window_layers": 28,
-    "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
-    "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": True,
-    "use_sliding_window": False, "vocab_size": 151936,
-}  # fmt: skip
-LLAMA_3_2_1B = {
-    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "head_dim": 64, "hidden_act": "silu",
-    "hidden_size": 2048, "intermediate_size": 8192, "max_position_embeddings": 131072, "mlp_bias": False,
-    "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
-    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-    "rope_theta": 500000.0, "tie_word_embeddings": True, "vocab_size": 128256,
-}  # fmt: skip
+# Published config.json of current bases (tests/real_configs.py), scaled down below: the keys,
+# RoPE settings, tying and head ratios stay, the sizes shrink to a few kB of weights.
 
 
 def scaled(real: dict, heads: int, **sizes) -> dict:

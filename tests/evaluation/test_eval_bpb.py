@@ -142,7 +142,7 @@ def test_errors_are_one_line(setup, tmp_path, capsys):
         return err
 
     base = args_for(root / "ct", root, tmp_path / "o.jsonl")
-    assert "--tensor-model-parallel-size 3: expected one of 1, 2 (a divisor of num_attention_heads=4" in error(
+    assert "--tensor-model-parallel-size: expected one of 1, 2 (a divisor of num_attention_heads=4" in error(
         *base, "--tensor-model-parallel-size", "3"
     )
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n[1, 2]\n')

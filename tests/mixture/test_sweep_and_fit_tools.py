@@ -19,7 +19,8 @@ from mixture_synthetic import DOMAIN, GENERAL, observations, true_laws, write_js
 from megatron_ct.config import load_config
 from megatron_ct.config.schema import StageConfig
 from megatron_ct.errors import DataError
-from megatron_ct.mixture.observations import count_parameters, read_run
+from megatron_ct.families import family_of
+from megatron_ct.mixture.observations import read_run
 from megatron_ct.mixture.recommend import recommend_constrained
 
 from launch import REPO
@@ -104,7 +105,7 @@ def test_token_budgets_and_model_sizes_multiply_the_points(base, tmp_path, capsy
     assert len(points) == 8
     p = next(p for p in points if p["name"] == "r0.8_tok4096_s")
     cfg = load_config(str(out / p["name"] / "config.yaml"))
-    assert cfg.model.hidden_size == 32 and p["params"] == count_parameters(cfg.model)
+    assert cfg.model.hidden_size == 32 and p["params"] == family_of(cfg.model).num_parameters(cfg.model)
     assert cfg.train.train_iters == 4 + 4096 // TOKENS_PER_ITER  # the warm stage, then the budget
 
 
@@ -222,7 +223,8 @@ def test_a_run_not_made_by_the_sweep_is_read_with_named_domain_data_and_stage(tm
 
 
 def count_parameters_base() -> int:
-    return count_parameters(load_config(None, [f"model.{k}={v}" for k, v in BASE["model"].items()]).model)
+    m = load_config(None, [f"model.{k}={v}" for k, v in BASE["model"].items()]).model
+    return family_of(m).num_parameters(m)
 
 
 def test_count_parameters_matches_hugging_face_llama():
@@ -232,7 +234,7 @@ def test_count_parameters_matches_hugging_face_llama():
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=500, tie_word_embeddings=False,
     )  # fmt: skip
-    assert count_parameters(cfg) == transformers.LlamaForCausalLM(hf).num_parameters()
+    assert family_of(cfg).num_parameters(cfg) == transformers.LlamaForCausalLM(hf).num_parameters()
 
 
 @pytest.fixture

@@ -48,5 +48,5 @@ def test_conversion_refuses_a_tp_that_does_not_divide_its_heads(smollm2, tmp_pat
     from megatron_ct.convert.hf_to_ct import convert_hf_to_ct
     from megatron_ct.errors import ConversionError
 
-    with pytest.raises(ConversionError, match=r"^--target-tp 2: expected one of 1, 3 \(a divisor of num_attention"):
+    with pytest.raises(ConversionError, match=r"^--target-tp: expected one of 1, 3 \(a divisor of num_attention"):
         convert_hf_to_ct(smollm2, str(tmp_path / "ct"), target_tp=2, progress=False)

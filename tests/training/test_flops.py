@@ -1,5 +1,6 @@
 from megatron_ct.config import load_config
-from megatron_ct.training.flops import flops_per_token, peak_tflops_for
+from megatron_ct.families import family_of
+from megatron_ct.training.flops import peak_tflops_for
 
 
 def test_llama7b_flops_per_token_close_to_6n():
@@ -14,7 +15,7 @@ def test_llama7b_flops_per_token_close_to_6n():
         ],
     ).model
     n_params = 6.74e9
-    f = flops_per_token(m, 4096, 32000)
+    f = family_of(m).flops_per_token(m, 4096, 32000)
     # 6N for the weights plus the attention term 12*L*h*s (about 6.4e9 at s=4096).
     assert 6 * n_params < f < 6 * n_params + 12 * 32 * 4096 * 4096 * 1.1
 
