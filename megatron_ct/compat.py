@@ -21,6 +21,10 @@ What differs between the tested versions, and how megatron-ct meets it:
 - 0.19 imports ``triton`` when megatron-core is imported (its MoE paged stash): present with
   every CUDA build of torch; a CPU-only Python 3.12 install would need it too.
 - 0.19 logs "GPTModel IS DEPRECATED" (HybridModel is its successor); GPTModel still works.
+- 0.16.1's distributed optimizer on the torch.optim.Adam path (every CPU run: no apex / TE)
+  cannot load what it saved: :func:`prepare_torch_adam_for_load` and
+  :func:`unshare_torch_adam_steps` (used by the checkpoint manager) work around it; they change
+  nothing where the loader already works, and nothing at all when apex or TE provide the Adam.
 
 Everything else megatron-ct calls (parallel_state, the layer specs, DotProductAttention, the
 schedules, DDP, the distributed optimizer, dist_checkpointing, the indexed dataset) has the
@@ -101,3 +105,60 @@ def checkpointing_config(sharded_backend: str = "torch_dist", version: int = 1):
     from megatron.core.dist_checkpointing.core import CheckpointingConfig
 
     return CheckpointingConfig(sharded_backend=sharded_backend, sharded_backend_version=version)
+
+
+# --- the distributed optimizer on the torch.optim.Adam path (no apex / Transformer Engine) --------
+
+
+def prepare_torch_adam_for_load(optimizer) -> None:
+    """Work around megatron-core 0.16.1's distributed optimizer on the torch.optim.Adam
+    path (no apex / Transformer Engine, e.g. every CPU run):
+
+    - ``DistributedOptimizer.state_dict()`` asserts that every Adam state has a 'step',
+      which a fresh optimizer (nothing stepped yet) does not have; we allocate the state
+      with step 0, as megatron-core's own ``init_state_fn`` would plus the step.
+    - its ``fully_reshardable`` loader skips 'step' in the checkpoint tensors ("handled
+      separately": it is restored from the param groups) but then indexes it when
+      copying; we make the copy keep the step already restored.
+    Nothing changes when apex or TE provide the fused Adam.
+    """
+    import torch
+    from megatron.core.optimizer import distrib_optimizer as mdo
+
+    if mdo.HAVE_APEX_OR_TE:
+        return
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, mdo.DistributedOptimizer):
+            continue
+        if opt.init_state_fn is not None:
+            opt.init_state_fn(opt.optimizer, opt.config)
+        for st in opt.optimizer.state.values():
+            st.setdefault("step", torch.tensor(0.0))
+        if getattr(opt, "_ct_step_shim", False):
+            continue
+        original = opt._set_main_param_and_optimizer_states
+
+        def keep_restored_step(model_param, tensors, _opt=opt, _orig=original):
+            if "step" not in tensors:
+                group_index, group_order = _opt.model_param_group_index_map[model_param]
+                main_param = _opt.optimizer.param_groups[group_index]["params"][group_order]
+                current = _opt.optimizer.state[main_param].get("step")
+                if current is not None:
+                    tensors = {**tensors, "step": current.clone()}
+            return _orig(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = keep_restored_step
+        opt._ct_step_shim = True
+
+
+def unshare_torch_adam_steps(optimizer) -> None:
+    """megatron-core's distributed optimizer restores torch Adam's 'step' as one tensor
+    object shared by every parameter's state; torch increments it in place once per
+    parameter, which corrupts Adam's bias correction after a resume. Give each its own."""
+    import torch
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for st in getattr(inner, "state", {}).values():
+            if isinstance(st.get("step"), torch.Tensor):
+                st["step"] = st["step"].clone()

@@ -1,10 +1,10 @@
-"""Save and load the training state as megatron-core dist checkpoints, resumable and reshardable.
+"""Dist checkpoint I/O under the checkpoint manager: one collective write and one read of a
+megatron-core dist checkpoint, with what makes them safe and resumable.
 
-What a checkpoint holds is the :class:`TrainState`: the model chunks, the optimizer, the LR
-scheduler and the data source, each saved and restored through its own state dict, plus the
-:class:`~megatron_ct.checkpoint.meta.CheckpointMeta` record and the RNG states. Where it goes
-on disk (``iter_N.partial`` -> ``iter_N`` -> tracker, retention) is
-:mod:`megatron_ct.checkpoint.root`'s.
+:mod:`megatron_ct.checkpoint.manager` decides what goes in (the registered components); this
+module writes it (``iter_N.partial``, the manifest, publish; a failed write leaves the previous
+checkpoint as it was and raises one line on every rank) and reads it (files and metadata checked
+first). It also holds the RNG state helpers.
 
 Tensors are stored in megatron-core's global (unsharded) coordinates, so a checkpoint saved
 at one TP/PP/DP layout loads at another. The optimizer is saved in the distributed
@@ -17,7 +17,6 @@ import errno
 import logging
 import os
 import shutil
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,7 +24,7 @@ import torch.distributed as dist
 
 from megatron_ct.checkpoint import root as ckpt_root
 from megatron_ct.checkpoint import verify as verify_files
-from megatron_ct.checkpoint.meta import CheckpointMeta, check_dcp_metadata
+from megatron_ct.checkpoint.meta import check_dcp_metadata
 from megatron_ct.checkpoint.preemption import helpers_ignore_sigterm
 from megatron_ct.errors import CheckpointError
 
@@ -40,28 +39,6 @@ SHARDING_METADATA = {
 }
 
 
-@dataclass
-class TrainState:
-    """The stateful components of a run (torchtitan's model): saved and restored together."""
-
-    model: list  # DDP-wrapped model chunks
-    optimizer: Any = None
-    scheduler: Any = None
-    data: Any = None  # a megatron_ct.data.batches.DataSource
-    evaluator: Any = None  # a megatron_ct.training.evaluate.Evaluator (base-line values)
-
-
-def _model_key(i: int, n: int) -> str:
-    return "model" if n == 1 else f"model{i}"
-
-
-def _model_sharded_state_dict(chunks) -> dict[str, Any]:
-    n = len(chunks)
-    return {
-        _model_key(i, n): unwrap(c).sharded_state_dict(metadata=dict(SHARDING_METADATA)) for i, c in enumerate(chunks)
-    }
-
-
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """DDP -> the GPTModel inside."""
     while hasattr(module, "module"):
@@ -69,7 +46,7 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     from megatron.core import tensor_parallel
 
     return {
@@ -79,7 +56,7 @@ def _rng_state() -> dict[str, Any]:
     }
 
 
-def _rng_sharded(state: dict) -> Any:
+def rng_sharded(state: dict) -> Any:
     """RNG states differ per (PP, TP) rank and are replicas across DP."""
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -93,68 +70,15 @@ def _rng_sharded(state: dict) -> Any:
     )
 
 
-def _prepare_torch_adam_for_load(optimizer) -> None:
-    """Work around megatron-core 0.16.1's distributed optimizer on the torch.optim.Adam
-    path (no apex / Transformer Engine, e.g. every CPU run):
-
-    - ``DistributedOptimizer.state_dict()`` asserts that every Adam state has a 'step',
-      which a fresh optimizer (nothing stepped yet) does not have; we allocate the state
-      with step 0, as megatron-core's own ``init_state_fn`` would plus the step.
-    - its ``fully_reshardable`` loader skips 'step' in the checkpoint tensors ("handled
-      separately": it is restored from the param groups) but then indexes it when
-      copying; we make the copy keep the step already restored.
-    Nothing changes when apex or TE provide the fused Adam.
-    """
-    from megatron.core.optimizer import distrib_optimizer as mdo
-
-    if mdo.HAVE_APEX_OR_TE:
-        return
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(opt, mdo.DistributedOptimizer):
-            continue
-        if opt.init_state_fn is not None:
-            opt.init_state_fn(opt.optimizer, opt.config)
-        for st in opt.optimizer.state.values():
-            st.setdefault("step", torch.tensor(0.0))
-        if getattr(opt, "_ct_step_shim", False):
-            continue
-        original = opt._set_main_param_and_optimizer_states
-
-        def keep_restored_step(model_param, tensors, _opt=opt, _orig=original):
-            if "step" not in tensors:
-                group_index, group_order = _opt.model_param_group_index_map[model_param]
-                main_param = _opt.optimizer.param_groups[group_index]["params"][group_order]
-                current = _opt.optimizer.state[main_param].get("step")
-                if current is not None:
-                    tensors = {**tensors, "step": current.clone()}
-            return _orig(model_param, tensors)
-
-        opt._set_main_param_and_optimizer_states = keep_restored_step
-        opt._ct_step_shim = True
-
-
-def _unshare_torch_adam_steps(optimizer) -> None:
-    """megatron-core's distributed optimizer restores torch Adam's 'step' as one tensor
-    object shared by every parameter's state; torch increments it in place once per
-    parameter, which corrupts Adam's bias correction after a resume. Give each its own."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        for st in getattr(inner, "state", {}).values():
-            if isinstance(st.get("step"), torch.Tensor):
-                st["step"] = st["step"].clone()
-
-
-def save_checkpoint(
-    root: str, state: TrainState, meta: CheckpointMeta, keep_last: int | None = None, verify: bool = False
-) -> str:
-    """Collective: every rank calls it. Writes ``meta.iteration``; returns the final directory.
+def write(root: str, iteration: int, sd: dict[str, Any], keep_last: int | None = None, verify: bool = False) -> str:
+    """Collective: every rank calls it with its sharded state dict ``sd``. Writes iteration
+    ``iteration`` of the save root; returns the final directory.
 
     A failed write (disk full, an unwritable directory) removes the partial, leaves the
     previous latest checkpoint as it was, and raises :class:`CheckpointError` on every rank.
     """
     from megatron.core import dist_checkpointing
 
-    iteration = meta.iteration
     partial = ckpt_root.iter_dir(root, iteration) + ".partial"
     error: BaseException | None = None
     if dist.get_rank() == 0:
@@ -165,12 +89,6 @@ def save_checkpoint(
     if _any_rank(error is not None):
         raise CheckpointError(_write_error(root, partial, error))
 
-    model_sd = _model_sharded_state_dict(state.model)
-    sd: dict[str, Any] = dict(model_sd)
-    sd["optimizer"] = state.optimizer.sharded_state_dict(model_sd, metadata=dict(SHARDING_METADATA))
-    sd["scheduler"] = state.scheduler.state_dict()
-    sd["rng_state"] = _rng_sharded(_rng_state())
-    sd["ct"] = meta.to_dict()
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
@@ -259,68 +177,18 @@ def check_checkpoint_files(path: str, checksums: bool = False) -> None:
         raise CheckpointError(message)
 
 
-def load_weights(load: str, chunks: list, key: str = "checkpoint.load") -> CheckpointMeta:
-    """Collective: weights only into ``chunks`` (e.g. for inference or evaluation), from a save
-    root or iter_* directory at any saved layout; returns the checkpoint's record."""
-    from megatron_ct.checkpoint.meta import read_meta
-
-    path, _ = ckpt_root.resolve_load_dir(load, key)
-    meta = read_meta(path)
-    load_checkpoint(path, TrainState(chunks), meta, weights_only=True)
-    return meta
-
-
-def load_checkpoint(
-    path: str, state: TrainState, meta: CheckpointMeta, weights_only: bool = False, verify: bool = False
-) -> None:
-    """Collective. Loads weights (always) and, unless ``weights_only``, optimizer, scheduler,
-    data position and (at the same layout) RNG states. Works across TP/PP layouts.
-    ``path`` and ``meta`` come from the start-up check (``resolve_load_dir`` + ``read_meta``)."""
+def read(path: str, request: dict[str, Any], verify: bool = False) -> dict[str, Any]:
+    """Collective: the files of ``path`` checked (sizes; checksums with ``verify``) and its DCP
+    metadata admitted, then ``request`` (a sharded state dict) loaded; returns what was loaded
+    plus the common (non-sharded) state."""
     from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
 
     check_checkpoint_files(path, checksums=verify)  # a missing/truncated (or, verified, changed) file: one line
     check_dcp_metadata(path)  # DCP unpickles it: only checkpoint metadata classes may be in it
-    model_sd = _model_sharded_state_dict(state.model)
-    request: dict[str, Any] = dict(model_sd)
-    same_layout = meta.layout == {
-        "tp": ps.get_tensor_model_parallel_world_size(),
-        "pp": ps.get_pipeline_model_parallel_world_size(),
-    }
-    if not weights_only:
-        _prepare_torch_adam_for_load(state.optimizer)
-        request["optimizer"] = state.optimizer.sharded_state_dict(
-            model_sd, is_loading=True, metadata=dict(SHARDING_METADATA)
-        )
-        if same_layout:
-            request["rng_state"] = _rng_sharded(_rng_state())
-    loaded = dist_checkpointing.load(request, path)
-
-    n = len(state.model)
-    for i, chunk in enumerate(state.model):
-        unwrap(chunk).load_state_dict(loaded[_model_key(i, n)], strict=True)
-    if weights_only:
-        if state.optimizer is not None:
-            # bf16/fp16: the optimizer made its FP32 main copies from the initial weights;
-            # without a refresh the first step would write those back over the loaded ones.
-            state.optimizer.reload_model_params()
-        log.info("loaded weights only from %s (iteration %d); optimizer and schedule start fresh", path, meta.iteration)
-        return
-
-    state.optimizer.load_state_dict(loaded["optimizer"])
-    _unshare_torch_adam_steps(state.optimizer)
-    state.scheduler.load_state_dict(loaded["scheduler"])
-    if state.data is not None and meta.data is not None:
-        state.data.load_state_dict(meta.data)
-    if state.evaluator is not None and meta.evaluation is not None:
-        state.evaluator.load_state_dict(meta.evaluation)
-    if "rng_state" in loaded:
-        _restore_rng(loaded["rng_state"])
-    else:
-        log.info("checkpoint layout %s differs from this run's; RNG states not restored", meta.layout)
+    return dist_checkpointing.load(request, path)
 
 
-def _restore_rng(state: dict) -> None:
+def restore_rng(state: dict) -> None:
     from megatron.core import tensor_parallel
 
     torch.set_rng_state(state["torch"])

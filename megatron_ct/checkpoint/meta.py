@@ -23,8 +23,12 @@ import torch
 
 from megatron_ct.errors import CheckpointError
 
-FORMAT_VERSION = 2
-"""2: the data position lives in the data source's state (``data``), not beside it."""
+FORMAT_VERSION = 3
+"""2: the data position lives in the data source's state (``data``), not beside it.
+3: every plain component's state (data, evaluator, scheduler, stage...) under ``state``, by the
+name it is registered with in the checkpoint manager."""
+RESUMABLE_FROM = 2
+"""The oldest format a run resumes from (older ones load their weights only)."""
 COMMON_FILE = "common.pt"
 DCP_METADATA_FILE = ".metadata"
 PROVENANCE_KEYS = ("hf", "new_block_layers", "vocab_expansion", "expansion", "merge")
@@ -46,10 +50,10 @@ class CheckpointMeta:
     """Training steps done."""
     weights_only: bool = False
     """Converted or derived weights: no optimizer or data state to resume."""
-    data: dict | None = None
-    """The data source's ``state_dict()`` (position in the sample stream and per dataset)."""
-    evaluation: dict | None = None
-    """The evaluator's ``state_dict()`` (each validation set's base-line value)."""
+    state: dict | None = None
+    """Each plain component's ``state_dict()`` by its registered name (megatron_ct/checkpoint/
+    manager.py): ``data`` (position in the sample stream and per dataset), ``evaluator`` (each
+    validation set's base-line value), ``scheduler``, ``stage``..."""
     hf: dict | None = None
     """Provenance: the Hugging Face model it was converted from (architecture, config, source)."""
     new_block_layers: list[int] | None = None
@@ -93,6 +97,10 @@ class CheckpointMeta:
             d["data"] = {}
         if version == 1 and isinstance(d.get("data"), dict):
             d["data"] = {"next_step": int(d.get("iteration", 0)), "consumed_samples": int(consumed or 0), **d["data"]}
+        if version <= 2:  # the data and base-line states were fields of their own
+            legacy = {"data": d.pop("data", None), "evaluator": d.pop("evaluation", None)}
+            state = {k: v for k, v in legacy.items() if v is not None}
+            d["state"] = state or None
         names = {f.name for f in dataclasses.fields(cls)}
         try:
             return cls(

@@ -58,7 +58,7 @@ def write_weights_only(
     exists = ckpt_root.read_tracker(out_dir) is not None or os.path.exists(ckpt_root.iter_dir(out_dir, 0))
     if exists and not overwrite:
         raise ConversionError(f"{out_dir}: already holds a checkpoint; pass --overwrite to replace it")
-    meta = dataclasses.replace(meta, iteration=0, weights_only=True, data=None, evaluation=None)
+    meta = dataclasses.replace(meta, iteration=0, weights_only=True, state=None)
     partial = ckpt_root.stage(out_dir, 0)
     os.rmdir(partial)  # write_dist_checkpoint creates it
     try:

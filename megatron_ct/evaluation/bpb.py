@@ -304,7 +304,7 @@ def evaluate(
         scorer = hf_scorer(checkpoint, device, dtype)
         return _score_all(texts, tok, scorer, opts, shard=(0, 1), reduce=None)
 
-    from megatron_ct.checkpoint.dist_ckpt import load_weights
+    from megatron_ct.checkpoint.manager import load_weights
     from megatron_ct.model.llama import Numerics, build_model
     from megatron_ct.parallel.distributed import init_distributed, read_launch_env, teardown_distributed
 

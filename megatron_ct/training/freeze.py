@@ -51,6 +51,7 @@ import torch.distributed as dist
 from megatron_ct.checkpoint.keys import EMBEDDING, OUTPUT, VOCAB_MATRICES
 from megatron_ct.config.schedule import Schedule, Stage
 from megatron_ct.errors import ConfigError
+from megatron_ct.training.stages import StageTracker
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
@@ -137,8 +138,16 @@ class FreezePlan:
     """Per-parameter policies for every stage of the schedule. Collective to build (checks
     that every pattern matches some parameter on some rank)."""
 
-    def __init__(self, chunks: list[torch.nn.Module], schedule: Schedule, num_layers: int, provenance: dict) -> None:
+    def __init__(
+        self,
+        chunks: list[torch.nn.Module],
+        schedule: Schedule,
+        num_layers: int,
+        provenance: dict,
+        stages: StageTracker | None = None,
+    ) -> None:
         self.schedule = schedule
+        self.stages = stages or StageTracker(schedule)
         params: dict[str, torch.nn.Parameter] = {}
         for chunk in chunks:
             params.update(global_named_parameters(chunk))
@@ -194,7 +203,6 @@ class FreezePlan:
             self._numel[policy.key] = self._numel.get(policy.key, 0) + param.numel()
         for param, rows in self.rows.values():
             _hold_gradient_rows(param, rows, self)
-        self.stage: Stage = stages[0]
         # Logged LR per class: the multiplier of each class present in the model.
         classes = {param_class(name, new_blocks) for name in params} | ({"new_vocab_rows"} if expansion else set())
         self.classes = sorted(classes)
@@ -236,9 +244,11 @@ class FreezePlan:
             out[ParamKey(predicate=pred)] = ParamGroupOverride(ct_group=key)
         return out
 
-    def enter_stage(self, stage: Stage) -> None:
-        """Make ``stage``'s policies current (row scaling and held rows switch with it)."""
-        self.stage = stage
+    @property
+    def stage(self) -> Stage:
+        """The current stage (the tracker's; the first before the run enters one): row scaling
+        and held rows follow it."""
+        return self.stages.current or self.schedule.stages[0]
 
     def trainable_elements(self) -> int:
         """Elements of this rank's parameters that learn in the current stage."""

@@ -15,7 +15,8 @@ Per group and step::
   class's ``lr_mult``.
 
 ``k`` is ``num_steps`` (applied optimizer steps, restored from the checkpoint) and the stage
-is set by the trainer's stage-start hook (:meth:`CTScheduler.enter_stage`, also on resume),
+is the :class:`~megatron_ct.training.stages.StageTracker`'s, which the trainer's stage-start hook
+sets (also on resume) before it calls :meth:`CTScheduler.refresh`,
 so the LR of every step is a function of the config and the step: identical after a resume.
 """
 
@@ -26,6 +27,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron_ct.config import OptimConfig
 from megatron_ct.config.schedule import Stage
 from megatron_ct.training.freeze import GroupPolicy
+from megatron_ct.training.stages import StageTracker
 
 
 class CTScheduler(OptimizerParamScheduler):
@@ -37,11 +39,11 @@ class CTScheduler(OptimizerParamScheduler):
         optim: OptimConfig,
         train_iters: int,
         policies: dict[str, GroupPolicy] | None = None,
-        stage: Stage | None = None,
+        stages: StageTracker | None = None,
     ) -> None:
         # Set before megatron-core's constructor, which computes the first LRs through get_lr.
         self.policies = policies or {}
-        self.stage = stage
+        self.stages = stages
         self.rewarm_init = optim.lr_warmup_init
         decay_iters = max(optim.lr_decay_iters or train_iters, optim.lr_warmup_iters + 1)
         wsd = optim.lr_wsd_decay_iters if optim.lr_wsd_decay_iters is not None else max(1, decay_iters // 10)
@@ -65,9 +67,13 @@ class CTScheduler(OptimizerParamScheduler):
             lr_wsd_decay_style=optim.lr_wsd_decay_style,
         )
 
-    def enter_stage(self, stage: Stage) -> None:
-        """Make ``stage`` current and recompute every group's LR for the coming step."""
-        self.stage = stage
+    @property
+    def stage(self) -> Stage | None:
+        """The current stage (the tracker's); None: no multipliers, no re-warm."""
+        return self.stages.current if self.stages is not None else None
+
+    def refresh(self) -> None:
+        """Recompute every group's LR for the coming step (after the stage changed)."""
         self.step(0)
 
     def _multiplier(self, group: dict) -> float:

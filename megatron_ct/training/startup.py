@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_ct.checkpoint.meta import FORMAT_VERSION, CheckpointMeta, read_meta
+from megatron_ct.checkpoint.meta import RESUMABLE_FROM, CheckpointMeta, read_meta
 from megatron_ct.checkpoint.root import resolve_load_dir
 from megatron_ct.config import CTConfig, Layout, validate_for_world
 from megatron_ct.config.schedule import Schedule
@@ -34,6 +34,7 @@ from megatron_ct.errors import CheckpointError, ConfigError, CTError, DataError
 from megatron_ct.families.spec import SHAPE_FIELDS
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class Startup:
@@ -124,10 +125,11 @@ def _check_checkpoint_fits(cfg: CTConfig, path: str, meta: CheckpointMeta) -> No
             f"checkpoint.load_weights_only: expected true for {path}, which holds weights only "
             "(a converted or expanded model: no optimizer state to resume)"
         )
-    if meta.format_version < FORMAT_VERSION:
+    if meta.format_version < RESUMABLE_FROM:
         raise CheckpointError(
-            f"{path}: checkpoint format {meta.format_version} predates this megatron-ct's optimizer layout; expected "
-            f"format {FORMAT_VERSION} to resume (start from its weights with checkpoint.load_weights_only=true)"
+            f"{path}: checkpoint format {meta.format_version} predates this megatron-ct's optimizer layout; "
+            f"expected format {RESUMABLE_FROM} or newer to resume (start from its weights with "
+            "checkpoint.load_weights_only=true)"
         )
     saved_dist = bool(meta.config.get("parallel", {}).get("use_distributed_optimizer", False))
     if saved_dist != cfg.parallel.use_distributed_optimizer:

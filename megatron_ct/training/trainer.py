@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_ct.checkpoint.dist_ckpt import TrainState, load_checkpoint, save_checkpoint
+from megatron_ct.checkpoint.manager import CheckpointManager, ModelState, OptimizerState, RNGState
 from megatron_ct.checkpoint.meta import CheckpointMeta
 from megatron_ct.checkpoint.preemption import PreemptionFlag
 from megatron_ct.config import CTConfig, Layout, config_to_dict
@@ -37,6 +37,7 @@ from megatron_ct.training.freeze import FreezePlan
 from megatron_ct.training.metrics import MetricsWriter, Throughput, format_line, memory_gib
 from megatron_ct.training.optimizer import build_optimizer, hook_model_config, wrap_ddp
 from megatron_ct.training.scheduler import CTScheduler
+from megatron_ct.training.stages import StageTracker
 from megatron_ct.training.startup import Startup
 from megatron_ct.training.step import NonFiniteError, StepResult, reduce_loss_sums, train_step
 
@@ -76,23 +77,30 @@ class Trainer:
         )
         numerics = Numerics(t.precision, t.recompute_granularity, cfg.data.uses_document_attention_mask, ddp=True)
         chunks, self.model_info = build_model(cfg.model, layout, numerics)
-        self.plan = FreezePlan(chunks, self.schedule, cfg.model.num_layers, self.provenance)
+        self.stages = StageTracker(self.schedule)
+        self.plan = FreezePlan(chunks, self.schedule, cfg.model.num_layers, self.provenance, self.stages)
         self.model = wrap_ddp(chunks, layout)
         self.optimizer = build_optimizer(
             cfg.optim, layout, self.model, self.plan, precision=t.precision, clip_grad=t.clip_grad
         )
-        self.scheduler = CTScheduler(self.optimizer, cfg.optim, t.train_iters, self.plan.policies)
+        self.scheduler = CTScheduler(self.optimizer, cfg.optim, t.train_iters, self.plan.policies, self.stages)
         hook_model_config(self.model, self.optimizer)
-        self.state = TrainState(self.model, self.optimizer, self.scheduler, self.data, self.evaluator)
+        # What a checkpoint holds: one registration per component.
+        self.checkpoints = CheckpointManager()
+        self.checkpoints.register("model", ModelState(self.model))
+        self.checkpoints.register("optimizer", OptimizerState(self.optimizer))
+        self.checkpoints.register("rng", RNGState())
+        self.checkpoints.register("scheduler", self.scheduler)
+        self.checkpoints.register("data", self.data)
+        self.checkpoints.register("evaluator", self.evaluator)
+        self.checkpoints.register("stage", self.stages)
         self.baseline = cfg.data.eval_baseline
         if self.baseline is None:  # on by default when the run starts from a base model
             self.baseline = bool(ck.load and ck.load_weights_only)
         self.iteration = 0
         self._last_saved: int | None = None
         if startup.load_dir:
-            load_checkpoint(
-                startup.load_dir, self.state, startup.meta, weights_only=ck.load_weights_only, verify=ck.verify
-            )
+            self.checkpoints.load(startup.load_dir, startup.meta, weights_only=ck.load_weights_only, verify=ck.verify)
             if not ck.load_weights_only:
                 self.iteration = self._last_saved = startup.meta.iteration
                 log.info("resumed from %s at iteration %d (%s)", startup.load_dir, self.iteration, self.data.progress())
@@ -103,7 +111,6 @@ class Trainer:
                             log.info("%s: dropped %d records past iteration %d", name, dropped, self.iteration)
         self.is_writer = dist.get_rank() == 0
         self.metrics = MetricsWriter(self.is_writer, log_dir, cfg.logging.tensorboard_dir)
-        self._stage: Stage | None = None
         self._throughput: Throughput | None = None
         self._evaluated_at: int | None = None
         self._first_loss: float | None = None
@@ -136,27 +143,28 @@ class Trainer:
             padded_vocab_size=self.model_info.padded_vocab_size,
             layout={"tp": self.layout.dims.tp, "pp": self.layout.dims.pp},
             iteration=self.iteration,
-            data=self.data.state_dict(),
-            evaluation=self.evaluator.state_dict(),
             **self.provenance,
         )
 
     def save(self) -> None:
         ck = self.cfg.checkpoint
         t0 = time.perf_counter()
-        path = save_checkpoint(ck.save, self.state, self.checkpoint_meta(), keep_last=ck.keep_last, verify=ck.verify)
+        path = self.checkpoints.save(ck.save, self.checkpoint_meta(), keep_last=ck.keep_last, verify=ck.verify)
         self._last_saved = self.iteration
         log.info("saved checkpoint %s in %.1fs", path, time.perf_counter() - t0)
 
     # --- the stage-start hook -------------------------------------------------------------
     def on_stage_start(self, stage: Stage) -> None:
         """Log the stage, switch what trains and the LR, and evaluate at a stage boundary."""
-        self._stage = stage
+        first = self.stages.current is None
+        self.stages.enter(stage)
         if self.is_writer:
             resumed = f" (resuming at iteration {self.iteration + 1})" if self.iteration > stage.start_iter else ""
             log.info("%s%s", self.schedule.describe(stage, self.cfg.train.train_iters), resumed)
-        self.plan.enter_stage(stage)
-        self.scheduler.enter_stage(stage)
+            note = self.stages.resume_note(self.iteration) if first else None
+            if note:
+                log.warning("stage: %s", note)
+        self.scheduler.refresh()  # the new stage's multipliers and re-warm
         if self.cfg.train.trainable_params or stage.trainable_params:
             log.info(
                 "training %d of %d parameter elements on rank 0 in stage %r",
@@ -208,7 +216,7 @@ class Trainer:
                 self.on_stage_start(self.schedule.stage_at(0))  # the base-line evaluation alone
             while self.iteration < t.train_iters:
                 stage = self.schedule.stage_at(self.iteration)
-                if stage is not self._stage:
+                if stage is not self.stages.current:
                     self.on_stage_start(stage)
                 if self._reason == "regression" or self._iteration(preempt):
                     break
@@ -270,7 +278,7 @@ class Trainer:
         boundary = self.schedule.is_stage_end(self.iteration) or self.iteration == t.train_iters
         if self.evaluator.due(self.iteration) and not boundary:
             # Stage ends are evaluated as the next stage starts, the last step at the end.
-            self._evaluate("interval", self._stage.name)
+            self._evaluate("interval", self.stages.current.name)
         ck = cfg.checkpoint
         if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0:
             self._timed_save()
@@ -316,7 +324,7 @@ class Trainer:
             **perf,
         }
         if self.schedule.curriculum:
-            record["stage"] = self._stage.name
+            record["stage"] = self.stages.current.name
         if self._first_loss is None:
             self._first_loss = loss
         self._last = loss

@@ -19,7 +19,7 @@ def main(manifest_path: str) -> None:
     import torch
     from megatron.core import parallel_state as ps
 
-    from megatron_ct.checkpoint.dist_ckpt import load_weights
+    from megatron_ct.checkpoint.manager import load_weights
     from megatron_ct.checkpoint.meta import read_meta
     from megatron_ct.checkpoint.root import resolve_load_dir
     from megatron_ct.config import (

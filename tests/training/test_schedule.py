@@ -8,6 +8,7 @@ from megatron_ct.config import load_config
 from megatron_ct.config.schedule import Schedule
 from megatron_ct.training.freeze import GroupPolicy
 from megatron_ct.training.scheduler import CTScheduler
+from megatron_ct.training.stages import StageTracker
 
 
 class FakeOptimizer:
@@ -93,7 +94,9 @@ def test_frozen_group_stays_at_zero_during_warmup():
     frozen = GroupPolicy(lr_mult=(0.0,))
     opt = FakeOptimizer()
     opt.param_groups.append({"params": [], "ct_group": frozen.key, "wd_mult": 1.0})
-    sched = CTScheduler(opt, cfg.optim, 10, {frozen.key: frozen}, Schedule.from_config(cfg).stages[0])
+    stages = StageTracker(Schedule.from_config(cfg))
+    stages.enter(stages.schedule.stages[0])
+    sched = CTScheduler(opt, cfg.optim, 10, {frozen.key: frozen}, stages)
     for _ in range(6):
         assert opt.param_groups[1]["lr"] == 0.0
         sched.step(1)
