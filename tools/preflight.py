@@ -75,6 +75,7 @@ def run(args, overrides: list[str]):
             kwargs.update(pf.checkpoint_inputs(cfg.checkpoint.load))
         if cfg.data.source == "indexed" and not args.data:
             kwargs["datasets"], kwargs["data_root"] = cfg.data.datasets, cfg.data.data_root
+            kwargs["datasets_key"] = pf.CONFIG_DATASETS_KEY  # errors name data.datasets.NAME, as training's
         if cfg.data.tokenizer and not args.tokenizer:
             tokenizer_where, args.tokenizer = f"data.tokenizer {cfg.data.tokenizer}", cfg.data.tokenizer
         kwargs["vocab_size"] = cfg.model.vocab_size

@@ -19,8 +19,9 @@ tokenizer, a Hugging Face config dict), each returning :class:`Finding` records:
   EOD is the token that ends (at least 90% of) its documents; its BOS the special token
   that starts them, if any.
 
-:func:`preflight` runs what its inputs allow; :func:`preflight_for_config` takes a trainer
-config (the trainer calls it at start-up and logs the findings as warnings);
+:func:`preflight` runs what its inputs allow, over the files training reads (:func:`as_datasets`:
+a dataset glob is expanded by the trainer's own function); :func:`preflight_for_config` takes a
+trainer config (the trainer calls it at start-up and logs the findings as warnings);
 ``tools/preflight.py`` is the command line. Severity ``warning`` means "look at this before
 spending GPU time"; ``info`` is context. Nothing here raises for a finding: bad *input*
 (missing files) raises :class:`~megatron_ct.errors.DataError` / ``ConversionError``.
@@ -208,9 +209,19 @@ class DatasetFiles:
     doc_range: tuple[float, float] = (0.0, 1.0)
 
 
-def as_datasets(datasets: Mapping[str, Any], data_root: str | None = None) -> list[DatasetFiles]:
-    """name -> prefix, list of prefixes or DatasetConfig; relative prefixes join ``data_root``."""
-    from megatron_ct.data.stream import resolve_prefix
+CONFIG_DATASETS_KEY = "data.datasets.{name}"
+"""How errors name a dataset of a trainer config (the key training names)."""
+
+
+def as_datasets(
+    datasets: Mapping[str, Any], data_root: str | None = None, *, key: str = "dataset {name}"
+) -> list[DatasetFiles]:
+    """name -> prefix, list of prefixes or DatasetConfig, with the prefixes training reads
+    (:func:`megatron_ct.data.stream.resolve_prefixes`): relative ones join ``data_root``, a glob
+    stands for every prefix whose ``.idx`` it matches, sorted. A glob matching nothing is a
+    one-line ConfigError, a missing ``.bin``/``.idx`` a DataError, each naming ``key``
+    (``{name}``: the dataset's name; :data:`CONFIG_DATASETS_KEY` for a trainer config)."""
+    from megatron_ct.data.stream import resolve_prefixes
 
     out = []
     for name, raw in datasets.items():
@@ -220,13 +231,12 @@ def as_datasets(datasets: Mapping[str, Any], data_root: str | None = None) -> li
             prefixes, rng = list(raw), (0.0, 1.0)
         else:  # DatasetConfig
             prefixes, rng = list(raw.prefixes), tuple(raw.doc_range)
-        resolved = []
-        for p in prefixes:
-            p = resolve_prefix(p, data_root)
+        where = key.format(name=name)
+        resolved = resolve_prefixes(prefixes, data_root, where)
+        for p in resolved:
             missing = [p + e for e in (".bin", ".idx") if not os.path.isfile(p + e)]
             if missing:
-                raise DataError(f"dataset {name}: expected {p}.bin and {p}.idx, missing {' and '.join(missing)}")
-            resolved.append(p)
+                raise DataError(f"{where}: expected {p}.bin and {p}.idx, missing {' and '.join(missing)}")
         out.append(DatasetFiles(name, tuple(resolved), (float(rng[0]), float(rng[1]))))
     return out
 
@@ -527,6 +537,7 @@ def preflight(
     checkpoint_where: str = "checkpoint",
     datasets: Mapping[str, Any] | None = None,
     data_root: str | None = None,
+    datasets_key: str = "dataset {name}",
     tokenizer=None,
     tokenizer_where: str = "tokenizer",
     hf_config: Mapping | None = None,
@@ -541,13 +552,18 @@ def preflight(
     ``vocab_rows``: ``{embedding/output name: [rows, h] tensor or checkpoint reader}``;
     ``vocab_size``: the model's true vocabulary (else the tokenizer's); ``vocab_expansion``:
     ``{"old_vocab_size", "new_vocab_size"}`` of an expanded checkpoint; ``datasets``: name ->
-    prefix(es) or ``DatasetConfig`` (the training data); ``hf_config``: the model's HF config
+    prefix(es) or ``DatasetConfig`` (the training data; globs expanded as training does, errors
+    name ``datasets_key``, see :func:`as_datasets`); ``hf_config``: the model's HF config
     dict (token ids); ``count_ids=False`` skips the pass over the data.
     """
     vocab_size = vocab_size or getattr(tokenizer, "vocab_size", None)
-    files = as_datasets(datasets or {}, data_root)
+    files = as_datasets(datasets or {}, data_root, key=datasets_key)
     checked: dict[str, Any] = {}
     findings: list[Finding] = []
+    if files:
+        checked["datasets"] = ", ".join(
+            f"{f.name} ({len(f.prefixes)} prefix{'es' if len(f.prefixes) > 1 else ''})" for f in files
+        )
     counts = None
     if files and count_ids:
         counts, total = count_token_ids(files, vocab_size or 0, progress=progress, cache=cache)
@@ -636,6 +652,7 @@ def preflight_for_config(cfg, *, count_ids: bool = True, progress: bool = False)
         **kwargs,
         datasets=cfg.data.datasets if cfg.data.source == "indexed" else {},
         data_root=cfg.data.data_root,
+        datasets_key=CONFIG_DATASETS_KEY,
         tokenizer=tokenizer,
         tokenizer_where=f"data.tokenizer {cfg.data.tokenizer}" if cfg.data.tokenizer else "tokenizer",
         count_ids=count_ids,

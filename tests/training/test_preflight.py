@@ -1,5 +1,6 @@
 """Pre-flight report (tools/preflight.py): planted untrained rows and a planted EOD/EOS mismatch
-are flagged, a clean setup passes; exit codes 0 / 1 / 2."""
+are flagged, a clean setup passes; exit codes 0 / 1 / 2; a dataset glob covers the shards training
+reads (--config, --data and the start-up report), one matching nothing is training's one line."""
 
 from __future__ import annotations
 
@@ -212,3 +213,136 @@ def test_trainer_start_up_logs_the_warnings(tmp_path):
     assert "1 warnings" in lines[-1] or "2 warnings" in lines[-1], lines
     proc = run_single([*run, "checkpoint.load_weights_only=true", "checkpoint.preflight=false"])
     assert proc.returncode == 0 and "pre-flight:" not in proc.stderr
+
+
+# --- dataset globs: expanded as training expands them ---------------------------------------
+
+SHARD_VOCAB = 40
+SHARD_EOD = 2
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Three shards of one dataset (written out of order): shard k holds k + 1 documents of ids
+    10k .. 10k+9 ending with id 2, so ids 30..39 are the only unused ones only when all three are
+    read (66 tokens, 6 documents); plus a recipe naming them by a glob relative to data.data_root."""
+    from megatron_ct.preprocess.writer import IndexedDatasetWriter
+
+    root = tmp_path_factory.mktemp("shards")
+    for k in (2, 0, 1):
+        doc = np.append(np.arange(10 * k, 10 * k + 10), SHARD_EOD).astype(np.uint16)
+        with IndexedDatasetWriter({"t": str(root / f"web-{k:05d}-of-00003_text_document")}, np.uint16) as w:
+            w.add_documents("t", np.tile(doc, k + 1), np.full(k + 1, len(doc)))
+            w.commit()
+
+    def recipe(name: str, pattern: str) -> str:
+        path = root / name
+        model = {**TINY_MODEL, "vocab_size": SHARD_VOCAB}
+        data = {"data_root": str(root), "datasets": {"web": pattern}, "stages": [{"name": "s", "blend": {"web": 1.0}}]}
+        path.write_text(yaml.safe_dump({"model": model, "data": data}))
+        return str(path)
+
+    return root, recipe("glob.yaml", "web-*-of-00003_text_document"), recipe("none.yaml", "nothing-*_text_document")
+
+
+def training_prefixes(cfg) -> list[str]:
+    """The prefixes the trainer reads for data.datasets.web (its DocumentStream)."""
+    from megatron_ct.data.index_cache import IndexCache
+    from megatron_ct.data.stream import DocumentStream
+
+    ds = cfg.data.datasets["web"]
+    cache = IndexCache(enabled=False)
+    stream = DocumentStream(
+        "web", ds, key="data.datasets.web", seed=0, seq_length=8, cache=cache, data_root=cfg.data.data_root
+    )
+    return stream.prefixes
+
+
+def assert_counts_every_shard(report: dict, name: str) -> None:
+    assert report["checked"]["datasets"] == f"{name} (3 prefixes)"
+    assert report["checked"]["tokens counted"] == f"66 in 1 datasets ({name})"
+    (unused,) = [f for f in report["findings"] if f["check"] == "unused_ids"]
+    assert unused["details"] == {"count": 10, "examples": list(range(30, 40))}
+    assert unused["where"] == f"training data {name}"
+
+
+def test_config_with_a_glob_dataset_reports_on_every_shard(shards, capsys):
+    from megatron_ct.config import load_config
+
+    root, recipe, _ = shards
+    rc, out, err = run_cli(["--config", recipe, "--json"], capsys)
+    assert rc == 0, err
+    report = json.loads(out)
+    assert_counts_every_shard(report, "web")
+    # The same prefixes, in the same (sorted) order, as the trainer's stream of the dataset.
+    cfg = load_config(recipe)
+    files = pf.as_datasets(cfg.data.datasets, cfg.data.data_root)
+    assert list(files[0].prefixes) == training_prefixes(cfg)
+    assert list(files[0].prefixes) == [str(root / f"web-{k:05d}-of-00003_text_document") for k in range(3)]
+    assert pf.preflight_for_config(cfg).to_json() == report
+
+
+def test_data_glob_reports_on_every_shard(shards, capsys):
+    root, _, _ = shards
+    rc, out, err = run_cli(["--data", f"web={root}/web-*_text_document", "--vocab-size", SHARD_VOCAB, "--json"], capsys)
+    assert rc == 0, err
+    assert_counts_every_shard(json.loads(out), "web")
+    rc, out, err = run_cli(["--data", f"{root}/web-*_text_document", "--vocab-size", SHARD_VOCAB, "--json"], capsys)
+    assert rc == 0, err
+    assert_counts_every_shard(json.loads(out), "web-*_text_document")
+
+
+def test_a_glob_matching_nothing_is_one_line_naming_the_key(shards, capsys):
+    from megatron_ct.config import load_config
+    from megatron_ct.errors import ConfigError
+
+    root, _, none = shards
+    with pytest.raises(ConfigError) as training:  # what the trainer says for the same dataset
+        training_prefixes(load_config(none))
+    rc, out, err = run_cli(["--config", none], capsys)
+    assert rc == 2 and out == "" and err == f"preflight.py: error: {training.value}"
+    assert err == (
+        f"preflight.py: error: data.datasets.web.prefixes[0]: expected the glob {root}/nothing-*_text_document "
+        "to match .bin/.idx prefixes, found none"
+    )
+    rc, out, err = run_cli(["--data", f"{root}/nothing-*_text_document"], capsys)
+    assert rc == 2 and out == ""
+    assert err == (
+        "preflight.py: error: dataset nothing-*_text_document.prefixes[0]: expected the glob "
+        f"{root}/nothing-*_text_document to match .bin/.idx prefixes, found none"
+    )
+
+
+def test_start_up_preflight_sees_the_globbed_datasets(shards, tmp_path, caplog):
+    """startup_preflight (preflight_for_config(cfg, count_ids=False)) reads every shard's
+    documents: their EOD (2) is not the model's EOS (3), over all 6 documents."""
+    import logging
+
+    from megatron_ct.config import load_config
+    from megatron_ct.training.startup import startup_preflight
+
+    root, recipe, none = shards
+    ckpt = write_random_checkpoint(
+        tmp_path / "base", seed=1, vocab_size=SHARD_VOCAB, ct_extra={"hf": {"config": {"eos_token_id": 3}}}
+    )
+    run = [f"checkpoint.load={ckpt}", "checkpoint.load_weights_only=true"]
+    cfg = load_config(recipe, run)
+    report = pf.preflight_for_config(cfg, count_ids=False)
+    assert report.checked["datasets"] == "web (3 prefixes)" and "tokens counted" not in report.checked
+    with caplog.at_level(logging.INFO):
+        startup_preflight(cfg)
+    lines = [r.getMessage() for r in caplog.records if "pre-flight:" in r.getMessage()]
+    assert lines == [
+        "pre-flight: warning: [special_ids] dataset web: 100% of its 6 documents end with id 2, which is not the "
+        "model's eos_token_id 3: the model learns to end documents with a token generation does not stop at; "
+        f"expected the data's EOD to be the model's EOS ({ckpt}/iter_0000000 (ct.hf.config))",
+        "pre-flight: 1 warnings, 0 notes (tools/preflight.py prints the full report)",
+    ]
+    # A glob matching nothing is never skipped quietly: the report cannot be made, and says why.
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        startup_preflight(load_config(none, run))
+    assert [r.getMessage() for r in caplog.records if "pre-flight:" in r.getMessage()] == [
+        "pre-flight: skipped (data.datasets.web.prefixes[0]: expected the glob "
+        f"{root}/nothing-*_text_document to match .bin/.idx prefixes, found none)"
+    ]
