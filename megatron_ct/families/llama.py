@@ -4,22 +4,13 @@ Mistral's checkpoints are LLaMA's tensor for tensor; its ``sliding_window`` is n
 (full causal attention), which the converter reports when the window is shorter than the context.
 """
 
-from megatron_ct.families.spec import (
-    DECODER_CONFIG_KEYS,
-    DECODER_TENSORS,
-    SWIGLU_NO_BIAS,
-    HFArchitecture,
-    ModelFamily,
-)
+from megatron_ct.families.spec import HFArchitecture, decoder_family
 
-FAMILY = ModelFamily(
-    name="llama",
-    description="LLaMA 1-3.x, SmolLM/SmolLM2, Mistral",
-    architectures=(
+FAMILY = decoder_family(
+    "llama",
+    "LLaMA 1-3.x, SmolLM/SmolLM2, Mistral",
+    (
         HFArchitecture("LlamaForCausalLM", "llama", (("attention_bias", False), ("mlp_bias", False))),
         HFArchitecture("MistralForCausalLM", "mistral", (("sliding_window", None),)),
     ),
-    config_keys=DECODER_CONFIG_KEYS,
-    hf_requires=SWIGLU_NO_BIAS,
-    tensors_table=DECODER_TENSORS,
 )

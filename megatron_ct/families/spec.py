@@ -336,3 +336,19 @@ DECODER_TENSORS = (
   ``input_layernorm`` / ``pre_mlp_layernorm`` onto those keys); reading accepts either.
 - The embedding and the untied output layer have padded-vocabulary rows on our side.
 """
+
+
+def decoder_family(
+    name: str, description: str, architectures: tuple[HFArchitecture, ...], **features: bool
+) -> ModelFamily:
+    """A LLaMA-architecture decoder family: the shared config keys, requirements and tensor table,
+    plus its own architectures and layer ``features`` (``qkv_bias``, ``qk_norm``)."""
+    return ModelFamily(
+        name=name,
+        description=description,
+        architectures=architectures,
+        config_keys=DECODER_CONFIG_KEYS,
+        hf_requires=SWIGLU_NO_BIAS,
+        tensors_table=DECODER_TENSORS,
+        **features,
+    )

@@ -155,17 +155,9 @@ def test_a_new_family_is_one_new_file(tmp_path, monkeypatch):
     (tmp_path / "toy.py").write_text(
         textwrap.dedent(
             """
-            from megatron_ct.families.spec import DECODER_CONFIG_KEYS, DECODER_TENSORS, SWIGLU_NO_BIAS
-            from megatron_ct.families.spec import HFArchitecture, ModelFamily
+            from megatron_ct.families.spec import HFArchitecture, decoder_family
 
-            FAMILY = ModelFamily(
-                name="toy",
-                description="a test family: LLaMA's tensors, its own architecture name",
-                architectures=(HFArchitecture("ToyForCausalLM", "toy"),),
-                config_keys=DECODER_CONFIG_KEYS,
-                hf_requires=SWIGLU_NO_BIAS,
-                tensors_table=DECODER_TENSORS,
-            )
+            FAMILY = decoder_family("toy", "a test family", (HFArchitecture("ToyForCausalLM", "toy"),))
             """
         )
     )
