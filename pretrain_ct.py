@@ -14,19 +14,15 @@ MEGATRON_CT_DEBUG=1 for the traceback); 3 non-finite training (train.nan_policy)
 
 # Imports stay inside main(): megatron-core's checkpoint writer spawns helper processes
 # that re-import this file, and they need none of the heavy modules.
-import os
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    from megatron_ct.cli import ToolParser, run_cli
 
-    from megatron_ct.cli import quiet_known_warnings
-
-    quiet_known_warnings()
-
-    parser = argparse.ArgumentParser(
-        description="megatron-ct continual pre-training",
+    parser = ToolParser(
+        "pretrain_ct.py",
+        "megatron-ct continual pre-training",
         epilog="Any other argument overrides a config key: section.key=value, key=value or --key-name value.",
     )
     parser.add_argument(
@@ -35,37 +31,29 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint, logging); defaults to the embedded tiny CPU run",
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an input/environment error")
-    args, overrides = parser.parse_known_args(argv)
-    debug = args.debug or os.environ.get("MEGATRON_CT_DEBUG") == "1"
+    return run_cli(parser, train, argv, extra_args=True, exit_codes=_exit_codes)
 
+
+def train(args, overrides: list[str]) -> int:
+    # A CTError is raised on every rank before any collective, so no rank is left waiting.
     from megatron_ct.config import config_to_dict, load_config
-    from megatron_ct.errors import CTError
 
-    try:
-        cfg = load_config(args.config, overrides)
-        if args.print_config:
-            import yaml
+    cfg = load_config(args.config, overrides)
+    if args.print_config:
+        import yaml
 
-            print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-            return 0
-        from megatron_ct.training.step import NonFiniteError
-        from megatron_ct.training.trainer import run_training
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        return 0
+    from megatron_ct.training.trainer import run_training
 
-        try:
-            outcome = run_training(cfg)
-        except NonFiniteError as e:
-            if debug:
-                raise
-            print(f"pretrain_ct.py: {e}", file=sys.stderr)
-            return 3
-    except CTError as e:
-        # Raised on every rank before any collective, so no rank is left waiting.
-        if debug:
-            raise
-        print(f"pretrain_ct.py: error: {e}", file=sys.stderr)
-        return 2
+    outcome = run_training(cfg)
     return 0 if outcome.reason in ("finished", "preempted", "exit_interval", "regression") else 1
+
+
+def _exit_codes() -> dict:
+    from megatron_ct.training.step import NonFiniteError
+
+    return {NonFiniteError: 3}
 
 
 if __name__ == "__main__":

@@ -1,21 +1,24 @@
-"""How every command line of megatron-ct ends when its input or environment is at fault.
+"""How every command line of megatron-ct reads its arguments and ends when its input is at fault.
 
-An expected failure (a :class:`~megatron_ct.errors.CTError`, plus whatever a tool declares as
-input errors, such as a missing file) ends in one line on stderr,
-``<tool>: error: <what> (<file or key>): <expected>``, and exit status 2. The traceback is
-shown only with ``--debug`` or ``MEGATRON_CT_DEBUG=1``; anything unexpected keeps its
-traceback (it is a bug to report).
+Each tool and ``pretrain_ct.py`` build a :class:`ToolParser` and hand it, with their body, to
+:func:`run_cli`. A usage mistake ends in one line ``<tool>: error: <message> (see --help)``;
+an expected failure (a :class:`~megatron_ct.errors.CTError`, plus whatever a tool declares as
+input errors) in one line ``<tool>: error: <file or key>: <what>; expected ...``; both with
+exit status 2. The traceback is shown only with ``--debug`` or ``MEGATRON_CT_DEBUG=1``;
+anything unexpected keeps its traceback (it is a bug to report).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import NoReturn
 
-from megatron_ct.errors import CTError
+from megatron_ct.errors import ConfigError, CTError
 
 EXIT_INPUT = 2
 
@@ -40,10 +43,106 @@ def quiet_known_warnings() -> None:
 quiet_known_warnings()  # entry points import this module before megatron-core
 
 
-def add_debug_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--debug", action="store_true", help="show the traceback of an input or environment error (MEGATRON_CT_DEBUG=1)"
-    )
+class ToolParser(argparse.ArgumentParser):
+    """The argument parser of a megatron-ct command line.
+
+    ``prog`` is the tool's file name (a path is cut to it, so ``ToolParser(__file__, __doc__)``
+    works); the description keeps its layout. Every parser and sub-parser takes ``--debug``. A
+    usage mistake is one line ``<tool>: error: <message> (see --help)`` and exit status 2.
+    """
+
+    def __init__(self, prog: str, description: str | None = None, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(prog=os.path.basename(prog), description=description, **kwargs)
+        # SUPPRESS: a sub-parser that did not see --debug leaves the main parser's value alone.
+        self.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show the traceback of an input or environment error (or MEGATRON_CT_DEBUG=1)",
+        )
+
+    def error(self, message: str) -> NoReturn:
+        tool, _, command = self.prog.partition(" ")  # a sub-parser's prog is "<tool> <command>"
+        where = f"{command}: " if command else ""
+        self.exit(EXIT_INPUT, f"{tool}: error: {where}{' '.join(message.split())} (see --help)\n")
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``low`` (a usage error otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+def float_above(low: float) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number > ``low`` (a usage error otherwise)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not low < value < math.inf:
+            raise argparse.ArgumentTypeError(f"expected a number > {low:g}, got {text!r}")
+        return value
+
+    return parse
+
+
+ExitCodes = Mapping[type[BaseException], int]
+
+
+def run_cli(
+    parser: argparse.ArgumentParser,
+    body: Callable[..., int | None],
+    argv: Sequence[str] | None = None,
+    *,
+    expected: tuple[type[BaseException], ...] = (),
+    exit_codes: ExitCodes | Callable[[], ExitCodes] | None = None,
+    extra_args: bool = False,
+) -> int:
+    """Parse ``argv`` (default: the command line), run ``body(args)`` and return the exit status.
+
+    ``body`` returns the status (None: 0). With ``extra_args`` the words the parser does not
+    know go to ``body(args, extras)`` (config overrides). A :class:`CTError` or an ``expected``
+    exception ends in ``<tool>: error: <message>`` and status 2. ``exit_codes`` maps other
+    exception types to a tool's own status, reported as ``<tool>: <message>``; a callable is
+    called only when such an exception arrives, so the types can live in modules the tool
+    imports late. ``--debug`` or ``MEGATRON_CT_DEBUG=1`` lets each of them through with its
+    traceback.
+    """
+    tool = parser.prog.split(" ")[0]
+    try:
+        if extra_args:
+            args, extras = parser.parse_known_args(argv)
+            rest: tuple = (extras,)
+        else:
+            args, rest = parser.parse_args(argv), ()
+    except SystemExit as e:  # --help, or a usage error already reported in one line
+        return EXIT_INPUT if isinstance(e.code, str) else e.code or 0
+    try:
+        return body(args, *rest) or 0
+    except (CTError, *expected) as e:
+        if debug_requested(args):
+            raise
+        print(f"{tool}: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_INPUT
+    except Exception as e:
+        codes = exit_codes() if callable(exit_codes) else exit_codes or {}
+        status = next((code for kind, code in codes.items() if isinstance(e, kind)), None)
+        if status is None or debug_requested(args):
+            raise
+        print(f"{tool}: {one_line(e)}", file=sys.stderr)
+        return status
 
 
 def debug_requested(args: argparse.Namespace | None = None) -> bool:
@@ -55,21 +154,35 @@ def one_line(error: BaseException) -> str:
     if isinstance(error, OSError) and error.strerror:
         where = f" ({error.filename})" if error.filename else ""
         return f"{error.strerror}{where}"
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text
+    return " ".join(str(error).split()) or type(error).__name__
 
 
-def run_tool(
-    name: str,
-    body: Callable[[], int | None],
-    args: argparse.Namespace | None = None,
-    expected: tuple[type[BaseException], ...] = (),
-) -> int:
-    """Run a tool's work; expected failures become ``name: error: ...`` and exit status 2."""
-    try:
-        return body() or 0
-    except (CTError, *expected) as e:
-        if debug_requested(args):
-            raise
-        print(f"{name}: error: {one_line(e)}", file=sys.stderr)
-        return EXIT_INPUT
+def check_output_dir(path: str, key: str) -> str:
+    """``path`` as a directory a tool creates or writes into: not a file, under a directory.
+
+    Checked before any work, so a typo does not cost a whole run. Raises ConfigError naming
+    ``key``; creates nothing.
+    """
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ConfigError(f"{key} {path}: is a file; expected a directory")
+        return path
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{key} {path}: {parent} is a file; expected a path under a directory")
+    return path
+
+
+def check_output_file(path: str, key: str) -> str:
+    """``path`` as a file a tool writes: not a directory, and its directory exists.
+
+    Raises ConfigError naming ``key``; creates nothing.
+    """
+    if os.path.isdir(path):
+        raise ConfigError(f"{key} {path}: is a directory; expected a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{key} {path}: no directory {parent}; expected a file in an existing directory")
+    return path

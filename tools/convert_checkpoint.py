@@ -10,13 +10,12 @@
     python tools/convert_checkpoint.py ct-to-hf --input runs/ct/iter_0002000 --output llama2-ct-hf \\
         --hf-base llama-2-7b-hf --dtype bf16
 
-Supported architectures: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM.
+Supported architectures: one model family per file in megatron_ct/families (listed below).
 Exit status 2 and a one-line message on bad input.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -25,13 +24,20 @@ import sys
 # Runnable as a plain script from a checkout, without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ct.cli import add_debug_flag, run_tool  # noqa: E402
+from megatron_ct.cli import ToolParser, check_output_dir, check_output_file, run_cli  # noqa: E402
 
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def supported() -> str:
+    """'LlamaForCausalLM, MistralForCausalLM (llama: ...); ...', from the family specs."""
+    from megatron_ct.families import all_families
+
+    return "; ".join(f"{', '.join(f.architecture_names)} ({f.name}: {f.description})" for f in all_families().values())
+
+
+def build_parser() -> ToolParser:
+    p = ToolParser(__file__, __doc__, epilog=f"model families: {supported()}")
     sub = p.add_subparsers(dest="direction", required=True)
 
     h = sub.add_parser("hf-to-ct", help="Hugging Face model directory -> megatron-ct checkpoint")
@@ -53,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--architecture",
         default=None,
-        help="LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM (default: as converted, "
-        "else from --hf-base, else Qwen2 with a QKV bias and LLaMA without)",
+        help="an HF architecture of the checkpoint's model family (default: as converted, else from "
+        "--hf-base, else the family's first)",
     )
     c.add_argument(
         "--hf-base",
@@ -69,17 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--overwrite", action="store_true", help="replace an existing output")
         s.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
         s.add_argument("--summary-json", default=None, help="also write the summary (seconds, bytes, peak RSS) here")
-        add_debug_flag(s)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    return run_tool("convert_checkpoint.py", lambda: convert(args), args, expected=(OSError,))
+    return run_cli(build_parser(), convert, argv, expected=(OSError,))
 
 
 def convert(args) -> int:
+    check_output_dir(args.output, "--output")
+    if args.summary_json:
+        check_output_file(args.summary_json, "--summary-json")
     dtype = None if args.dtype == "auto" else args.dtype
     if args.direction == "hf-to-ct":
         from megatron_ct.convert.hf_to_ct import convert_hf_to_ct

@@ -20,20 +20,17 @@ nats per predicted token.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 # Runnable as a plain script from a checkout, without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ct.cli import quiet_known_warnings  # noqa: E402
-
-quiet_known_warnings()  # megatron-core's import-time notices; ours say which implementation runs
+from megatron_ct.cli import ToolParser, check_output_file, run_cli  # noqa: E402
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ToolParser:
+    p = ToolParser(__file__, __doc__)
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="HF model directory or megatron-ct checkpoint")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer (default: the one stored with the checkpoint)")
     p.add_argument("--input", nargs="+", required=True, metavar="FILE", help=".jsonl/.json ('text') or text files")
@@ -45,7 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", help="fp32, bf16, fp16 or auto (bf16 on GPU, fp32 on CPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
-    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
 
@@ -57,26 +53,24 @@ def write_atomically(path: str, lines: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from megatron_ct.errors import CTError
+    return run_cli(build_parser(), run, argv, expected=(ValueError, FileNotFoundError))
+
+
+def run(args) -> int:
     from megatron_ct.evaluation.bpb import EvalOptions, evaluate
 
-    try:
-        opts = EvalOptions(
-            seq_length=args.seq_length,
-            micro_batch_size=args.micro_batch_size,
-            tensor_model_parallel_size=args.tensor_model_parallel_size,
-            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-            precision=args.precision,
-            device=args.device,
-            progress=args.progress,
-        )
-        results = evaluate(args.checkpoint, args.input, args.tokenizer, opts)
-    except (CTError, ValueError, FileNotFoundError) as exc:
-        if args.debug or os.environ.get("MEGATRON_CT_DEBUG") == "1":
-            raise
-        print(f"eval_bpb.py: error: {exc}", file=sys.stderr)
-        return 2
+    opts = EvalOptions(
+        seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        precision=args.precision,
+        device=args.device,
+        progress=args.progress,
+    )
+    if args.output:
+        check_output_file(args.output, "--output")
+    results = evaluate(args.checkpoint, args.input, args.tokenizer, opts)
     if results is None:  # not global rank 0
         return 0
     lines = [r.to_json() for r in results]

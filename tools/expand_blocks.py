@@ -14,30 +14,28 @@ to train those too). Exit status 2 and a one-line message on bad input.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ct.cli import add_debug_flag, run_tool  # noqa: E402
+from megatron_ct.cli import ToolParser, check_output_dir, run_cli  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(__file__, __doc__)
     parser.add_argument("--input", required=True, help="checkpoint save root or one iter_* directory")
     parser.add_argument("--output", required=True, help="new save root (iter_0000000 + tracker)")
     parser.add_argument("--every", type=int, required=True, help="insert after every this many blocks (M)")
     parser.add_argument("--add", type=int, default=1, help="blocks inserted each time (P)")
     parser.add_argument("--overwrite", action="store_true")
-    add_debug_flag(parser)
-    args = parser.parse_args(argv)
-    return run_tool("expand_blocks.py", lambda: expand(args), args, expected=(OSError,))
+    return run_cli(parser, expand, argv, expected=(OSError,))
 
 
 def expand(args) -> int:
     from megatron_ct.expansion.blocks import expand_blocks
 
+    check_output_dir(args.output, "--output")
     plan = expand_blocks(args.input, args.output, args.every, args.add, overwrite=args.overwrite)
     print(
         f"{len(plan.sources) - len(plan.new_layers)} -> {len(plan.sources)} layers; new layers "

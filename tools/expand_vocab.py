@@ -28,7 +28,6 @@ the old language) unchanged. Output is always in the base tokenizer's format.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -37,7 +36,8 @@ import sys
 # Runnable as a plain script from a checkout, without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ct.cli import add_debug_flag, run_tool  # noqa: E402
+from megatron_ct.cli import ToolParser, check_output_dir, int_at_least, run_cli  # noqa: E402
+from megatron_ct.errors import ConfigError, ConversionError, DataError  # noqa: E402
 from megatron_ct.expansion.vocab.merge import (  # noqa: E402
     base_segmenter,
     base_tokenizer_json,
@@ -54,8 +54,8 @@ from megatron_ct.tokenizer import load_tokenizer  # noqa: E402
 log = logging.getLogger("expand_vocab")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ToolParser:
+    p = ToolParser(__file__, __doc__)
     p.add_argument("--base-tokenizer", help="SentencePiece .model or HF tokenizer directory (default: --hf-model)")
     p.add_argument("--output-dir", required=True, help="merged tokenizer, report and resized model go here")
     src = p.add_mutually_exclusive_group(required=True)
@@ -63,14 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--addition-model", metavar="MODEL", help="take pieces from this SentencePiece model")
     p.add_argument(
         "--vocab-size",
-        type=int,
+        type=int_at_least(1),
         default=20000,
         help="pieces to learn: size of the trained SentencePiece model, or merges learned on a byte-level "
         "base (default 20000)",
     )
     p.add_argument(
         "--min-frequency",
-        type=int,
+        type=int_at_least(1),
         default=2,
         help="byte-level base: learn only merges seen at least this often (default 2)",
     )
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="train without byte pieces (default: as the base model)",
     )
-    p.add_argument("--max-new-pieces", type=int, default=None, help="cap on appended pieces")
+    p.add_argument("--max-new-pieces", type=int_at_least(1), default=None, help="cap on appended pieces")
     p.add_argument(
         "--low-frequency-only",
         action="store_true",
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="general text whose frequent strings --low-frequency-only keeps stable",
     )
-    p.add_argument("--protect-top-k", type=int, default=20000)
+    p.add_argument("--protect-top-k", type=int_at_least(1), default=20000)
     p.add_argument("--heldout-domain", nargs="*", default=[], metavar="FILE")
     p.add_argument("--heldout-general", nargs="*", default=[], metavar="FILE")
     p.add_argument("--hf-model", metavar="DIR", help="HF causal-LM directory to resize")
@@ -106,17 +106,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ct-output", metavar="DIR", help="save root for the resized megatron-ct checkpoint")
     p.add_argument("--init", choices=INIT_METHODS, default="subword_mean", help="new-row init (default subword_mean)")
     p.add_argument("--seed", type=int, default=0, help="seed of --init random")
-    p.add_argument("--pad-to-multiple-of", type=int, default=1, help="pad the resized vocabulary (default 1: none)")
-    add_debug_flag(p)
+    p.add_argument(
+        "--pad-to-multiple-of", type=int_at_least(1), default=1, help="pad the resized vocabulary (default 1: none)"
+    )
     return p
 
 
-def read_lines(paths: list[str]) -> list[str]:
+TEXT_FLAGS = ("train_text", "protect_text", "heldout_domain", "heldout_general")
+
+
+def read_lines(paths: list[str], flag: str) -> list[str]:
     lines = []
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            lines.extend(line.rstrip("\n") for line in f if line.strip())
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines.extend(line.rstrip("\n") for line in f if line.strip())
+        except UnicodeDecodeError as e:
+            raise DataError(f"{flag} {path}: not UTF-8 text (byte {e.start}); expected a text file") from None
     return lines
+
+
+def check_args(args) -> str:
+    """Every option and input file, before any work; returns the base tokenizer."""
+    base = args.base_tokenizer or args.hf_model
+    if base is None:
+        raise ConfigError("--base-tokenizer: expected it, or --hf-model (whose tokenizer is the base)")
+    if args.low_frequency_only != bool(args.protect_text):
+        raise ConfigError("--low-frequency-only and --protect-text go together (the text defines frequent strings)")
+    for key in TEXT_FLAGS:
+        for path in getattr(args, key) or ():
+            if not os.path.isfile(path):
+                raise DataError(f"--{key.replace('_', '-')} {path}: no such file; expected a text file")
+    if args.hf_model and not os.path.isfile(os.path.join(args.hf_model, "config.json")):
+        raise DataError(f"--hf-model {args.hf_model}: no config.json; expected a Hugging Face model directory")
+    check_output_dir(args.output_dir, "--output-dir")
+    if args.ct_output:
+        check_output_dir(args.ct_output, "--ct-output")
+    return base
 
 
 def addition_pieces(args, base: str) -> tuple[list[str], dict | None]:
@@ -130,7 +156,9 @@ def addition_pieces(args, base: str) -> tuple[list[str], dict | None]:
         tj = base_tokenizer_json(base)
         if args.addition_model:
             return pieces_from_text(tj, candidate_pieces(load_proto(args.addition_model)))
-        return train_on_base_tokens(tj, read_lines(args.train_text), args.vocab_size, args.min_frequency)
+        return train_on_base_tokens(
+            tj, read_lines(args.train_text, "--train-text"), args.vocab_size, args.min_frequency
+        )
     if args.addition_model:
         return candidate_pieces(load_proto(args.addition_model)), None
     from megatron_ct.expansion.vocab.train_sp import SPTrainConfig, train_sentencepiece
@@ -174,7 +202,7 @@ def resize_hf_causal_lm(model, plan: VocabResizePlan) -> None:
     head = model.get_output_embeddings()
     tied = head is None or head.weight is embedding
     if embedding.shape[0] < plan.old_vocab_size:
-        raise ValueError(
+        raise ConversionError(
             f"model embedding has {embedding.shape[0]} rows; expected at least the base tokenizer's "
             f"{plan.old_vocab_size}"
         )
@@ -187,22 +215,22 @@ def resize_hf_causal_lm(model, plan: VocabResizePlan) -> None:
             model.get_output_embeddings().weight.copy_(new_head)
 
 
-def run(args) -> dict:
-    base = args.base_tokenizer or args.hf_model
-    if base is None:
-        raise ValueError("give --base-tokenizer or --hf-model (whose tokenizer is the base)")
-    if args.low_frequency_only != bool(args.protect_text):
-        raise ValueError("--low-frequency-only and --protect-text go together (the text defines frequent strings)")
+def run(args) -> None:
+    base = check_args(args)
     base_tok = load_tokenizer(base)  # refuses a directory whose files disagree, before any work
     os.makedirs(args.output_dir, exist_ok=True)
     candidates, splits = addition_pieces(args, base)
-    protect = protect_strings(base, read_lines(args.protect_text), args.protect_top_k) if args.protect_text else []
+    protect = (
+        protect_strings(base, read_lines(args.protect_text, "--protect-text"), args.protect_top_k)
+        if args.protect_text
+        else []
+    )
     result, merged_path = merge_tokenizer(
         base, candidates, args.output_dir, max_new=args.max_new_pieces, protect=protect, splits=splits
     )
 
     corpora = {
-        name: read_lines(paths)
+        name: read_lines(paths, f"--heldout-{name}")
         for name, paths in (("domain", args.heldout_domain), ("general", args.heldout_general))
         if paths
     }
@@ -255,13 +283,11 @@ def run(args) -> dict:
         print(f"resized megatron-ct checkpoint: vocab {plan.new_vocab_size} ({rows} rows, {args.init}) -> {out}")
     with open(os.path.join(args.output_dir, "expand_vocab.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, ensure_ascii=False, indent=1)
-    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run_tool("expand_vocab.py", lambda: run(args) and 0, args, expected=(ValueError, OSError))
+    return run_cli(build_parser(), run, argv, expected=(ValueError, OSError))
 
 
 if __name__ == "__main__":

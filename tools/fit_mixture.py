@@ -35,9 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's megatron_ct
 
-from megatron_ct.cli import quiet_known_warnings  # noqa: E402
-
-quiet_known_warnings()  # megatron-core's import-time notices; ours say which implementation runs
+from megatron_ct.cli import ToolParser, check_output_dir, run_cli  # noqa: E402
 
 
 def _names(text: str) -> list[str]:
@@ -55,7 +53,7 @@ def _range(text: str) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(__file__, __doc__)
     parser.add_argument("runs", nargs="*", help="proxy-run directories or sweep directories")
     parser.add_argument("--observations", metavar="FILE", help="JSON lines of ratio, tokens, params, set, loss")
     parser.add_argument("--domain-set", required=True, help="validation set measuring the domain")
@@ -81,19 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", type=_names, help="swept stage(s), for runs not made by the sweep")
     parser.add_argument("--emit-stage", nargs="?", const="mixture", metavar="NAME", help="print a YAML stage block")
     parser.add_argument("--no-plot", action="store_true", help="skip fit.png")
-    parser.add_argument("--debug", action="store_true", help="tracebacks for errors")
-    args = parser.parse_args(argv)
-    debug = args.debug or os.environ.get("MEGATRON_CT_DEBUG") == "1"
-
-    from megatron_ct.errors import CTError
-
-    try:
-        return _run(args)
-    except CTError as e:
-        if debug:
-            raise
-        print(f"fit_mixture.py: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(parser, _run, argv)
 
 
 def _check_args(args) -> None:
@@ -114,6 +100,7 @@ def _check_args(args) -> None:
             raise ConfigError(f"{flag}: expected {expected}, got {value:g}")
     if not args.runs and not args.observations:
         raise ConfigError("no input: give proxy-run or sweep directories, or --observations FILE")
+    check_output_dir(args.out, "--out")
     import importlib.util
 
     from megatron_ct.errors import CTError

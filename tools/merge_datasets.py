@@ -13,25 +13,18 @@ or token dtypes are refused.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 # Runnable as a plain script from a checkout, without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ct.cli import quiet_known_warnings  # noqa: E402
-
-quiet_known_warnings()  # megatron-core's import-time notices; ours say which implementation runs
-
-from megatron_ct.errors import CTError  # noqa: E402
+from megatron_ct.cli import ToolParser, check_output_dir, run_cli  # noqa: E402
 from megatron_ct.preprocess.merge import merge_datasets  # noqa: E402
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=os.path.basename(__file__), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def build_parser() -> ToolParser:
+    p = ToolParser(__file__, __doc__)
     p.add_argument(
         "--input",
         nargs="+",
@@ -42,26 +35,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-prefix", required=True, help="writes {prefix}.bin/.idx/.meta.json")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output prefix")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
-    p.add_argument("--debug", action="store_true", help="show the traceback of an error (or MEGATRON_CT_DEBUG=1)")
     return p  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (2 for bad inputs or options)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        meta = merge_datasets(args.input, args.output_prefix, overwrite=args.overwrite, progress=args.progress)
-    except CTError as exc:
-        if args.debug or os.environ.get("MEGATRON_CT_DEBUG") == "1":
-            raise
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(build_parser(), merge, argv)
+
+
+def merge(args) -> None:
+    check_output_dir(os.path.dirname(os.path.abspath(args.output_prefix)), "--output-prefix")
+    meta = merge_datasets(args.input, args.output_prefix, overwrite=args.overwrite, progress=args.progress)
     print(
         f"merged {len(meta.extra['inputs'])} prefix(es): {meta.documents:,} documents, {meta.tokens:,} tokens "
         f"({meta.dtype}) -> {args.output_prefix}.bin/.idx"
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -14,26 +14,38 @@ per token, said in the legend.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from collections import defaultdict
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_ct.cli import ToolParser, check_output_file, run_cli  # noqa: E402
+from megatron_ct.errors import DataError  # noqa: E402
+
+# The fields each log's records need: metrics.jsonl (training steps), eval.jsonl (validation).
+NEEDED = {"metrics.jsonl": ("iteration", "loss"), "eval.jsonl": ("iteration", "set", "loss")}
+
 
 def read_jsonl(path: str) -> list[dict]:
     if not os.path.isfile(path):
         return []
+    needed = NEEDED.get(os.path.basename(path), ("iteration",))
     rows = []
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             line = line.strip()
             if not line:
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
-                raise ValueError(f"{path}:{n}: not a JSON line") from None
+                raise DataError(f"{path}:{n}: not a JSON line; expected the records pretrain_ct.py logs") from None
+            missing = [k for k in needed if k not in row] if isinstance(row, dict) else needed
+            if missing:
+                raise DataError(f"{path}:{n}: no {', '.join(missing)}; expected a record with {', '.join(needed)}")
+            rows.append(row)
     return rows
 
 
@@ -57,7 +69,7 @@ def plot(run_dir: str, output: str, title: str | None = None) -> str:
     train = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
     evals = read_jsonl(os.path.join(run_dir, "eval.jsonl"))
     if not train and not evals:
-        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl or eval.jsonl (expected a pretrain_ct.py log directory)")
+        raise DataError(f"{run_dir}: no metrics.jsonl or eval.jsonl (expected a pretrain_ct.py log directory)")
 
     fig, (ax_loss, ax_eval) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
     if train:
@@ -99,24 +111,17 @@ def plot(run_dir: str, output: str, title: str | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(__file__, __doc__)
     parser.add_argument("run_dir", help="log directory of a run (holds metrics.jsonl / eval.jsonl)")
     parser.add_argument("--output", help="PNG path (default RUN_DIR/run.png)")
     parser.add_argument("--title")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an input error")
+    return run_cli(parser, draw, argv, expected=(OSError,))
 
-    def draw() -> int:
-        print(plot(args.run_dir, args.output or os.path.join(args.run_dir, "run.png"), args.title))
-        return 0
 
-    args = parser.parse_args(argv)
-    try:
-        return draw()
-    except (OSError, ValueError, KeyError) as e:  # plain script: no package import for two lines
-        if args.debug or os.environ.get("MEGATRON_CT_DEBUG") == "1":
-            raise
-        print(f"plot_run.py: error: {e}", file=sys.stderr)
-        return 2
+def draw(args) -> None:
+    if args.output:
+        check_output_file(args.output, "--output")
+    print(plot(args.run_dir, args.output or os.path.join(args.run_dir, "run.png"), args.title))
 
 
 if __name__ == "__main__":

@@ -25,31 +25,32 @@ Explicit flags override what --config gives. Exit status: 0 clean (notes only), 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ct.cli import quiet_known_warnings  # noqa: E402
+from megatron_ct.cli import ToolParser, float_above, int_at_least, run_cli  # noqa: E402
+from megatron_ct.errors import ConfigError  # noqa: E402
 
-quiet_known_warnings()  # megatron-core's import-time notices; ours say which implementation runs
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ToolParser:
+    p = ToolParser(__file__, __doc__)
     p.add_argument("--config", help="trainer recipe; further key=value words override it as for pretrain_ct.py")
     p.add_argument("--checkpoint", help="our checkpoint (save root or iter_* directory)")
     p.add_argument("--data", nargs="+", help="training datasets: PREFIX or NAME=PREFIX (.bin/.idx pairs)")
     p.add_argument("--tokenizer", help="SentencePiece .model or Hugging Face tokenizer directory")
     p.add_argument("--hf-config", help="the model's Hugging Face config.json (or its directory), for token ids")
-    p.add_argument("--vocab-size", type=int, help="model vocabulary (default: checkpoint, config or tokenizer)")
-    p.add_argument("--row-norm-ratio", type=float, default=None, help="untrained below this x median norm (0.1)")
+    p.add_argument(
+        "--vocab-size", type=int_at_least(1), help="model vocabulary (default: checkpoint, config or tokenizer)"
+    )
+    p.add_argument(
+        "--row-norm-ratio", type=float_above(0), default=None, help="untrained below this x median norm (0.1)"
+    )
     p.add_argument("--no-count", dest="count", action="store_false", help="skip counting ids over the data")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
-    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
 
@@ -57,11 +58,13 @@ def _datasets(words: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for i, word in enumerate(words):
         name, prefix = word.split("=", 1) if "=" in word else (os.path.basename(word) or f"data{i}", word)
+        if not name or not prefix:
+            raise ConfigError(f"--data {word}: expected PREFIX or NAME=PREFIX")
         out[name if name not in out else f"{name}_{i}"] = prefix
     return out
 
 
-def run(args, overrides: list[str]):
+def run(args, overrides: list[str]) -> int:
     from megatron_ct.errors import DataError
     from megatron_ct.training import preflight as pf
 
@@ -80,7 +83,7 @@ def run(args, overrides: list[str]):
             tokenizer_where, args.tokenizer = f"data.tokenizer {cfg.data.tokenizer}", cfg.data.tokenizer
         kwargs["vocab_size"] = cfg.model.vocab_size
     elif overrides:
-        raise DataError(f"{overrides[0]}: unknown argument (key=value overrides need --config)")
+        raise ConfigError(f"{overrides[0]}: unknown argument (key=value overrides need --config)")
     if args.checkpoint:
         kwargs.update(pf.checkpoint_inputs(args.checkpoint))
     if args.data:
@@ -96,33 +99,19 @@ def run(args, overrides: list[str]):
     if args.hf_config:
         kwargs["hf_config"] = pf.read_hf_config_file(args.hf_config)
         kwargs["model_where"] = args.hf_config
-    if args.vocab_size:
+    if args.vocab_size is not None:
         kwargs["vocab_size"] = args.vocab_size
     if args.row_norm_ratio is not None:
         kwargs["ratio"] = args.row_norm_ratio
     if not any(k in kwargs for k in ("vocab_rows", "datasets", "tokenizer", "hf_config")):
-        raise DataError("nothing to check: give --config, or some of --checkpoint, --data, --tokenizer, --hf-config")
-    return pf.preflight(**kwargs, count_ids=args.count, progress=args.progress and not args.json)
+        raise ConfigError("nothing to check: give --config, or some of --checkpoint, --data, --tokenizer, --hf-config")
+    report = pf.preflight(**kwargs, count_ids=args.count, progress=args.progress and not args.json)
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.format())
+    return report.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, overrides = parser.parse_known_args(argv)
-    debug = args.debug or os.environ.get("MEGATRON_CT_DEBUG") == "1"
-    from megatron_ct.errors import CTError
-
-    try:
-        report = run(args, overrides)
-    except (CTError, FileNotFoundError) as e:
-        if debug:
-            raise
-        print(f"preflight.py: error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2))
-    else:
-        print(report.format())
-    return report.exit_code
+    return run_cli(build_parser(), run, argv, extra_args=True, expected=(FileNotFoundError,))
 
 
 if __name__ == "__main__":

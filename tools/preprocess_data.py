@@ -29,11 +29,7 @@ import sys
 # Runnable as a plain script from a checkout, without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ct.cli import quiet_known_warnings  # noqa: E402
-
-quiet_known_warnings()  # megatron-core's import-time notices; ours say which implementation runs
-
-from megatron_ct.errors import CTError  # noqa: E402
+from megatron_ct.cli import ToolParser, check_output_dir, run_cli  # noqa: E402
 from megatron_ct.preprocess.pipeline import (  # noqa: E402
     PreprocessConfig,
     format_summary,
@@ -41,10 +37,8 @@ from megatron_ct.preprocess.pipeline import (  # noqa: E402
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=os.path.basename(__file__), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def build_parser() -> ToolParser:
+    p = ToolParser(__file__, __doc__)
     p.add_argument(
         "--input",
         nargs="+",
@@ -102,41 +96,36 @@ def build_parser() -> argparse.ArgumentParser:
         "{prefix}-{I:05d}-of-{N:05d}_... (default: SLURM_ARRAY_TASK_COUNT, else 1)",
     )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
-    p.add_argument("--debug", action="store_true", help="show the traceback of an error (or MEGATRON_CT_DEBUG=1)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (2 for bad inputs or options)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
     # Our own warnings (skipped lines) at INFO and up; megatron-core's import-time
     # INFO chatter about FSDP backends is irrelevant to tokenization.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("megatron_ct").setLevel(logging.INFO)
-    try:
-        config = PreprocessConfig(
-            inputs=args.input,
-            output_prefix=args.output_prefix,
-            tokenizer=args.tokenizer,
-            json_keys=args.json_keys,
-            instruction_keys=tuple(args.instruction_keys) if args.instruction_keys else None,
-            append_eod=args.append_eod,
-            workers=args.workers,
-            log_interval=args.log_interval,
-            progress=args.progress,
-            shard_index=args.shard_index,
-            num_shards=args.num_shards,
-        )
-        summary = preprocess(config)
-    except CTError as exc:
-        if args.debug or os.environ.get("MEGATRON_CT_DEBUG") == "1":
-            raise
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(build_parser(), run, argv)
+
+
+def run(args) -> None:
+    config = PreprocessConfig(
+        inputs=args.input,
+        output_prefix=args.output_prefix,
+        tokenizer=args.tokenizer,
+        json_keys=args.json_keys,
+        instruction_keys=tuple(args.instruction_keys) if args.instruction_keys else None,
+        append_eod=args.append_eod,
+        workers=args.workers,
+        log_interval=args.log_interval,
+        progress=args.progress,
+        shard_index=args.shard_index,
+        num_shards=args.num_shards,
+    )
+    check_output_dir(os.path.dirname(os.path.abspath(args.output_prefix)), "--output-prefix")
+    summary = preprocess(config)
     print(format_summary(summary))
     print(f"  summary: {summary['summary']}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -28,9 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's megatron_ct
 
-from megatron_ct.cli import quiet_known_warnings  # noqa: E402
-
-quiet_known_warnings()  # megatron-core's import-time notices; ours say which implementation runs
+from megatron_ct.cli import ToolParser, check_output_dir, check_output_file, run_cli  # noqa: E402
 
 
 def _floats(text: str) -> list[float]:
@@ -52,9 +50,9 @@ def _model(text: str) -> tuple[str, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = ToolParser(
+        __file__,
+        __doc__,
         epilog="Other arguments override the recipe for every point: section.key=value or --key-name value.",
     )
     parser.add_argument("--config", required=True, help="base recipe (YAML) with datasets, stages and data.valid")
@@ -79,13 +77,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dry-run", action="store_true", help="write the configs, run nothing")
     parser.add_argument("--force", action="store_true", help="rerun points that hold an earlier run's logs")
-    parser.add_argument("--debug", action="store_true", help="tracebacks for errors")
-    args, overrides = parser.parse_known_args(argv)
-    debug = args.debug or os.environ.get("MEGATRON_CT_DEBUG") == "1"
+    return run_cli(parser, sweep, argv, extra_args=True, exit_codes=_exit_codes)
 
-    from megatron_ct.errors import ConfigError, CTError
-    from megatron_ct.mixture.sweep import RunFailed, SweepSpec, plan_sweep, run_local, slurm_array_script, write_sweep
 
+def _exit_codes() -> dict:
+    from megatron_ct.mixture.sweep import RunFailed
+
+    return {RunFailed: 1}  # a proxy run failed: its own log says why
+
+
+def sweep(args, overrides: list[str]) -> int:
+    from megatron_ct.errors import ConfigError
+    from megatron_ct.mixture.sweep import SweepSpec, plan_sweep, run_local, slurm_array_script, write_sweep
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc: expected an integer >= 1, got {args.nproc}")
+    check_output_dir(args.out, "--out")
+    if args.slurm_array:
+        check_output_file(args.slurm_array, "--slurm-array")
     spec = SweepSpec(
         base_config=args.config,
         out=args.out,
@@ -98,30 +107,19 @@ def main(argv: list[str] | None = None) -> int:
         eval_interval=args.eval_interval,
         overrides=overrides,
     )
-    try:
-        if args.nproc < 1:
-            raise ConfigError(f"--nproc: expected an integer >= 1, got {args.nproc}")
-        points = plan_sweep(spec)
-        states = write_sweep(spec, points, force=args.force, argv=sys.argv)
-        print(f"{len(points)} point(s) in {args.out}: " + ", ".join(p.name for p in points))
-        if args.slurm_array:
-            from megatron_ct.mixture.report import write_text
+    points = plan_sweep(spec)
+    states = write_sweep(spec, points, force=args.force, argv=sys.argv)
+    print(f"{len(points)} point(s) in {args.out}: " + ", ".join(p.name for p in points))
+    if args.slurm_array:
+        from megatron_ct.mixture.report import write_text
 
-            write_text(args.slurm_array, slurm_array_script(points, args.out, args.nproc, args.sbatch_option))
-            os.chmod(args.slurm_array, 0o755)
-            print(f"wrote {args.slurm_array}: sbatch {args.slurm_array}")
-            return 0
-        if args.dry_run:
-            return 0
-        run_local(points, states, args.nproc)
-    except CTError as e:
-        if debug:
-            raise
-        print(f"sweep_mixture.py: error: {e}", file=sys.stderr)
-        return 2
-    except RunFailed as e:
-        print(f"sweep_mixture.py: {e}", file=sys.stderr)
-        return 1
+        write_text(args.slurm_array, slurm_array_script(points, args.out, args.nproc, args.sbatch_option))
+        os.chmod(args.slurm_array, 0o755)
+        print(f"wrote {args.slurm_array}: sbatch {args.slurm_array}")
+        return 0
+    if args.dry_run:
+        return 0
+    run_local(points, states, args.nproc)
     print(f"all points done; fit with: python tools/fit_mixture.py {args.out} --domain-set SET --general-set SET")
     return 0
 

@@ -189,7 +189,8 @@ def convert_ct_to_hf(
     progress: bool = True,
 ) -> ConversionReport:
     """Convert; raises :class:`ConversionError` on bad input before writing anything."""
-    parse_dtype(dtype)  # a bad option is refused before the checkpoint is opened
+    parse_dtype(dtype)  # bad options are refused before the checkpoint is opened
+    parse_size(max_shard_size)
     try:
         path, _ = resolve_load_dir(ckpt, key="--input")
         meta = read_meta(path)
@@ -232,6 +233,7 @@ def export_hf(
     """
     t0 = time.perf_counter()
     wanted_dtype = parse_dtype(dtype)
+    shard_bytes = parse_size(max_shard_size)  # refused before anything is read or written
     path = reader.path
     try:
         m = ModelConfig(**meta.model)
@@ -266,9 +268,7 @@ def export_hf(
     remove_path(partial)
     os.makedirs(partial)
     try:
-        writer = SafetensorsShardWriter(
-            partial, [(n, s, torch_dtype) for n, s, _ in tensors], parse_size(max_shard_size)
-        )
+        writer = SafetensorsShardWriter(partial, [(n, s, torch_dtype) for n, s, _ in tensors], shard_bytes)
         bar = Progress(len(tensors), writer.total_bytes, "ct -> hf", enabled=progress)
         largest = 0
         for name, _, produce in tensors:

@@ -179,11 +179,17 @@ class HFWeights:
 def parse_size(text: str) -> int:
     """'5GB' / '500MB' / '2GiB' / '1000' -> bytes (HF's ``max_shard_size`` spelling)."""
     units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    t = text.strip().upper()
-    for unit, mult in units.items():
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * mult)
-    return int(t)
+    t = str(text).strip().upper()
+    try:
+        unit, mult = next(((u, m) for u, m in units.items() if t.endswith(u)), ("", 1))
+        size = int(float(t[: len(t) - len(unit)]) * mult)
+    except (ValueError, OverflowError):
+        size = 0
+    if size <= 0:
+        raise ConversionError(
+            f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB, 2GiB or a number of bytes"
+        )
+    return size
 
 
 class SafetensorsShardWriter:

@@ -60,6 +60,9 @@ class InputResult:
         return json.dumps(asdict(self), ensure_ascii=False)
 
 
+EXPECTED_DOCUMENTS = "JSON lines with a 'text' field (.jsonl/.json) or a document per line"
+
+
 def read_documents(path: str) -> list[str]:
     """Documents of ``path``: JSON lines with a ``text`` field (``.jsonl``/``.json``, optionally
     ``.gz``), else plain text with one document per line. Blank lines are skipped."""
@@ -87,6 +90,8 @@ def read_documents(path: str) -> list[str]:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    if not docs:
+        raise DataError(f"{path}: no non-empty documents to score; expected {EXPECTED_DOCUMENTS}")
     return docs
 
 
@@ -228,6 +233,8 @@ class EvalOptions:
                 raise ConfigError(f"--{key.replace('_', '-')}: expected an integer >= 1, got {getattr(self, key)}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"--precision: expected one of auto, fp32, bf16, fp16, got {self.precision!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"--device: expected one of auto, cpu, cuda, got {self.device!r}")
 
 
 def stored_tokenizer(checkpoint: str) -> str | None:
@@ -347,12 +354,13 @@ def _score_all(texts, tok, scorer, opts, *, shard, reduce, batch=None) -> list[I
 
     batch = batch or opts.micro_batch_size
     docs = {path: prepare(t, tok, opts.seq_length) for path, t in texts.items()}
+    for path, ds in docs.items():
+        if not ds:  # before the progress bar, so the error is a line of its own
+            raise DataError(f"{path}: no document has a token to score; expected {EXPECTED_DOCUMENTS}")
     show = opts.progress and shard[0] == 0 and int(os.environ.get("RANK", "0")) == 0
     bar = tqdm(total=sum(len(d) for d in docs.values()) // shard[1], unit="doc", desc="bits per byte", disable=not show)
     out = []
     for path, ds in docs.items():
-        if not ds:
-            raise DataError(f"{path}: no non-empty documents to score")
         sums = score(ds, scorer, batch, shard=shard, progress=bar)
         if reduce is not None:
             sums = reduce(sums)

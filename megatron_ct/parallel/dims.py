@@ -68,15 +68,6 @@ class ParallelDims:
         for name, size in (("tp", tp), ("pp", pp), ("cp", cp), ("ep", ep)):
             if not isinstance(size, int) or isinstance(size, bool) or size < 1:
                 raise ConfigError(f"{k[name]}: expected an integer >= 1, got {size!r}")
-        model_parallel = tp * pp * cp
-        if world_size % model_parallel != 0:
-            used = ["tp", "pp"] + (["cp"] if cp > 1 else [])
-            names = "*".join(k[n] if i == 0 else k[n].removeprefix("parallel.") for i, n in enumerate(used))
-            product = "*".join(str({"tp": tp, "pp": pp, "cp": cp}[n]) for n in used)
-            raise ConfigError(
-                f"{names}: expected a divisor of the world size {world_size}, got {product}={model_parallel}"
-            )
-        dp = world_size // model_parallel
         family = family_of(model)
         sizes = family.valid_tp_sizes(model)
         if tp not in sizes:
@@ -89,6 +80,15 @@ class ParallelDims:
                 f"{k['vpp'] if vpp else k['pp']}: expected pipeline stages x virtual stages ({pp}x{vpp or 1}) to "
                 f"divide model.num_layers={model.num_layers}"
             )
+        model_parallel = tp * pp * cp
+        if world_size % model_parallel != 0:
+            used = ["tp", "pp"] + (["cp"] if cp > 1 else [])
+            names = "*".join(k[n] if i == 0 else k[n].removeprefix("parallel.") for i, n in enumerate(used))
+            product = "*".join(str({"tp": tp, "pp": pp, "cp": cp}[n]) for n in used)
+            raise ConfigError(
+                f"{names}: expected a divisor of the world size {world_size}, got {product}={model_parallel}"
+            )
+        dp = world_size // model_parallel
         if sequence_parallel and tp == 1:
             raise ConfigError(f"{k['sp']}: expected false when tensor_model_parallel_size is 1, got True")
         if cp > 1:

@@ -12,7 +12,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_ct.config import CTConfig, Layout
+from megatron_ct.errors import ConfigError
 from megatron_ct.parallel.device import activate_cpu_device_layer
+from megatron_ct.parallel.launch import free_port
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,9 @@ def read_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
             master_port=port,
             launcher="slurm",
         )
-    return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)), "single")
+    # One process rendezvouses with itself: any free port (two runs on one machine must not meet).
+    port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else free_port()
+    return LaunchEnv(0, 1, 0, "127.0.0.1", port, "single")
 
 
 def init_distributed(cfg: CTConfig, layout: Layout, env: LaunchEnv) -> None:
@@ -90,13 +94,21 @@ def init_distributed(cfg: CTConfig, layout: Layout, env: LaunchEnv) -> None:
         activate_cpu_device_layer()
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend=backend,
-            init_method=f"tcp://{env.master_addr}:{env.master_port}",
-            rank=env.rank,
-            world_size=env.world_size,
-            timeout=timedelta(minutes=cfg.parallel.distributed_timeout_minutes),
-        )
+        try:
+            dist.init_process_group(
+                backend=backend,
+                init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                rank=env.rank,
+                world_size=env.world_size,
+                timeout=timedelta(minutes=cfg.parallel.distributed_timeout_minutes),
+            )
+        except RuntimeError as e:  # torch's DistNetworkError is one
+            if "EADDRINUSE" not in str(e) and "address already in use" not in str(e).lower():
+                raise
+            raise ConfigError(
+                f"MASTER_PORT {env.master_port}: address already in use on {env.master_addr}; expected a free port "
+                "(set MASTER_PORT, or let torchrun choose one)"
+            ) from None
     parallel_state.initialize_model_parallel(**layout.dims.megatron_core_sizes())
     # Seeds the default generator (CPU initialisation, data-parallel-shared randomness) and
     # megatron-core's tensor-parallel RNG tracker (per-TP-rank dropout).

@@ -116,11 +116,14 @@ class PreprocessConfig:
             raise PreprocessError(f"--log-interval must be >= 1, got {self.log_interval}")
         if self.chunk_lines < 1:
             raise PreprocessError(f"chunk_lines must be >= 1, got {self.chunk_lines}")
-        if not self.json_keys or len(set(self.json_keys)) != len(self.json_keys):
+        if not self.json_keys or not all(self.json_keys) or len(set(self.json_keys)) != len(self.json_keys):
             raise PreprocessError(f"--json-keys must be non-empty and distinct, got {self.json_keys}")
         if self.instruction_keys is not None:
-            if len(self.instruction_keys) != 2 or self.instruction_keys[0] == self.instruction_keys[1]:
-                raise PreprocessError(f"--instruction-keys needs two distinct keys, got {self.instruction_keys}")
+            keys = self.instruction_keys
+            if len(keys) != 2 or not all(keys) or keys[0] == keys[1]:
+                raise PreprocessError(
+                    f"--instruction-keys needs two distinct non-empty keys, got {self.instruction_keys}"
+                )
             if self.json_keys != ["text"]:
                 raise PreprocessError("--instruction-keys replaces --json-keys; pass only one of them")
             self.instruction_keys = tuple(self.instruction_keys)

@@ -27,6 +27,7 @@ import torch
 
 from megatron_ct.checkpoint.meta import RESUMABLE_FROM, CheckpointMeta, read_meta
 from megatron_ct.checkpoint.root import resolve_load_dir
+from megatron_ct.cli import check_output_dir
 from megatron_ct.config import CTConfig, Layout, validate_for_world
 from megatron_ct.config.schedule import Schedule
 from megatron_ct.data.index_cache import IndexCache, rank0_first
@@ -72,6 +73,13 @@ def resolve_layout(cfg: CTConfig, world_size: int, local_rank: int) -> Layout:
 
 def check_startup(cfg: CTConfig, layout: Layout) -> Startup:
     """Collective only through the cached dataset scans (rank 0 first). Raises CTError."""
+    for key, path in (
+        ("checkpoint.save", cfg.checkpoint.save),
+        ("logging.log_dir", cfg.logging.log_dir),
+        ("logging.tensorboard_dir", cfg.logging.tensorboard_dir),
+    ):
+        if path:  # a file in the way fails here on every rank, not on rank 0 after the first step
+            check_output_dir(path, key)
     out = Startup(schedule=Schedule.from_config(cfg), cache=IndexCache(cfg.data.index_cache_dir))
     if cfg.checkpoint.load:
         out.load_dir, _ = resolve_load_dir(cfg.checkpoint.load)
