@@ -14,6 +14,8 @@ setup(
     version="0.1.0",
     description="Continual pre-training of LLaMA-family models on megatron-core (TP/PP/DP, CPU and GPU).",
     packages=find_packages(include=["megatron_ct", "megatron_ct.*"]),
+    # The example downstream tasks, loaded by name (megatron_ct/evaluation/tasks.py).
+    package_data={"megatron_ct.evaluation": ["tasks/*.yaml", "tasks/*.jsonl"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -47,11 +49,14 @@ setup(
             "datasets",
             "zstandard",
             "orjson",
+            "lm_eval>=0.4.9,<0.5",
         ],
         # tools/preprocess_data.py: parquet and datasets folders (pyarrow), .zst inputs, faster JSON
         "preprocess": ["pyarrow", "zstandard", "orjson"],
         "tensorboard": ["tensorboard"],
         "plot": ["matplotlib"],  # tools/plot_run.py
+        # tools/eval_tasks.py --lm-eval-tasks and the megatron_ct lm-eval model (local tasks need none)
+        "eval": ["lm_eval>=0.4.9,<0.5", "matplotlib"],
         # tools/fit_mixture.py: the D-CPT fit (L-BFGS), its plot, one BLAS thread for tiny matrices
         "mixture": ["scipy", "matplotlib", "threadpoolctl"],
         # GPU-only; never pulled by default. Detected at run time.
