@@ -10,9 +10,9 @@ document boundary in training). Per input file::
 The scored text of a whole document is the document; of a truncated one, the detokenized
 kept tokens (as validation sets count bytes, ``megatron_ct/data/valid.py``).
 
-Two scorers share this: our checkpoints at any saved layout, run at the launched TP/PP
-(and DP: batches are dealt round-robin to data-parallel ranks) under torchrun
-(:func:`ct_scorer`), and Hugging Face directories in one process (:func:`hf_scorer`).
+Two scorers share this (:meth:`megatron_ct.evaluation.session.ModelSession.nll_scorer`): our
+checkpoints at any saved layout, run at the launched TP/PP (and DP: batches are dealt
+round-robin to data-parallel ranks) under torchrun, and Hugging Face directories in one process.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from megatron_ct.errors import DataError
+from megatron_ct.evaluation.session import EvalOptions, open_model
 from megatron_ct.tokenizer.base import Tokenizer
 
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
@@ -162,119 +163,6 @@ def result(path: str, docs: list[Document], nll_sum: float, tokens: int) -> Inpu
 # --- scorers ----------------------------------------------------------------------------
 
 
-def is_hf_directory(path: str) -> bool:
-    """A Hugging Face model directory (config.json, no megatron-ct tracker or dist checkpoint)."""
-    from megatron_ct.checkpoint.root import TRACKER
-
-    return (
-        os.path.isfile(os.path.join(path, "config.json"))
-        and not os.path.isfile(os.path.join(path, TRACKER))
-        and not os.path.isfile(os.path.join(path, "metadata.json"))
-    )
-
-
-def hf_scorer(model_dir: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Scorer:
-    """Scorer of a transformers causal LM in this process."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=dtype).to(device).eval()
-
-    def run(ids: torch.Tensor) -> torch.Tensor:
-        ids = ids.to(device)
-        with torch.no_grad():
-            logits = model(input_ids=ids[:, :-1]).logits.float()  # [b, s, V]
-            logp = torch.log_softmax(logits, dim=-1)
-            return -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).cpu()  # [b, s]
-
-    return run
-
-
-def ct_scorer(chunks: list[torch.nn.Module], micro_batch_size: int) -> Scorer:
-    """Scorer of our model chunks (this rank's part of a TP/PP layout); collective over the
-    model-parallel group. Returns the NLL on the last pipeline stage's first TP rank."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_ct.model.inference import forward_token_nll
-
-    def run(ids: torch.Tensor) -> torch.Tensor | None:
-        nll = forward_token_nll(chunks, ids, micro_batch_size)
-        return nll.cpu() if nll is not None and ps.get_tensor_model_parallel_rank() == 0 else None
-
-    return run
-
-
-# --- one call: load, score every input, report -------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class EvalOptions:
-    """Options of :func:`evaluate` (``tools/eval_bpb.py``'s flags)."""
-
-    seq_length: int = 2048
-    """Predicted tokens per document at most (longer documents are cut)."""
-    micro_batch_size: int = 4
-    """Documents per forward pass (per micro-batch under pipeline parallelism)."""
-    tensor_model_parallel_size: int = 1
-    """Our checkpoints: TP of this run (any that divides the model; the checkpoint's own is irrelevant)."""
-    pipeline_model_parallel_size: int = 1
-    """Our checkpoints: PP of this run; world / (TP x PP) data-parallel ranks share the batches."""
-    precision: str = "auto"
-    """'fp32', 'bf16', 'fp16', or 'auto' (bf16 on GPU, fp32 on CPU)."""
-    device: str = "auto"
-    """'cpu', 'cuda' or 'auto'."""
-    progress: bool = True
-    """Progress bar (documents, rate, ETA) on the reporting process."""
-
-    def __post_init__(self) -> None:
-        from megatron_ct.config import ConfigError
-
-        for key in ("seq_length", "micro_batch_size", "tensor_model_parallel_size", "pipeline_model_parallel_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"--{key.replace('_', '-')}: expected an integer >= 1, got {getattr(self, key)}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"--precision: expected one of auto, fp32, bf16, fp16, got {self.precision!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"--device: expected one of auto, cpu, cuda, got {self.device!r}")
-
-
-def stored_tokenizer(checkpoint: str) -> str | None:
-    """The tokenizer that came with a checkpoint: the HF directory itself, ``hf_assets/`` beside
-    a converted checkpoint, or the HF model a checkpoint was converted from (if it still exists)."""
-    if is_hf_directory(checkpoint):
-        return checkpoint
-    from megatron_ct.checkpoint.meta import read_meta
-    from megatron_ct.checkpoint.root import resolve_load_dir
-    from megatron_ct.convert.ct_to_hf import tokenizer_assets
-
-    path, _ = resolve_load_dir(checkpoint, key="--checkpoint")
-    return tokenizer_assets(path, read_meta(path).hf or {})
-
-
-def _ct_config(checkpoint: str, opts: EvalOptions, world_size: int):
-    from megatron_ct.checkpoint.meta import read_meta
-    from megatron_ct.checkpoint.root import resolve_load_dir
-    from megatron_ct.config import CTConfig, DataConfig, ModelConfig, ParallelConfig, TrainConfig, validate_for_world
-    from megatron_ct.parallel.dims import ParallelDims
-    from megatron_ct.parallel.distributed import read_launch_env
-    from megatron_ct.training.startup import resolve_device
-
-    path, _ = resolve_load_dir(checkpoint, key="--checkpoint")
-    m = ModelConfig(**read_meta(path).model)
-    tp, pp = opts.tensor_model_parallel_size, opts.pipeline_model_parallel_size
-    flags = {"tp": "--tensor-model-parallel-size", "pp": "--pipeline-model-parallel-size"}
-    ParallelDims.build(world_size, m, tp=tp, pp=pp, keys=flags)  # the trainer's checks, named by our flags
-    device = resolve_device(opts.device, read_launch_env().local_rank)
-    precision = opts.precision if opts.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    dp, mbs = world_size // (tp * pp), opts.micro_batch_size
-    cfg = CTConfig(
-        model=m,
-        parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, device=device.type),
-        train=TrainConfig(precision=precision, micro_batch_size=mbs, global_batch_size=mbs * dp * max(pp, 2)),
-        data=DataConfig(seq_length=min(opts.seq_length, m.max_position_embeddings)),
-    )
-    return cfg, validate_for_world(cfg, world_size, device)
-
-
 def evaluate(
     checkpoint: str, inputs: list[str], tokenizer: str | None = None, opts: EvalOptions | None = None
 ) -> list[InputResult] | None:
@@ -283,70 +171,31 @@ def evaluate(
     ``checkpoint``: a Hugging Face model directory (scored in this one process) or one of our
     checkpoints (a save root or an ``iter_*`` directory, any saved layout), scored at
     ``opts``' TP/PP by every process of the launch (torchrun, srun, or one plain process).
-    ``tokenizer``: default :func:`stored_tokenizer`.
+    ``tokenizer``: default :func:`~megatron_ct.evaluation.session.stored_tokenizer`.
     """
     import torch.distributed as dist
-
-    from megatron_ct.tokenizer import load_tokenizer
 
     opts = opts or EvalOptions()
     if not os.path.isdir(checkpoint):
         raise DataError(f"--checkpoint {checkpoint}: no such directory")
-    tok_dir = tokenizer or stored_tokenizer(checkpoint)
-    if tok_dir is None:
-        raise DataError(f"--checkpoint {checkpoint}: no tokenizer is stored with it; pass --tokenizer DIR")
-    tok = load_tokenizer(tok_dir)
-    texts = {path: read_documents(path) for path in inputs}
-
-    if is_hf_directory(checkpoint):
-        from megatron_ct.training.startup import resolve_device
-
-        device = resolve_device(opts.device, 0)
-        precision = opts.precision if opts.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-        from megatron_ct.dtypes import torch_dtype
-
-        dtype = torch_dtype(precision, "--precision")
-        with open(os.path.join(checkpoint, "config.json"), encoding="utf-8") as f:
-            _check_vocab(tok, int(json.load(f).get("vocab_size", 0)), tok_dir, checkpoint)
-        scorer = hf_scorer(checkpoint, device, dtype)
-        return _score_all(texts, tok, scorer, opts, shard=(0, 1), reduce=None)
-
-    from megatron_ct.checkpoint.manager import load_weights
-    from megatron_ct.model.llama import Numerics, build_model
-    from megatron_ct.parallel.distributed import init_distributed, read_launch_env, teardown_distributed
-
-    env = read_launch_env()
-    cfg, layout = _ct_config(checkpoint, opts, env.world_size)
-    _check_vocab(tok, cfg.model.vocab_size, tok_dir, checkpoint)
-    init_distributed(cfg, layout, env)
-    try:
-        from megatron.core import parallel_state as ps
-
-        chunks, _ = build_model(cfg.model, layout, Numerics(cfg.train.precision))
-        load_weights(checkpoint, chunks, key="--checkpoint")
-        scorer = ct_scorer(chunks, opts.micro_batch_size)
-        shard = (ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+    texts = {path: read_documents(path) for path in inputs}  # bad inputs fail before the model loads
+    with open_model(checkpoint, tokenizer, opts) as session:
+        scorer = session.nll_scorer()
+        if session.is_hf:
+            return _score_all(texts, session.tokenizer, scorer, opts, shard=(0, 1), reduce=None)
 
         def reduce(sums: tuple[float, int] | None) -> tuple[float, int]:
             # Reporting ranks (last stage, TP rank 0) of every DP rank add their share.
-            t = torch.tensor(sums or (0.0, 0), dtype=torch.float64, device=layout.device)
+            t = torch.tensor(sums or (0.0, 0), dtype=torch.float64, device=session.device)
             dist.all_reduce(t)
             return float(t[0]), int(t[1])
 
         # Batches of micro_batch_size x PP documents keep the pipeline full.
-        batch = opts.micro_batch_size * layout.dims.pp
-        results = _score_all(texts, tok, scorer, opts, shard=shard, reduce=reduce, batch=batch)
-        return results if env.rank == 0 else None
-    finally:
-        teardown_distributed()
+        from megatron.core import parallel_state as ps
 
-
-def _check_vocab(tok: Tokenizer, rows: int, tok_dir: str, checkpoint: str) -> None:
-    if tok.data_vocab_size > rows:
-        raise DataError(
-            f"--tokenizer {tok_dir}: its ids reach {tok.data_vocab_size - 1} but {checkpoint} has {rows} vocabulary "
-            "rows; expected the tokenizer the model was trained with"
-        )
+        batch = opts.micro_batch_size * ps.get_pipeline_model_parallel_world_size()
+        results = _score_all(texts, session.tokenizer, scorer, opts, shard=session.shard, reduce=reduce, batch=batch)
+        return results if session.is_main else None
 
 
 def _score_all(texts, tok, scorer, opts, *, shard, reduce, batch=None) -> list[InputResult]:
