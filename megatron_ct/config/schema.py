@@ -562,9 +562,17 @@ class DataConfig:
     """Evaluate every validation set before the first update (also with train_iters=0), so each
     has a base value that later evaluations are compared with; None: when the run starts from
     a base model (checkpoint.load with load_weights_only)."""
+    downstream_tasks: list[str] = field(default_factory=list)
+    """Downstream tasks scored in the loop on the training ranks (shipped task names or task YAML
+    files, megatron_ct/evaluation/tasks.py): at iteration 0 with the base line, at every stage
+    end, every downstream_interval steps and at the end, into downstream.jsonl. Needs
+    data.tokenizer."""
+    downstream_interval: int | None = None
+    """Score the downstream tasks every this many steps too (None: base line, stage ends, end)."""
     max_regression: dict[str, float] = field(default_factory=dict)
-    """Validation set -> largest relative rise over its base value (bits per byte, else loss)
-    that is tolerated, e.g. ``{en: 0.02}`` for English replay; see on_regression."""
+    """Validation set or downstream task -> the largest relative regression from its base value
+    that is tolerated: a rise of bits per byte (else loss) for a set, e.g. ``{en: 0.02}`` for
+    English replay; a fall of accuracy for a task. See on_regression."""
     on_regression: str = "warn"
     """When a set regresses past max_regression: 'warn', or 'stop' (save and stop the run)."""
     tokenizer: str | None = None
@@ -586,6 +594,19 @@ class DataConfig:
             _number(value, f"data.max_regression.{name}", "a finite number >= 0", _is_number(value) and value >= 0)
         if self.eval_interval is not None:
             _require(self.eval_interval >= 1, "data.eval_interval", "an integer >= 1 or null", self.eval_interval)
+        if self.downstream_interval is not None:
+            _require(
+                self.downstream_interval >= 1,
+                "data.downstream_interval",
+                "an integer >= 1 or null",
+                self.downstream_interval,
+            )
+        _require(
+            isinstance(self.downstream_tasks, list) and all(isinstance(t, str) and t for t in self.downstream_tasks),
+            "data.downstream_tasks",
+            "a list of task names or task YAML paths",
+            self.downstream_tasks,
+        )
         if self.data_path is not None:
             self._from_megatron_data_path()
             # Kept in resolved form only, so a saved config reloads as the same curriculum.
@@ -773,9 +794,11 @@ class CTConfig:
             self._check_curriculum_covers_the_run()
         for name in self.data.max_regression:
             _require(
-                name in self.data.valid,
+                name in self.data.valid or bool(self.data.downstream_tasks),  # task names: checked at start-up
                 f"data.max_regression.{name}",
-                "a validation set named in data.valid (" + ", ".join(sorted(self.data.valid)) + ")",
+                "a validation set named in data.valid ("
+                + ", ".join(sorted(self.data.valid))
+                + ") or a downstream task",
                 name,
             )
         if not self.model.untie_embeddings_and_output_weights:

@@ -49,6 +49,7 @@ class Evaluator:
         self.interval = data.eval_interval
         self.max_regression, self.on_regression = data.max_regression, data.on_regression
         self.baseline: dict[str, dict] = {}  # set -> {"loss", "bits_per_byte", "iteration"}
+        self.done: list[int] = []  # iterations evaluated (saved: a resumed run does not repeat them)
         self.last: dict[str, dict] = {}  # set -> the latest record
         self.is_writer = dist.get_rank() == 0
         self._jsonl = JsonlLog(os.path.join(log_dir, "eval.jsonl") if self.is_writer and log_dir else None)
@@ -74,8 +75,12 @@ class Evaluator:
         """An interval evaluation after ``iteration`` steps?"""
         return bool(self.sets and self.interval and iteration % self.interval == 0)
 
-    def evaluate(self, model_chunks, iteration: int, stage: str, trigger: str) -> dict[str, dict]:
-        """Collective: every rank calls it. Returns {set: record}."""
+    def evaluate(self, model_chunks, iteration: int, stage: str, trigger: str) -> dict[str, dict] | None:
+        """Collective: every rank calls it. Returns {set: record}; None when there is nothing to
+        evaluate or ``iteration`` was evaluated already (before a restart)."""
+        if not self.sets or iteration in self.done:
+            return None
+        self.done.append(iteration)
         results = {}
         for chunk in model_chunks:
             chunk.eval()
@@ -115,11 +120,11 @@ class Evaluator:
         out["change_rel"] = out.get("bpb_change_rel", out["loss_change_rel"])
         return out
 
-    def regressions(self, results: dict[str, dict]) -> list[str]:
+    def regressions(self, results: dict[str, dict] | None) -> list[str]:
         """Sets past their ``data.max_regression`` in ``results``, described for the log."""
         out = []
         for name, limit in self.max_regression.items():
-            rel = results.get(name, {}).get("change_rel")
+            rel = (results or {}).get(name, {}).get("change_rel")
             if rel is not None and rel > limit:
                 out.append(f"{name} +{100 * rel:.2f}% over its base value (data.max_regression.{name}={limit:g})")
         return out
@@ -142,10 +147,11 @@ class Evaluator:
         return lines
 
     def state_dict(self) -> dict:
-        return {"baseline": self.baseline}
+        return {"baseline": self.baseline, "done": list(self.done)}
 
     def load_state_dict(self, state: dict) -> None:
         self.baseline = dict(state.get("baseline") or {})
+        self.done = [int(i) for i in state.get("done") or []]
 
     def _one(self, model_chunks, vs: ValidationSet, iteration: int, stage: str, trigger: str) -> dict:
         local = torch.zeros(2, dtype=torch.float64, device=self.layout.device)

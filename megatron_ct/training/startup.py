@@ -47,6 +47,7 @@ class Startup:
     meta: CheckpointMeta | None = None
     tokenizer: object | None = None  # megatron_ct.tokenizer.Tokenizer of data.tokenizer
     provenance: dict = field(default_factory=dict)
+    downstream_tasks: list = field(default_factory=list)  # loaded data.downstream_tasks
 
 
 def resolve_device(requested: str, local_rank: int) -> torch.device:
@@ -90,6 +91,8 @@ def check_startup(cfg: CTConfig, layout: Layout) -> Startup:
     _check_attention_for_document_masks(cfg, layout)
     if cfg.data.tokenizer:
         out.tokenizer = _load_data_tokenizer(cfg)
+    if cfg.data.downstream_tasks:
+        out.downstream_tasks = _load_downstream_tasks(cfg)
     if cfg.data.source == "indexed":
         _check_datasets(cfg, out.schedule.names, out.cache)
     return out
@@ -184,6 +187,27 @@ def _check_attention_for_document_masks(cfg: CTConfig, layout: Layout) -> None:
             f"data.stages[{i}].reset_attention_mask: needs model.attention_backend flex, sdpa or local (they apply "
             f"document masks; Transformer Engine's causal attention ignores them), got {attention}"
         )
+
+
+def _load_downstream_tasks(cfg: CTConfig) -> list:
+    """data.downstream_tasks loaded (a bad task file is one line here, not at the first evaluation),
+    with the tokenizer they need and every max_regression name known."""
+    from megatron_ct.evaluation.tasks import load_tasks
+
+    d = cfg.data
+    if not d.tokenizer:
+        raise ConfigError(
+            "data.downstream_tasks: needs data.tokenizer (the tasks' text is tokenized for the model), got none"
+        )
+    tasks = load_tasks(d.downstream_tasks)
+    known = set(d.valid) | {t.name for t in tasks}
+    for name in d.max_regression:
+        if name not in known:
+            raise ConfigError(
+                f"data.max_regression.{name}: expected a validation set or downstream task "
+                f"({', '.join(sorted(known))}), got {name!r}"
+            )
+    return tasks
 
 
 def _load_data_tokenizer(cfg: CTConfig):

@@ -31,6 +31,7 @@ from megatron_ct.data.batches import build_data_source
 from megatron_ct.families import family_of
 from megatron_ct.jsonl import RUN_LOGS, drop_records_after
 from megatron_ct.model.llama import Numerics, build_model
+from megatron_ct.training.downstream import DownstreamEvaluator
 from megatron_ct.training.evaluate import Evaluator
 from megatron_ct.training.flops import peak_tflops_for
 from megatron_ct.training.freeze import FreezePlan
@@ -94,6 +95,19 @@ class Trainer:
         self.checkpoints.register("data", self.data)
         self.checkpoints.register("evaluator", self.evaluator)
         self.checkpoints.register("stage", self.stages)
+        self.downstream = None
+        if startup.downstream_tasks:
+            self.downstream = DownstreamEvaluator(
+                startup.downstream_tasks,
+                startup.tokenizer,
+                vocab_size=cfg.model.vocab_size,
+                max_length=cfg.data.seq_length,
+                micro_batch_size=t.micro_batch_size,
+                interval=cfg.data.downstream_interval,
+                max_regression=cfg.data.max_regression,
+                log_dir=log_dir,
+            )
+            self.checkpoints.register("downstream", self.downstream)
         self.baseline = cfg.data.eval_baseline
         if self.baseline is None:  # on by default when the run starts from a base model
             self.baseline = bool(ck.load and ck.load_weights_only)
@@ -112,7 +126,6 @@ class Trainer:
         self.is_writer = dist.get_rank() == 0
         self.metrics = MetricsWriter(self.is_writer, log_dir, cfg.logging.tensorboard_dir)
         self._throughput: Throughput | None = None
-        self._evaluated_at: int | None = None
         self._first_loss: float | None = None
         self._log_startup()
 
@@ -173,19 +186,20 @@ class Trainer:
                 stage.name,
             )
         if self.iteration == 0 and self.baseline:
-            self._evaluate("baseline", stage.name)  # every set's base value, before any update
-        elif self.iteration == stage.start_iter and self.iteration > 0:
-            self._evaluate("stage_end", self.schedule.stage_at(self.iteration - 1).name)
+            self._evaluate("baseline", stage.name)  # every set's and task's base value, before any update
 
-    def _evaluate(self, trigger: str, stage_name: str) -> None:
-        if not self.evaluator.sets or self._evaluated_at == self.iteration:
-            return
+    def _evaluate(self, trigger: str, stage_name: str, sets: bool = True, tasks: bool = True) -> None:
+        """Validation sets and downstream tasks at this iteration (each skips an iteration it
+        evaluated before a restart); a regression past data.max_regression warns or stops."""
         t0 = time.perf_counter()
-        results = self.evaluator.evaluate(self.model, self.iteration, stage_name, trigger)
-        self._evaluated_at = self.iteration
+        results = self.evaluator.evaluate(self.model, self.iteration, stage_name, trigger) if sets else None
+        scores = None
+        if tasks and self.downstream is not None:
+            scores = self.downstream.evaluate(self.model, self.iteration, stage_name, trigger)
         if self._throughput is not None:
             self._throughput.exclude(time.perf_counter() - t0)
         regressed = self.evaluator.regressions(results)
+        regressed += self.downstream.regressions(scores) if self.downstream is not None else []
         if regressed:
             stop = self.cfg.data.on_regression == "stop"
             log.warning(
@@ -214,25 +228,28 @@ class Trainer:
         try:
             if t.train_iters == 0 and self.iteration == 0:
                 self.on_stage_start(self.schedule.stage_at(0))  # the base-line evaluation alone
+            if self.iteration > 0:  # a boundary a checkpoint (of an older run) was saved at before its evaluation
+                self._evaluate_step_end(boundaries_only=True)
             while self.iteration < t.train_iters:
                 stage = self.schedule.stage_at(self.iteration)
                 if stage is not self.stages.current:
                     self.on_stage_start(stage)
                 if self._reason == "regression" or self._iteration(preempt):
                     break
-            if self.iteration == t.train_iters and self.iteration > 0:
-                trigger = "stage_end" if self.schedule.is_stage_end(self.iteration) else "end"
-                self._evaluate(trigger, self.schedule.stage_at(self.iteration - 1).name)
             if cfg.checkpoint.save and self._last_saved != self.iteration:
                 self._timed_save()
         finally:
             preempt.restore()
             self.metrics.close()
             self.evaluator.close()
+            if self.downstream is not None:
+                self.downstream.close()
             self.data.close()
         if self._reason == "preempted":
             log.warning("SIGTERM received: saved iteration %d and stopping", self.iteration)
         for line in self.evaluator.summary() if self.is_writer else []:
+            log.info("base -> now | %s", line)
+        for line in self.downstream.summary() if self.is_writer and self.downstream is not None else []:
             log.info("base -> now | %s", line)
         if self._first_loss is not None and self._last is not None:
             log.info(
@@ -275,10 +292,7 @@ class Trainer:
                 )
         if self.iteration % cfg.logging.log_interval == 0 or self.iteration == t.train_iters:
             self._log(result)
-        boundary = self.schedule.is_stage_end(self.iteration) or self.iteration == t.train_iters
-        if self.evaluator.due(self.iteration) and not boundary:
-            # Stage ends are evaluated as the next stage starts, the last step at the end.
-            self._evaluate("interval", self.stages.current.name)
+        self._evaluate_step_end()  # before the save, so the checkpoint records what was evaluated
         ck = cfg.checkpoint
         if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0:
             self._timed_save()
@@ -291,6 +305,16 @@ class Trainer:
             self._reason = "exit_interval"
             return True
         return False
+
+    def _evaluate_step_end(self, boundaries_only: bool = False) -> None:
+        """After step ``iteration``: everything at a stage end or the last step, else what is due."""
+        it, stage = self.iteration, self.schedule.stage_at(self.iteration - 1).name
+        if self.schedule.is_stage_end(it) or it == self.cfg.train.train_iters:
+            self._evaluate("stage_end" if self.schedule.is_stage_end(it) else "end", stage)
+        elif not boundaries_only:
+            downstream_due = self.downstream is not None and self.downstream.due(it)
+            if self.evaluator.due(it) or downstream_due:
+                self._evaluate("interval", stage, sets=self.evaluator.due(it), tasks=downstream_due)
 
     def _timed_save(self) -> None:
         t0 = time.perf_counter()
