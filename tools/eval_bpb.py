@@ -59,15 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args) -> int:
     from megatron_ct.evaluation.bpb import EvalOptions, evaluate
 
-    opts = EvalOptions(
-        seq_length=args.seq_length,
-        micro_batch_size=args.micro_batch_size,
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        precision=args.precision,
-        device=args.device,
-        progress=args.progress,
-    )
+    opts = EvalOptions.from_args(args)
     if args.output:
         check_output_file(args.output, "--output")
     results = evaluate(args.checkpoint, args.input, args.tokenizer, opts)

@@ -120,15 +120,7 @@ def run(args) -> int:
         raise ConfigError("--tasks / --lm-eval-tasks: expected at least one task")
     tasks = load_tasks(args.tasks)  # a bad task file fails here, before any model loads
     spec = _lm_eval_spec(args) if args.lm_eval_tasks else None
-    opts = EvalOptions(
-        seq_length=args.seq_length,
-        micro_batch_size=args.micro_batch_size,
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        precision=args.precision,
-        device=args.device,
-        progress=False,
-    )
+    opts = EvalOptions.from_args(args, progress=False)
     checkpoints = run_checkpoints(args.run) if args.run else [args.checkpoint]
     records: list[dict] = []
     with open_model(checkpoints[0], args.tokenizer, opts) as session:

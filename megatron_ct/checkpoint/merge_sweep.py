@@ -178,10 +178,9 @@ def format_table(rows: list[dict]) -> str:
 
 def plot_tradeoff(rows: list[dict], path: str) -> str:
     """Target gain (y) against general change (x), a point per alpha, labelled."""
-    import matplotlib
+    from megatron_ct.plotting import pyplot, save_png
 
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     metric = "bits per byte" if rows[0]["metric"] == "bits_per_byte" else "loss per token"
     xs = [r["general_change"] for r in rows]
@@ -197,11 +196,7 @@ def plot_tradeoff(rows: list[dict], path: str) -> str:
     ax.set_ylabel(f"{rows[0]['target_set']}: {metric} gain vs alpha=0 (up = better)")
     ax.set_title("base <-> CT interpolation: target gain vs general loss")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_png(fig, path, dpi=120)
 
 
 def _write_jsonl(path: str, rows: list[dict]) -> None:

@@ -9,7 +9,6 @@ iteration-0 evaluation), and the curriculum stage boundaries as dashed vertical 
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 
 from megatron_ct.errors import DataError
@@ -51,10 +50,9 @@ def stage_starts(records: list[dict]) -> list[tuple[int, str]]:
 
 def plot_downstream(records: list[dict], output: str, title: str | None = None) -> str:
     """Write the PNG (atomically) and return its path."""
-    import matplotlib
+    from megatron_ct.plotting import pyplot, save_png
 
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     by_task = _headline_rows(records)
     if not by_task:
@@ -91,8 +89,4 @@ def plot_downstream(records: list[dict], output: str, title: str | None = None) 
     axes[-1, 0].set_xlabel("iteration")
     fig.suptitle(title or "downstream tasks")
     fig.tight_layout()
-    tmp = output + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, output)  # never a half-written PNG under the final name
-    return output
+    return save_png(fig, output, dpi=120)

@@ -11,6 +11,7 @@ weights from any saved layout. The :class:`ModelSession` it yields hands out sco
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -42,6 +43,12 @@ class EvalOptions:
     """'cpu', 'cuda' or 'auto'."""
     progress: bool = True
     """Progress bar (documents, rate, ETA) on the reporting process."""
+
+    @classmethod
+    def from_args(cls, args: Any, **overrides: Any) -> EvalOptions:
+        """The options from a tool's parsed flags (``--seq-length`` -> ``seq_length``, ...)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)} | overrides)
 
     def __post_init__(self) -> None:
         from megatron_ct.config import ConfigError

@@ -262,10 +262,9 @@ def stage_block(report: dict, name: str = "mixture") -> str:
 def plot_fit(report: dict, laws: dict[str, SetLaw], obs: list[Observation], path: str) -> str:
     """fit.png: each set's observed losses and fitted curves over tokens, per ratio; and both
     sets' predicted losses over the ratio at the target budget with the recommendation."""
-    import matplotlib
+    from megatron_ct.plotting import pyplot, save_png
 
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     tokens, params = report["target"]["tokens"], report["target"]["params"]
     N = params if params is not None else 1.0
@@ -316,8 +315,4 @@ def plot_fit(report: dict, laws: dict[str, SetLaw], obs: list[Observation], path
     ax.set_title("prediction at the target budget")
     ax.legend(handles=handles, fontsize=7, loc="upper center")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)  # never a half-written PNG under the final name
-    return path
+    return save_png(fig, path, dpi=110)
