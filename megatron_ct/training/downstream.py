@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import torch.distributed as dist
@@ -64,6 +65,7 @@ class DownstreamEvaluator:
 
         if not self.tasks or iteration in self.done:
             return None
+        t0 = time.perf_counter()
         engine = CTLM(model_chunks, self.vocab_size, self.max_length, micro_batch_size=self.mbs)
         try:
             records = local_records(self.tasks, TextScorer(engine, self.tokenizer))
@@ -83,7 +85,14 @@ class DownstreamEvaluator:
                 + (f" ({value - self.baseline[task]:+.4f} vs base)" if task in self.baseline else "")
                 for task, value in scores.items()
             ]
-            log.info("downstream iter %d (%s, stage %s) | %s", iteration, trigger, stage, " | ".join(parts))
+            log.info(
+                "downstream iter %d (%s, stage %s) | %s | %.1f s",
+                iteration,
+                trigger,
+                stage,
+                " | ".join(parts),
+                time.perf_counter() - t0,
+            )
         return scores
 
     def _with_base(self, record: dict[str, Any]) -> dict[str, Any]:

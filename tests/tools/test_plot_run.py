@@ -30,3 +30,25 @@ def test_empty_directory_is_a_one_line_error(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "no metrics.jsonl or eval.jsonl" in proc.stderr
+
+
+def test_original_base_and_iteration_0_are_two_lines(tmp_path):
+    """After a vocabulary expansion the model at iteration 0 is not the base: both are drawn,
+    named apart, and a reference for a set the run did not evaluate is a one-line error."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from plot_run import eval_series
+
+    evals = [
+        {"iteration": i, "set": s, "loss": 3.0, "bits_per_byte": b, **({"trigger": "baseline"} if i == 0 else {})}
+        for i, b in ((0, 3.06), (24, 2.3))
+        for s in ("zh", "en")
+    ]
+    labels = {label: ys for _, label, _, ys in eval_series(evals, {"zh": 2.6})}
+    assert labels["zh at iteration 0"] == [3.06] and labels["zh original base (own tokenizer)"] == [2.6]
+    assert "en original base (own tokenizer)" not in labels and labels["en"] == [3.06, 2.3]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+    run = [sys.executable, str(REPO / "tools" / "plot_run.py"), str(tmp_path)]
+    ok = subprocess.run([*run, "--reference", "zh=2.6"], capture_output=True, text=True)
+    assert ok.returncode == 0 and (tmp_path / "run.png").is_file(), ok.stderr
+    bad = subprocess.run([*run, "--reference", "ja=2.6"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--reference ja" in bad.stderr, bad.stderr
