@@ -21,12 +21,13 @@ one :class:`~megatron_ct.config.schedule.Schedule` is built here and handed on.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
 
 from megatron_ct.checkpoint.meta import RESUMABLE_FROM, CheckpointMeta, read_meta
-from megatron_ct.checkpoint.root import resolve_load_dir
+from megatron_ct.checkpoint.root import read_tracker, resolve_load_dir
 from megatron_ct.cli import check_output_dir
 from megatron_ct.config import CTConfig, Layout, validate_for_world
 from megatron_ct.config.schedule import Schedule
@@ -87,6 +88,7 @@ def check_startup(cfg: CTConfig, layout: Layout) -> Startup:
         out.meta = read_meta(out.load_dir)
         _check_checkpoint_fits(cfg, out.load_dir, out.meta)
         out.provenance = out.meta.provenance()
+    _check_save_is_this_runs(cfg, out.load_dir)
     _check_trainable_provenance(out.schedule, out.provenance)
     _check_attention_for_document_masks(cfg, layout)
     if cfg.data.tokenizer:
@@ -96,6 +98,24 @@ def check_startup(cfg: CTConfig, layout: Layout) -> Startup:
     if cfg.data.source == "indexed":
         _check_datasets(cfg, out.schedule.names, out.cache)
     return out
+
+
+def _check_save_is_this_runs(cfg: CTConfig, load_dir: str | None) -> None:
+    """A run that does not resume from ``checkpoint.save`` must not write into another run's
+    checkpoints: its iteration N would replace theirs and its logs would be appended to
+    theirs (one metrics.jsonl holding two runs)."""
+    save = cfg.checkpoint.save
+    latest = read_tracker(save) if save and os.path.isdir(save) else None
+    if latest is None:
+        return
+    resumes = bool(load_dir) and not cfg.checkpoint.load_weights_only and (
+        os.path.realpath(os.path.dirname(load_dir)) == os.path.realpath(save)
+    )  # fmt: skip
+    if not resumes:
+        raise ConfigError(
+            f"checkpoint.save {save}: holds the checkpoints of an earlier run (latest iteration {latest}) and "
+            f"this run does not resume it; expected an empty directory, or checkpoint.load={save} to resume it"
+        )
 
 
 def startup_preflight(cfg: CTConfig) -> None:
