@@ -601,7 +601,7 @@ def run_pipeline(out: Path, recipe: Recipe, small: bool) -> dict:
         header(3, "vocabulary: the base's (this recipe does not expand it; --recipe expand does)")
         expanded = base
     done("expand_vocab")
-    header(4, "convert the resized model to a megatron-ct checkpoint (hf-to-ct)")
+    header(4, f"convert the {'resized ' if recipe.new_tokens else ''}model to a megatron-ct checkpoint (hf-to-ct)")
     base_ckpt = out / "ckpt_base"
     run_cmd(
         tool("convert_checkpoint", "hf-to-ct", "--input", str(expanded), "--output", str(base_ckpt), "--overwrite",
@@ -634,7 +634,8 @@ def run_pipeline(out: Path, recipe: Recipe, small: bool) -> dict:
         logs / "ct_to_hf.log",
     )  # fmt: skip
     done("ct_to_hf")
-    header(8, "bits per byte (test texts) of base, expanded (iteration 0) and result, each with its tokenizer")
+    header(8, f"bits per byte (test texts) of base, {'expanded (iteration 0), ' if recipe.new_tokens else ''}"
+              "and result, each with its tokenizer")  # fmt: skip
     texts = {name: corpus[name]["test"] for name in ("zh", "en", "en_ood") if name in corpus}
     models = (
         {"base": base, "expanded": expanded, "after": hf_out} if recipe.new_tokens else {"base": base, "after": hf_out}
