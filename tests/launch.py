@@ -46,7 +46,23 @@ def run_torchrun(
     check: bool = True,
     env: dict | None = None,
 ) -> subprocess.CompletedProcess:
-    """torchrun --nproc_per_node nproc SCRIPT ARGS from the repo root."""
+    """torchrun --nproc_per_node nproc SCRIPT ARGS from the repo root.
+
+    The rendezvous port is free when chosen but not held: a process of a test running beside
+    this one can take it first. torchrun then fails before any rank starts ("address already
+    in use"), and the launch is tried again on another port (at most three times)."""
+    for _ in range(3):
+        proc = _run_torchrun_once(nproc, script, args, timeout, env)
+        if proc.returncode == 0 or "EADDRINUSE" not in proc.stderr:
+            break
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{Path(script).name} failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def _run_torchrun_once(nproc, script, args, timeout, env) -> subprocess.CompletedProcess:
     cmd = torchrun_command(nproc, script, args, master_port=free_port())
     full_env = child_env(env, threads=1)
     # Output goes to files, not pipes: a rank killed mid-save orphans megatron-core's
@@ -63,10 +79,7 @@ def run_torchrun(
                 pass
         out.seek(0)
         err.seek(0)
-        proc = subprocess.CompletedProcess(cmd, rc, out.read(), err.read())
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{Path(script).name} failed (rc={rc}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
+        return subprocess.CompletedProcess(cmd, rc, out.read(), err.read())
 
 
 def run_ranks(

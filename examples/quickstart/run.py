@@ -79,7 +79,7 @@ class Sizes:
 
 
 DEFAULT = Sizes(zh_docs=6000, en_docs=3000, bpe_merges=4000, eval_docs=40, task_items=24, loop_items=6)
-SMALL = Sizes(zh_docs=600, en_docs=300, bpe_merges=800, eval_docs=8, task_items=8, loop_items=4)
+SMALL = Sizes(zh_docs=600, en_docs=300, bpe_merges=800, eval_docs=8, task_items=4, loop_items=2)
 
 
 @dataclass(frozen=True)
@@ -640,13 +640,13 @@ def run_pipeline(out: Path, recipe: Recipe, small: bool) -> dict:
     models = (
         {"base": base, "expanded": expanded, "after": hf_out} if recipe.new_tokens else {"base": base, "after": hf_out}
     )
-    bpb = {name: bits_per_byte(model, texts, out / f"bpb_{name}.jsonl", recipe.seq_length, logs)
+    # After an expansion the base also reads the dev texts (in the same run of eval_bpb): the
+    # line of run.png the expanded run has to get below (the trainer validates on dev-like text).
+    dev = {f"{name}_dev": corpus[name]["dev"] for name in SETS} if recipe.new_tokens else {}
+    bpb = {name: bits_per_byte(model, {**texts, **(dev if name == "base" else {})}, out / f"bpb_{name}.jsonl",
+                               recipe.seq_length, logs)
            for name, model in models.items()}  # fmt: skip
-    references = {}  # the original base on dev texts: the line the expanded run has to get below
-    if recipe.new_tokens:
-        dev = {name: corpus[name]["dev"] for name in SETS}
-        rows = bits_per_byte(base, dev, out / "bpb_base_dev.jsonl", recipe.seq_length, logs)
-        references = {name: row["bits_per_byte"] for name, row in rows.items()}
+    references = {name.removesuffix("_dev"): bpb["base"].pop(name)["bits_per_byte"] for name in dev}
     per_char = {
         "base": tokens_per_char(base, corpus["zh"]["test"]),
         "after": tokens_per_char(hf_out, corpus["zh"]["test"]),
