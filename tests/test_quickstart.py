@@ -127,20 +127,24 @@ def test_downstream_tasks_in_the_loop_and_base_vs_result(quickstart):
 
 def test_rerun_replaces_an_earlier_run_and_refuses_other_files(tmp_path):
     """Run again into the same --out (another recipe, --small after the default): the earlier
-    run's outputs are replaced, never mixed in; a directory holding anything else is left
-    alone with a one-line error."""
+    run's outputs are replaced, never mixed in. A directory the quickstart did not mark as its
+    own is left alone with a one-line error, even when its names look like ours."""
     sys.path.insert(0, str(REPO / "examples" / "quickstart"))
-    from run import claim_output_dir
+    from run import MARKER, claim_output_dir
 
     earlier = tmp_path / "earlier"
+    assert claim_output_dir(earlier) is None  # a new directory: created and marked
     for d in ("ckpt_ct/iter_0000024", "export_hf", "expanded_hf"):
         (earlier / d).mkdir(parents=True)
     (earlier / "export_hf" / "vocab_expansion.json").write_text("{}")
     (earlier / "bpb_expanded.jsonl").write_text("{}\n")
-    assert claim_output_dir(earlier) is None and list(earlier.iterdir()) == []
-    mine = tmp_path / "mine"
-    (mine / "ckpt_ct").mkdir(parents=True)
-    (mine / "notes.txt").write_text("keep me")
-    error = claim_output_dir(mine)
-    assert error and "notes.txt" in error and "\n" not in error
-    assert (mine / "notes.txt").read_text() == "keep me" and (mine / "ckpt_ct").is_dir()
+    assert claim_output_dir(earlier) is None and [p.name for p in earlier.iterdir()] == [MARKER]
+
+    for name, files in (("mine", ["ckpt_ct/x", "notes.txt"]), ("project", ["data/corpus.jsonl", "logs/run.log"])):
+        folder = tmp_path / name
+        for f in files:
+            (folder / f).parent.mkdir(parents=True, exist_ok=True)
+            (folder / f).write_text("keep me")
+        error = claim_output_dir(folder)
+        assert error and "\n" not in error and MARKER in error, error
+        assert all((folder / f).read_text() == "keep me" for f in files) and not (folder / MARKER).exists()

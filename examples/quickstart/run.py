@@ -200,27 +200,34 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-# What a quickstart run writes into --out (a rerun replaces them all: nothing of an earlier run,
-# maybe with another recipe or size, is mixed into this one).
+# What a quickstart run writes into --out. A rerun replaces them all (nothing of an earlier run,
+# maybe with another recipe or size, is mixed into this one), but only in a directory the
+# quickstart marked as its own when it started: a user's folder that happens to hold "data" or
+# "logs" is never emptied.
+MARKER = ".megatron-ct-quickstart"
 OUTPUTS = ("data", "logs", "tasks", "base_hf", "expanded_hf", "ckpt_base", "ckpt_ct", "ckpt_merged", "export_hf",
            "curriculum.yaml", "downstream.jsonl", "generation.json", "summary.json")  # fmt: skip
 
 
 def claim_output_dir(out: Path) -> str | None:
-    """Empty ``out`` of an earlier quickstart run; the error line when it holds anything else."""
+    """Make ``out`` this run's: empty it of an earlier quickstart run and mark it; the error
+    line (nothing touched) when it holds anything else."""
     import shutil
 
     entries = sorted(out.iterdir()) if out.is_dir() else []
-    foreign = [
-        e.name for e in entries if e.name not in OUTPUTS and not (e.name.startswith("bpb_") and e.suffix == ".jsonl")
-    ]
-    if foreign:
-        return (f"--out {out}: holds files the quickstart does not write ({', '.join(foreign[:5])}); expected an "
-                "empty or new directory, or an earlier quickstart run (which is replaced)")  # fmt: skip
-    if entries:
+    names = {e.name for e in entries} - {MARKER}
+    foreign = sorted(n for n in names if n not in OUTPUTS and not (n.startswith("bpb_") and n.endswith(".jsonl")))
+    if names and (foreign or not (out / MARKER).is_file()):
+        shown = ", ".join((foreign or sorted(names))[:5])
+        return (f"--out {out}: holds files that are not an earlier quickstart run's ({shown}); expected an "
+                f"empty or new directory, or one an earlier quickstart run wrote (marked by {MARKER})")  # fmt: skip
+    if names:
         print(f"replacing the earlier quickstart run in {out}", flush=True)
     for e in entries:
-        shutil.rmtree(e) if e.is_dir() and not e.is_symlink() else e.unlink()
+        if e.name != MARKER:
+            shutil.rmtree(e) if e.is_dir() and not e.is_symlink() else e.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by examples/quickstart/run.py; a rerun with this --out replaces the run\n")
     return None
 
 
@@ -514,9 +521,7 @@ TASK_SHOTS = 0
 def task_files(out_dir: Path, split_name: str, limit: int, num_fewshot: int | None = None) -> list[Path]:
     """Copies of the shipped task YAMLs asking ``split_name`` (dev or test; few-shot examples
     always come from dev), the first ``limit`` items."""
-    from importlib import resources as res
-
-    shipped = res.files("megatron_ct.evaluation").joinpath("tasks")
+    shipped = resources.files("megatron_ct.evaluation").joinpath("tasks")
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for name in TASKS:
@@ -768,7 +773,6 @@ def main(argv: list[str] | None = None) -> int:
     if error:
         print(f"run.py: error: {error}", file=sys.stderr)
         return 2
-    out.mkdir(parents=True, exist_ok=True)
     try:
         summary = run_pipeline(out, recipe, args.small)
     except RuntimeError as e:

@@ -108,14 +108,14 @@ def _check_save_is_this_runs(cfg: CTConfig, load_dir: str | None) -> None:
     latest = read_tracker(save) if save and os.path.isdir(save) else None
     if latest is None:
         return
-    resumes = bool(load_dir) and not cfg.checkpoint.load_weights_only and (
-        os.path.realpath(os.path.dirname(load_dir)) == os.path.realpath(save)
-    )  # fmt: skip
-    if not resumes:
-        raise ConfigError(
-            f"checkpoint.save {save}: holds the checkpoints of an earlier run (latest iteration {latest}) and "
-            f"this run does not resume it; expected an empty directory, or checkpoint.load={save} to resume it"
-        )
+    from_save = bool(load_dir) and os.path.realpath(os.path.dirname(load_dir)) == os.path.realpath(save)
+    if from_save and not cfg.checkpoint.load_weights_only:
+        return  # resuming it: what the root is for
+    fix = "checkpoint.load_weights_only=false to resume it" if from_save else f"checkpoint.load={save} to resume it"
+    raise ConfigError(
+        f"checkpoint.save {save}: holds the checkpoints of an earlier run (latest iteration {latest}) and this run "
+        f"starts afresh (iteration 0) instead of resuming it; expected an empty directory, or {fix}"
+    )
 
 
 def startup_preflight(cfg: CTConfig) -> None:

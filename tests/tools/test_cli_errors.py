@@ -74,6 +74,8 @@ CASES = [
     ("pretrain-bad-value", "pretrain_ct.py", "train.train_iters=abc", "train.train_iters"),
     ("pretrain-config-without-value", "pretrain_ct.py", "--config", "--config"),
     ("pretrain-save-is-a-file", "pretrain_ct.py", "checkpoint.save={tmp}/text.txt", "checkpoint.save {tmp}/text.txt"),
+    ("pretrain-save-holds-another-run", "pretrain_ct.py", "checkpoint.save={tmp}/earlier train.train_iters=1",
+     "checkpoint.save {tmp}/earlier"),
 ]  # fmt: skip
 
 TOOLS = [p.name for p in (REPO / "tools").glob("*.py")] + ["pretrain_ct.py"]
@@ -102,6 +104,8 @@ def scratch(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("cli_errors")
     (tmp / "text.txt").write_text("hello world\n")
     (tmp / "run").mkdir()
+    (tmp / "earlier" / "iter_0000004").mkdir(parents=True)  # another run's checkpoint root
+    (tmp / "earlier" / "latest_checkpointed_iteration.txt").write_text("4\n")
     (tmp / "run" / "metrics.jsonl").write_text('{"iteration": 1, "lr": 0.001}\n')
     return tmp
 

@@ -35,6 +35,11 @@ def test_fresh_or_weights_only_start_into_an_earlier_run_is_refused(tmp_path, ea
         assert f"checkpoint.load={earlier_run}" in msg and "\n" not in msg
 
 
+def test_weights_only_from_the_save_root_itself_names_the_flag(earlier_run):
+    with pytest.raises(ConfigError, match="checkpoint.load_weights_only=false to resume it"):
+        _check_save_is_this_runs(cfg(earlier_run, earlier_run, True), iter_dir(str(earlier_run), 4))
+
+
 def test_resuming_the_save_root_and_empty_roots_pass(tmp_path, earlier_run):
     _check_save_is_this_runs(cfg(earlier_run, earlier_run), iter_dir(str(earlier_run), 4))
     _check_save_is_this_runs(cfg(tmp_path / "new", tmp_path / "base", True), str(tmp_path / "base" / "iter_0000000"))
