@@ -45,6 +45,7 @@ from megatron_ct.expansion.vocab.merge import (  # noqa: E402
     merge_tokenizer,
     protect_strings,
 )
+from megatron_ct.expansion.vocab.overlap import COMBINATION_INITS  # noqa: E402
 from megatron_ct.expansion.vocab.record import expansion_record, write_hf_record  # noqa: E402
 from megatron_ct.expansion.vocab.report import compression_report, format_report  # noqa: E402
 from megatron_ct.expansion.vocab.resize import INIT_METHODS, VocabResizePlan, resize_embeddings  # noqa: E402
@@ -105,14 +106,41 @@ def build_parser() -> ToolParser:
     )
     p.add_argument("--ct-output", metavar="DIR", help="save root for the resized megatron-ct checkpoint")
     p.add_argument("--init", choices=INIT_METHODS, default="subword_mean", help="new-row init (default subword_mean)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --init random")
+    p.add_argument("--seed", type=int, default=0, help="seed of --init random and mean_noise")
+    p.add_argument(
+        "--init-k",
+        type=int_at_least(1),
+        default=8,
+        help="--init focus: overlapping tokens considered per new token; omp: nonzero coefficients (default 8)",
+    )
+    p.add_argument(
+        "--aux-text",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="--init focus/omp: target-language text for the auxiliary space, tokenized by the merged "
+        "tokenizer (default: --train-text)",
+    )
+    p.add_argument(
+        "--output-init",
+        choices=INIT_METHODS,
+        default=None,
+        help="init of the output layer's new rows when it is its own matrix (untied, or --untie-embeddings); "
+        "mean_noise keeps new tokens from stealing probability (default: as --init)",
+    )
+    p.add_argument(
+        "--untie-embeddings",
+        action="store_true",
+        help="--hf-model with tied embeddings: give the output layer its own matrix (old rows copied), so "
+        "--output-init can differ from --init",
+    )
     p.add_argument(
         "--pad-to-multiple-of", type=int_at_least(1), default=1, help="pad the resized vocabulary (default 1: none)"
     )
     return p
 
 
-TEXT_FLAGS = ("train_text", "protect_text", "heldout_domain", "heldout_general")
+TEXT_FLAGS = ("train_text", "protect_text", "heldout_domain", "heldout_general", "aux_text")
 
 
 def read_lines(paths: list[str], flag: str) -> list[str]:
@@ -139,6 +167,14 @@ def check_args(args) -> str:
                 raise DataError(f"--{key.replace('_', '-')} {path}: no such file; expected a text file")
     if args.hf_model and not os.path.isfile(os.path.join(args.hf_model, "config.json")):
         raise DataError(f"--hf-model {args.hf_model}: no config.json; expected a Hugging Face model directory")
+    needs_aux = {args.init, args.output_init} & set(COMBINATION_INITS)
+    if needs_aux and not (args.aux_text or args.train_text):
+        raise ConfigError(
+            f"--init {sorted(needs_aux)[0]}: builds its auxiliary space from target-language text; expected "
+            "--aux-text FILE (or --train-text)"
+        )
+    if args.untie_embeddings and not args.hf_model:
+        raise ConfigError("--untie-embeddings: unties a Hugging Face model; expected --hf-model")
     check_output_dir(args.output_dir, "--output-dir")
     if args.ct_output:
         check_output_dir(args.ct_output, "--ct-output")
@@ -174,7 +210,23 @@ def addition_pieces(args, base: str) -> tuple[list[str], dict | None]:
     return candidate_pieces(load_proto(model)), None
 
 
-def resize_plan(result: MergeResult, base: str, rows: int, args, divisible_by: int) -> VocabResizePlan:
+def aux_space(args, merged_tok):
+    """The FOCUS/OMP auxiliary space: --aux-text (or --train-text) tokenized by the merged tokenizer."""
+    import time
+
+    from megatron_ct.expansion.vocab.overlap import AuxSpaceConfig, build_aux_space
+
+    t0 = time.perf_counter()
+    docs = merged_tok.encode_batch(read_lines(args.aux_text or args.train_text, "--aux-text"))
+    space = build_aux_space(docs, AuxSpaceConfig(k=args.init_k, seed=args.seed))
+    log.info(
+        "auxiliary space: %d tokens x %d dims from %d documents (%.1f s)",
+        *space.vectors.shape, len(docs), time.perf_counter() - t0,
+    )  # fmt: skip
+    return space
+
+
+def resize_plan(result: MergeResult, base: str, rows: int, args, divisible_by: int, space=None) -> VocabResizePlan:
     """Plan for a model with ``rows`` vocabulary rows.
 
     Usually ``rows`` >= the base tokenizer's ids and new tokens take rows from
@@ -184,13 +236,28 @@ def resize_plan(result: MergeResult, base: str, rows: int, args, divisible_by: i
     text to average).
     """
     gap = max(result.first_new_id - rows, 0)
-    sources = base_segmenter(base)(result.new_pieces)
+    sources = ((),) * gap + tuple(map(tuple, base_segmenter(base)(result.new_pieces)))
+    old_vocab_size = result.first_new_id - gap
+    combinations = ()
+    method = next((m for m in (args.init, args.output_init) if m in COMBINATION_INITS), None)
+    if method is not None:
+        from megatron_ct.expansion.vocab.overlap import overlap_combinations
+
+        combinations = overlap_combinations(method, space, old_vocab_size, len(sources), args.init_k)
+        log.info(
+            "%s: %d of %d new tokens combine overlapping tokens' rows (mean %.1f each); the rest keep subword_mean",
+            method, sum(map(bool, combinations)), len(sources),
+            sum(map(len, combinations)) / max(sum(map(bool, combinations)), 1),
+        )  # fmt: skip
     return VocabResizePlan(
-        old_vocab_size=result.first_new_id - gap,
-        sources=((),) * gap + tuple(map(tuple, sources)),
+        old_vocab_size=old_vocab_size,
+        sources=sources,
         init=args.init,
         divisible_by=divisible_by,
         seed=args.seed,
+        combinations=combinations,
+        output_init=args.output_init,
+        untie=args.untie_embeddings,
     )
 
 
@@ -209,9 +276,15 @@ def resize_hf_causal_lm(model, plan: VocabResizePlan) -> None:
     new_embedding, new_head = resize_embeddings(embedding.detach(), None if tied else head.weight.detach(), plan)
     # resize_token_embeddings rebuilds the modules (and re-ties); the values are then ours.
     model.resize_token_embeddings(new_embedding.shape[0], mean_resizing=False)
+    if tied and plan.untie:
+        # Its own lm_head parameter, and a config that says so: save_pretrained writes
+        # lm_head.weight and from_pretrained / hf-to-ct read the model as untied.
+        model.config.tie_word_embeddings = False
+        model.config.get_text_config().tie_word_embeddings = False
+        model.get_output_embeddings().weight = torch.nn.Parameter(new_head.clone())
     with torch.no_grad():
         model.get_input_embeddings().weight.copy_(new_embedding)
-        if not tied:
+        if not tied or plan.untie:
             model.get_output_embeddings().weight.copy_(new_head)
 
 
@@ -243,6 +316,8 @@ def run(args) -> None:
             (base_tok.eod_id, base_tok.bos_id),
             merged_path,
         )
+    needs_aux = {args.init, args.output_init} & set(COMBINATION_INITS)
+    space = aux_space(args, merged_tok) if needs_aux and (args.hf_model or args.ct_checkpoint) else None
     report = compression_report(base_tok, merged_tok, corpora, len(result.new_pieces))
     print(format_report(report))
 
@@ -258,7 +333,7 @@ def run(args) -> None:
 
         model = AutoModelForCausalLM.from_pretrained(args.hf_model, local_files_only=True, dtype="auto")
         rows = model.get_input_embeddings().weight.shape[0]
-        plan = resize_plan(result, base, rows, args, args.pad_to_multiple_of)
+        plan = resize_plan(result, base, rows, args, args.pad_to_multiple_of, space)
         resize_hf_causal_lm(model, plan)
         model.save_pretrained(args.output_dir)
         record = expansion_record(plan.old_vocab_size, plan.new_vocab_size, args.init, os.path.abspath(args.hf_model))
@@ -276,7 +351,7 @@ def run(args) -> None:
 
         meta = open_checkpoint(args.ct_checkpoint)[2]
         divisible_by = meta.model["make_vocab_size_divisible_by"]
-        plan = resize_plan(result, base, meta.true_vocab_size, args, divisible_by)
+        plan = resize_plan(result, base, meta.true_vocab_size, args, divisible_by, space)
         out = args.ct_output or os.path.join(args.output_dir, "ct_checkpoint")
         rows = resize_ct_checkpoint(args.ct_checkpoint, out, plan)
         summary["ct_checkpoint"] = {"dir": os.path.abspath(out), "vocab_size": plan.new_vocab_size, "rows": rows}

@@ -69,7 +69,7 @@ def test_tied_embeddings_stay_one_tensor():
 def test_errors_name_what_is_wrong():
     with pytest.raises(ValueError, match=r"sources\[1\] \(new id 11\) has ids \[10\] outside the old vocabulary"):
         VocabResizePlan(old_vocab_size=10, sources=((1,), (10,)))
-    with pytest.raises(ValueError, match="init 'zeros' is not one of subword_mean, mean, random"):
+    with pytest.raises(ValueError, match=r"init 'zeros' \(plan.init\): expected one of subword_mean, mean, random"):
         VocabResizePlan(old_vocab_size=10, sources=(), init="zeros")
     with pytest.raises(ValueError, match=r"vocab matrix has shape \(5, 16\); expected \[rows >= old vocab size 250"):
         resize_vocab_matrix(torch.zeros(5, H), plan())

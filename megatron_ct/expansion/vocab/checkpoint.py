@@ -34,14 +34,21 @@ def resize_ct_checkpoint(ckpt: str, out_dir: str, plan: VocabResizePlan, overwri
             f"plan divisible_by={plan.divisible_by}: expected the checkpoint's "
             f"model.make_vocab_size_divisible_by={model['make_vocab_size_divisible_by']}"
         )
+    keys = model_keys(reader)
+    if OUTPUT not in keys and (plan.untie or plan.output_init not in (None, plan.init)):
+        # Untying here would also need the model config and the manifest to grow an output layer.
+        raise ConversionError(
+            f"{path}: output rows init {plan.output_init} / untie (--output-init, --untie-embeddings) on a checkpoint "
+            "with tied embeddings: not supported for megatron-ct checkpoints; expected --hf-model (then hf-to-ct)"
+        )
     padded = plan.padded_size()
     chunks: list[ChunkSpec] = []
-    for key in model_keys(reader):
+    for key in keys:
         if key in (EMBEDDING, OUTPUT):
             hidden = reader.shape(key)[1]
 
             def produce(k=key):
-                return resize_vocab_matrix(reader.read(k), plan)  # [padded, h]
+                return resize_vocab_matrix(reader.read(k), plan if k == EMBEDDING else plan.for_output())  # [padded, h]
 
             chunks.append(ChunkSpec(key, (padded, hidden), (0, 0), (padded, hidden), reader.dtype(key), produce))
         else:
