@@ -42,6 +42,15 @@ def validate_for_world(cfg: CTConfig, world_size: int, device: torch.device | No
     """Raise ConfigError (naming the key and the expected value) or return the layout."""
     t = cfg.train
     dims = ParallelDims.from_config(cfg.parallel, cfg.model, world_size)
+    if dims.cp > 1:
+        from megatron_ct.parallel.context import check_sequence_length
+
+        check_sequence_length(cfg.data.seq_length, dims.cp)
+        if cfg.data.downstream_tasks:
+            raise ConfigError(
+                "data.downstream_tasks: expected none under context parallelism (the task scorer runs "
+                f"whole sequences; score the checkpoint with tools/eval_tasks.py), got {len(cfg.data.downstream_tasks)}"
+            )
     per_step = t.micro_batch_size * dims.dp
     if t.global_batch_size % per_step != 0:
         raise ConfigError(

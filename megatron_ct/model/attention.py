@@ -64,7 +64,21 @@ def have_flex_attention() -> bool:
     return True
 
 
-def choose_attention_backend(requested: str, transformer_impl: str, device: torch.device, document_masks: bool) -> str:
+def choose_attention_backend(
+    requested: str, transformer_impl: str, device: torch.device, document_masks: bool, cp: int = 1
+) -> str:
+    """Resolve ``model.attention_backend`` for this run (:func:`_choose`), checked against
+    context parallelism ``cp``: megatron-core's ``local`` attention has none."""
+    backend = _choose(requested, transformer_impl, device, document_masks)
+    if cp > 1 and backend == "local":
+        raise ConfigError(
+            f"model.attention_backend: expected sdpa, flex or te under context parallelism (context_parallel_size="
+            f"{cp}), got local"
+        )
+    return backend
+
+
+def _choose(requested: str, transformer_impl: str, device: torch.device, document_masks: bool) -> str:
     """Resolve ``model.attention_backend`` for this run.
 
     ``transformer_impl`` is the resolved layer implementation ('transformer_engine' or
@@ -249,8 +263,13 @@ class _TorchCoreAttention(MegatronModule):
     ) -> None:
         super().__init__(config=config)
         name = type(self).__name__
-        if config.context_parallel_size != 1:
-            raise ValueError(f"{name}: context parallelism is not supported (context_parallel_size=1)")
+        # Context parallelism: this rank holds two chunks of each sequence; attention gathers
+        # the keys and values of the CP group (megatron_ct/parallel/context.py).
+        self.cp_group = None
+        if config.context_parallel_size > 1:
+            from megatron.core import parallel_state as ps
+
+            self.cp_group = getattr(pg_collection, "cp", None) or ps.get_context_parallel_group()
         if getattr(config, "softmax_type", "vanilla") != "vanilla":
             raise ValueError(f"{name}: softmax_type={config.softmax_type!r} is not supported (use 'vanilla')")
         if getattr(config, "window_size", None) is not None:
@@ -287,11 +306,24 @@ class _TorchCoreAttention(MegatronModule):
             # The CPU kernels read [b, heads, s, hn] views of the [s, b, ...] projections slower
             # than packed copies (about 0.5 ms per micro-batch at the benchmark's CPU shape).
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out = self._attend(q, k, v, attention_mask)  # [b, np, sq, hn]
+        if self.cp_group is not None:
+            from megatron_ct.parallel.context import context_parallel_attention
+
+            if attention_mask is not None and not is_segment_ids(attention_mask):
+                raise ValueError(f"{name}: under context parallelism documents must come as segment ids [b, s]")
+            out = context_parallel_attention(q, k, v, attention_mask, self.cp_group, self._attend_allowed)
+        else:
+            out = self._attend(q, k, v, attention_mask)  # [b, np, sq, hn]
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * hn)  # [sq, b, hp]
 
     def _attend(self, q, k, v, attention_mask):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _attend_allowed(self, q, k, v, allowed):
+        """SDPA with a boolean mask (True = attend): the kernel of every backend under CP,
+        whose query chunks see a prefix of the gathered keys (FlexAttention would need a
+        block mask per chunk and micro-batch; SDPA takes the dense one)."""
+        return _sdpa(q, k, v, allowed, self.softmax_scale, self.dropout_p if self.training else 0.0)
 
 
 @functools.cache
@@ -311,32 +343,37 @@ def _expand_kv(k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[torch.Tens
     return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
 
 
+def _sdpa(q, k, v, allowed: torch.Tensor | None, scale: float, dropout: float) -> torch.Tensor:
+    """SDPA with GQA; ``allowed`` a boolean mask (True = attend) or None for plain causal."""
+    kwargs: dict[str, Any] = {"scale": scale}
+    if allowed is None:
+        kwargs["is_causal"] = True
+    else:
+        kwargs["attn_mask"] = allowed
+    if q.shape[1] != k.shape[1]:  # GQA
+        if _sdpa_takes_enable_gqa():
+            kwargs["enable_gqa"] = True
+        else:
+            k, v = _expand_kv(k, v, q.shape[1])
+    if dropout > 0.0:
+        from megatron.core import tensor_parallel
+
+        # The same RNG stream megatron-core's DotProductAttention draws its dropout from.
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, **kwargs)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
 class SDPAttention(_TorchCoreAttention):
     """``core_attention`` on ``torch.nn.functional.scaled_dot_product_attention``."""
 
     def _attend(self, q, k, v, attention_mask):
         sq, sk = q.shape[2], k.shape[2]
-        kwargs: dict[str, Any] = {"scale": self.softmax_scale}
-        if attention_mask is None:
-            if sq != sk:
-                raise ValueError(f"SDPAttention: query length {sq} != key length {sk} without a mask (no KV cache)")
-            kwargs["is_causal"] = True
-        else:
-            # SDPA's boolean mask is True = attend; ours is True = masked. [b, 1, sq, sk]
-            kwargs["attn_mask"] = ~dense_mask(attention_mask)
-        if q.shape[1] != k.shape[1]:  # GQA
-            if _sdpa_takes_enable_gqa():
-                kwargs["enable_gqa"] = True
-            else:
-                k, v = _expand_kv(k, v, q.shape[1])
-        dropout = self.dropout_p if self.training else 0.0
-        if dropout > 0.0:
-            from megatron.core import tensor_parallel
-
-            # The same RNG stream megatron-core's DotProductAttention draws its dropout from.
-            with tensor_parallel.get_cuda_rng_tracker().fork():
-                return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, **kwargs)
-        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+        if attention_mask is None and sq != sk:
+            raise ValueError(f"SDPAttention: query length {sq} != key length {sk} without a mask (no KV cache)")
+        # SDPA's boolean mask is True = attend; ours is True = masked. [b, 1, sq, sk]
+        allowed = None if attention_mask is None else ~dense_mask(attention_mask)
+        return _sdpa(q, k, v, allowed, self.softmax_scale, self.dropout_p if self.training else 0.0)
 
 
 @functools.cache

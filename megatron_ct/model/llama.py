@@ -211,7 +211,9 @@ def build_model(
     numerics = numerics or Numerics()
     check_megatron_core_version()
     impl = choose_transformer_impl(m.transformer_impl, layout.device)
-    attention = choose_attention_backend(m.attention_backend, impl, layout.device, numerics.document_masks)
+    attention = choose_attention_backend(
+        m.attention_backend, impl, layout.device, numerics.document_masks, layout.dims.cp
+    )
     log.info(describe_attention(attention, m.attention_softmax_in_fp32))
     tcfg = transformer_config(m, layout, numerics)
     vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, layout.dims.tp)

@@ -15,6 +15,9 @@ What it does, all process-wide and reversible with :func:`deactivate_cpu_device_
 - a ``TorchFunctionMode`` rewrites ``device=`` arguments that name CUDA to ``'cpu'``,
   turns ``Tensor.cuda()`` into a no-op and answers ``Tensor.type()`` (no arguments)
   with the CUDA spelling megatron-core's type checks expect;
+- megatron-core's mask builders and its context-parallel cut of the RoPE table (which index
+  with ``device="cuda"`` / a pinned tensor inside the model's forward, where the mode is
+  suspended) are replaced by CPU ones with the same values;
 - ``torch.cuda`` functions megatron-core calls (``current_device``, ``synchronize``,
   RNG state get/set, memory queries, streams/events, ...) are replaced by CPU
   equivalents or no-ops.
@@ -286,6 +289,27 @@ def _cpu_mask_builders() -> dict[tuple[Any, str], Any]:
     return saved
 
 
+def _cpu_cp_rope_slicers() -> dict[tuple[Any, str], Any]:
+    """megatron-core cuts the RoPE angle table for a context-parallel rank with a pinned index
+    tensor moved by ``.cuda()`` (``get_pos_emb_on_this_cp_rank``), inside the model's forward
+    where our mode is suspended; the same cut (megatron_ct/parallel/context.py's layout) in
+    every module that imported it."""
+    from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding, yarn_rotary_pos_embedding
+
+    from megatron_ct.parallel.context import shard_sequence
+
+    def get_pos_emb_on_this_cp_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group) -> torch.Tensor:
+        return shard_sequence(pos_emb, seq_dim, cp_group.size(), cp_group.rank())
+
+    saved = {}
+    for module in (rope_utils, rotary_pos_embedding, yarn_rotary_pos_embedding):
+        name = "get_pos_emb_on_this_cp_rank"
+        if hasattr(module, name):
+            saved[(module, name)] = getattr(module, name)
+            setattr(module, name, get_pos_emb_on_this_cp_rank)
+    return saved
+
+
 def _patch_cuda_rng_module() -> dict[str, Any]:
     """megatron-core's tensor_parallel.random keeps its own handle on the CUDA RNG
     setter; point it at the CPU generator so its RNG tracker forks and restores the
@@ -323,7 +347,7 @@ def activate_cpu_device_layer() -> None:
             setattr(torch.cuda, name, fn)
         _state["saved"] = saved
         _state["saved_random"] = _patch_cuda_rng_module()
-        _state["saved_masks"] = _cpu_mask_builders()
+        _state["saved_masks"] = {**_cpu_mask_builders(), **_cpu_cp_rope_slicers()}
         mode = _CudaToCpuMode()
         mode.__enter__()
         _state["mode"] = mode

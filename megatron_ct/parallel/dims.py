@@ -91,12 +91,6 @@ class ParallelDims:
         dp = world_size // model_parallel
         if sequence_parallel and tp == 1:
             raise ConfigError(f"{k['sp']}: expected false when tensor_model_parallel_size is 1, got True")
-        if cp > 1:
-            # megatron-core's CP needs Transformer Engine's attention; ours has no ring attention yet.
-            raise ConfigError(
-                f"{k['cp']}: expected 1 (context parallelism is not implemented by megatron-ct's attention "
-                f"backends yet), got {cp}"
-            )
         if ep > 1:
             raise ConfigError(
                 f"{k['ep']}: expected 1 for model family {family.name} (it has no experts to split), got {ep}"

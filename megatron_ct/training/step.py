@@ -39,9 +39,23 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": report}
 
 
+def _context_parallel_part(batch: dict) -> dict:
+    """Under context parallelism every CP rank reads the whole batch and keeps its two chunks
+    of each sequence (megatron_ct/parallel/context.py); the loss is then over its own tokens,
+    and finalize_grads divides by the token count of the whole DP x CP group."""
+    from megatron.core import parallel_state as ps
+
+    cp = ps.get_context_parallel_world_size()
+    if cp == 1:
+        return batch
+    from megatron_ct.parallel.context import shard_batch
+
+    return shard_batch(batch, cp, ps.get_context_parallel_rank())
+
+
 def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
     """megatron-core forward_step_func: run the chunk, return its output and loss closure."""
-    batch = next(data_iterator)
+    batch = _context_parallel_part(next(data_iterator))
     # Packed documents: per-token segment ids [b, s]; our attention modules attend causally
     # within each document (megatron_ct/model/attention.py), building any mask on the device.
     mask = batch.get("segment_ids", batch.get("attention_mask"))
@@ -94,14 +108,15 @@ def sum_reports(reports: list[dict], device: torch.device) -> torch.Tensor:
 def reduce_loss_sums(local: torch.Tensor) -> tuple[float, float]:
     """Collective: (loss sum, token count) of the global batch(es), identical on every rank.
 
-    Reports exist on the last pipeline stage only; they are summed over data-parallel ranks
-    there, then broadcast along each pipeline so all stages see the value.
+    Reports exist on the last pipeline stage only; they are summed over data- and
+    context-parallel ranks there (each CP rank reports its own tokens), then broadcast along
+    each pipeline so all stages see the value.
     """
     from megatron.core import parallel_state as ps
 
     total = local.clone()
     if ps.is_pipeline_last_stage(ignore_virtual=True):
-        dist.all_reduce(total, group=ps.get_data_parallel_group())
+        dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast(
             total, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()

@@ -33,7 +33,7 @@ def test_resume_gives_identical_losses(tmp_path):
     assert straight[6] < straight[1]
 
 
-def test_reshard_tp2pp2_to_tp1pp1_and_tp1pp2(tmp_path):
+def test_reshard_tp2pp2_to_tp1pp1_tp1pp2_and_cp2(tmp_path):
     ck = tmp_path / "ck"
     big = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--sequence-parallel"]
     run_trainer(4, SCHEDULE + big + ["train.exit_interval=2", f"checkpoint.save={ck}"])
@@ -42,6 +42,8 @@ def test_reshard_tp2pp2_to_tp1pp1_and_tp1pp2(tmp_path):
         ("TP2PP2", 4, big),
         ("TP1PP1", 1, []),
         ("TP1PP2", 2, ["--pipeline-model-parallel-size", "2"]),
+        # CP replicates the weights; the distributed optimizer's state is sharded over DP x CP.
+        ("CP2", 2, ["--context-parallel-size", "2"]),
     ]:
         out = tmp_path / name
         run_trainer(

@@ -1,0 +1,105 @@
+"""Context parallelism on our attention path: the layout, the errors, and CP2/CP4 against CP1.
+
+The model-level runs (tests/parallel/cp_worker.py) compare per-token losses and every parameter
+gradient of one forward/backward at CP2 and CP4 with CP1, with and without packed documents;
+the trainer-level ones (tests/training/test_parallel_parity.py) compare per-step losses with
+TP and PP combined.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_ct.errors import ConfigError
+from megatron_ct.parallel.context import (
+    _to_global_order,
+    check_sequence_length,
+    chunk_ids,
+    shard_batch,
+    shard_sequence,
+)
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.mark.parametrize("cp", [1, 2, 4])
+def test_shards_are_head_tail_chunks_and_gather_restores_the_order(cp):
+    s = 8 * cp
+    t = torch.arange(s).view(1, s)
+    parts = [shard_sequence(t, 1, cp, r) for r in range(cp)]
+    chunk = s // (2 * cp)
+    for r, part in enumerate(parts):
+        first, last = chunk_ids(cp, r)
+        assert (first, last) == (r, 2 * cp - 1 - r)
+        expected = list(range(first * chunk, (first + 1) * chunk)) + list(range(last * chunk, (last + 1) * chunk))
+        assert part[0].tolist() == expected
+    # Every rank gets the same causal work: its two chunks' key counts add up to 2 cp + 1 chunks.
+    assert {(r + 1) + (2 * cp - r) for r in range(cp)} == {2 * cp + 1}
+    assert torch.equal(_to_global_order(parts, 1), t)
+
+
+def test_shard_batch_cuts_sequence_fields_only_and_refuses_dense_masks():
+    batch = {
+        "tokens": torch.arange(16).view(2, 8),
+        "segment_ids": torch.zeros(2, 8, dtype=torch.long),
+        "n": torch.ones(3),
+    }
+    part = shard_batch(batch, 2, 1)
+    assert part["tokens"].tolist() == [[2, 3, 4, 5], [10, 11, 12, 13]]
+    assert part["segment_ids"].shape == (2, 4) and torch.equal(part["n"], batch["n"])
+    with pytest.raises(ValueError, match="segment_ids"):
+        shard_batch({**batch, "attention_mask": torch.zeros(2, 1, 8, 8, dtype=torch.bool)}, 2, 0)
+
+
+def test_sequence_length_must_split_into_2cp_chunks():
+    check_sequence_length(48, 4)
+    with pytest.raises(
+        ConfigError, match=r"data.seq_length: expected a multiple of 2 \* parallel.context_parallel_size = 8"
+    ):
+        check_sequence_length(36, 4)
+
+
+def test_config_errors_for_unsupported_combinations():
+    from megatron_ct.config import load_config, validate_for_world
+    from megatron_ct.model.attention import choose_attention_backend
+
+    base = ["parallel.context_parallel_size=2", "data.seq_length=30", "parallel.device=cpu"]
+    with pytest.raises(ConfigError, match=r"^data.seq_length: expected a multiple of 2 \* .* = 4 .*got 30$"):
+        validate_for_world(load_config(None, base), 2)
+    with pytest.raises(ConfigError, match="data.downstream_tasks: expected none under context parallelism"):
+        validate_for_world(load_config(None, [*base[:1], "data.seq_length=32", "data.downstream_tasks=[x.yaml]"]), 2)
+    with pytest.raises(ConfigError, match="model.attention_backend: expected sdpa, flex or te under context"):
+        choose_attention_backend("local", "local", torch.device("cpu"), False, cp=2)
+    assert choose_attention_backend("auto", "local", torch.device("cpu"), True, cp=2) == "sdpa"
+    with pytest.raises(ConfigError, match="divisor of the world size 2"):
+        validate_for_world(
+            load_config(None, [*base[:1], "data.seq_length=32", "parallel.tensor_model_parallel_size=2"]), 2
+        )
+
+
+def _run(tmp_path, cp: int, mask: str, *overrides: str) -> dict:
+    from launch import run_torchrun
+
+    out = tmp_path / f"cp{cp}-{mask}-{len(overrides)}"
+    out.mkdir()
+    run_torchrun(cp, HERE / "cp_worker.py", [str(out), mask, *overrides], timeout=300)
+    return torch.load(out / "result.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mask", ["none", "segments"])
+def test_cp2_and_cp4_losses_and_gradients_equal_cp1(tmp_path, mask):
+    ref = _run(tmp_path, 1, mask)
+    scale = max(g.abs().max().item() for g in ref["grads"].values())
+    assert scale > 1e-3  # the gradients are not all zero: the comparison can fail
+    for cp in (2, 4):
+        got = _run(tmp_path, cp, mask)
+        assert got["losses"].shape == ref["losses"].shape
+        assert (got["losses"] - ref["losses"]).abs().max().item() <= 1e-5, (cp, mask)
+        assert got["grads"].keys() == ref["grads"].keys()
+        worst = max((got["grads"][n] - ref["grads"][n]).abs().max().item() for n in ref["grads"])
+        assert worst <= 1e-5, (cp, mask, worst)
+    if mask == "segments":  # the documents change the result, so the masks were applied
+        plain = _run(tmp_path, 1, "none", "model.attention_backend=sdpa")
+        assert (plain["losses"] - ref["losses"]).abs().max().item() > 1e-3
