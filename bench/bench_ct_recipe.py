@@ -60,6 +60,14 @@ ARMS = {
     # Merged back towards the start after training (no more tokens: the trained run is reused).
     "base_vocab_m05": qs.Recipe(new_tokens=None, warmup_steps=0, mixed_steps=24, merge_alpha=0.5),
     "base_vocab_m075": qs.Recipe(new_tokens=None, warmup_steps=0, mixed_steps=24, merge_alpha=0.75),
+    # New-row inits on top of the best expansion arm (warmup4_rows01): FOCUS / OMP combinations of
+    # overlapping tokens' rows, and untied output rows at the mean + noise (expand_vocab --init,
+    # --untie-embeddings --output-init; megatron_ct/expansion/vocab/overlap.py and resize.py).
+    "expand_focus": qs.Recipe(init="focus", warmup_steps=4, mixed_steps=20, old_rows_lr_mult=0.1),
+    "expand_omp": qs.Recipe(init="omp", warmup_steps=4, mixed_steps=20, old_rows_lr_mult=0.1),
+    "expand_outmean": qs.Recipe(output_init="mean_noise", warmup_steps=4, mixed_steps=20, old_rows_lr_mult=0.1),
+    # The control of expand_outmean: untied too, output rows subword-mean like the input rows.
+    "expand_untied": qs.Recipe(output_init="subword_mean", warmup_steps=4, mixed_steps=20, old_rows_lr_mult=0.1),
 }
 # Arms that differ from another only after training reuse its trained checkpoint.
 TRAINED_AS = {"base_vocab_m05": "base_vocab", "base_vocab_m075": "base_vocab"}
@@ -79,6 +87,8 @@ def prepare(out: Path, recipe: qs.Recipe) -> dict:
     if not (base / "config.json").exists():
         qs.run_cmd(qs.tool("gguf_to_hf", "--smollm2", "--output", str(base)), logs / "gguf_to_hf.log")
     vocab = "base" if not recipe.new_tokens else f"{recipe.new_tokens}_{recipe.init}"
+    if recipe.new_tokens and recipe.output_init:
+        vocab += f"_untied_{recipe.output_init}"
     vdir = out / "vocab" / vocab
     tokenizer = base
     if recipe.new_tokens:
@@ -231,7 +241,7 @@ def _plot(out: Path, med: dict, arms: list[str]) -> None:
 
     plt = pyplot()
 
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = plt.subplots(figsize=(9.5, 5.5))
     for split, marker in (("dev", "o"), ("test", "s")):
         for arm in arms[1:]:
             zh, en = med.get((arm, split, "bpb_zh")), med.get((arm, split, "bpb_en_ood"))
@@ -248,7 +258,7 @@ def _plot(out: Path, med: dict, arms: list[str]) -> None:
     ax.set_xlabel("zh bits per byte vs base (%; target <= -10)")
     ax.set_ylabel("English outside the mix vs base (%; limit +2)")
     ax.set_title("CT recipe arms at equal tokens (SmolLM2-135M)")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the points stay readable
     fig.tight_layout()
     save_png(fig, out / "report.png")
 

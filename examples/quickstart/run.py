@@ -90,6 +90,9 @@ class Recipe:
     """Chinese tokens appended to the vocabulary (None: keep the base vocabulary)."""
     init: str = "subword_mean"
     """Initialisation of the appended rows (tools/expand_vocab.py --init)."""
+    output_init: str | None = None
+    """Set: untie SmolLM2's embeddings at expansion and give the appended output rows this init
+    (tools/expand_vocab.py --untie-embeddings --output-init, e.g. mean_noise). None: tied."""
     warmup_steps: int = 12
     """Steps of the first stage, where only the appended rows learn (0: no such stage)."""
     warmup_lr_mult: float = 1.0
@@ -331,6 +334,7 @@ def expand_vocab(base: Path, corpus: dict, out_dir: Path, sizes: Sizes, recipe: 
             str(recipe.new_tokens),
             "--init",
             recipe.init,
+            *(("--untie-embeddings", "--output-init", recipe.output_init) if recipe.output_init else ()),
             "--heldout-domain",
             str(corpus["zh"]["dev"]),
             "--heldout-general",
