@@ -311,7 +311,10 @@ class _TorchCoreAttention(MegatronModule):
 
             if attention_mask is not None and not is_segment_ids(attention_mask):
                 raise ValueError(f"{name}: under context parallelism documents must come as segment ids [b, s]")
-            out = context_parallel_attention(q, k, v, attention_mask, self.cp_group, self._attend_allowed)
+            dropout = self.dropout_p if self.training else 0.0
+            out = context_parallel_attention(
+                q, k, v, attention_mask, self.cp_group, self.softmax_scale, dropout, self._attend_allowed
+            )
         else:
             out = self._attend(q, k, v, attention_mask)  # [b, np, sq, hn]
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * hn)  # [sq, b, hp]

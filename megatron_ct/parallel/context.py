@@ -18,10 +18,14 @@ Attention (:func:`context_parallel_attention`): the keys and values of all CP ra
 all-gathered (the "all-gather KV" form of ring attention that Llama 3 trained with; the
 backward reduce-scatters their gradients), and each local query chunk attends to the keys up
 to its own end: chunk ``c`` to the first ``(c + 1)`` chunks, causal on the diagonal block,
-and within its document where the batch packs several (segment ids gathered alongside). The
+and within its document where the batch packs several (segment ids gathered alongside). On
+CPU the chunk runs block by block on the flash kernel with log-sum-exp merging
+(:class:`_ChunkAttentionCPU`), so plain causal attention builds no mask; elsewhere through
+the backend's kernel with a ``[chunk, prefix]`` boolean mask (:func:`prefix_mask`). The
 result is the same attention as without CP, to floating-point summation order. Memory: each
-rank holds the full keys and values of one layer at a time (``[b, groups, s, head_dim]``,
-small beside the activations under GQA), and its own queries' scores only.
+rank keeps every layer's gathered keys and values for the backward (``[b, groups, s,
+head_dim]`` twice; small beside the other activations under GQA) and its own queries' scores
+only (``bench/bench_cp.py`` measures it).
 
 The sequence-length rule (``s`` divisible by ``2 cp``) is checked where the config is built
 (:func:`check_sequence_length`).
@@ -130,20 +134,105 @@ def gather_sequence_values(t: torch.Tensor, dim: int, group) -> torch.Tensor:
     return _to_global_order(_gather_local_parts(t.detach(), group), dim)
 
 
+def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+def _blocks(c: int, chunk: int, seg_q: torch.Tensor | None, seg_k: torch.Tensor | None, dtype: torch.dtype):
+    """Key blocks of query chunk ``c``: (key slice, is_causal, additive mask or None, rows that
+    see some key or None). The keys before the chunk are all visible to it (within its
+    documents), the chunk's own block is causal; plain causal attention needs no mask at all."""
+    out = []
+    for start, end, diagonal in ((0, c * chunk, False), (c * chunk, (c + 1) * chunk, True)):
+        if end == start:
+            continue
+        if seg_q is None:
+            out.append((slice(start, end), diagonal, None, None))
+            continue
+        allowed = seg_q[:, :, None] == seg_k[:, None, start:end]  # [b, chunk, keys]
+        if diagonal:
+            allowed = allowed & torch.ones(chunk, chunk, dtype=torch.bool, device=seg_q.device).tril()
+        out.append((slice(start, end), False, _additive_mask(allowed[:, None], dtype), allowed.any(-1)[:, None]))
+    return out
+
+
+class _ChunkAttentionCPU(torch.autograd.Function):
+    """One query chunk over its key prefix on the CPU flash kernel, block by block, with the
+    blocks' log-sum-exps merged (ring attention's online softmax): no ``[chunk, prefix]``
+    mask is built or saved for plain causal attention, only the query, the keys and values,
+    the output and its log-sum-exp. The backward runs the kernel's backward per block with
+    the merged output and log-sum-exp, which gives each block's exact share of the gradient."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, c: int, chunk: int, seg_q, seg_k, scale: float):
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        outs, lses = [], []
+        for keys, causal, mask, seen in _blocks(c, chunk, seg_q, seg_k, q.dtype):
+            o, lse = flash(q, k[:, :, keys], v[:, :, keys], 0.0, causal, attn_mask=mask, scale=scale)
+            if seen is not None:  # the kernel gives a row with no visible key lse 0, output 0
+                lse = lse.masked_fill(~seen, float("-inf"))
+            outs.append(o.to(lse.dtype))  # merged in the kernel's lse dtype (FP32 for FP32/BF16)
+            lses.append(lse)
+        lse = torch.stack(lses).logsumexp(0)  # [b, heads, chunk]; finite: the diagonal is always seen
+        out = sum(o * torch.exp(part - lse)[..., None] for o, part in zip(outs, lses, strict=True)).to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, seg_q, seg_k)
+        ctx.c, ctx.chunk, ctx.scale = c, chunk, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, seg_q, seg_k = ctx.saved_tensors
+        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        dq = torch.zeros_like(q)
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        for keys, causal, mask, _ in _blocks(ctx.c, ctx.chunk, seg_q, seg_k, q.dtype):
+            gq, gk, gv = backward(
+                grad_out.contiguous(),
+                q,
+                k[:, :, keys],
+                v[:, :, keys],
+                out,
+                lse,
+                0.0,
+                causal,
+                attn_mask=mask,
+                scale=ctx.scale,
+            )
+            dq += gq
+            dk[:, :, keys] += gk
+            dv[:, :, keys] += gv
+        return dq, dk, dv, None, None, None, None, None
+
+
+def prefix_mask(c: int, chunk: int, seg_q, seg_k, device) -> torch.Tensor:
+    """Boolean mask (True = attend) of query chunk ``c`` over the keys up to its end:
+    ``[1, 1, chunk, (c + 1) chunk]``, or ``[b, 1, ...]`` within documents."""
+    end = (c + 1) * chunk
+    q_pos = torch.arange(c * chunk, end, device=device)
+    allowed = (torch.arange(end, device=device)[None, :] <= q_pos[:, None])[None, None]
+    if seg_q is not None:
+        allowed = allowed & (seg_q[:, :, None] == seg_k[:, None, :end])[:, None]
+    return allowed
+
+
 def context_parallel_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     segment_ids: torch.Tensor | None,
     group,
+    scale: float,
+    dropout: float,
     attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     """Causal (and, with ``segment_ids``, per-document) attention of this CP rank's queries.
 
     ``q [b, heads, s_loc, d]``, ``k, v [b, groups, s_loc, d]`` in this rank's layout
-    (chunks ``r`` and ``2 cp - 1 - r``); ``segment_ids [b, s_loc]`` or None. ``attend(q, k, v,
-    allowed)`` is the backend's kernel with a boolean mask ``[b or 1, 1, sq, sk]`` (True =
-    attend). Returns ``[b, heads, s_loc, d]``.
+    (chunks ``r`` and ``2 cp - 1 - r``); ``segment_ids [b, s_loc]`` or None. On CPU without
+    dropout each chunk runs :class:`_ChunkAttentionCPU` (no mask for plain causal attention);
+    elsewhere ``attend(q, k, v, allowed)``, the backend's kernel with a boolean mask
+    ``[b or 1, 1, sq, sk]`` (True = attend), which builds a ``[chunk, prefix]`` mask per chunk:
+    correct, but on GPU long contexts want the ``te`` backend. Returns ``[b, heads, s_loc, d]``.
     """
     cp, rank = dist.get_world_size(group), dist.get_rank(group)
     s_loc = q.shape[2]
@@ -153,16 +242,18 @@ def context_parallel_attention(
     k_all = gather_sequence(k, 2, group)  # [b, groups, s, d]
     v_all = gather_sequence(v, 2, group)
     seg_all = gather_sequence_values(segment_ids, 1, group) if segment_ids is not None else None
+    blockwise = q.device.type == "cpu" and dropout == 0.0
     outs = []
     for j, c in enumerate(chunk_ids(cp, rank)):
         q_c = q[:, :, j * chunk : (j + 1) * chunk]
         end = (c + 1) * chunk  # keys after this chunk's last query are never attended
-        q_pos = torch.arange(c * chunk, end, device=q.device)
-        k_pos = torch.arange(end, device=q.device)
-        allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]  # [1, 1, chunk, end]
-        if seg_all is not None:
-            seg_q = segment_ids[:, j * chunk : (j + 1) * chunk]
-            same = seg_q[:, :, None] == seg_all[:, None, :end]  # [b, chunk, end]
-            allowed = allowed & same[:, None]
+        seg_q = segment_ids[:, j * chunk : (j + 1) * chunk] if segment_ids is not None else None
+        if blockwise:
+            seg_k = seg_all[:, :end] if seg_all is not None else None
+            outs.append(
+                _ChunkAttentionCPU.apply(q_c, k_all[:, :, :end], v_all[:, :, :end], c, chunk, seg_q, seg_k, scale)
+            )
+            continue
+        allowed = prefix_mask(c, chunk, seg_q, seg_all[:, :end] if seg_all is not None else None, q.device)
         outs.append(attend(q_c, k_all[:, :, :end], v_all[:, :, :end], allowed))
     return torch.cat(outs, dim=2)

@@ -103,3 +103,39 @@ def test_cp2_and_cp4_losses_and_gradients_equal_cp1(tmp_path, mask):
     if mask == "segments":  # the documents change the result, so the masks were applied
         plain = _run(tmp_path, 1, "none", "model.attention_backend=sdpa")
         assert (plain["losses"] - ref["losses"]).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("documents", [False, True])
+@pytest.mark.parametrize("c", [0, 2])
+def test_one_chunk_equals_full_attention_blockwise_and_masked(dtype, documents, c):
+    """A query chunk over its key prefix: the CPU block-by-block kernel and the mask path both
+    equal plain SDPA with the full causal (document) mask, values and gradients."""
+    import torch.nn.functional as F
+
+    from megatron_ct.parallel.context import _ChunkAttentionCPU, prefix_mask
+
+    torch.manual_seed(0)
+    b, heads, groups, chunk, d = 2, 8, 2, 16, 32
+    end = (c + 1) * chunk
+    q = torch.randn(b, heads, chunk, d, dtype=dtype, requires_grad=True)
+    k = torch.randn(b, groups, end, d, dtype=dtype, requires_grad=True)
+    v = torch.randn(b, groups, end, d, dtype=dtype, requires_grad=True)
+    seg = torch.zeros(b, end, dtype=torch.long)
+    seg[0, 10:] = 1  # documents crossing the chunk boundary, one starting inside the last chunk
+    seg[0, end - 6 :] = 2
+    seg[1, end - chunk + 1 :] = 1  # a row of this chunk sees no earlier key: its first block is empty
+    seg_q, seg_k = (seg[:, c * chunk :], seg) if documents else (None, None)
+    q_pos, k_pos = torch.arange(c * chunk, end), torch.arange(end)
+    allowed = (k_pos[None] <= q_pos[:, None])[None, None]
+    if documents:
+        allowed = allowed & (seg_q[:, :, None] == seg_k[:, None, :])[:, None]
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=0.3, enable_gqa=True)
+    weights = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), (q, k, v))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.equal(prefix_mask(c, chunk, seg_q, seg_k, q.device).expand_as(allowed), allowed)
+    out = _ChunkAttentionCPU.apply(q, k, v, c, chunk, seg_q, seg_k, 0.3)
+    assert (out - ref).abs().max().item() <= tol
+    for got, want in zip(torch.autograd.grad((out * weights).sum(), (q, k, v)), ref_grads, strict=True):
+        assert (got - want).abs().max().item() <= tol
