@@ -78,31 +78,30 @@ def test_config_errors_for_unsupported_combinations():
         )
 
 
-def _run(tmp_path, cp: int, mask: str, *overrides: str) -> dict:
+def _run(tmp_path, cp: int, *overrides: str) -> dict:
     from launch import run_torchrun
 
-    out = tmp_path / f"cp{cp}-{mask}-{len(overrides)}"
+    out = tmp_path / f"cp{cp}-{len(overrides)}"
     out.mkdir()
-    run_torchrun(cp, HERE / "cp_worker.py", [str(out), mask, *overrides], timeout=300)
+    run_torchrun(cp, HERE / "cp_worker.py", [str(out), *overrides], timeout=300)
     return torch.load(out / "result.pt")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mask", ["none", "segments"])
-def test_cp2_and_cp4_losses_and_gradients_equal_cp1(tmp_path, mask):
-    ref = _run(tmp_path, 1, mask)
-    scale = max(g.abs().max().item() for g in ref["grads"].values())
-    assert scale > 1e-3  # the gradients are not all zero: the comparison can fail
+def test_cp2_and_cp4_losses_and_gradients_equal_cp1(tmp_path):
+    ref = _run(tmp_path, 1)
+    # The documents change the result, so the masks were applied and the comparison can fail.
+    assert (ref["none"]["losses"] - ref["segments"]["losses"]).abs().max().item() > 1e-3
     for cp in (2, 4):
-        got = _run(tmp_path, cp, mask)
-        assert got["losses"].shape == ref["losses"].shape
-        assert (got["losses"] - ref["losses"]).abs().max().item() <= 1e-5, (cp, mask)
-        assert got["grads"].keys() == ref["grads"].keys()
-        worst = max((got["grads"][n] - ref["grads"][n]).abs().max().item() for n in ref["grads"])
-        assert worst <= 1e-5, (cp, mask, worst)
-    if mask == "segments":  # the documents change the result, so the masks were applied
-        plain = _run(tmp_path, 1, "none", "model.attention_backend=sdpa")
-        assert (plain["losses"] - ref["losses"]).abs().max().item() > 1e-3
+        got = _run(tmp_path, cp)
+        for mask in ("none", "segments"):
+            want, have = ref[mask], got[mask]
+            assert max(g.abs().max().item() for g in want["grads"].values()) > 1e-3  # not all zero
+            assert have["losses"].shape == want["losses"].shape
+            assert (have["losses"] - want["losses"]).abs().max().item() <= 1e-5, (cp, mask)
+            assert have["grads"].keys() == want["grads"].keys()
+            worst = max((have["grads"][n] - want["grads"][n]).abs().max().item() for n in want["grads"])
+            assert worst <= 1e-5, (cp, mask, worst)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
