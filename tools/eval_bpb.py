@@ -39,6 +39,7 @@ def build_parser() -> ToolParser:
     p.add_argument("--micro-batch-size", type=int, default=4, help="documents per forward pass (default 4)")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP of this run (our checkpoints)")
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP of this run (our checkpoints)")
+    p.add_argument("--context-parallel-size", type=int, default=1, help="CP of this run (our checkpoints; long inputs)")
     p.add_argument("--precision", default="auto", help="fp32, bf16, fp16 or auto (bf16 on GPU, fp32 on CPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")

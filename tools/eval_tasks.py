@@ -52,6 +52,7 @@ def build_parser() -> ToolParser:
     p.add_argument("--micro-batch-size", type=int_at_least(1), default=4, help="sequences per forward pass (4)")
     p.add_argument("--tensor-model-parallel-size", type=int_at_least(1), default=1, help="TP (our checkpoints)")
     p.add_argument("--pipeline-model-parallel-size", type=int_at_least(1), default=1, help="PP (our checkpoints)")
+    p.add_argument("--context-parallel-size", type=int_at_least(1), default=1, help="CP (our checkpoints)")
     p.add_argument("--precision", default="auto", help="fp32, bf16, fp16 or auto (bf16 on GPU, fp32 on CPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     return p

@@ -97,7 +97,11 @@ class CTLM:
         self.mbs = micro_batch_size
         self.pp = ps.get_pipeline_model_parallel_world_size()
         self.dp_rank, self.dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        self.reports = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+        self.reports = (
+            ps.is_pipeline_last_stage(ignore_virtual=True)
+            and ps.get_tensor_model_parallel_rank() == 0
+            and ps.get_context_parallel_rank() == 0
+        )
 
     def _logits(self, rows: list[list[int]]) -> torch.Tensor | None:
         """Logits of right-padded rows (a multiple of the micro-batch: pad rows are copies of

@@ -36,7 +36,9 @@ class EvalOptions:
     tensor_model_parallel_size: int = 1
     """Our checkpoints: TP of this run (any that divides the model; the checkpoint's own is irrelevant)."""
     pipeline_model_parallel_size: int = 1
-    """Our checkpoints: PP of this run; world / (TP x PP) data-parallel ranks share the batches."""
+    """Our checkpoints: PP of this run; world / (TP x PP x CP) data-parallel ranks share the batches."""
+    context_parallel_size: int = 1
+    """Our checkpoints: CP of this run (each sequence split over this many ranks; long contexts)."""
     precision: str = "auto"
     """'fp32', 'bf16', 'fp16', or 'auto' (bf16 on GPU, fp32 on CPU)."""
     device: str = "auto"
@@ -53,7 +55,8 @@ class EvalOptions:
     def __post_init__(self) -> None:
         from megatron_ct.config import ConfigError
 
-        for key in ("seq_length", "micro_batch_size", "tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        sizes = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size")
+        for key in ("seq_length", "micro_batch_size", *sizes):
             if getattr(self, key) < 1:
                 raise ConfigError(f"--{key.replace('_', '-')}: expected an integer >= 1, got {getattr(self, key)}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -96,17 +99,26 @@ def ct_config(checkpoint: str, opts: EvalOptions, world_size: int):
 
     path, _ = resolve_load_dir(checkpoint, key="--checkpoint")
     m = ModelConfig(**read_meta(path).model)
-    tp, pp = opts.tensor_model_parallel_size, opts.pipeline_model_parallel_size
-    flags = {"tp": "--tensor-model-parallel-size", "pp": "--pipeline-model-parallel-size"}
-    ParallelDims.build(world_size, m, tp=tp, pp=pp, keys=flags)  # the trainer's checks, named by our flags
+    tp, pp, cp = opts.tensor_model_parallel_size, opts.pipeline_model_parallel_size, opts.context_parallel_size
+    flags = {
+        "tp": "--tensor-model-parallel-size",
+        "pp": "--pipeline-model-parallel-size",
+        "cp": "--context-parallel-size",
+    }
+    ParallelDims.build(world_size, m, tp=tp, pp=pp, cp=cp, keys=flags)  # the trainer's checks, named by our flags
     device = resolve_device(opts.device, read_launch_env().local_rank)
     precision = opts.precision if opts.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    dp, mbs = world_size // (tp * pp), opts.micro_batch_size
+    dp, mbs = world_size // (tp * pp * cp), opts.micro_batch_size
+    # Rows of any length are scored (padded for CP by megatron_ct.model.inference); the config's
+    # length only has to pass the trainer's checks.
+    seq = max(2 * cp, min(opts.seq_length, m.max_position_embeddings) // (2 * cp) * (2 * cp))
     cfg = CTConfig(
         model=m,
-        parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, device=device.type),
+        parallel=ParallelConfig(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp, device=device.type
+        ),
         train=TrainConfig(precision=precision, micro_batch_size=mbs, global_batch_size=mbs * dp * max(pp, 2)),
-        data=DataConfig(seq_length=min(opts.seq_length, m.max_position_embeddings)),
+        data=DataConfig(seq_length=seq),
     )
     return cfg, validate_for_world(cfg, world_size, device)
 
@@ -147,7 +159,7 @@ class ModelSession:
 
     def nll_scorer(self):
         """Per-token NLL of right-padded rows ``[b, s + 1]`` (nats, fp32 ``[b, s]``) on the reporting
-        process (our checkpoints: last pipeline stage, TP rank 0), None on the others."""
+        process (our checkpoints: last pipeline stage, TP and CP rank 0), None on the others."""
         if self.is_hf:
             model, device = self.hf_model, self.device
 
@@ -167,15 +179,20 @@ class ModelSession:
 
         def run_ct(ids: torch.Tensor) -> torch.Tensor | None:
             nll = forward_token_nll(chunks, ids, mbs)
-            return nll.cpu() if nll is not None and ps.get_tensor_model_parallel_rank() == 0 else None
+            reports = ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
+            return nll.cpu() if nll is not None and reports else None
 
         return run_ct
 
-    def lm(self, max_length: int | None = None):
-        """The log-likelihood / greedy engine (megatron_ct.evaluation.lm) of this model."""
+    def lm(self, max_length: int | None = None, beyond_trained: bool = False):
+        """The log-likelihood / greedy engine (megatron_ct.evaluation.lm) of this model: inputs
+        of ``max_length`` tokens at most, capped at the model's max_position_embeddings unless
+        ``beyond_trained`` (long-context probes look past the trained length on purpose)."""
         from megatron_ct.evaluation.lm import CTLM, HFLM
 
-        length = min(max_length or self.opts.seq_length, self.max_position_embeddings)
+        length = max_length or self.opts.seq_length
+        if not beyond_trained:
+            length = min(length, self.max_position_embeddings)
         if self.is_hf:
             return HFLM(self.hf_model, length, batch_size=self.opts.micro_batch_size)
         return CTLM(self.chunks, self.vocab_size, length, micro_batch_size=self.opts.micro_batch_size)

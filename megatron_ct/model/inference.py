@@ -1,10 +1,12 @@
-"""Forward-only logits and per-token NLL at any TP/PP, through megatron-core's schedules.
+"""Forward-only logits and per-token NLL at any TP/PP/CP, through megatron-core's schedules.
 
 Used to check converted checkpoints against Hugging Face, to inspect a model, and to score
 text (``megatron_ct/evaluation/bpb.py``). The batch
 goes through ``get_forward_backward_func(forward_only=True)`` exactly as training batches
 do (same pipeline schedule and P2P shapes), and the TP-split logits are gathered on the
-last pipeline stage.
+last pipeline stage. Under context parallelism the rows are right-padded to a multiple of
+``2 * CP`` (causal attention: padding changes no earlier position), each CP rank runs its two
+chunks of every row, and the outputs are gathered back into sequence order.
 """
 
 from __future__ import annotations
@@ -20,6 +22,25 @@ def _micro_batches(model_chunks, tokens: torch.Tensor, micro_batch_size: int | N
         raise ValueError(f"batch of {b} sequences is not a multiple of micro_batch_size={mbs}")
     device = next(model_chunks[0].parameters()).device
     return mbs, [tokens[i : i + mbs].to(device) for i in range(0, b, mbs)]
+
+
+def _context_parallel():
+    """(CP size, CP rank, CP group) of this process."""
+    from megatron.core import parallel_state as ps
+
+    cp = ps.get_context_parallel_world_size()
+    return cp, ps.get_context_parallel_rank(), ps.get_context_parallel_group() if cp > 1 else None
+
+
+def _pad_to(tokens: torch.Tensor, width: int) -> torch.Tensor:
+    if tokens.shape[1] == width:
+        return tokens
+    return torch.cat([tokens, tokens.new_zeros(tokens.shape[0], width - tokens.shape[1])], dim=1)
+
+
+def _cp_width(s: int, cp: int) -> int:
+    """``s`` rounded up to a multiple of ``2 * cp``."""
+    return -(-s // (2 * cp)) * (2 * cp)
 
 
 def _run_forward_only(model_chunks, micro: list[torch.Tensor], forward_step, seq_length: int, mbs: int):
@@ -56,22 +77,29 @@ def forward_logits(
     """
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+    from megatron_ct.parallel.context import gather_sequence_values, shard_sequence
+
     s = tokens.shape[1]
-    mbs, micro = _micro_batches(model_chunks, tokens, micro_batch_size)
+    cp, cp_rank, cp_group = _context_parallel()
+    width = _cp_width(s, cp)
+    mbs, micro = _micro_batches(model_chunks, _pad_to(tokens, width), micro_batch_size)
 
     def forward_step(data_iterator, model):
         ids = next(data_iterator)
-        positions = torch.arange(s, device=ids.device).unsqueeze(0).expand_as(ids)
-        # No labels: GPTModel returns this TP rank's logits [b, s, padded_vocab / tp].
+        positions = torch.arange(width, device=ids.device).unsqueeze(0).expand_as(ids)
+        ids, positions = (shard_sequence(t, 1, cp, cp_rank) for t in (ids, positions))
+        # No labels: GPTModel returns this TP rank's logits [b, s / cp, padded_vocab / tp].
         output = model(input_ids=ids, position_ids=positions, attention_mask=None)
 
         def gather(output_tensor, non_loss_data=True):
-            full = gather_from_tensor_model_parallel_region(output_tensor)  # [b, s, padded_vocab]
-            return full[..., :vocab_size].float()
+            full = gather_from_tensor_model_parallel_region(output_tensor)  # [b, s / cp, padded_vocab]
+            if cp > 1:
+                full = gather_sequence_values(full, 1, cp_group)
+            return full[:, :s, :vocab_size].float()
 
         return output, gather
 
-    return _run_forward_only(model_chunks, micro, forward_step, s, mbs)
+    return _run_forward_only(model_chunks, micro, forward_step, width, mbs)
 
 
 def forward_token_nll(
@@ -85,19 +113,26 @@ def forward_token_nll(
     are never gathered. Collective over the model-parallel group like
     :func:`forward_logits`; returns the NLL on the last pipeline stage and None elsewhere.
     """
+    from megatron_ct.parallel.context import gather_sequence_values, shard_sequence
+
     s = tokens.shape[1] - 1  # inputs tokens[:, :-1], labels tokens[:, 1:]
-    mbs, micro = _micro_batches(model_chunks, tokens, micro_batch_size)
+    cp, cp_rank, cp_group = _context_parallel()
+    width = _cp_width(s, cp)
+    mbs, micro = _micro_batches(model_chunks, _pad_to(tokens, width + 1), micro_batch_size)
 
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)  # [mbs, s + 1]
+        batch = next(data_iterator)  # [mbs, width + 1]
         ids, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
-        positions = torch.arange(s, device=ids.device).unsqueeze(0).expand_as(ids)
-        # With labels GPTModel returns the per-token loss [mbs, s] on the last stage.
+        positions = torch.arange(width, device=ids.device).unsqueeze(0).expand_as(ids)
+        ids, labels, positions = (shard_sequence(t, 1, cp, cp_rank) for t in (ids, labels, positions))
+        # With labels GPTModel returns the per-token loss [mbs, width / cp] on the last stage.
         output = model(input_ids=ids, position_ids=positions, attention_mask=None, labels=labels)
 
         def keep(output_tensor, non_loss_data=True):
-            return output_tensor.float()
+            if cp > 1:
+                output_tensor = gather_sequence_values(output_tensor, 1, cp_group)
+            return output_tensor[:, :s].float()
 
         return output, keep
 
-    return _run_forward_only(model_chunks, micro, forward_step, s, mbs)
+    return _run_forward_only(model_chunks, micro, forward_step, width, mbs)

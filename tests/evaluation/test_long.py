@@ -1,0 +1,94 @@
+"""Long-context probes (megatron_ct/evaluation/long.py, tools/eval_long.py): the probes are what
+they say, and a converted checkpoint at CP2 gives the figures transformers gives."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from material import build_byte_level_tokenizer, english_lines
+
+from megatron_ct.evaluation import long
+from megatron_ct.tokenizer import load_tokenizer
+
+from launch import REPO, run_torchrun
+
+TOOL = REPO / "tools" / "eval_long.py"
+LENGTHS = ["96", "160"]  # 160: past the model's max_position_embeddings (128), on purpose
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A small random LLaMA with a byte-level tokenizer, its conversion, and held-out text."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megatron_ct.convert.hf_to_ct import convert_hf_to_ct
+
+    root = tmp_path_factory.mktemp("eval_long")
+    hf = root / "hf"
+    build_byte_level_tokenizer(hf)
+    config = AutoConfig.for_model(
+        "llama", vocab_size=2000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=128, initializer_range=0.2,
+        eos_token_id=0, bos_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).eval().save_pretrained(hf)
+    convert_hf_to_ct(str(hf), str(root / "ct"), progress=False)
+    lines = english_lines(2400)
+    (root / "book.txt").write_text("\n".join(lines[:300]), encoding="utf-8")
+    (root / "held_out.txt").write_text("\n\n".join(" ".join(lines[i : i + 40]) for i in range(2000, 2400, 40)))
+    return root
+
+
+def test_probes_have_the_length_and_the_key_at_its_depth(setup):
+    tok = load_tokenizer(str(setup / "hf"))
+    hay = long.haystack_ids(tok, None)
+    probes = long.build_probes(tok, hay, [96, 200], [0.0, 0.5, 1.0], trials=3, seed=1)
+    assert len(probes) == 2 * 3 * 3 and len({p.key for p in probes}) > 1
+    head = len(tok.encode(long.INTRO)) + (tok.bos_id is not None)
+    question = tok.encode(long.QUESTION)
+    for p in probes:
+        assert len(p.context) + len(p.answer) == p.length
+        assert tok.decode(p.answer) == " " + p.key
+        assert p.context[-len(question) :] == question
+        stated = tok.encode(long.needle(p.key))
+        starts = [i for i in range(len(p.context)) if p.context[i : i + len(stated)] == stated]
+        assert len(starts) == 1  # stated once
+        fill = p.length - head - len(stated) - len(question) - len(p.answer)  # haystack tokens
+        assert starts[0] == head + round(p.depth * fill)
+    with pytest.raises(Exception, match="--lengths: expected lengths above"):
+        long.build_probes(tok, hay, [20], [0.5], trials=1)
+
+
+def records(path) -> list[dict]:
+    return [json.loads(line) for line in open(path).read().splitlines()]
+
+
+@pytest.mark.slow
+def test_cp2_checkpoint_gives_transformers_figures_and_a_heatmap(setup, tmp_path):
+    common = ["--lengths", *LENGTHS, "--depths", "0", "0.5", "1", "--trials", "2", "--haystack",
+              str(setup / "book.txt"), "--position-text", str(setup / "held_out.txt"), "--bucket", "64"]  # fmt: skip
+    hf_out, ct_out = tmp_path / "hf.jsonl", tmp_path / "ct.jsonl"
+    run_torchrun(1, TOOL, ["--checkpoint", str(setup / "hf"), "--output", str(hf_out), "--label", "hf", *common])
+    run_torchrun(
+        2,
+        TOOL,
+        ["--checkpoint", str(setup / "ct"), "--context-parallel-size", "2", "--output", str(ct_out),
+         "--label", "ct", "--heatmap", str(tmp_path / "long.png"), *common],
+    )  # fmt: skip
+    want, got = records(hf_out), records(ct_out)
+    assert [(r["task"], r.get("length"), r.get("depth"), r.get("start")) for r in got] == [
+        (r["task"], r.get("length"), r.get("depth"), r.get("start")) for r in want
+    ]
+    tasks = {r["task"] for r in got}
+    assert tasks == {"passkey", "needle", "position"}
+    for a, b in zip(got, want, strict=True):
+        if a["task"] == "position":
+            assert a["tokens"] == b["tokens"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        else:
+            assert a["trials"] == 2 and a["accuracy"] == b["accuracy"]
+            assert a["key_logprob"] == pytest.approx(b["key_logprob"], abs=1e-3)
+    assert max(r["end"] for r in got if r["task"] == "position") == 160  # rows as long as the longest probe
+    assert (tmp_path / "long.png").stat().st_size > 1000
