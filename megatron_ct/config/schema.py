@@ -389,6 +389,12 @@ class DatasetConfig:
     carves the train and valid parts of a file this way."""
     tag: str | None = None
     """Free-form source label (``zh``, ``code``, ...) for bookkeeping; not used by the engine."""
+    upsample_long: dict[str, int] | None = None
+    """Length-aware mixing for long-context CT (Fu et al. 2024: up-sample long documents within
+    each source, keep the sources' shares): ``{min_tokens: N, factor: K}`` puts every document of
+    at least N tokens K times (an integer >= 1) into each epoch of this training dataset. The
+    blend's weights still set the source's share of sequences; within it, long documents weigh
+    more. The length histogram before and after is logged at start-up. None: every document once."""
 
     @classmethod
     def parse(cls, raw: Any, key: str) -> DatasetConfig:
@@ -416,7 +422,26 @@ class DatasetConfig:
             "[start, end) fractions with 0 <= start < end <= 1",
             rng,
         )
-        return cls(prefixes=list(prefixes), doc_range=[float(rng[0]), float(rng[1])], tag=raw.get("tag"))
+        up = raw.get("upsample_long")
+        if up is not None:
+            _require(
+                isinstance(up, dict) and set(up) == {"min_tokens", "factor"},
+                f"{key}.upsample_long",
+                "a mapping {min_tokens: N, factor: K}",
+                up,
+            )
+            for name in ("min_tokens", "factor"):
+                value = up[name]
+                _require(
+                    isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                    f"{key}.upsample_long.{name}",
+                    "an integer >= 1",
+                    value,
+                )
+            up = {"min_tokens": up["min_tokens"], "factor": up["factor"]}
+        return cls(
+            prefixes=list(prefixes), doc_range=[float(rng[0]), float(rng[1])], tag=raw.get("tag"), upsample_long=up
+        )
 
 
 @dataclass(kw_only=True)

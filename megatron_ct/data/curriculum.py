@@ -87,6 +87,29 @@ def build_indices(schedule: Schedule, streams: dict[str, DocumentStream]) -> Non
         last_report = now
 
 
+def length_edges(seq_length: int, min_tokens: int | None = None) -> list[int]:
+    """Bucket starts of the length histogram: quarters of the sequence length and the
+    up-sampling threshold."""
+    edges = {max(1, seq_length // 4), max(1, seq_length // 2), seq_length}
+    if min_tokens is not None:
+        edges.add(min_tokens)
+    return sorted(edges)
+
+
+def describe_lengths(name: str, stream: DocumentStream, seq_length: int) -> str:
+    """One line: the token share per document-length bucket, once per document -> per epoch."""
+    up = stream.upsample or {}
+    edges = length_edges(seq_length, up.get("min_tokens"))
+    hist = stream.length_histogram(edges)
+    labels = [f"<{edges[0]}"] + [f"{a}-{b}" for a, b in zip(edges, edges[1:], strict=False)] + [f">={edges[-1]}"]
+    parts = [
+        f"{label} {100 * a:.0f}%->{100 * b:.0f}%"
+        for label, a, b in zip(labels, hist["natural"], hist["epoch"], strict=True)
+    ]
+    what = f"documents >= {up['min_tokens']} tokens x{up['factor']}" if up else "no up-sampling"
+    return f"dataset {name!r} token share by document length ({what}): " + ", ".join(parts)
+
+
 def _stage_datasets(stage: Stage, schedule: Schedule) -> list[str]:
     used = (stage.start_weights > 0) | (stage.end_weights > 0)
     return [n for n, u in zip(schedule.names, used, strict=True) if u]
@@ -126,6 +149,9 @@ class CurriculumSource:
             self.cache.built,
             self.cache.loaded,
         )
+        for name, stream in self.streams.items():
+            if stream.upsample is not None:
+                log.info("data: %s", describe_lengths(name, stream, self.seq_length))
         self.positions = dict.fromkeys(self.names, 0)
         self.samples_taken = dict.fromkeys(self.names, 0)
         self.segment: Segment | None = None

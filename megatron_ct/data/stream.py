@@ -154,7 +154,19 @@ class DocumentStream:
         self.tokens_per_epoch = int(self.lengths.sum(dtype=np.int64))
         if self.tokens_per_epoch == 0:
             raise ConfigError(f"{key}: expected documents with tokens, got none in {', '.join(self.prefixes)}")
-        self.fingerprint = cache_key({"files": files})
+        # Length-aware mixing: documents of at least min_tokens appear `factor` times per epoch.
+        self.upsample = cfg.upsample_long
+        if self.upsample is not None and not shuffle:
+            raise ConfigError(f"{key}.upsample_long: expected none for a validation set (it is read once, in order)")
+        self.copies = None
+        if self.upsample is not None and self.upsample["factor"] > 1:
+            long_docs = self.lengths >= self.upsample["min_tokens"]
+            self.copies = np.where(long_docs, self.upsample["factor"], 1).astype(np.int64)
+            self.tokens_per_epoch = int((self.lengths.astype(np.int64) * self.copies).sum())
+        self.docs_per_epoch = self.num_docs if self.copies is None else int(self.copies.sum())
+        self.fingerprint = cache_key(
+            {"files": files} | ({"upsample_long": self.upsample} if self.copies is not None else {})
+        )
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._packs: dict[int, np.ndarray] = {}
 
@@ -223,10 +235,14 @@ class DocumentStream:
         return self._epochs[epoch]
 
     def _build_order(self, epoch: int) -> np.ndarray:
+        """The epoch's documents shuffled (an up-sampled document's copies spread through it)."""
         name_key = zlib.crc32(self.name.encode())
         rng = np.random.default_rng([self.seed, name_key, epoch])
         dtype = np.int32 if self.num_docs < 2**31 else np.int64
-        return rng.permutation(self.num_docs).astype(dtype)
+        if self.copies is None:
+            return rng.permutation(self.num_docs).astype(dtype)
+        docs = np.repeat(np.arange(self.num_docs, dtype=dtype), self.copies)
+        return docs[rng.permutation(len(docs))]
 
     def pack_bounds(self, epoch: int) -> np.ndarray:
         """``by_source`` pack start offsets within ``epoch`` (plus its end)."""
@@ -263,7 +279,7 @@ class DocumentStream:
             epoch, offset = divmod(position + filled, self.tokens_per_epoch)
             order, cum = self.epoch_index(epoch)
             i = int(np.searchsorted(cum, offset, side="right")) - 1
-            while filled < length and i < self.num_docs:
+            while filled < length and i < len(order):
                 doc_start = int(cum[i])
                 within = offset - doc_start
                 if within == 0:
@@ -274,6 +290,17 @@ class DocumentStream:
                 offset += take
                 i += 1
         return Window(out, np.asarray(starts, dtype=np.int64))
+
+    def length_histogram(self, edges: list[int]) -> dict[str, list[float]]:
+        """Share of this stream's tokens per document-length bucket (``edges``: ascending bucket
+        starts after 0), once per document (``natural``) and per epoch with up-sampling
+        (``epoch``): what the length-aware mixing changed."""
+        bucket = np.searchsorted(np.asarray(edges), self.lengths, side="right")
+        tokens = self.lengths.astype(np.float64)
+        natural = np.bincount(bucket, weights=tokens, minlength=len(edges) + 1)
+        weighted = tokens * (self.copies if self.copies is not None else 1)
+        epoch = np.bincount(bucket, weights=weighted, minlength=len(edges) + 1)
+        return {"natural": (natural / natural.sum()).tolist(), "epoch": (epoch / epoch.sum()).tolist()}
 
     def read_document(self, doc: int, length: int | None = None) -> np.ndarray:
         """The first ``length`` tokens (all: None) of document ``doc`` in file order."""
