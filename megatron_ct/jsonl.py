@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any
 
-RUN_LOGS = ("metrics.jsonl", "eval.jsonl", "downstream.jsonl", "samples.jsonl")
+RUN_LOGS = ("metrics.jsonl", "eval.jsonl", "downstream.jsonl", "samples.jsonl", "ranks.jsonl")
 
 
 class JsonlLog:

@@ -778,9 +778,19 @@ class LoggingConfig:
     peak_tflops: float | None = None
     """Peak dense TFLOP/s per device for MFU; None: looked up from the GPU name (see
     megatron_ct.training.flops.PEAK_TFLOPS), or unknown."""
+    straggler_threshold: float | None = 0.2
+    """Warn (one line, naming the rank and host) when a rank's compute time per step is more than
+    this fraction above the median of its pipeline stage's ranks, on log steps; per-rank times go
+    to ranks.jsonl (megatron_ct/training/stragglers.py). None: no warning."""
 
     def __post_init__(self) -> None:
         _require(self.log_interval >= 1, "logging.log_interval", "an integer >= 1", self.log_interval)
+        _require(
+            self.straggler_threshold is None or (_is_number(self.straggler_threshold) and self.straggler_threshold > 0),
+            "logging.straggler_threshold",
+            "a fraction > 0 (0.2: 20% slower) or null",
+            self.straggler_threshold,
+        )
 
 
 @dataclass(kw_only=True)

@@ -29,7 +29,7 @@ from megatron_ct.config import CTConfig, Layout, config_to_dict
 from megatron_ct.config.schedule import Stage
 from megatron_ct.data.batches import build_data_source
 from megatron_ct.families import family_of
-from megatron_ct.jsonl import RUN_LOGS, drop_records_after
+from megatron_ct.jsonl import RUN_LOGS, JsonlLog, drop_records_after
 from megatron_ct.model.llama import Numerics, build_model
 from megatron_ct.training.downstream import DownstreamEvaluator
 from megatron_ct.training.evaluate import Evaluator
@@ -41,6 +41,7 @@ from megatron_ct.training.scheduler import CTScheduler
 from megatron_ct.training.stages import StageTracker
 from megatron_ct.training.startup import Startup
 from megatron_ct.training.step import NonFiniteError, StepResult, reduce_loss_sums, train_step
+from megatron_ct.training.stragglers import StepTimer
 
 log = logging.getLogger("megatron_ct")
 
@@ -86,6 +87,7 @@ class Trainer:
         )
         self.scheduler = CTScheduler(self.optimizer, cfg.optim, t.train_iters, self.plan.policies, self.stages)
         hook_model_config(self.model, self.optimizer)
+        self.timer = self._step_timer()
         # What a checkpoint holds: one registration per component.
         self.checkpoints = CheckpointManager()
         self.checkpoints.register("model", ModelState(self.model))
@@ -125,6 +127,7 @@ class Trainer:
                             log.info("%s: dropped %d records past iteration %d", name, dropped, self.iteration)
         self.is_writer = dist.get_rank() == 0
         self.metrics = MetricsWriter(self.is_writer, log_dir, cfg.logging.tensorboard_dir)
+        self._ranks_log = JsonlLog(os.path.join(log_dir, "ranks.jsonl") if self.is_writer and log_dir else None)
         self._throughput: Throughput | None = None
         self._first_loss: float | None = None
         self._log_startup()
@@ -147,6 +150,25 @@ class Trainer:
             lay.device,
             self.cfg.train.precision,
         )
+
+    def _step_timer(self) -> StepTimer:
+        """Per-rank compute and data-wait times (megatron_ct/training/stragglers.py): the step's
+        compute ends where megatron-core's schedule finalises the gradients."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.utils import get_model_config
+
+        timer = StepTimer(
+            self.layout.device, ps.get_pipeline_model_parallel_rank(), self.cfg.logging.straggler_threshold
+        )
+        config = get_model_config(self.model[0])
+        finalize = config.finalize_model_grads_func
+
+        def finalize_timed(*args, **kwargs):
+            timer.compute_done()
+            return finalize(*args, **kwargs)
+
+        config.finalize_model_grads_func = finalize_timed
+        return timer
 
     # --- checkpoint -----------------------------------------------------------------------
     def checkpoint_meta(self) -> CheckpointMeta:
@@ -241,6 +263,7 @@ class Trainer:
         finally:
             preempt.restore()
             self.metrics.close()
+            self._ranks_log.close()
             self.evaluator.close()
             if self.downstream is not None:
                 self.downstream.close()
@@ -264,9 +287,10 @@ class Trainer:
     def _iteration(self, preempt: PreemptionFlag) -> bool:
         """One step and its bookkeeping; True when the run must stop here."""
         cfg, t = self.cfg, self.cfg.train
+        self.timer.step_start()
         result = train_step(
             self.iteration,
-            self.data.next_batch(),
+            self.timer.timed(self.data.next_batch()),
             self.model,
             self.optimizer,
             self.scheduler,
@@ -347,6 +371,10 @@ class Trainer:
             "memory_gib": memory_gib(self.layout.device),
             **perf,
         }
+        timing = self.timer.report(self.iteration)  # collective; rank 0 gets the per-rank times
+        if timing is not None:
+            record.update(timing["metrics"])
+            self._ranks_log.write(timing["ranks"])
         if self.schedule.curriculum:
             record["stage"] = self.stages.current.name
         if self._first_loss is None:
