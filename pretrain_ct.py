@@ -9,7 +9,8 @@ megatron_ct.config.schema (e.g. ``train.train_iters=10``, ``--tensor-model-paral
 
 Exit status: 0 finished (or stopped to be resumed: preemption, exit_interval); 2 a bad input
 or environment, reported in one line ``error: ...`` on stderr (``--debug`` or
-MEGATRON_CT_DEBUG=1 for the traceback); 3 non-finite training (train.nan_policy).
+MEGATRON_CT_DEBUG=1 for the traceback); 3 non-finite training (train.nan_policy); 4 a hang
+(a training step did not finish within train.hang_timeout_s; stacks in checkpoint.save/hang).
 """
 
 # Imports stay inside main(): megatron-core's checkpoint writer spawns helper processes

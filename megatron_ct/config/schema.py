@@ -266,6 +266,13 @@ class TrainConfig:
     """On a NaN/Inf loss or grad norm: 'skip' the update and go on, or 'stop' the run."""
     max_skipped_steps: int = 10
     """With nan_policy=skip, stop after this many consecutive skipped steps."""
+    hang_detection: bool = True
+    """A per-rank watchdog ends a step that does not finish within the hang timeout: Python
+    stacks to ``hang/`` in checkpoint.save (else the log directory), exit code 4 (the sbatch
+    script requeues; megatron_ct/training/watchdog.py)."""
+    hang_timeout_s: float | None = None
+    """Seconds a training step may take before it is a hang; None: learned (10x the slowest
+    step after the first 3, at least 300 s)."""
     exit_interval: int | None = None
     """Stop (after saving) when the iteration is a multiple of this; for tests and job chunks."""
     recompute_granularity: str | None = None
@@ -291,6 +298,12 @@ class TrainConfig:
         _one_of(self.recompute_granularity, "train.recompute_granularity", (None, "selective", "full"))
         _number(self.clip_grad, "train.clip_grad", "a finite number >= 0", self.clip_grad >= 0)
         _require(self.max_skipped_steps >= 0, "train.max_skipped_steps", "an integer >= 0", self.max_skipped_steps)
+        _require(
+            self.hang_timeout_s is None or (_is_number(self.hang_timeout_s) and self.hang_timeout_s > 0),
+            "train.hang_timeout_s",
+            "seconds > 0 or null (learned)",
+            self.hang_timeout_s,
+        )
         if self.exit_interval is not None:
             _require(self.exit_interval >= 1, "train.exit_interval", "an integer >= 1 or null", self.exit_interval)
         check_param_patterns(self.trainable_params, "train.trainable_params")

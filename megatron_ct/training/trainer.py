@@ -14,6 +14,7 @@ a run starts or resumes inside a stage, minus the evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -42,6 +43,7 @@ from megatron_ct.training.stages import StageTracker
 from megatron_ct.training.startup import Startup
 from megatron_ct.training.step import NonFiniteError, StepResult, reduce_loss_sums, train_step
 from megatron_ct.training.stragglers import StepTimer
+from megatron_ct.training.watchdog import Watchdog
 
 log = logging.getLogger("megatron_ct")
 
@@ -128,6 +130,8 @@ class Trainer:
         self.is_writer = dist.get_rank() == 0
         self.metrics = MetricsWriter(self.is_writer, log_dir, cfg.logging.tensorboard_dir)
         self._ranks_log = JsonlLog(os.path.join(log_dir, "ranks.jsonl") if self.is_writer and log_dir else None)
+        # Hang dumps beside the checkpoints, where the sbatch script looks for them.
+        self.watchdog = Watchdog(dist.get_rank(), ck.save or log_dir, t.hang_timeout_s) if t.hang_detection else None
         self._throughput: Throughput | None = None
         self._first_loss: float | None = None
         self._log_startup()
@@ -264,6 +268,8 @@ class Trainer:
             preempt.restore()
             self.metrics.close()
             self._ranks_log.close()
+            if self.watchdog is not None:
+                self.watchdog.close()
             self.evaluator.close()
             if self.downstream is not None:
                 self.downstream.close()
@@ -288,6 +294,8 @@ class Trainer:
         """One step and its bookkeeping; True when the run must stop here."""
         cfg, t = self.cfg, self.cfg.train
         self.timer.step_start()
+        if self.watchdog is not None:
+            self.watchdog.arm(self.iteration + 1)
         result = train_step(
             self.iteration,
             self.timer.timed(self.data.next_batch()),
@@ -316,10 +324,22 @@ class Trainer:
                 )
         if self.iteration % cfg.logging.log_interval == 0 or self.iteration == t.train_iters:
             self._log(result)
-        self._evaluate_step_end()  # before the save, so the checkpoint records what was evaluated
-        ck = cfg.checkpoint
-        if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0:
-            self._timed_save()
+        with self._not_a_step():
+            self._evaluate_step_end()  # before the save, so the checkpoint records what was evaluated
+            ck = cfg.checkpoint
+            if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0:
+                self._timed_save()
+        stop = self._stop_reason(preempt)  # collective (every rank agrees on a preemption)
+        if self.watchdog is not None:
+            self.watchdog.disarm()
+        return stop
+
+    def _not_a_step(self):
+        """Evaluations and saves: the hang watchdog's clock stops for them."""
+        return self.watchdog.paused() if self.watchdog is not None else contextlib.nullcontext()
+
+    def _stop_reason(self, preempt: PreemptionFlag) -> bool:
+        t = self.cfg.train
         if self._reason == "regression":
             return True
         if preempt.poll():

@@ -8,6 +8,8 @@ CT_FAULT=killpg_after:N      rank 0 sends SIGTERM to its whole process group (ev
                              checkpoint helpers; what SLURM does) right after iteration N
 CT_FAULT=killpg_during_save:N  the same, sent by rank 0's checkpoint writer process while it
                              writes the checkpoint of iteration N
+CT_FAULT=sigstop_after_save:N  the last rank stops itself (SIGSTOP: a frozen host) once the
+                             checkpoint of iteration N is saved; the others go on into a hang
 """
 
 import os
@@ -97,6 +99,17 @@ def install(fault: str) -> None:
             return real_write(transform_list, local_proc_idx, write_bucket, *a, **k)
 
         FileSystemWriterAsync.write_preloaded_data = staticmethod(signal_group_then_write)
+    elif kind == "sigstop_after_save":
+        from megatron_ct.training import trainer
+
+        real_save = trainer.Trainer._timed_save
+
+        def save_then_stop(self, *a, **k):
+            real_save(self, *a, **k)
+            if self.iteration == n and _rank() == int(os.environ.get("WORLD_SIZE", 1)) - 1:
+                os.kill(os.getpid(), signal.SIGSTOP)
+
+        trainer.Trainer._timed_save = save_then_stop
     else:
         raise ValueError(f"CT_FAULT: unknown fault {fault!r}")
 
