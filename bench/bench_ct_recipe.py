@@ -57,6 +57,14 @@ ARMS = {
     "warmup4_rows01": qs.Recipe(warmup_steps=4, mixed_steps=20, old_rows_lr_mult=0.1),
     "body1_rows01": qs.Recipe(body_lr_mult=1.0, old_rows_lr_mult=0.1),
     "base_vocab_rows01": qs.Recipe(new_tokens=None, warmup_steps=0, mixed_steps=24, old_rows_lr_mult=0.1),
+    # Its LR re-warm (a single mixed stage: the schedule's warm-up from a tenth of the peak, 1 step
+    # in base_vocab_rows01): none (the first step at the peak LR) or over 4 of the 24 steps.
+    "base_vocab_rows01_rewarm0": qs.Recipe(
+        new_tokens=None, warmup_steps=0, mixed_steps=24, old_rows_lr_mult=0.1, lr_rewarm_steps=0
+    ),
+    "base_vocab_rows01_rewarm4": qs.Recipe(
+        new_tokens=None, warmup_steps=0, mixed_steps=24, old_rows_lr_mult=0.1, lr_rewarm_steps=4
+    ),
     # Merged back towards the start after training (no more tokens: the trained run is reused).
     "base_vocab_m05": qs.Recipe(new_tokens=None, warmup_steps=0, mixed_steps=24, merge_alpha=0.5),
     "base_vocab_m075": qs.Recipe(new_tokens=None, warmup_steps=0, mixed_steps=24, merge_alpha=0.75),

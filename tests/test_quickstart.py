@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -148,3 +149,69 @@ def test_rerun_replaces_an_earlier_run_and_refuses_other_files(tmp_path):
         error = claim_output_dir(folder)
         assert error and "\n" not in error and MARKER in error, error
         assert all((folder / f).read_text() == "keep me" for f in files) and not (folder / MARKER).exists()
+
+
+def _mixed_stage_lrs(tmp_path: Path, recipe) -> list[float]:
+    """The LR of a multiplier-1 group at each step of the recipe's mixed stage, through the
+    trainer's own config loader, stage schedule and scheduler."""
+    import yaml
+
+    from megatron_ct.config import load_config
+    from megatron_ct.config.schedule import Schedule
+    from megatron_ct.training.scheduler import CTScheduler
+    from megatron_ct.training.stages import StageTracker
+
+    sys.path.insert(0, str(REPO / "examples" / "quickstart"))
+    import run as qs
+
+    class FakeOptimizer:
+        param_groups = [{"params": []}]
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model.yaml").write_text(yaml.safe_dump({"model": {}}))
+    prefixes = {f"{n}_{p}": str(tmp_path / f"{n}_{p}") for n in qs.SETS for p in ("train", "valid")}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(qs.curriculum_config(base, tmp_path / "tok", prefixes, tmp_path / "save", recipe)))
+    cfg = load_config(str(path))
+    schedule = Schedule.from_config(cfg)
+    stages = StageTracker(schedule)
+    sched = CTScheduler(FakeOptimizer(), cfg.optim, cfg.train.train_iters, stages=stages)
+    lrs = []
+    for k in range(recipe.steps):
+        stage = [s for s in schedule.stages if s.start_iter <= k][-1]
+        if stages.current is not stage:
+            stages.enter(stage)
+            sched.refresh()
+        if stage.name == "mixed":
+            lrs.append(sched.scheduled_lr())
+        sched.step(1)
+    return lrs
+
+
+@pytest.mark.parametrize("warmup_steps", [0, 4])
+def test_recipe_lr_rewarm_steps_ramp_the_mixed_stage(tmp_path, warmup_steps):
+    """Recipe.lr_rewarm_steps: the mixed stage ramps from a tenth of the peak over that many steps
+    (0: it starts at the schedule's LR), whether it is the only stage (the schedule's warm-up) or
+    follows the embedding warm-up (the stage's re-warm)."""
+    sys.path.insert(0, str(REPO / "examples" / "quickstart"))
+    import run as qs
+
+    def lrs(n: int) -> list[float]:
+        recipe = qs.Recipe(warmup_steps=warmup_steps, mixed_steps=24 - warmup_steps, lr_rewarm_steps=n)
+        if not warmup_steps:
+            recipe = dataclasses.replace(recipe, new_tokens=None)
+        (tmp_path / str(n)).mkdir()
+        return _mixed_stage_lrs(tmp_path / str(n), recipe)
+
+    peak, init = qs.Recipe().lr, qs.Recipe().lr / 10
+    none, one, four = lrs(0), lrs(1), lrs(4)
+    if not warmup_steps:
+        assert none[0] == pytest.approx(peak)
+    assert none[0] > 0.9 * peak and none == sorted(none, reverse=True)  # no ramp: decays from the first step
+    assert one[0] == pytest.approx(init) and four[0] == pytest.approx(init)
+    assert four[:4] == sorted(four[:4]) and four[3] < four[4]  # rises over 4 steps
+    if warmup_steps:  # the stage's re-warm: a ramp up to the schedule's (decaying) LR, then the schedule
+        assert one[1:] == pytest.approx(none[1:]) and four[4:] == pytest.approx(none[4:])
+    else:  # the schedule's own warm-up: up to the peak, then the cosine
+        assert one[1] == pytest.approx(peak) and four[4] == pytest.approx(peak)
