@@ -394,7 +394,8 @@ def curriculum_config(base_ckpt: Path, tokenizer: Path, prefixes: dict, save: Pa
     """The recipe as a trainer config: the appended rows alone first (the rest of the model as
     the base left it), then everything on zh with English replay, the body at its own LR."""
     model = yaml.safe_load((base_ckpt / "model.yaml").read_text())["model"]
-    model["max_position_embeddings"] = max(recipe.seq_length, 2048)
+    # Keep the base's context length (SmolLM2: 8192): the export must not claim a shorter one.
+    model["max_position_embeddings"] = max(recipe.seq_length, model.get("max_position_embeddings") or 0)
     stages = []
     if recipe.warmup_steps and recipe.new_tokens:
         # New rows start from their pieces; they learn first, alone.
