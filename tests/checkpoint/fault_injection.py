@@ -10,6 +10,8 @@ CT_FAULT=killpg_during_save:N  the same, sent by rank 0's checkpoint writer proc
                              writes the checkpoint of iteration N
 CT_FAULT=sigstop_after_save:N  the last rank stops itself (SIGSTOP: a frozen host) once the
                              checkpoint of iteration N is saved; the others go on into a hang
+                             (CT_FAULT_WAKE_S=S: it continues after S s, so the launcher can
+                             end it at once instead of waiting out its SIGTERM grace)
 """
 
 import os
@@ -107,6 +109,11 @@ def install(fault: str) -> None:
         def save_then_stop(self, *a, **k):
             real_save(self, *a, **k)
             if self.iteration == n and _rank() == int(os.environ.get("WORLD_SIZE", 1)) - 1:
+                wake = os.environ.get("CT_FAULT_WAKE_S")  # a test's time: SIGCONT after this long
+                if wake:
+                    import subprocess
+
+                    subprocess.Popen(["sh", "-c", f"sleep {float(wake)}; kill -CONT {os.getpid()}"])
                 os.kill(os.getpid(), signal.SIGSTOP)
 
         trainer.Trainer._timed_save = save_then_stop

@@ -15,8 +15,8 @@ LAYOUTS = {
     "DP2-distopt": (2, ["--use-distributed-optimizer"]),
     "TP2xPP2": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--sequence-parallel"]),
     "PP2-VPP2": (2, ["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2"]),
-    # Context parallelism (megatron_ct/parallel/context.py): the optimizer shards over DP x CP.
-    "CP2-distopt": (2, ["--context-parallel-size", "2", "--use-distributed-optimizer"]),
+    # Context parallelism (megatron_ct/parallel/context.py); the distributed optimizer sharded
+    # over DP x CP: tests/checkpoint/test_resume_and_reshard.py (a TP2PP2 save resumed at CP2).
     "CP2xTP2-SP": (4, ["--context-parallel-size", "2", "--tensor-model-parallel-size", "2", "--sequence-parallel"]),
     "CP2xPP2": (4, ["--context-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
 }
