@@ -94,7 +94,7 @@ def worker(seq: int, steps: int, out: str) -> None:
             return t
 
         times = []
-        for step in range(steps):
+        for _ in range(steps):
             saved.clear()
             dist.barrier()
             t0 = time.perf_counter()
@@ -129,16 +129,10 @@ def worker(seq: int, steps: int, out: str) -> None:
 
 
 def machine() -> str:
-    import platform
+    """The machine line every bench prints (bench_train.py's, for the CPU)."""
+    from bench_train import machine as describe
 
-    import torch
-
-    cpu = "unknown CPU"
-    try:
-        cpu = next(li.split(":", 1)[1].strip() for li in open("/proc/cpuinfo") if li.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+    return describe("cpu")
 
 
 def main() -> None:
@@ -182,12 +176,14 @@ def main() -> None:
         rows.append(row)
     base = rows[0]
     print(
-        f"{'CP':>3} {'tokens/rank':>11} {'activations MiB/rank':>21} {'vs first':>9} {'gathered K/V MiB':>17} {'step s':>8}"
+        f"{'CP':>3} {'tokens/rank':>11} {'activations MiB/rank':>21} {'vs first':>9} "
+        f"{'gathered K/V MiB':>17} {'step s':>8}"
     )
     for r in rows:
         r["activation_ratio"] = r["activation_mib_per_rank"] / base["activation_mib_per_rank"]
         print(
-            f"{r['cp']:>3} {r['tokens_per_rank']:>11} {r['activation_mib_per_rank']:>21.1f} {r['activation_ratio']:>9.3f} "
+            f"{r['cp']:>3} {r['tokens_per_rank']:>11} {r['activation_mib_per_rank']:>21.1f} "
+            f"{r['activation_ratio']:>9.3f} "
             f"{r['gathered_kv_mib_per_rank']:>17.1f} {r['step_s']:>8.2f}"
         )
     os.makedirs(args.out, exist_ok=True)
