@@ -26,6 +26,12 @@ What differs between the tested versions, and how megatron-ct meets it:
   :func:`unshare_torch_adam_steps` (used by the checkpoint manager) work around it; they change
   nothing where the loader already works, and nothing at all when apex or TE provide the Adam.
 
+- 0.16.1's MoE router (``moe_utils.RouterGatingLinearFunction``) reads ``te_general_gemm``,
+  which ``moe_utils`` defines only when Transformer Engine imports: without TE (every CPU run, any
+  GPU image without it) the router raises NameError. :func:`define_moe_router_gemm` defines it as
+  None, megatron-core's own "no TE GEMM" value (the torch.mm path); nothing changes where TE is
+  importable.
+
 Everything else megatron-ct calls (parallel_state, the layer specs, DotProductAttention, the
 schedules, DDP, the distributed optimizer, dist_checkpointing, the indexed dataset) has the
 same interface in 0.16.1 and 0.19.2.
@@ -162,3 +168,12 @@ def unshare_torch_adam_steps(optimizer) -> None:
         for st in getattr(inner, "state", {}).values():
             if isinstance(st.get("step"), torch.Tensor):
                 st["step"] = st["step"].clone()
+
+
+def define_moe_router_gemm() -> None:
+    """``moe_utils.te_general_gemm = None`` where megatron-core left it undefined (no Transformer
+    Engine): its router then takes the torch.mm path it has for exactly that case."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None

@@ -35,11 +35,32 @@ SMOLLM2_135M = {
     "rope_theta": 100000, "tie_word_embeddings": True, "vocab_size": 49152,
 }  # fmt: skip
 
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "decoder_sparse_step": 1, "head_dim": 128, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+    "intermediate_size": 6144, "max_position_embeddings": 40960, "max_window_layers": 48, "mlp_only_layers": [],
+    "moe_intermediate_size": 768, "norm_topk_prob": True, "num_attention_heads": 32,
+    "num_experts": 128, "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_key_value_heads": 4,
+    "output_router_logits": False, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000.0,
+    "router_aux_loss_coef": 0.001, "sliding_window": None, "tie_word_embeddings": False, "use_sliding_window": False,
+    "vocab_size": 151936,
+}  # fmt: skip
+MIXTRAL_8X7B_V0_1 = {
+    "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+    "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
+    "max_position_embeddings": 32768, "num_attention_heads": 32, "num_experts_per_tok": 2,
+    "num_hidden_layers": 32, "num_key_value_heads": 8, "num_local_experts": 8, "output_router_logits": False,
+    "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.02, "sliding_window": None,
+    "tie_word_embeddings": False, "vocab_size": 32000,
+}  # fmt: skip
+
 REAL = {
     "qwen3-0.6b": ("qwen3", QWEN3_0_6B),
     "llama-3.2-1b": ("llama", LLAMA_3_2_1B),
     "qwen2.5-0.5b": ("qwen2", QWEN2_5_0_5B),
     "mistral-7b-v0.1": ("mistral", MISTRAL_7B_V0_1),
     "smollm2-135m": ("llama", SMOLLM2_135M),
+    "qwen3-30b-a3b": ("qwen3_moe", QWEN3_30B_A3B),
+    "mixtral-8x7b-v0.1": ("mixtral", MIXTRAL_8X7B_V0_1),
 }
 """name -> (transformers model_type, config.json)."""

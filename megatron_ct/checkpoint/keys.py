@@ -28,8 +28,19 @@ def extra_state_objects(model: dict) -> dict[str, bytes]:
     buf = io.BytesIO()
     torch.save([None], buf)
     empty = buf.getvalue()
-    return {
+    family = family_of(m)
+    out = {
         f"{LAYER_PREFIX}{mod}._extra_state/shard_{i}_{m.num_layers}": empty
         for i in range(m.num_layers)
-        for mod in family_of(m).linear_modules(m)
+        for mod in family.linear_modules(m)
     }
+    # An expert's linear modules: one object per (layer, expert), offsets and shape dot-joined.
+    out.update(
+        {
+            f"{LAYER_PREFIX}{mod}._extra_state/shard_{i}.{e}_{m.num_layers}.{m.num_experts}": empty
+            for i in range(m.num_layers)
+            for e in range(m.num_experts or 0)
+            for mod in family.linear_modules(m, per_expert=True)
+        }
+    )
+    return out

@@ -62,7 +62,8 @@ class ModelConfig:
 
     family: str | None = None
     """Model family (megatron_ct/families): 'llama' (LLaMA, SmolLM2, Mistral), 'qwen2' (QKV
-    bias) or 'qwen3' (q/k norm). The converter sets it from the HF config's ``architectures``;
+    bias), 'qwen3' (q/k norm), or the mixtures of experts 'mixtral' and 'qwen3_moe'. The
+    converter sets it from the HF config's ``architectures``;
     None detects it from ``add_qkv_bias`` / ``qk_layernorm`` (configs written before families),
     'llama' when neither is set."""
     num_layers: int = 4
@@ -118,6 +119,25 @@ class ModelConfig:
     attention_softmax_in_fp32: bool = True
     """Compute the attention softmax in FP32 (Ziya2: avoids bf16/fp16 overflow in CT). The fused
     sdpa/flex/te kernels always keep FP32 softmax statistics; only 'local' honours False."""
+    num_experts: int | None = None
+    """Routed experts in every layer's MLP (a mixture of experts: the ``mixtral`` and ``qwen3_moe``
+    families, HF ``num_local_experts`` / ``num_experts``); None for the dense families. Each
+    expert is a SwiGLU MLP of width ``moe_ffn_hidden_size``."""
+    moe_ffn_hidden_size: int | None = None
+    """Width of one expert's SwiGLU (HF ``moe_intermediate_size``; Mixtral's ``intermediate_size``);
+    None: ``ffn_hidden_size``."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to (HF ``num_experts_per_tok``)."""
+    moe_norm_topk_prob: bool = True
+    """Renormalise the top-k routing probabilities to sum to 1 (Mixtral always; Qwen3-MoE's
+    ``norm_topk_prob``). Either way the probabilities are a softmax over all experts' logits; with
+    renormalisation that is the softmax of the top-k logits (megatron-core's
+    ``moe_router_pre_softmax=False``), without it the top-k of the full softmax (``True``)."""
+    moe_aux_loss_coeff: float = 0.0
+    """Weight of megatron-core's load-balancing loss (``aux_loss``: E / k * sum_i f_i P_i, added
+    per MoE layer); 0 turns it off. The converter takes HF ``router_aux_loss_coef`` when
+    ``output_router_logits`` is true (HF trains with it only then), else 0. HF's loss is k times
+    megatron-core's per-layer loss, computed once over all layers' tokens."""
     loss_chunk_size: int | None = None
     """Compute the output layer and the cross-entropy this many sequence positions at a time
     (megatron_ct/model/chunked_loss.py), so the [s, b, V/tp] logits are never held at once (a
@@ -168,6 +188,7 @@ class ModelConfig:
             "not 'te' with model.transformer_impl=local (TE attention comes with the TE layer spec)",
             self.attention_backend,
         )
+        self._check_experts()
         if self.loss_chunk_size is not None:
             _require(
                 isinstance(self.loss_chunk_size, int)
@@ -191,6 +212,39 @@ class ModelConfig:
             _require(given in (None, value), f"model.{key}", f"{value} (model.family={family.name})", given)
             setattr(self, key, value)
         self.family = family.name
+
+    def _check_experts(self) -> None:
+        """MoE settings: present exactly for the families with experts (``ModelFamily.moe``)."""
+        from megatron_ct.families import get_family
+
+        family = get_family(self.family)
+        if not family.moe:
+            _require(
+                self.num_experts is None,
+                "model.num_experts",
+                f"null (model.family={family.name} is dense)",
+                self.num_experts,
+            )
+            return
+        e = self.num_experts
+        ok = isinstance(e, int) and not isinstance(e, bool) and e >= 1
+        _require(ok, "model.num_experts", f"a positive integer (model.family={family.name} has experts)", e)
+        if self.moe_ffn_hidden_size is None:
+            self.moe_ffn_hidden_size = self.ffn_hidden_size
+        _require(
+            self.moe_ffn_hidden_size > 0,
+            "model.moe_ffn_hidden_size",
+            "a positive integer or null",
+            self.moe_ffn_hidden_size,
+        )
+        k = self.moe_router_topk
+        _require(isinstance(k, int) and 1 <= k <= e, "model.moe_router_topk", f"an integer in [1, num_experts={e}]", k)
+        for key, value in family.fixed:
+            _require(
+                getattr(self, key) == value, f"model.{key}", f"{value} (model.family={family.name})", getattr(self, key)
+            )
+        c = self.moe_aux_loss_coeff
+        _number(c, "model.moe_aux_loss_coeff", "a number >= 0", isinstance(c, (int, float)) and c >= 0)
 
     @property
     def head_dim(self) -> int:

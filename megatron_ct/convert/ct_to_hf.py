@@ -47,7 +47,7 @@ class _Source:
     def __init__(self, reader: DistCheckpointReader, m: ModelConfig) -> None:
         self.reader = reader
         self.m = m
-        self._cached: tuple[tuple[str, int] | None, tuple[torch.Tensor, ...]] = (None, ())
+        self._cached: tuple[tuple[str, int, int | None] | None, tuple[torch.Tensor, ...]] = (None, ())
 
     def key(self, t: Tensor) -> str:
         for k in (t.ct_key, *(LAYER_PREFIX + a for a in t.ct_aliases)):
@@ -55,20 +55,23 @@ class _Source:
                 return k
         raise ConversionError(f"{self.reader.path}: missing tensor {t.ct_key}")
 
-    def layer_parts(self, t: Tensor, i: int) -> tuple[torch.Tensor, ...]:
-        """Layer ``i`` of ``t``, split into its HF tensors (shapes without the layer axis)."""
+    def layer_parts(self, t: Tensor, i: int, e: int | None = None) -> tuple[torch.Tensor, ...]:
+        """Layer ``i`` (expert ``e`` of it) of ``t``, split into its HF tensors (shapes without
+        the layer and expert axes)."""
         key = self.key(t)
-        if self._cached[0] != (key, i):
+        if self._cached[0] != (key, i, e):
             self._cached = (None, ())  # drop the previous chunk before reading the next
             shape = self.reader.shape(key)
-            x = self.reader.read(key, (i,) + (0,) * (len(shape) - 1), (1, *shape[1:]))[0]
+            lead = (i,) if e is None else (i, e)
+            x = self.reader.read(key, lead + (0,) * (len(shape) - len(lead)), (1,) * len(lead) + shape[len(lead) :])
+            x = x.reshape(shape[len(lead) :])
             if t.kind == "qkv":
                 parts = L.split_qkv(x, self.m.num_attention_heads, self.m.num_query_groups)
             elif t.kind == "gate_up":
                 parts = L.split_gate_up(x)
             else:
                 parts = (x,)
-            self._cached = ((key, i), parts)
+            self._cached = ((key, i, e), parts)
         return self._cached[1]
 
     def whole(self, t: Tensor, true_vocab: int) -> torch.Tensor:
@@ -125,8 +128,9 @@ def plan_hf_tensors(
             out.append((name, shapes[name], lambda t=t: src.whole(t, true_vocab)))
             continue
         for i in range(m.num_layers):
-            for j, name in enumerate(t.hf_names(i)):
-                out.append((name, shapes[name], lambda t=t, i=i, j=j: src.layer_parts(t, i)[j]))
+            for e in range(m.num_experts) if t.per_expert else [None]:
+                for j, name in enumerate(t.hf_names(i, e)):
+                    out.append((name, shapes[name], lambda t=t, i=i, e=e, j=j: src.layer_parts(t, i, e)[j]))
     return [(name, shape, (lambda p=produce: p().to(dtype))) for name, shape, produce in out]
 
 

@@ -104,12 +104,14 @@ def model_config_from_hf(
     family, arch = family_for_hf(hf, source)
 
     for key, value, default in family.hf_requires:
-        if hf.get(key, default) != value:
-            raise ConversionError(f"{source}: {key}={hf[key]!r} is not supported; expected {value!r} for {arch}")
+        got = hf.get(key)
+        if (default if got is None else got) != value:
+            raise ConversionError(f"{source}: {key}={got!r} is not supported; expected {value!r} for {arch}")
     fields: dict[str, Any] = {}
     for k in family.config_keys:
-        if k.hf in hf and hf[k.hf] is not None:
-            value = hf[k.hf]
+        spelled = next((name for name in (k.hf, *k.also) if hf.get(name) is not None), None)
+        if spelled is not None:
+            value = hf[spelled]
         elif k.default is REQUIRED:
             raise ConversionError(f"{source}: missing key {k.hf!r} (needed for {arch})")
         else:
@@ -124,6 +126,9 @@ def model_config_from_hf(
     theta_default = next(k.default for k in family.config_keys if k.field == "rotary_base")
     fields["rotary_base"], fields["rope_scaling"] = _rope_from_hf(hf, source, theta_default)
     fields["norm_epsilon"] = float(fields["norm_epsilon"])
+    if family.moe:  # HF adds its load-balancing loss only when the router logits are output
+        coeff = fields["moe_aux_loss_coeff"] if hf.get("output_router_logits") else 0.0
+        fields["moe_aux_loss_coeff"] = float(coeff)
     fields["init_method_std"] = float(fields["init_method_std"])
     try:
         m = ModelConfig(family=family.name, make_vocab_size_divisible_by=make_vocab_size_divisible_by, **fields)
@@ -193,11 +198,16 @@ def hf_config_from_model(
     theta = int(m.rotary_base) if float(m.rotary_base).is_integer() else m.rotary_base
     out.update(architectures=[arch], model_type=spec.model_type)
     for k in family.config_keys:
+        key = next((name for name in (k.hf, *k.also) if name in out), k.hf)  # the base's spelling
         if k.rule == "same":
-            out[k.hf] = getattr(m, k.field)
+            out[key] = getattr(m, k.field)
         elif k.rule == "negated":
-            out[k.hf] = not getattr(m, k.field)
+            out[key] = not getattr(m, k.field)
     out["num_key_value_heads"] = m.num_query_groups
+    if family.moe:
+        out["output_router_logits"] = m.moe_aux_loss_coeff > 0
+        if m.moe_aux_loss_coeff > 0 or "router_aux_loss_coef" not in out:
+            out["router_aux_loss_coef"] = m.moe_aux_loss_coeff
     if "head_dim" in out or m.kv_channels is not None or family.qk_norm:
         out["head_dim"] = m.head_dim
     out.setdefault("initializer_range", m.init_method_std)

@@ -154,7 +154,8 @@ def _tied_output_names(family) -> tuple[str, ...]:
 
 
 def plan_chunks(weights: HFWeights, m: ModelConfig, padded_vocab: int, dtype: torch.dtype | None) -> list[ChunkSpec]:
-    """One chunk per layer per stacked tensor, plus the embedding, final norm and output layer.
+    """One chunk per layer per stacked tensor (per layer and expert for expert tensors), plus the
+    embedding, final norm and output layer.
     Each chunk's ``produce`` reads its HF tensors, fuses and casts them (never the model)."""
     family = family_of(m)
     shapes = family.ct_shapes(m, padded_vocab)
@@ -173,13 +174,15 @@ def plan_chunks(weights: HFWeights, m: ModelConfig, padded_vocab: int, dtype: to
     for t in family.tensors(m):
         shape = shapes[t.ct_key]
         # A stacked [L, ...] tensor is written one layer per chunk (offset (i, 0, ..), size (1, ...)),
-        # the others whole.
+        # an expert tensor [L, E, ...] one expert of a layer per chunk, the others whole.
         for i in range(m.num_layers) if t.per_layer else [None]:
-            names = t.hf_names(i)
-            offsets = (0,) * len(shape) if i is None else (i,) + (0,) * (len(shape) - 1)
-            sizes = shape if i is None else (1, *shape[1:])
-            dt = dtype or weights.dtype(names[0])
-            chunks.append(ChunkSpec(t.ct_key, shape, offsets, sizes, dt, lambda n=names, t=t: produce(n, t)))
+            for e in range(m.num_experts) if t.per_expert else [None]:
+                names = t.hf_names(i, e)
+                lead = () if i is None else (i,) if e is None else (i, e)
+                offsets = lead + (0,) * (len(shape) - len(lead))
+                sizes = (1,) * len(lead) + shape[len(lead) :]
+                dt = dtype or weights.dtype(names[0])
+                chunks.append(ChunkSpec(t.ct_key, shape, offsets, sizes, dt, lambda n=names, t=t: produce(n, t)))
     return chunks
 
 

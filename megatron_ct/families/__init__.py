@@ -46,9 +46,10 @@ def family_of(m: ModelConfig) -> ModelFamily:
 
 
 def detect_family(qkv_bias: bool, qk_norm: bool) -> ModelFamily:
-    """The family with these layer features (configs and checkpoints from before ``model.family``)."""
+    """The dense family with these layer features (configs and checkpoints from before
+    ``model.family``; the MoE families came later and are always named)."""
     for family in all_families().values():
-        if (family.qkv_bias, family.qk_norm) == (qkv_bias, qk_norm):
+        if not family.moe and (family.qkv_bias, family.qk_norm) == (qkv_bias, qk_norm):
             return family
     raise ConfigError(
         f"model.add_qkv_bias={qkv_bias}, model.qk_layernorm={qk_norm}: expected the features of one model family "

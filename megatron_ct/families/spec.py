@@ -9,7 +9,8 @@ A :class:`ModelFamily` declares, as data:
 - its tensor table (:class:`Tensor`): each of our tensors (global, i.e. TP-unsharded, names and
   shapes as dist checkpoints store them), the HF tensors it is made of, how they combine
   (``copy``, ``qkv``: per query group, ``gate_up``: concatenated) and which model sizes tensor
-  parallelism splits it by.
+  parallelism splits it by; a mixture of experts' expert tensors have one HF tensor per expert
+  and an ``[E]`` axis on our side (``per_expert``).
 
 Derived here, once for every family: every tensor's shape on either side, the parameter count,
 training FLOPs per token, the tensor-parallel sizes a model can be split at, and the HF <-> ours
@@ -46,7 +47,10 @@ class ConfigKey:
     rule: str = "same"
     """'same' (the value as it is), 'negated' (a boolean stored the other way round) or 'own' (the
     converter's own rule, megatron_ct/convert/hf_layout.py: head_dim, RoPE, num_key_value_heads,
-    initializer_range)."""
+    initializer_range, the router's aux loss)."""
+    also: tuple[str, ...] = ()
+    """Other spellings read when ``hf`` is absent (transformers 5 writes Qwen3-MoE's
+    ``num_experts`` as ``num_local_experts``)."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,8 @@ class Tensor:
     """How the HF parts combine: 'copy' (one part), 'qkv' (per query group: its query heads,
     its key head, its value head) or 'gate_up' (``cat([gate, up])``)."""
     role: str = "linear"
-    """'linear' (a GEMM weight: counts for FLOPs), 'bias', 'norm', 'embedding' or 'output'."""
+    """'linear' (a GEMM weight of a linear module: counts for FLOPs), 'router' (the MoE router's
+    GEMM weight, a plain parameter: counts for FLOPs), 'bias', 'norm', 'embedding' or 'output'."""
     per_layer: bool = True
     tp_divides: tuple[str, ...] = ()
     """ModelConfig sizes tensor parallelism splits this tensor by (each must divide by TP)."""
@@ -81,14 +86,17 @@ class Tensor:
     """Present only when this holds: 'qkv_bias', 'qk_norm' (family features) or 'untied'."""
     ct_aliases: tuple[str, ...] = ()
     """Other spellings of our name accepted when reading (unfused layer specs)."""
+    per_expert: bool = False
+    """One per expert of a MoE layer: HF names hold ``{e}`` (the expert), our tensor stacks the
+    experts after the layer axis (``[L, E, ...]``, megatron-core's SequentialMLP keys)."""
 
     @property
     def ct_key(self) -> str:
         return LAYER_PREFIX + self.ct if self.per_layer else self.ct
 
-    def hf_names(self, layer: int | None = None) -> tuple[str, ...]:
+    def hf_names(self, layer: int | None = None, expert: int | None = None) -> tuple[str, ...]:
         prefix = HF_LAYER.format(i=layer) if self.per_layer else ""
-        return tuple(prefix + name for name, _ in self.hf)
+        return tuple(prefix + (name.format(e=expert) if self.per_expert else name) for name, _ in self.hf)
 
     @property
     def vocab(self) -> bool:
@@ -101,6 +109,7 @@ def dims(m: ModelConfig, vocab: int) -> dict[str, int]:
     matrices on the side being described)."""
     h, d, f = m.hidden_size, m.head_dim, m.ffn_hidden_size
     nq, ng = m.num_attention_heads, m.num_query_groups
+    fe = m.moe_ffn_hidden_size or 0  # one expert's width (MoE families)
     return {
         "h": h,
         "d": d,
@@ -110,6 +119,9 @@ def dims(m: ModelConfig, vocab: int) -> dict[str, int]:
         "kv": ng * d,
         "qkv": (nq + 2 * ng) * d,
         "V": vocab,
+        "E": m.num_experts or 0,
+        "fe": fe,
+        "2fe": 2 * fe,
     }
 
 
@@ -124,6 +136,8 @@ SHAPE_FIELDS = (
     "untie_embeddings_and_output_weights",
     "add_qkv_bias",  # the family's features, recorded by checkpoints from before model.family
     "qk_layernorm",
+    "num_experts",
+    "moe_ffn_hidden_size",
 )
 """ModelConfig fields that decide which tensors a model has and their shapes (what :func:`dims`
 reads, the layer count, tying and the family): a checkpoint must agree on them."""
@@ -145,6 +159,11 @@ class ModelFamily:
     """q/k/v projections carry a bias (Qwen2); o_proj and the MLP never do."""
     qk_norm: bool = False
     """Per-head RMSNorm of queries and keys before RoPE (Qwen3's q_norm / k_norm)."""
+    moe: bool = False
+    """Every layer's MLP is a mixture of experts (``model.num_experts`` routed SwiGLU experts)."""
+    fixed: tuple[tuple[str, Any], ...] = ()
+    """ModelConfig fields the family's HF config cannot express otherwise (Mixtral always
+    renormalises its top-k probabilities): a value given must agree."""
 
     # --- the HF side ---------------------------------------------------------------------------
     @property
@@ -167,11 +186,13 @@ class ModelFamily:
         return [t for t in self.tensors(m) if not t.per_layer]
 
     def ct_shapes(self, m: ModelConfig, padded_vocab: int) -> dict[str, tuple[int, ...]]:
-        """Every tensor of our checkpoint and its global shape (layers stacked: ``[L, ...]``)."""
+        """Every tensor of our checkpoint and its global shape (layers stacked: ``[L, ...]``;
+        experts after them: ``[L, E, ...]``)."""
         sym = dims(m, padded_vocab)
         out = {}
         for t in self.tensors(m):
             shape = tuple(sym[s] for s in t.shape)
+            shape = (m.num_experts, *shape) if t.per_expert else shape
             out[t.ct_key] = (m.num_layers, *shape) if t.per_layer else shape
         return out
 
@@ -181,17 +202,23 @@ class ModelFamily:
         out = {}
         for t in self.tensors(m):
             for layer in range(m.num_layers) if t.per_layer else [None]:
-                for name, (_, shape) in zip(t.hf_names(layer), t.hf, strict=True):
-                    out[name] = tuple(sym[s] for s in shape)
+                for expert in range(m.num_experts) if t.per_expert else [None]:
+                    for name, (_, shape) in zip(t.hf_names(layer, expert), t.hf, strict=True):
+                        out[name] = tuple(sym[s] for s in shape)
         return out
 
     def ct_aliases(self) -> dict[str, str]:
         """Other spellings of our per-layer keys (unfused norm names) -> the name we write."""
         return {LAYER_PREFIX + a: t.ct_key for t in self.tensors_table for a in t.ct_aliases}
 
-    def linear_modules(self, m: ModelConfig) -> list[str]:
-        """Per-layer modules holding a GEMM weight (megatron-core saves an ``_extra_state`` each)."""
-        return [t.ct.removesuffix(".weight") for t in self.layer_tensors(m) if t.role == "linear"]
+    def linear_modules(self, m: ModelConfig, per_expert: bool = False) -> list[str]:
+        """Per-layer linear modules holding a GEMM weight (megatron-core saves an ``_extra_state``
+        each): the ones without experts, or (``per_expert``) the experts' (one per expert)."""
+        return [
+            t.ct.removesuffix(".weight")
+            for t in self.layer_tensors(m)
+            if t.role == "linear" and t.per_expert == per_expert
+        ]
 
     # --- derived counts ------------------------------------------------------------------------
     def num_parameters(self, m: ModelConfig, vocab: int | None = None) -> int:
@@ -209,12 +236,13 @@ class ModelFamily:
         """Training FLOPs (forward + backward = 3x forward) per token, counting matmuls only: every
         GEMM weight of a layer (2 FLOPs per weight per token), the attention scores and weighted
         sum over the full sequence (no causal discount: Megatron-LM's convention, so MFU figures
-        compare) and the logits (tied or not)."""
+        compare) and the logits (tied or not). A mixture of experts counts its router and the
+        ``moe_router_topk`` experts a token passes (active, not total, parameters)."""
         sym = dims(m, padded_vocab)
         per_layer = 0
         for t in self.layer_tensors(m):
-            if t.role == "linear":
-                n = 1
+            if t.role in ("linear", "router"):
+                n = m.moe_router_topk if t.per_expert else 1  # a token passes k experts
                 for s in t.shape:
                     n *= sym[s]
                 per_layer += 2 * n
@@ -350,5 +378,77 @@ def decoder_family(
         config_keys=DECODER_CONFIG_KEYS,
         hf_requires=SWIGLU_NO_BIAS,
         tensors_table=DECODER_TENSORS,
+        **features,
+    )
+
+
+# --- mixtures of experts ------------------------------------------------------------------------
+
+MOE_CONFIG_KEYS = (
+    ConfigKey("moe_router_topk", "num_experts_per_tok"),
+    # HF trains with its load-balancing loss only when output_router_logits is set.
+    ConfigKey("moe_aux_loss_coeff", "router_aux_loss_coef", 0.0, "own"),
+)
+
+
+def moe_tensors(block: str, router: str, expert: tuple[str, str, str]) -> tuple[Tensor, ...]:
+    """The decoder's tensor table with every MLP a mixture of experts: HF ``<block>.<router>``
+    (the router, ``[E, h]``) and ``<block>.experts.<e>.<gate|up|down>.weight`` per expert.
+
+    - ``mlp.router.weight`` ``[E, h]`` is the same on every TP rank;
+    - ``mlp.experts.experts.linear_fc1.weight`` ``[E, 2fe, h]`` is each expert's
+      ``cat([gate, up])``, ``linear_fc2`` ``[E, h, fe]`` its down projection (megatron-core's
+      SequentialMLP: experts stacked after the layer axis; expert tensor parallelism splits fe,
+      expert parallelism the E axis);
+    - the pre-MLP RMSNorm keeps the dense key, ``mlp.linear_fc1.layer_norm_weight``.
+    """
+    gate, up, down = (f"{block}.experts.{{e}}.{name}.weight" for name in expert)
+    experts = "mlp.experts.experts."
+    moe = (
+        Tensor("mlp.router.weight", ("E", "h"), ((f"{block}.{router}.weight", ("E", "h")),), role="router"),
+        Tensor(
+            experts + "linear_fc1.weight",
+            ("2fe", "h"),
+            ((gate, ("fe", "h")), (up, ("fe", "h"))),
+            kind="gate_up",
+            tp_divides=("moe_ffn_hidden_size",),
+            per_expert=True,
+        ),
+        Tensor(
+            experts + "linear_fc2.weight",
+            ("h", "fe"),
+            ((down, ("h", "fe")),),
+            tp_divides=("moe_ffn_hidden_size",),
+            per_expert=True,
+        ),
+    )
+    dense_mlp = (_MLP + "linear_fc1.weight", _MLP + "linear_fc2.weight")
+    out: list[Tensor] = []
+    for t in DECODER_TENSORS:
+        if t.ct == dense_mlp[0]:
+            out += moe
+        elif t.ct != dense_mlp[1]:
+            out.append(t)
+    return tuple(out)
+
+
+def moe_family(
+    name: str,
+    description: str,
+    architectures: tuple[HFArchitecture, ...],
+    config_keys: tuple[ConfigKey, ...],
+    hf_requires: tuple[tuple[str, Any, Any], ...],
+    tensors_table: tuple[Tensor, ...],
+    **features: Any,
+) -> ModelFamily:
+    """A LLaMA-architecture decoder whose every MLP is a mixture of SwiGLU experts."""
+    return ModelFamily(
+        name=name,
+        description=description,
+        architectures=architectures,
+        config_keys=config_keys + MOE_CONFIG_KEYS,
+        hf_requires=SWIGLU_NO_BIAS + hf_requires,
+        tensors_table=tensors_table,
+        moe=True,
         **features,
     )

@@ -147,6 +147,32 @@ def transformer_config(m: ModelConfig, layout: Layout, numerics: Numerics):
         # Full recompute: every layer, checkpointing each layer's input.
         recompute_method="uniform" if numerics.recompute_granularity == "full" else None,
         recompute_num_layers=1 if numerics.recompute_granularity == "full" else None,
+        **moe_settings(m),
+    )
+
+
+def moe_settings(m: ModelConfig) -> dict:
+    """TransformerConfig fields of a mixture of experts (none for a dense model).
+
+    HF's routing (Mixtral, Qwen3-MoE) is a softmax over all experts' logits, then the top k; with
+    renormalisation (``moe_norm_topk_prob``) that equals megatron-core's softmax over the top-k
+    logits (``moe_router_pre_softmax=False``), without it the top k of the full softmax
+    (``pre_softmax=True``). Experts are megatron-core's SequentialMLP (``moe_grouped_gemm=False``:
+    the grouped GEMM needs TE/CUDA), tokens travel by the all-to-all dispatcher (gloo has
+    ``all_to_all_single``); no capacity limit, so no token is dropped, as in HF.
+    """
+    if not m.num_experts:
+        return {}
+    return dict(
+        num_moe_experts=m.num_experts,
+        moe_ffn_hidden_size=m.moe_ffn_hidden_size,
+        moe_router_topk=m.moe_router_topk,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not m.moe_norm_topk_prob,
+        moe_router_load_balancing_type="aux_loss" if m.moe_aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+        moe_grouped_gemm=False,
+        moe_token_dispatcher_type="alltoall",
     )
 
 
@@ -162,9 +188,12 @@ class ModelInfo:
     num_parameters: int  # on this rank, all its chunks
 
 
-def layer_spec(impl: str, num_layers: int, qk_layernorm: bool = False, attention: str | None = None):
+def layer_spec(
+    impl: str, num_layers: int, qk_layernorm: bool = False, attention: str | None = None, num_experts: int | None = None
+):
     """Block spec: per-layer modules plus the final norm; ``attention`` (a resolved
-    ``model.attention_backend``) replaces the spec's ``core_attention`` unless None or 'te'."""
+    ``model.attention_backend``) replaces the spec's ``core_attention`` unless None or 'te';
+    ``num_experts``: every MLP a mixture of that many experts (SequentialMLP)."""
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     from megatron_ct.model.attention import BlockMaskCache, core_attention_module
@@ -175,18 +204,23 @@ def layer_spec(impl: str, num_layers: int, qk_layernorm: bool = False, attention
         from megatron.core.extensions.transformer_engine import TENorm
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+        spec = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=qk_layernorm
+        )
         final_norm = TENorm
     else:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)
+        spec = get_gpt_layer_local_spec(
+            num_experts=num_experts, moe_grouped_gemm=False, normalization="RMSNorm", qk_layernorm=qk_layernorm
+        )
         # megatron-core's torch fallback norm refuses sequence parallelism and computes in
         # the input dtype; ours keeps FP32 statistics and marks weights for SP reduction.
         spec.submodules.input_layernorm = RMSNorm
         spec.submodules.pre_mlp_layernorm = RMSNorm
         # Used where the config sets use_te_activation_func (on CPU, see transformer_config).
-        spec.submodules.mlp.submodules.activation_func = SwiGLU
+        mlp = spec.submodules.mlp.submodules
+        (mlp.experts.submodules if num_experts else mlp).activation_func = SwiGLU
         if qk_layernorm:  # on [s, b, heads, head_dim], normalised over head_dim
             spec.submodules.self_attention.submodules.q_layernorm = RMSNorm
             spec.submodules.self_attention.submodules.k_layernorm = RMSNorm
@@ -217,7 +251,11 @@ def build_model(
     log.info(describe_attention(attention, m.attention_softmax_in_fp32))
     tcfg = transformer_config(m, layout, numerics)
     vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, layout.dims.tp)
-    spec, final_norm, BlockSubmodules = layer_spec(impl, m.num_layers, family_of(m).qk_norm, attention)
+    spec, final_norm, BlockSubmodules = layer_spec(impl, m.num_layers, family_of(m).qk_norm, attention, m.num_experts)
+    if m.num_experts:
+        from megatron_ct.compat import define_moe_router_gemm
+
+        define_moe_router_gemm()
     model_class = loss_model_class(m.loss_chunk_size, m.vocab_size)
 
     chunks = []

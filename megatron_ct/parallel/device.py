@@ -17,7 +17,8 @@ What it does, all process-wide and reversible with :func:`deactivate_cpu_device_
   with the CUDA spelling megatron-core's type checks expect;
 - megatron-core's mask builders and its context-parallel cut of the RoPE table (which index
   with ``device="cuda"`` / a pinned tensor inside the model's forward, where the mode is
-  suspended) are replaced by CPU ones with the same values;
+  suspended) are replaced by CPU ones with the same values, and so is the MoE all-to-all
+  dispatcher's host copy of its split sizes (NumPy arrays, as ``all_to_all_single`` needs);
 - ``torch.cuda`` functions megatron-core calls (``current_device``, ``synchronize``,
   RNG state get/set, memory queries, streams/events, ...) are replaced by CPU
   equivalents or no-ops.
@@ -310,6 +311,27 @@ def _cpu_cp_rope_slicers() -> dict[tuple[Any, str], Any]:
     return saved
 
 
+def _cpu_moe_split_sizes() -> dict[tuple[Any, str], Any]:
+    """megatron-core's all-to-all token dispatcher (expert parallelism) moves its split sizes
+    to the host as NumPy arrays only when they are CUDA tensors (``maybe_move_tensor_to_cpu``);
+    on CPU they stay tensors, which ``all_to_all_single`` refuses as split sizes. The same
+    function, with CPU tensors turned into NumPy arrays where asked (the values unchanged)."""
+    from megatron.core.transformer.moe import token_dispatcher
+
+    name = "maybe_move_tensor_to_cpu"
+    if not hasattr(token_dispatcher, name):
+        return {}
+    original = getattr(token_dispatcher, name)
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if torch.is_tensor(tensor) and tensor.device.type == "cpu":
+            return tensor.numpy() if as_numpy else tensor
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    setattr(token_dispatcher, name, maybe_move_tensor_to_cpu)
+    return {(token_dispatcher, name): original}
+
+
 def _patch_cuda_rng_module() -> dict[str, Any]:
     """megatron-core's tensor_parallel.random keeps its own handle on the CUDA RNG
     setter; point it at the CPU generator so its RNG tracker forks and restores the
@@ -347,7 +369,7 @@ def activate_cpu_device_layer() -> None:
             setattr(torch.cuda, name, fn)
         _state["saved"] = saved
         _state["saved_random"] = _patch_cuda_rng_module()
-        _state["saved_masks"] = {**_cpu_mask_builders(), **_cpu_cp_rope_slicers()}
+        _state["saved_masks"] = {**_cpu_mask_builders(), **_cpu_cp_rope_slicers(), **_cpu_moe_split_sizes()}
         mode = _CudaToCpuMode()
         mode.__enter__()
         _state["mode"] = mode

@@ -91,10 +91,12 @@ class ParallelDims:
         dp = world_size // model_parallel
         if sequence_parallel and tp == 1:
             raise ConfigError(f"{k['sp']}: expected false when tensor_model_parallel_size is 1, got True")
-        if ep > 1:
+        if ep > 1 and not family.moe:
             raise ConfigError(
                 f"{k['ep']}: expected 1 for model family {family.name} (it has no experts to split), got {ep}"
             )
+        if family.moe and model.num_experts % ep != 0:
+            raise ConfigError(f"{k['ep']}: expected a divisor of model.num_experts={model.num_experts}, got {ep}")
         if (dp * cp) % ep != 0:
             raise ConfigError(f"{k['ep']}: expected a divisor of data x context parallel size {dp * cp}, got {ep}")
         return cls(world_size, tp, pp, cp, dp, ep, vpp, sequence_parallel)

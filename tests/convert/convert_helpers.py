@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from real_configs import LLAMA_3_2_1B, QWEN3_0_6B
+from real_configs import LLAMA_3_2_1B, MIXTRAL_8X7B_V0_1, QWEN3_0_6B, QWEN3_30B_A3B
 
 from launch import REPO, run_torchrun  # noqa: F401  (re-exported for the convert tests)
 
@@ -28,12 +28,17 @@ LLAMA3_ROPE = {
 def scaled(real: dict, heads: int, **sizes) -> dict:
     """``real`` with ``heads`` query heads (key/value heads and head_dim in the real ratios to
     them and to the hidden size) and the given sizes; everything else as released."""
-    out = {k: v for k, v in real.items() if k != "architectures"}
+    # initializer_range is left to hf_config's 0.1: logits of a 2-layer model initialised at 0.02
+    # are too small to tell a wrong tensor apart.
+    out = {k: v for k, v in real.items() if k not in ("architectures", "initializer_range")}
     ratio = real["num_attention_heads"] // real["num_key_value_heads"]
     hidden = sizes.get("hidden_size", HIDDEN)
-    head_dim = real["head_dim"] * hidden * real["num_attention_heads"] // (real["hidden_size"] * heads)
+    real_head_dim = real.get("head_dim", real["hidden_size"] // real["num_attention_heads"])
+    head_dim = real_head_dim * hidden * real["num_attention_heads"] // (real["hidden_size"] * heads)
     out.update(num_attention_heads=heads, num_key_value_heads=heads // ratio, head_dim=head_dim, hidden_size=hidden)
-    out.update(intermediate_size=hidden * real["intermediate_size"] // real["hidden_size"])
+    for key in ("intermediate_size", "moe_intermediate_size"):
+        if key in real:
+            out[key] = hidden * real[key] // real["hidden_size"]
     out.update(num_hidden_layers=LAYERS, max_position_embeddings=MAX_POS, **sizes)
     return out
 
@@ -118,7 +123,36 @@ CASES = {
         ),
         "safetensors",
     ),
+    # Mixtures of experts (issue 27): fewer experts, the released top-k and routing rules.
+    # Qwen3-30B-A3B: 8 query heads per key/value head (16 of 8 on a 64 hidden), q/k norm, 8 of
+    # 128 experts renormalised -> 2 of 8; untied.
+    "qwen3_30b_a3b_shaped": (
+        "qwen3_moe",
+        scaled(QWEN3_30B_A3B, 16, vocab_size=300, num_experts=8, num_experts_per_tok=2),
+        "safetensors",
+    ),
+    # norm_topk_prob false (the transformers default): the top k of the full softmax, tied.
+    "qwen3_moe_unnormalised_tied": (
+        "qwen3_moe",
+        scaled(
+            QWEN3_30B_A3B,
+            16,
+            vocab_size=300,
+            num_experts=6,
+            num_experts_per_tok=3,
+            norm_topk_prob=False,
+            tie_word_embeddings=True,
+        ),
+        "sharded_safetensors",
+    ),
+    # Mixtral-8x7B: 4 query heads per key/value head, 2 of 8 experts -> 2 of 4.
+    "mixtral_8x7b_shaped": (
+        "mixtral",
+        scaled(MIXTRAL_8X7B_V0_1, 8, vocab_size=300, num_local_experts=4),
+        "safetensors",
+    ),
 }
+MOE_CASES = [name for name, (model_type, _, _) in CASES.items() if model_type in ("mixtral", "qwen3_moe")]
 
 
 def hf_config(model_type: str, **overrides):

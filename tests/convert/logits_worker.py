@@ -2,10 +2,11 @@
 
     torchrun --nproc_per_node N tests/convert/logits_worker.py MANIFEST.json
 
-The manifest gives ``tp``, ``pp``, a ``tokens`` file (``[b, s]`` int64) and ``cases``:
-``{"ckpt": DIR, "out": FILE}``. For each case the model is built from the checkpoint's own
-config at this layout, loaded weights-only (as the trainer does) and run forward-only; the
-last pipeline stage's first TP rank saves the logits ``[b, s, vocab]`` to ``out``.
+The manifest gives ``tp``, ``pp``, optionally ``ep`` (MoE cases only), a ``tokens`` file
+(``[b, s]`` int64) and ``cases``: ``{"ckpt": DIR, "out": FILE}``. For each case the model is
+built from the checkpoint's own config at this layout, loaded weights-only (as the trainer
+does) and run forward-only; the last pipeline stage's first TP rank (of the first data-parallel
+rank) saves the logits ``[b, s, vocab]`` to ``out``.
 """
 
 import json
@@ -44,7 +45,10 @@ def main(manifest_path: str) -> None:
         return CTConfig(
             model=ModelConfig(**model),
             parallel=ParallelConfig(
-                tensor_model_parallel_size=spec["tp"], pipeline_model_parallel_size=spec["pp"], device="cpu"
+                tensor_model_parallel_size=spec["tp"],
+                pipeline_model_parallel_size=spec["pp"],
+                expert_model_parallel_size=spec.get("ep", 1),
+                device="cpu",
             ),
             train=TrainConfig(precision="fp32", micro_batch_size=1, global_batch_size=2),
             # Training's seq_length limit; forward_logits runs the whole input (dynamic NTK
@@ -61,7 +65,7 @@ def main(manifest_path: str) -> None:
             chunks, _ = build_model(cfg.model, validate_for_world(cfg, env.world_size), Numerics("fp32"))
             load_weights(case["ckpt"], chunks)
             logits = forward_logits(chunks, tokens, cfg.model.vocab_size)
-            if logits is not None and ps.get_tensor_model_parallel_rank() == 0:
+            if logits is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
                 torch.save(logits, case["out"])
     finally:
         teardown_distributed()
