@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Start a one-node SLURM cluster on localhost for tests/slurm/ (Debian slurm-wlm 22.05 + munge).
+# Start a SLURM cluster on localhost for tests/slurm/ (Debian slurm-wlm 22.05 + munge): two nodes,
+# ct1 and ct2, each its own slurmd (one host, one address, a port each: slurmd -N, which Debian's
+# build allows), so jobs span nodes; CT_SLURM_NODES=1 starts the one node named after the host.
 #
 #   bash .ci/slurm_up.sh && source /tmp/ct-slurm/slurm.env && python3 -m pytest -q tests/slurm
 #   bash .ci/slurm_down.sh
@@ -9,12 +11,15 @@
 # directly (no systemd); slurm_down.sh stops them by the PIDs recorded here. Everything lives in
 # $CT_SLURM_DIR, so a cluster the machine may already run is not touched (own ports, own socket).
 # When SLURM cannot be installed or started it prints ONE line saying why, writes it to
-# $CT_SLURM_DIR/unavailable (the tests skip with that reason) and exits 1.
+# $CT_SLURM_DIR/unavailable (the tests skip with that reason) and exits 1. When the second slurmd
+# cannot run, the one-node cluster starts instead and $CT_SLURM_DIR/one_node says why (the
+# multi-node test skips with that reason).
 set -uo pipefail
 
 DIR=${CT_SLURM_DIR:-/tmp/ct-slurm}
 CTLD_PORT=${CT_SLURM_CTLD_PORT:-16817}
-SLURMD_PORT=${CT_SLURM_SLURMD_PORT:-16818}
+SLURMD_PORT=${CT_SLURM_SLURMD_PORT:-16818} # node k of several: SLURMD_PORT + k - 1
+NODES=${CT_SLURM_NODES:-2}
 # KillWait: seconds between SIGTERM and SIGKILL when a job is cancelled, requeued or reaches its
 # time limit. Small so tests are quick, long enough for the tiny test model's save (~2 s).
 KILL_WAIT=${CT_SLURM_KILL_WAIT:-20}
@@ -24,6 +29,10 @@ CPUS=$((NCPU > 4 ? NCPU : 4))
 
 unavailable() {
   [ -f "$DIR/pids" ] && bash "$(dirname "$0")/slurm_down.sh" >/dev/null 2>&1 # what did start
+  if [ "$NODES" -gt 1 ] && [ -n "${SLURMD_STARTING:-}" ]; then # the same cluster with one slurmd
+    echo "slurm: $NODES nodes did not start ($1); starting one"
+    CT_SLURM_NODES=1 CT_SLURM_ONE_NODE_REASON="$NODES slurmd on one host did not start: $1" exec bash "$0"
+  fi
   mkdir -p "$DIR"
   echo "$1" >"$DIR/unavailable"
   echo "slurm: not available ($1); the SLURM test tier will be skipped"
@@ -52,6 +61,11 @@ HOST=$(hostname -s)
 # The node's name is what jobs see in SLURM_JOB_NODELIST and rendezvous on: it must resolve.
 NODE=${CT_SLURM_NODE:-$HOST}
 getent hosts "$NODE" >/dev/null || NODE=localhost
+# Several nodes: ct1..ctN, names that need not resolve (the sbatch script rendezvouses on the
+# first node's NodeAddr, as SLURM reaches it), each slurmd on its own port.
+NAMES=("$NODE")
+[ "$NODES" -gt 1 ] && read -r -a NAMES <<<"$(seq -s ' ' -f 'ct%g' "$NODES")"
+NODESET=$(IFS=,; echo "${NAMES[*]}")
 
 # Private munge key and socket: does not depend on (or disturb) a system munged.
 dd if=/dev/urandom of="$DIR/munge/munge.key" bs=1024 count=1 status=none
@@ -67,12 +81,12 @@ echo "munged $(cat "$DIR/munge/munged.pid")" >>"$DIR/pids"
 # the job's processes get GPUs. Where mknod is not allowed the node has none (that test skips).
 GRES_TYPES="" GRES_NODE=""
 if mknod "$DIR/gpu0" c 1 3 2>/dev/null && mknod "$DIR/gpu1" c 1 3 2>/dev/null; then
-  echo "NodeName=$NODE Name=gpu File=$DIR/gpu[0-1]" >"$DIR/gres.conf"
+  echo "NodeName=$NODESET Name=gpu File=$DIR/gpu[0-1]" >"$DIR/gres.conf"
   GRES_TYPES="GresTypes=gpu" GRES_NODE=" Gres=gpu:2"
 fi
 
 cat >"$DIR/slurm.conf" <<EOF
-# Written by .ci/slurm_up.sh: one node on localhost for tests/slurm/.
+# Written by .ci/slurm_up.sh: ${#NAMES[@]} node(s) on localhost for tests/slurm/.
 ClusterName=ctci
 SlurmctldHost=$HOST(127.0.0.1)
 SlurmctldPort=$CTLD_PORT
@@ -83,12 +97,12 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$SOCKET
 StateSaveLocation=$DIR/state
-SlurmdSpoolDir=$DIR/spool
+SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$DIR/slurmctld.pid
-SlurmdPidFile=$DIR/slurmd.pid
+SlurmdPidFile=$DIR/slurmd-%n.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
-ProctrackType=proctrack/linuxproc
+SlurmdLogFile=$DIR/log/slurmd-%n.log
+ProctrackType=proctrack/pgid
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
@@ -103,30 +117,40 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 $GRES_TYPES
-NodeName=$NODE NodeHostname=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=1000$GRES_NODE State=UNKNOWN
+$(for i in "${!NAMES[@]}"; do
+  echo "NodeName=${NAMES[$i]} NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$((SLURMD_PORT + i)) CPUs=$CPUS RealMemory=1000$GRES_NODE State=UNKNOWN"
+done)
 # Jobs in "urgent" preempt jobs in "ci": TERM to the job's steps, requeue after GraceTime.
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
-PartitionName=ci Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO PriorityTier=1 GraceTime=$KILL_WAIT
-PartitionName=urgent Nodes=$NODE MaxTime=INFINITE State=UP OverSubscribe=NO PriorityTier=2
+PartitionName=ci Nodes=$NODESET Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO PriorityTier=1 GraceTime=$KILL_WAIT
+PartitionName=urgent Nodes=$NODESET MaxTime=INFINITE State=UP OverSubscribe=NO PriorityTier=2
 EOF
-# No cgroup.conf: slurmd 22.05 loads a cgroup plugin even with proctrack/linuxproc (it has no
+# proctrack/pgid: a step is its tasks' process groups, killed whole when the step ends, as a
+# cgroup would be; with linuxproc (the process tree) a task's helper process orphaned by the task's
+# death (megatron-core's checkpoint manager process, SIGTERM-shielded) escapes the kill, keeps the
+# step's output open, and the step never ends (a lost node would hang its job).
+# No cgroup.conf: slurmd 22.05 loads a cgroup plugin even with proctrack/pgid (it has no
 # "disabled"); autodetection picks v1 or v2, whichever is mounted, and nothing uses it.
 export SLURM_CONF="$DIR/slurm.conf"
 
 slurmctld -f "$SLURM_CONF" -i >/dev/null 2>&1 || unavailable "slurmctld did not start, see $DIR/log/slurmctld.log"
 for _ in $(seq 50); do [ -s "$DIR/slurmctld.pid" ] && break; sleep 0.1; done
 echo "slurmctld $(cat "$DIR/slurmctld.pid" 2>/dev/null)" >>"$DIR/pids"
-slurmd -f "$SLURM_CONF" -N "$NODE" >/dev/null 2>&1 || unavailable "slurmd did not start, see $DIR/log/slurmd.log"
-for _ in $(seq 50); do [ -s "$DIR/slurmd.pid" ] && break; sleep 0.1; done
-echo "slurmd $(cat "$DIR/slurmd.pid" 2>/dev/null)" >>"$DIR/pids"
+SLURMD_STARTING=1 # from here on a failure with several nodes retries with one
+for name in "${NAMES[@]}"; do
+  slurmd -f "$SLURM_CONF" -N "$name" >/dev/null 2>&1 || unavailable "slurmd $name did not start, see $DIR/log/slurmd-$name.log"
+  for _ in $(seq 50); do [ -s "$DIR/slurmd-$name.pid" ] && break; sleep 0.1; done
+  echo "slurmd $(cat "$DIR/slurmd-$name.pid" 2>/dev/null)" >>"$DIR/pids"
+done
 
-# The node is usable once slurmctld reports it idle.
+# The nodes are usable once slurmctld reports every one idle.
 for _ in $(seq 100); do
-  state=$(sinfo -h -N -o %t 2>/dev/null | head -n 1)
-  [ "$state" = "idle" ] && break
+  states=$(sinfo -h -N -o %t 2>/dev/null | sort -u | tr '\n' ' ')
+  [ "$states" = "idle " ] && [ "$(sinfo -h -N -o %N 2>/dev/null | sort -u | wc -l)" = "${#NAMES[@]}" ] && break
   sleep 0.2
 done
-[ "${state:-}" = "idle" ] || unavailable "node $NODE not idle after 20 s (state '${state:-none}'), see $DIR/log/"
+[ "${states:-}" = "idle " ] || unavailable "nodes $NODESET not idle after 20 s (states '${states:-none}'), see $DIR/log/"
+[ -n "${CT_SLURM_ONE_NODE_REASON:-}" ] && echo "$CT_SLURM_ONE_NODE_REASON" >"$DIR/one_node"
 echo "export SLURM_CONF=$SLURM_CONF" >"$DIR/slurm.env"
-echo "slurm: one-node cluster up (node $NODE, $CPUS CPUs${GRES_NODE:+, 2 stand-in GPUs}, KillWait=${KILL_WAIT}s); SLURM_CONF=$SLURM_CONF"
+echo "slurm: ${#NAMES[@]}-node cluster up (nodes $NODESET, $CPUS CPUs each${GRES_NODE:+, 2 stand-in GPUs each}, KillWait=${KILL_WAIT}s); SLURM_CONF=$SLURM_CONF"

@@ -97,6 +97,14 @@ class Cluster:
     def partitions(self) -> set[str]:
         return set(self.run("sinfo", "-h", "-o", "%R").split())
 
+    def nodes(self) -> list[str]:
+        return sorted(set(self.run("sinfo", "-h", "-N", "-o", "%N").split()))
+
+    def why_one_node(self) -> str:
+        """Why .ci/slurm_up.sh started one node instead of two (it writes the reason)."""
+        why = CLUSTER_DIR / "one_node"
+        return why.read_text().strip() if why.exists() else "started with one node (CT_SLURM_NODES=1?)"
+
 
 @pytest.fixture(scope="session")
 def cluster() -> Cluster:

@@ -164,6 +164,7 @@ def test_preemption_saves_requeues_and_resumes_exactly(cluster, tmp_path, refere
         "--parsable",
         "--partition=urgent",
         "--exclusive",
+        f"--nodelist={cluster.job(job.id)['NodeList']}",  # the job's node, not another idle one
         f"--output={tmp_path / 'urgent.out'}",
         "--wrap=true",
     ).strip()
