@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 
+import pytest
+
 from launch import REPO, wait_for
 
 SCRIPT = REPO / "examples" / "slurm" / "pretrain_ct.sbatch"
@@ -80,6 +82,10 @@ def test_job_log_goes_where_the_job_can_always_open_it():
 # writes its pid once its trap is set, and idles in `wait`, which a trapped signal interrupts.
 STUBS = {
     "srun": """#!/bin/bash
+if [ -n "${FAIL_RC:-}" ]; then  # the step fails at once (a lost node), after a save or not
+  [ "$SAVES" = 1 ] && echo 7 > "$SAVE_DIR/latest_checkpointed_iteration.txt"
+  exit "$FAIL_RC"
+fi
 trap 'kill "$IDLE"; [ "$SAVES" = 1 ] && echo 7 > "$SAVE_DIR/latest_checkpointed_iteration.txt"; exit 0' TERM
 sleep infinity >/dev/null 2>&1 &
 IDLE=$!
@@ -93,6 +99,7 @@ kill -TERM "$(cat "$STUB/trainer.pid")"
     "scontrol": """#!/bin/bash
 case "$1 $2" in
   "show hostnames") echo node1 ;;
+  "show node") echo "NodeName=node1 Arch=x86_64 NodeAddr=10.0.0.1 NodeHostName=node1" ;;
   "show job") echo "JobId=$SLURM_JOB_ID JobState=$JOB_STATE PreemptTime=${PREEMPT_TIME:-None}" ;;
   *) echo "scontrol $*" >> "$STUB/calls" ;;
 esac
@@ -100,16 +107,16 @@ esac
 }
 
 
-def run_signalled(tmp_path, sig, job_state="RUNNING", saves=True, preempt_time=None):
-    """Start the script, send ``sig`` to it (None: to nobody) as SLURM would, and SIGTERM to
-    the trainer when SLURM itself would signal the steps; returns (exit code, calls, output)."""
+def stub_env(tmp_path, saves=True, job_state="RUNNING", **extra):
+    """The stand-ins on PATH, a fresh save directory, and the job's SLURM variables."""
     stub = tmp_path / "stub"
     (stub / "bin").mkdir(parents=True)
     for name, text in STUBS.items():
         (stub / "bin" / name).write_text(text)
         (stub / "bin" / name).chmod(0o755)
     (stub / "calls").touch()
-    env = {
+    (tmp_path / "ck").mkdir()
+    return stub, {
         "PATH": f"{stub / 'bin'}:{os.environ['PATH']}",
         "STUB": str(stub),
         "SAVES": "1" if saves else "0",
@@ -121,9 +128,14 @@ def run_signalled(tmp_path, sig, job_state="RUNNING", saves=True, preempt_time=N
         "SLURM_CPUS_ON_NODE": "2",
         "SLURM_SUBMIT_DIR": str(REPO),
         "SAVE_DIR": str(tmp_path / "ck"),
-        **({"PREEMPT_TIME": preempt_time} if preempt_time else {}),
+        **extra,
     }
-    (tmp_path / "ck").mkdir()
+
+
+def run_signalled(tmp_path, sig, job_state="RUNNING", saves=True, preempt_time=None):
+    """Start the script, send ``sig`` to it (None: to nobody) as SLURM would, and SIGTERM to
+    the trainer when SLURM itself would signal the steps; returns (exit code, calls, output)."""
+    stub, env = stub_env(tmp_path, saves, job_state, **({"PREEMPT_TIME": preempt_time} if preempt_time else {}))
     proc = subprocess.Popen(
         ["bash", str(SCRIPT)],
         env=env,
@@ -180,3 +192,42 @@ def test_preemption_with_grace_time_is_requeued_after_the_save(tmp_path):
     rc, calls, out = run_signalled(tmp_path, None, preempt_time="2026-01-01T00:00:00")
     assert rc == 0, out
     assert calls == ["scontrol requeue 42"]
+
+
+def run_failing(tmp_path, rc, saves):
+    """The script with a step that fails at once with exit ``rc`` (a lost node: SIGKILLed tasks,
+    srun's status 137), having saved a checkpoint first or not; returns (exit code, calls, output)."""
+    stub, env = stub_env(tmp_path, saves, FAIL_RC=str(rc))
+    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=30)
+    return proc.returncode, (stub / "calls").read_text().splitlines(), proc.stdout + proc.stderr
+
+
+def test_rendezvous_at_the_first_nodes_address(tmp_path):
+    # The stand-in scontrol gives node1 the NodeAddr 10.0.0.1 (names need not resolve).
+    stub, env = stub_env(tmp_path, PYTHON="true")
+    (stub / "bin" / "srun").write_text('#!/bin/bash\necho "MASTER_ADDR=$MASTER_ADDR"\n')
+    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "MASTER_ADDR=10.0.0.1"
+
+
+def test_lost_node_after_a_new_save_is_requeued(tmp_path):
+    rc, calls, out = run_failing(tmp_path, 137, saves=True)
+    assert rc == 0, out
+    assert calls == ["scontrol requeue 42"]
+    assert "the trainers failed (exit 137: a lost node or a crashed rank); requeueing" in out
+
+
+def test_failure_without_a_new_save_is_not_requeued(tmp_path):
+    # The same failure again before the next checkpoint: requeueing would loop.
+    rc, calls, out = run_failing(tmp_path, 137, saves=False)
+    assert rc == 137
+    assert calls == []
+    assert "no checkpoint since this run started: not requeued" in out
+
+
+@pytest.mark.parametrize("status", [2, 3])  # a config or input error; train.nan_policy=stop
+def test_trainers_own_stops_are_not_requeued(tmp_path, status):
+    rc, calls, out = run_failing(tmp_path, status, saves=True)
+    assert rc == status
+    assert calls == [], out

@@ -4,12 +4,15 @@ One tiny 2-process job (DP2, distributed optimizer, warmup + cosine, a periodic 
 steps) per test, signalled past its first periodic save. Stops that SLURM or a user mean as
 "pause" (signal to the batch script, time-limit warning, preemption, scontrol requeue) must
 save, requeue and resume with the per-step losses of an uninterrupted run; a plain scancel
-must save and cancel, never requeue.
+must save and cancel, never requeue. A 2-node x 2-process job that loses one node's processes
+mid-run must be requeued and resume from its last complete checkpoint with the losses of an
+uninterrupted 2 x 2 run.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +49,7 @@ class Job:
         return max((r["iteration"] for r in self.records()), default=0)
 
 
-def submit_training(cluster, tmp_path: Path, name: str, sbatch_args=(), env=None) -> Job:
+def submit_training(cluster, tmp_path: Path, name: str, sbatch_args=(), env=None, run=RUN) -> Job:
     ck, log = tmp_path / "ck", tmp_path / "job.out"
     job_env = {
         "CONFIG": "",  # the embedded tiny run, with RUN's overrides
@@ -59,7 +62,7 @@ def submit_training(cluster, tmp_path: Path, name: str, sbatch_args=(), env=None
     }
     # --time well above the script's USR1 lead (600 s), or the warning would come at once.
     sbatch_args = ["--nodes=1", f"--job-name={name}", f"--output={log}", "--time=30", *sbatch_args]
-    return Job(cluster.submit(SCRIPT, RUN, sbatch_args, job_env, cwd=REPO), ck, log)
+    return Job(cluster.submit(SCRIPT, run, sbatch_args, job_env, cwd=REPO), ck, log)
 
 
 def wait_for_iteration(cluster, job: Job, iteration: int, timeout: float = 120) -> None:
@@ -201,3 +204,76 @@ def test_one_process_per_gpu_each_seeing_the_gpus(cluster, tmp_path):
     assert info["ExitCode"] == "0:0", job.log.read_text()
     lines = sorted(line for line in job.log.read_text().splitlines() if line.startswith("task "))
     assert lines == ["task 0 local 0 of 2 gpus 0,1", "task 1 local 1 of 2 gpus 0,1"]
+
+
+MULTI_ITERS = 20
+MULTI_RUN = [*(arg for arg in RUN if not arg.startswith("train.train_iters=")), f"train.train_iters={MULTI_ITERS}"]
+KILL_AFTER = 7  # past the periodic save of iteration 5, before the one of iteration 10
+
+
+def kill_node(job_id: str, node: str) -> list[int]:
+    """SIGKILL every process of the job's steps on ``node`` (trainers and their checkpoint
+    helpers): the node is lost as far as the job can tell. The test nodes share this host, so
+    the node is told by SLURMD_NODENAME in each process's environment."""
+    killed = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            raw = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:  # gone, or not ours to read
+            continue
+        env = dict(item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+        if (
+            env.get(b"SLURM_JOB_ID") == job_id.encode()
+            and env.get(b"SLURMD_NODENAME") == node.encode()
+            and env.get(b"SLURM_STEP_ID", b"").isdigit()  # a step srun started, not the batch script
+        ):
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+                killed.append(int(pid))
+            except ProcessLookupError:
+                pass
+    return killed
+
+
+def test_lost_node_requeues_and_resumes_exactly(cluster, tmp_path):
+    if len(cluster.nodes()) < 2:
+        pytest.skip(f"the test cluster has one node: {cluster.why_one_node()}")
+    two_nodes = ["--nodes=2"]
+    (tmp_path / "straight").mkdir()
+    (tmp_path / "lost").mkdir()
+    straight = submit_training(cluster, tmp_path / "straight", "ct-2x2-straight", two_nodes, run=MULTI_RUN)
+    # Queued behind the uninterrupted run (both take both nodes); its first run is paced so that
+    # the kill lands between two periodic saves.
+    job = submit_training(
+        cluster,
+        tmp_path / "lost",
+        "ct-2x2-lost",
+        two_nodes,
+        {"PYTHON": f"{sys.executable} tests/slurm/paced.py", "CT_STEP_DELAY": "0.3"},
+        run=MULTI_RUN,
+    )
+    info = cluster.wait(straight.id, {"COMPLETED"}, 180, straight.log)
+    assert info["ExitCode"] == "0:0", info
+    reference = {r["iteration"]: r["loss"] for r in straight.records()}
+    assert sorted(reference) == list(range(1, MULTI_ITERS + 1))
+
+    wait_for_iteration(cluster, job, KILL_AFTER)
+    hosts = cluster.run("scontrol", "show", "hostnames", cluster.job(job.id)["NodeList"]).split()
+    assert len(hosts) == 2, hosts
+    assert kill_node(job.id, hosts[1]), f"no process of job {job.id} on {hosts[1]}"  # not the batch script's node
+    # srun ends the step (--kill-on-bad-exit); the script requeues: this run saved iteration 5.
+    info = cluster.wait(job.id, {"PENDING"}, 90, job.log)
+    assert info["Restarts"] == "1", info
+    saved = int((job.ck / "latest_checkpointed_iteration.txt").read_text())
+    assert 5 <= saved < MULTI_ITERS
+    log = job.log.read_text()
+    assert f"a lost node or a crashed rank); requeueing to resume from iteration {saved}" in log, log[-4000:]
+
+    cluster.release(job.id)
+    info = cluster.wait(job.id, {"COMPLETED"}, 180, job.log)
+    assert info["ExitCode"] == "0:0", info
+    log = job.log.read_text()
+    assert f"resumed from {job.ck / f'iter_{saved:07d}'} at iteration {saved}" in log, log[-4000:]
+    records = job.records()
+    assert sorted(r["iteration"] for r in records) == list(range(1, MULTI_ITERS + 1)), "each iteration once"
+    assert {r["iteration"]: r["loss"] for r in records} == reference
