@@ -249,7 +249,7 @@ def test_lost_node_requeues_and_resumes_exactly(cluster, tmp_path):
         tmp_path / "lost",
         "ct-2x2-lost",
         two_nodes,
-        {"PYTHON": f"{sys.executable} tests/slurm/paced.py", "CT_STEP_DELAY": "0.3"},
+        {"PYTHON": f"{sys.executable} tests/slurm/paced.py", "CT_STEP_DELAY": "0.5"},
         run=MULTI_RUN,
     )
     info = cluster.wait(straight.id, {"COMPLETED"}, 180, straight.log)
@@ -257,9 +257,11 @@ def test_lost_node_requeues_and_resumes_exactly(cluster, tmp_path):
     reference = {r["iteration"]: r["loss"] for r in straight.records()}
     assert sorted(reference) == list(range(1, MULTI_ITERS + 1))
 
-    wait_for_iteration(cluster, job, KILL_AFTER)
-    hosts = cluster.run("scontrol", "show", "hostnames", cluster.job(job.id)["NodeList"]).split()
+    # Its nodes first, so that the kill follows the awaited iteration without a call to SLURM.
+    info = cluster.wait(job.id, {"RUNNING"}, 120, job.log)
+    hosts = cluster.run("scontrol", "show", "hostnames", info["NodeList"]).split()
     assert len(hosts) == 2, hosts
+    wait_for_iteration(cluster, job, KILL_AFTER)
     assert kill_node(job.id, hosts[1]), f"no process of job {job.id} on {hosts[1]}"  # not the batch script's node
     # srun ends the step (--kill-on-bad-exit); the script requeues: this run saved iteration 5.
     info = cluster.wait(job.id, {"PENDING"}, 90, job.log)
