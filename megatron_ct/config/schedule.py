@@ -3,8 +3,14 @@
 A :class:`Schedule` is what the data source, the freeze plan, the LR scheduler and the
 trainer's stage-start hook all read; nothing else derives stages from the config. Stage
 lengths are steps (``iters``, or ``tokens`` rounded up to whole steps of
-``global_batch_size * seq_length``), laid end to end from iteration 0; an open-ended last
-stage runs to ``train.train_iters``. A step belongs wholly to one stage.
+``global_batch_size * seq_length`` at the stage's own sequence length), laid end to end from
+iteration 0; an open-ended last stage runs to ``train.train_iters``. A step belongs wholly to
+one stage.
+
+Each stage carries its effective sequence length and RoPE (``rotary_base``, ``rope_scaling``,
+``max_position_embeddings``): a stage's own value, else the stage before's, the first stage's
+else the run's (``data.seq_length``, ``model.*``). So a long-context stage's length and RoPE
+stay in force in the stages after it until one changes them again.
 
 A run on the synthetic stream has one implicit stage, ``main``, with no datasets: the same
 code path then covers curricula and plain runs (what trains is the run-level
@@ -22,7 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from megatron_ct.config.schema import CTConfig, DataConfig
+from megatron_ct.config.rope import RopeScaling
+from megatron_ct.config.schema import CTConfig, DataConfig, ModelConfig
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,6 +50,16 @@ class Stage:
     trainable_params: tuple[str, ...] | None = None  # the stage's patterns, else the run's; None: all
     trainable_key: str = "train.trainable_params"  # the config key those patterns come from
     lr_mult: dict = field(default_factory=dict)  # class -> LR multiplier (optim.decoupled_lr, train, stage)
+    # The effective sequence length and RoPE (always set by Schedule.from_config).
+    seq_length: int | None = None
+    rotary_base: float | None = None
+    rope_scaling: dict | None = None  # HF rope_scaling; None: plain RoPE
+    max_position_embeddings: int | None = None
+
+    @property
+    def rope(self) -> tuple:
+        """What the model's rotary embedding depends on: (rotary_base, rope_scaling, max_position_embeddings)."""
+        return (self.rotary_base, self.rope_scaling, self.max_position_embeddings)
 
     @property
     def ramped(self) -> bool:
@@ -53,14 +70,49 @@ class Stage:
         return None if self.end_iter is None else self.end_iter - self.start_iter
 
 
+def _carried(own: list, first):
+    """Each stage's value: its own, else the stage before's (the first stage's: ``first``)."""
+    out, value = [], first
+    for v in own:
+        value = value if v is None else v
+        out.append(value)
+    return out
+
+
+def stage_seq_lengths(data: DataConfig) -> list[int]:
+    """Sequence length of each configured stage (its own, else carried over from the stage before)."""
+    return _carried([s.seq_length for s in data.stages], data.seq_length)
+
+
+def model_rope(m: ModelConfig) -> tuple[float, dict | None, int]:
+    """(rotary_base, rope_scaling, max_position_embeddings) of the model config, as a stage's ``rope``."""
+    return (m.rotary_base, _scaling(m.rope_scaling), m.max_position_embeddings)
+
+
+def stage_ropes(cfg: CTConfig) -> list[tuple[float, dict | None, int]]:
+    """(rotary_base, rope_scaling, max_position_embeddings) of each configured stage, each carried
+    over from the stage before where the stage does not set it (first stage: the model's)."""
+    m, stages = cfg.model, cfg.data.stages
+    bases = _carried([s.rotary_base for s in stages], m.rotary_base)
+    scalings = _carried([s.rope_scaling for s in stages], m.rope_scaling)
+    max_pos = _carried([s.max_position_embeddings for s in stages], m.max_position_embeddings)
+    return list(zip(bases, map(_scaling, scalings), max_pos, strict=True))
+
+
+def _scaling(rope_scaling: dict | None) -> dict | None:
+    """``rope_scaling`` with plain RoPE as None (``{rope_type: default}`` is model.rope_scaling=null)."""
+    return rope_scaling if rope_scaling and RopeScaling.from_hf_dict(rope_scaling).rope_type != "default" else None
+
+
 def stage_iters(data: DataConfig, global_batch_size: int) -> list[int | None]:
-    """Length of each configured stage in steps (None for an open-ended last stage)."""
+    """Length of each configured stage in steps (None for an open-ended last stage); ``tokens``
+    count at the stage's own sequence length."""
     out: list[int | None] = []
-    for s in data.stages:
+    for s, seq in zip(data.stages, stage_seq_lengths(data), strict=True):
         if s.iters is not None:
             out.append(s.iters)
         elif s.tokens is not None:
-            out.append(math.ceil(s.tokens / (global_batch_size * data.seq_length)))
+            out.append(math.ceil(s.tokens / (global_batch_size * seq)))
         else:
             out.append(None)
     return out
@@ -94,11 +146,27 @@ class Schedule:
         d = cfg.data
         if d.source != "indexed":
             empty = np.zeros(0)
-            main = Stage(0, "main", 0, None, empty, empty, trainable_params=run_trainable, lr_mult=run_mult)
+            base, scaling, max_pos = model_rope(cfg.model)
+            main = Stage(
+                0,
+                "main",
+                0,
+                None,
+                empty,
+                empty,
+                trainable_params=run_trainable,
+                lr_mult=run_mult,
+                seq_length=d.seq_length,
+                rotary_base=base,
+                rope_scaling=scaling,
+                max_position_embeddings=max_pos,
+            )
             return cls([main], [], False)
         names = dataset_names(d)
         stages, start = [], 0
-        for i, (s, iters) in enumerate(zip(d.stages, stage_iters(d, cfg.train.global_batch_size), strict=True)):
+        iters_ = stage_iters(d, cfg.train.global_batch_size)
+        settings = zip(d.stages, iters_, stage_seq_lengths(d), stage_ropes(cfg), strict=True)
+        for i, (s, iters, seq, (base, scaling, max_pos)) in enumerate(settings):
             a = _vector(s.blend, names)
             stages.append(
                 Stage(
@@ -118,6 +186,10 @@ class Schedule:
                     if s.trainable_params
                     else "train.trainable_params",
                     lr_mult={**run_mult, **(s.lr_mult or {})},
+                    seq_length=seq,
+                    rotary_base=base,
+                    rope_scaling=scaling,
+                    max_position_embeddings=max_pos,
                 )
             )
             if iters is not None:
@@ -148,6 +220,10 @@ class Schedule:
             parts += [f"packing {stage.packing}", f"blend {blend}"]
         if stage.lr_rewarm_iters:
             parts.append(f"LR re-warm over {stage.lr_rewarm_iters} steps")
+        parts.append(f"seq {stage.seq_length}")
+        if stage.index == 0 or stage.rope != self.stages[stage.index - 1].rope:
+            scaling = f", rope_scaling {stage.rope_scaling}" if stage.rope_scaling else ""
+            parts.append(f"RoPE theta {stage.rotary_base:g}{scaling}, max positions {stage.max_position_embeddings}")
         parts.append("training " + (", ".join(stage.trainable_params) if stage.trainable_params else "everything"))
         if any(v != 1.0 for v in stage.lr_mult.values()):
             parts.append("LR x " + ", ".join(f"{k} {v:g}" for k, v in sorted(stage.lr_mult.items())))

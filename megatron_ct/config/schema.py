@@ -521,7 +521,8 @@ class StageConfig:
     """Length in optimizer steps. Give iters or tokens; the last stage may give neither and
     runs to train.train_iters."""
     tokens: int | None = None
-    """Length in training tokens, rounded up to whole steps of global_batch_size*seq_length."""
+    """Length in training tokens, rounded up to whole steps of global_batch_size*seq_length (the
+    stage's own sequence length)."""
     blend: dict[str, float]
     """Dataset name -> weight at the stage start: its share of the stage's sequences
     (normalised to sum 1)."""
@@ -546,6 +547,21 @@ class StageConfig:
     train.trainable_params. Frozen parameters stay bit-identical through the stage."""
     lr_mult: dict[str, float] | None = None
     """LR multipliers per parameter class for this stage, over train.lr_mult (same classes)."""
+    seq_length: int | None = None
+    """Tokens per training sequence in this stage (a long-context stage: 4x the length); every
+    dataset's stream continues at its position, cut into windows of this length. None: the
+    stage before's (the first stage: data.seq_length). Validation keeps data.seq_length."""
+    rotary_base: float | None = None
+    """RoPE theta from this stage on (model.rotary_base, HF ``rope_theta``); None: the stage
+    before's (the first stage: model.rotary_base)."""
+    rope_scaling: dict | None = None
+    """HF ``rope_scaling`` from this stage on (e.g. ``{rope_type: yarn, factor: 4,
+    original_max_position_embeddings: 2048}``; ``{rope_type: default}`` turns a scaling off);
+    None: the stage before's (the first stage: model.rope_scaling)."""
+    max_position_embeddings: int | None = None
+    """Longest sequence the position encoding is set up for from this stage on (YaRN's and
+    llama3's reference length, the exported ``max_position_embeddings``); None: the stage
+    before's (the first stage: model.max_position_embeddings)."""
 
     @classmethod
     def parse(cls, raw: Any, key: str) -> StageConfig:
@@ -607,7 +623,32 @@ class StageConfig:
         )
         check_param_patterns(trainable, f"{key}.trainable_params")
         check_lr_mult(raw.get("lr_mult"), f"{key}.lr_mult")
+        _check_stage_position_keys(raw, key)
         return cls(**raw)
+
+
+def _check_stage_position_keys(raw: dict, key: str) -> None:
+    """A stage's sequence length and RoPE keys, each on its own (their combination with the
+    model's values is checked in CTConfig)."""
+    for name, least in (("seq_length", 2), ("max_position_embeddings", 1)):
+        value = raw.get(name)
+        if isinstance(value, float) and value.is_integer():
+            raw[name] = value = int(value)
+        ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= least)
+        _require(ok, f"{key}.{name}", f"an integer >= {least} or null", value)
+    base = raw.get("rotary_base")
+    if base is not None:
+        _number(base, f"{key}.rotary_base", "a number > 0 or null", _is_number(base) and base > 0)
+    scaling = raw.get("rope_scaling")
+    if scaling is not None:
+        from megatron_ct.config.rope import RopeScaling
+
+        _require(isinstance(scaling, dict), f"{key}.rope_scaling", "a mapping or null", scaling)
+        try:
+            RopeScaling.from_hf_dict(scaling)
+        except (TypeError, ValueError) as e:
+            message = f"{key}.{e}" if str(e).startswith("rope_scaling") else f"{key}.rope_scaling: {e}"
+            raise ConfigError(message) from None
 
 
 @dataclass(kw_only=True)
@@ -630,7 +671,8 @@ class DataConfig:
     """'synthetic' (a learnable token stream for smoke tests) or 'indexed' (datasets and
     stages); None: 'indexed' when stages or data_path are given, else 'synthetic'."""
     seq_length: int = 64
-    """Tokens per training sequence."""
+    """Tokens per training sequence (a stage may set its own: ``data.stages[i].seq_length``), and
+    per validation sequence in every stage, so validation numbers compare across stages."""
     synthetic_branching: int = 4
     """Synthetic data: successors each token can have; the loss floor is about ln(this)."""
     datasets: dict[str, Any] = field(default_factory=dict)
@@ -894,6 +936,7 @@ class CTConfig:
             )
         if self.data.source == "indexed":
             self._check_curriculum_covers_the_run()
+            self._check_stage_lengths()
         for name in self.data.max_regression:
             _require(
                 name in self.data.valid or bool(self.data.downstream_tasks),  # task names: checked at start-up
@@ -923,6 +966,29 @@ class CTConfig:
                     f"(model.untie_embeddings_and_output_weights=false), got {merged.get('embedding', 1.0)} and "
                     f"{merged.get('output', 1.0)}"
                 )
+
+    def _check_stage_lengths(self) -> None:
+        """Each stage's sequence length fits the position encoding it runs with."""
+        from megatron_ct.config.schedule import stage_ropes, stage_seq_lengths
+
+        stages = self.data.stages
+        settings = zip(stages, stage_seq_lengths(self.data), stage_ropes(self), strict=True)
+        for i, (s, seq, (_, _, max_pos)) in enumerate(settings):
+            if seq <= max_pos:
+                continue
+            where = next(
+                (
+                    f"data.stages[{j}].max_position_embeddings"
+                    for j in range(i, -1, -1)
+                    if stages[j].max_position_embeddings
+                ),
+                "model.max_position_embeddings",
+            )
+            key = f"data.stages[{i}].seq_length" if s.seq_length is not None or i else "data.seq_length"
+            raise ConfigError(
+                f"{key}: expected at most {where}={max_pos} (set data.stages[{i}].max_position_embeddings "
+                f"for a longer stage), got {seq}"
+            )
 
     def _check_curriculum_covers_the_run(self) -> None:
         """The stages must last at least train.train_iters (token lengths need the global batch)."""

@@ -42,10 +42,8 @@ def validate_for_world(cfg: CTConfig, world_size: int, device: torch.device | No
     """Raise ConfigError (naming the key and the expected value) or return the layout."""
     t = cfg.train
     dims = ParallelDims.from_config(cfg.parallel, cfg.model, world_size)
+    _check_sequence_lengths(cfg, dims)
     if dims.cp > 1:
-        from megatron_ct.parallel.context import check_sequence_length
-
-        check_sequence_length(cfg.data.seq_length, dims.cp)
         if cfg.data.downstream_tasks:
             raise ConfigError(
                 "data.downstream_tasks: expected none under context parallelism (the task scorer runs "
@@ -75,3 +73,22 @@ def validate_for_world(cfg: CTConfig, world_size: int, device: torch.device | No
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         device=device or torch.device("cpu"),
     )
+
+
+def _check_sequence_lengths(cfg: CTConfig, dims: ParallelDims) -> None:
+    """The run's sequence length and every stage's own split over CP (``2 * cp`` chunks) and, with
+    sequence parallelism, each CP rank's share over TP."""
+    from megatron_ct.parallel.context import check_sequence_length
+
+    lengths = [("data.seq_length", cfg.data.seq_length)]
+    if cfg.data.source == "indexed":
+        stages = enumerate(cfg.data.stages)
+        lengths += [(f"data.stages[{i}].seq_length", s.seq_length) for i, s in stages if s.seq_length]
+    for key, seq in lengths:
+        check_sequence_length(seq, dims.cp, key)
+        if dims.sequence_parallel and (seq // dims.cp) % dims.tp:
+            n = dims.tp * dims.cp
+            raise ConfigError(
+                f"{key}: expected a multiple of tensor_model_parallel_size x context_parallel_size = {n} with "
+                f"parallel.sequence_parallel (each TP rank holds an equal part of the sequence), got {seq}"
+            )

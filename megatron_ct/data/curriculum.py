@@ -13,7 +13,10 @@ position (:mod:`megatron_ct.data.stream`), which advances. So:
 - when the schedule was edited (future stages, or the current stage's weights or length),
   the rest of the current stage starts a new interleave segment from the resume point with
   the new weights, and every dataset continues at its saved position: no sample already
-  consumed is seen again and none is skipped.
+  consumed is seen again and none is skipped;
+- a stage's sequence length (``Stage.seq_length``) is only the window cut from each stream
+  at its position: a stage at another length continues every dataset where the stage before
+  stopped, in windows of the new length (and by_source packs of it), on resume too.
 
 Every rank computes the whole step's assignment (cheap) and reads only its own samples.
 """
@@ -49,7 +52,7 @@ class SampleRef:
 
     dataset: int  # index into the schedule's names
     position: int  # stream position of its first token
-    length: int  # tokens (seq_length + 1, or fewer for by_source)
+    length: int  # tokens (the stage's seq_length + 1, or fewer for by_source)
     next_position: int  # the dataset's position after it (concat windows overlap by one token)
 
 
@@ -60,7 +63,6 @@ def open_streams(data: DataConfig, names: list[str], seed: int, cache: IndexCach
             data.datasets[name],
             key=f"data.datasets.{name}",
             seed=seed,
-            seq_length=data.seq_length,
             cache=cache,
             data_root=data.data_root,
         )
@@ -69,14 +71,16 @@ def open_streams(data: DataConfig, names: list[str], seed: int, cache: IndexCach
 
 
 def build_indices(schedule: Schedule, streams: dict[str, DocumentStream]) -> None:
-    """Epoch-0 index of every dataset (and by_source packs where a stage packs that way)."""
-    by_source = {n for st in schedule.stages if st.packing == "by_source" for n in _stage_datasets(st, schedule)}
+    """Epoch-0 index of every dataset (and by_source packs at each length a stage packs it so)."""
+    by_source = {
+        (n, st.seq_length) for st in schedule.stages if st.packing == "by_source" for n in _stage_datasets(st, schedule)
+    }
     last_report = time.perf_counter()
     for i, (name, stream) in enumerate(streams.items()):
         t0 = time.perf_counter()
         stream.epoch_index(0)
-        if name in by_source:
-            stream.pack_bounds(0)
+        for seq_length in sorted(seq for n, seq in by_source if n == name):
+            stream.pack_bounds(0, seq_length)
         now = time.perf_counter()
         if now - t0 > 2.0:
             log.info("data: index of %r (%s documents) ready in %.1fs", name, f"{stream.num_docs:,}", now - t0)
@@ -130,7 +134,6 @@ class CurriculumSource:
         cache: IndexCache | None = None,
         log_dir: str | None = None,
     ) -> None:
-        self.seq_length = data.seq_length
         self.mbs, self.dp, self.dp_rank = micro_batch_size, layout.dims.dp, dp_rank
         self.num_microbatches = layout.num_microbatches
         self.device = layout.device
@@ -151,7 +154,7 @@ class CurriculumSource:
         )
         for name, stream in self.streams.items():
             if stream.upsample is not None:
-                log.info("data: %s", describe_lengths(name, stream, self.seq_length))
+                log.info("data: %s", describe_lengths(name, stream, data.seq_length))
         self.positions = dict.fromkeys(self.names, 0)
         self.samples_taken = dict.fromkeys(self.names, 0)
         self.segment: Segment | None = None
@@ -237,12 +240,12 @@ class CurriculumSource:
         if seg is None or seg.window.stage is not window.stage or seg.cursor != first:
             self.segment = seg = Segment(window, first)
         ids = seg.take(self.position.global_batch)
-        packing = window.stage.packing
+        packing, seq_length = window.stage.packing, window.stage.seq_length
         refs = []
         for i in ids.tolist():
             name = self.names[i]
             stream, pos = self.streams[name], self.positions[name]
-            length, advance = stream.sample_span(pos, packing)
+            length, advance = stream.sample_span(pos, packing, seq_length)
             refs.append(SampleRef(i, pos, length, pos + advance))
             self.positions[name] = pos + advance
             self.samples_taken[name] += 1
@@ -258,15 +261,17 @@ class CurriculumSource:
             samples = [[self.names[r.dataset], r.position, r.next_position] for r in refs]
             self._sample_log.write({"iteration": step + 1, "stage": stage.name, "samples": samples})
         options = PackingOptions(stage.reset_position_ids, stage.reset_attention_mask, stage.eod_mask_loss)
-        return self._batches(refs, options)
+        return self._batches(refs, stage.seq_length, options)
 
-    def _batches(self, refs: list[SampleRef], options: PackingOptions) -> Iterator[dict[str, torch.Tensor]]:
+    def _batches(
+        self, refs: list[SampleRef], seq_length: int, options: PackingOptions
+    ) -> Iterator[dict[str, torch.Tensor]]:
         for j in range(self.num_microbatches):
             windows = []
             for i in sample_indices(0, j, self.dp_rank, self.mbs, self.dp):
                 r = refs[i]
                 windows.append(self.streams[self.names[r.dataset]].read(r.position, r.length))
-            yield to_device(build_batch(windows, self.seq_length, options), self.device)
+            yield to_device(build_batch(windows, seq_length, options), self.device)
 
     def close(self) -> None:
         if self._sample_log is not None:

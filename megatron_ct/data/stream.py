@@ -8,14 +8,16 @@ integer, its *position* (tokens of the stream consumed so far), which is what th
 checkpoint stores and what makes consumption sequential: a sample is always taken at the
 current position, so nothing is repeated or skipped, whatever packing or blend comes next.
 
-Samples:
+Samples (``seq_length`` is the current stage's, so a stage at another length re-packs the
+same stream from where the stage before left it):
 - ``concat``: the window ``[p, p + seq_length + 1)``; the position advances by
   ``seq_length`` (the last token is the next window's first input, as in Megatron-LM).
 - ``by_source``: whole documents from ``p`` to the next *pack boundary*. Boundaries come from
   a greedy packing of each epoch (documents in order, a new pack when the next document
   does not fit in ``seq_length + 1`` tokens; a longer document is cut into full packs), so
-  a sample holds whole documents of this dataset only. Starting mid-pack (after a
-  ``concat`` stage) yields the rest of that pack.
+  a sample holds whole documents of this dataset only; they are cached per epoch and length.
+  Starting mid-pack (after a ``concat`` stage, or a by_source stage at another length) yields
+  the rest of that pack.
 
 Document boundaries are taken from the index, not from EOD tokens, so masks and resets work
 for data preprocessed without ``--append-eod`` too.
@@ -124,12 +126,11 @@ class DocumentStream:
         *,
         key: str,
         seed: int,
-        seq_length: int,
         cache: IndexCache,
         data_root: str | None = None,
         shuffle: bool = True,
     ) -> None:
-        self.name, self.seed, self.seq_length, self.cache, self.shuffle = name, seed, seq_length, cache, shuffle
+        self.name, self.seed, self.cache, self.shuffle = name, seed, cache, shuffle
         self.key = key
         self.prefixes = resolve_prefixes(cfg.prefixes, data_root, key)
         lengths, files = [], []
@@ -168,7 +169,7 @@ class DocumentStream:
             {"files": files} | ({"upsample_long": self.upsample} if self.copies is not None else {})
         )
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._packs: dict[int, np.ndarray] = {}
+        self._packs: dict[tuple[int, int], np.ndarray] = {}  # (epoch, seq_length) -> bounds
 
     def metadata(self) -> dict[str, DatasetMeta | None]:
         """``"{key} ({prefix})"`` -> the prefix's metadata sidecar (None: written without one)."""
@@ -244,29 +245,30 @@ class DocumentStream:
         docs = np.repeat(np.arange(self.num_docs, dtype=dtype), self.copies)
         return docs[rng.permutation(len(docs))]
 
-    def pack_bounds(self, epoch: int) -> np.ndarray:
-        """``by_source`` pack start offsets within ``epoch`` (plus its end)."""
-        if epoch not in self._packs:
-            if len(self._packs) >= 2:
+    def pack_bounds(self, epoch: int, seq_length: int) -> np.ndarray:
+        """``by_source`` pack start offsets within ``epoch`` (plus its end) for sequences of
+        ``seq_length``."""
+        if (epoch, seq_length) not in self._packs:
+            if len(self._packs) >= 2:  # the current and the next epoch, or the lengths either side of a stage change
                 del self._packs[min(self._packs)]
             order, _ = self.epoch_index(epoch)
-            capacity = self.seq_length + 1
-            self._packs[epoch] = self.cache.get(
+            capacity = seq_length + 1
+            self._packs[epoch, seq_length] = self.cache.get(
                 self.prefixes[0],
                 self.name,
                 self._key(epoch, capacity=capacity),
                 "packs",
                 lambda: greedy_pack_boundaries(self.lengths[order], capacity),
             )
-        return self._packs[epoch]
+        return self._packs[epoch, seq_length]
 
     # --- samples -----------------------------------------------------------------------
-    def sample_span(self, position: int, packing: str) -> tuple[int, int]:
-        """(tokens, position advance) of the sample that starts at ``position``."""
+    def sample_span(self, position: int, packing: str, seq_length: int) -> tuple[int, int]:
+        """(tokens, position advance) of the sample of ``seq_length`` that starts at ``position``."""
         if packing == "concat":
-            return self.seq_length + 1, self.seq_length
+            return seq_length + 1, seq_length
         epoch, offset = divmod(position, self.tokens_per_epoch)
-        bounds = self.pack_bounds(epoch)
+        bounds = self.pack_bounds(epoch, seq_length)
         end = int(bounds[np.searchsorted(bounds, offset, side="right")])
         return end - offset, end - offset
 

@@ -51,7 +51,6 @@ class ValidationSet:
             cfg,
             key=f"data.valid.{name}",
             seed=0,
-            seq_length=s,
             cache=cache,
             data_root=data.data_root,
             shuffle=False,

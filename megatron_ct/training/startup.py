@@ -259,9 +259,7 @@ def _check_datasets(cfg: CTConfig, names: list[str], cache: IndexCache) -> None:
 
     def scan() -> None:
         streams = {
-            key: DocumentStream(
-                name, ds, key=key, seed=0, seq_length=d.seq_length, cache=cache, data_root=d.data_root, shuffle=False
-            )
+            key: DocumentStream(name, ds, key=key, seed=0, cache=cache, data_root=d.data_root, shuffle=False)
             for key, name, ds in entries
         }
         # One tokenizer for the whole run (from each dataset's sidecar), before the ids are compared.

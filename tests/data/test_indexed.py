@@ -261,7 +261,7 @@ def test_sidecar_replaces_the_scan_and_a_stale_one_is_ignored(tmp_path, caplog):
     cache = IndexCache(str(tmp_path / "cache"))
 
     def stream():
-        return DocumentStream("d", DatasetConfig(prefixes=[prefix]), key="k", seed=0, seq_length=8, cache=cache)
+        return DocumentStream("d", DatasetConfig(prefixes=[prefix]), key="k", seed=0, cache=cache)
 
     assert stream().max_token_id() == (4242, prefix) and cache.built == 0
     # The .idx changes (re-tokenized by another tool that left our sidecar behind): the sidecar
@@ -307,11 +307,11 @@ def test_a_glob_of_prefixes_reads_every_shard_in_order(tmp_path):
         write_ours(str(tmp_path / f"web-{k:05d}-of-00003_text_document"), docs[10 * k : 10 * k + 10])
     cache = IndexCache(enabled=False)
     cfg = DatasetConfig(prefixes=["web-*-of-00003_text_document"])
-    stream = DocumentStream("web", cfg, key="k", seed=0, seq_length=8, cache=cache, data_root=str(tmp_path))
+    stream = DocumentStream("web", cfg, key="k", seed=0, cache=cache, data_root=str(tmp_path))
     assert len(stream.prefixes) == 3 and stream.prefixes == sorted(stream.prefixes)
     assert [stream.read_document(i).tolist() for i in range(30)] == [d.tolist() for d in docs]
     with pytest.raises(Exception, match=r"k\.prefixes\[0\]: expected the glob .*nothing-\* to match"):
-        DocumentStream("x", DatasetConfig(prefixes=["nothing-*"]), key="k", seed=0, seq_length=8, cache=cache,
+        DocumentStream("x", DatasetConfig(prefixes=["nothing-*"]), key="k", seed=0, cache=cache,
                        data_root=str(tmp_path))  # fmt: skip
 
 

@@ -25,7 +25,7 @@ def corpus(tmp_path) -> tuple[str, list[np.ndarray]]:
 
 def stream(prefix, up=None, shuffle=True, seed=0):
     cfg = DatasetConfig(prefixes=[prefix], upsample_long=up)
-    return DocumentStream("d", cfg, key="data.datasets.d", seed=seed, seq_length=16, cache=IndexCache(enabled=False),
+    return DocumentStream("d", cfg, key="data.datasets.d", seed=seed, cache=IndexCache(enabled=False),
                           shuffle=shuffle)  # fmt: skip
 
 

@@ -252,9 +252,7 @@ def training_prefixes(cfg) -> list[str]:
 
     ds = cfg.data.datasets["web"]
     cache = IndexCache(enabled=False)
-    stream = DocumentStream(
-        "web", ds, key="data.datasets.web", seed=0, seq_length=8, cache=cache, data_root=cfg.data.data_root
-    )
+    stream = DocumentStream("web", ds, key="data.datasets.web", seed=0, cache=cache, data_root=cfg.data.data_root)
     return stream.prefixes
 
 
