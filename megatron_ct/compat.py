@@ -32,6 +32,14 @@ What differs between the tested versions, and how megatron-ct meets it:
   None, megatron-core's own "no TE GEMM" value (the torch.mm path); nothing changes where TE is
   importable.
 
+- megatron-core decorates its fusion functions with ``jit_fuser``, which is ``torch.compile``
+  at import: importing megatron-core imports torch's compiler stack (dynamo, inductor), about
+  1.2 s of every process start on 2 CPU cores. The fused kernels are never used on CPU (the
+  model config turns the fusions off there). :func:`install_eager_fusions_on_cpu` (called when
+  megatron_ct is imported) makes ``torch.compile`` an identity while megatron-core imports, on
+  machines without CUDA only: ``jit_fuser`` is then megatron-core's own no-op, as after its
+  ``disable_jit_fuser()``, and ``torch.compile`` is the real one again for everything else.
+
 Everything else megatron-ct calls (parallel_state, the layer specs, DotProductAttention, the
 schedules, DDP, the distributed optimizer, dist_checkpointing, the indexed dataset) has the
 same interface in 0.16.1 and 0.19.2.
@@ -40,7 +48,10 @@ same interface in 0.16.1 and 0.19.2.
 from __future__ import annotations
 
 import functools
+import importlib.abc
+import importlib.util
 import logging
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -177,3 +188,53 @@ def define_moe_router_gemm() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+
+def _identity_compile(model=None, **_kwargs):
+    """``torch.compile`` as megatron-core's decorators use it, compiling nothing."""
+    return model if model is not None else (lambda fn: fn)
+
+
+class _EagerFusionsLoader:
+    """Runs megatron-core's package import with ``torch.compile`` replaced (no CUDA only)."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        import torch
+
+        module.__loader__ = module.__spec__.loader = self.loader  # leave no trace once imported
+        if torch.cuda.is_available():
+            self.loader.exec_module(module)
+            return
+        real = torch.compile
+        torch.compile = _identity_compile
+        try:
+            self.loader.exec_module(module)
+        finally:
+            torch.compile = real
+
+
+class _EagerFusionsFinder(importlib.abc.MetaPathFinder):
+    """Hands ``megatron.core``'s spec (found by the other finders) the loader above, once."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "megatron.core":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _EagerFusionsLoader(spec.loader)
+        return spec
+
+
+def install_eager_fusions_on_cpu() -> None:
+    """Before megatron-core is imported: import it without torch's compiler where there is no
+    CUDA (see the module notes). Nothing happens once it is imported, or twice."""
+    if "megatron.core" in sys.modules or any(isinstance(f, _EagerFusionsFinder) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _EagerFusionsFinder())
