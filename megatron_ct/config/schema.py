@@ -637,6 +637,11 @@ def _check_stage_position_keys(raw: dict, key: str) -> None:
         ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= least)
         _require(ok, f"{key}.{name}", f"an integer >= {least} or null", value)
     base = raw.get("rotary_base")
+    if isinstance(base, str):
+        try:
+            raw["rotary_base"] = base = float(base)  # YAML 1.1 reads '1.0e6' (no exponent sign) as a string
+        except ValueError:
+            pass
     if base is not None:
         _number(base, f"{key}.rotary_base", "a number > 0 or null", _is_number(base) and base > 0)
     scaling = raw.get("rope_scaling")

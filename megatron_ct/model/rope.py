@@ -33,7 +33,14 @@ from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
 
 from megatron_ct.config.rope import ROPE_TYPES, RopeScaling
 
-__all__ = ["ROPE_TYPES", "RopeScaling", "HFRotaryEmbedding", "compute_inv_freq_and_attention_factor", "install_rope"]
+__all__ = [
+    "ROPE_TYPES",
+    "RopeScaling",
+    "HFRotaryEmbedding",
+    "compute_inv_freq_and_attention_factor",
+    "install_rope",
+    "switch_rope",
+]
 
 
 def _default_inv_freq(head_dim: int, base: float) -> torch.Tensor:
@@ -274,6 +281,25 @@ def install_rope(
 
     refresh_yarn_attention_factor(gpt_model, _yarn_get_concentration_factor_from_config(config))
     return rope
+
+
+def switch_rope(
+    chunks: list[torch.nn.Module],
+    head_dim: int,
+    rotary_base: float,
+    rope_scaling: dict | None,
+    max_position_embeddings: int,
+) -> None:
+    """Put this RoPE into a built model (its chunks, wrapped in DDP / Float16Module or not): a
+    curriculum stage with another theta or scaling. The frequencies are recomputed as
+    :func:`install_rope` computes them for a fresh model, YaRN's attention factor included (and
+    reset to 1 when the new RoPE has none), so the model computes what one built with these
+    values computes. RoPE has no parameters: weights and optimizer state are untouched."""
+    from megatron.core.utils import unwrap_model
+
+    scaling = RopeScaling.from_hf_dict(rope_scaling or {"rope_type": "default"})
+    for chunk in chunks:
+        install_rope(unwrap_model(chunk), head_dim, rotary_base, scaling, max_position_embeddings)
 
 
 class _RopeFunction(torch.autograd.Function):

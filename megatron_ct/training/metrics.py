@@ -74,16 +74,21 @@ def format_line(r: dict[str, Any], train_iters: int) -> str:
 class Throughput:
     """Training time between log points -> tokens/s, TFLOP/s per device, MFU, ETA.
 
-    Time spent evaluating or saving checkpoints (``exclude``) is not training time: it would
-    make the step after an evaluation look slow and the ETA absurd."""
+    Each step adds its own tokens and FLOPs (:meth:`step`): a curriculum stage at another
+    sequence length changes both. Time spent evaluating or saving checkpoints (``exclude``) is
+    not training time: it would make the step after an evaluation look slow and the ETA absurd."""
 
-    def __init__(self, tokens_per_step: int, flops_per_step: float, world_size: int, peak_tflops: float | None):
-        self.tokens_per_step = tokens_per_step
-        self.flops_per_step = flops_per_step
+    def __init__(self, world_size: int, peak_tflops: float | None):
         self.world_size = world_size
         self.peak = peak_tflops
         self.t0 = time.perf_counter()
         self._excluded = 0.0
+        self._tokens = self._flops = 0.0
+
+    def step(self, tokens: int, flops: float) -> None:
+        """Count one training step of ``tokens`` tokens and ``flops`` FLOPs (the whole model)."""
+        self._tokens += tokens
+        self._flops += flops
 
     def exclude(self, seconds: float) -> None:
         """Do not count ``seconds`` (spent on something other than training steps)."""
@@ -91,13 +96,15 @@ class Throughput:
 
     def measure(self, steps: int, remaining_steps: int) -> dict[str, Any]:
         now = time.perf_counter()
-        dt = max(now - self.t0 - self._excluded, 1e-9) / max(steps, 1)
-        self.t0, self._excluded = now, 0.0
-        tflops = self.flops_per_step / dt / self.world_size / 1e12
-        return {
+        elapsed = max(now - self.t0 - self._excluded, 1e-9)
+        dt = elapsed / max(steps, 1)
+        tflops = self._flops / elapsed / self.world_size / 1e12
+        out = {
             "step_time_s": dt,
-            "tokens_per_s": self.tokens_per_step / dt,
+            "tokens_per_s": self._tokens / elapsed,
             "tflops_per_device": tflops,
             "mfu": (tflops / self.peak) if self.peak else None,
             "eta_s": dt * remaining_steps,
         }
+        self.t0, self._excluded, self._tokens, self._flops = now, 0.0, 0.0, 0.0
+        return out

@@ -7,9 +7,11 @@ pre-training needs. The flow (see docs/ARCHITECTURE.md):
     model, freeze plan, DDP, optimizer, LR scheduler) -> load -> loop -> checkpoint
 
 Every stage change goes through one hook, :meth:`Trainer.on_stage_start`: it logs the
-stage, switches what trains (the freeze plan), starts the stage's LR (the scheduler) and
+stage, switches what trains (the freeze plan), starts the stage's LR (the scheduler), puts the
+stage's RoPE into the model when it differs (theta, scaling: a long-context stage) and
 evaluates the model as it enters the stage (the end of the stage before). It also runs when
-a run starts or resumes inside a stage, minus the evaluation.
+a run starts or resumes inside a stage, minus the evaluation. Each step runs at its stage's
+sequence length; evaluations keep ``data.seq_length``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from megatron_ct.checkpoint.manager import CheckpointManager, ModelState, Optimi
 from megatron_ct.checkpoint.meta import CheckpointMeta
 from megatron_ct.checkpoint.preemption import PreemptionFlag
 from megatron_ct.config import CTConfig, Layout, config_to_dict
-from megatron_ct.config.schedule import Stage
+from megatron_ct.config.schedule import Stage, model_rope
 from megatron_ct.data.batches import build_data_source
 from megatron_ct.families import family_of
 from megatron_ct.jsonl import RUN_LOGS, JsonlLog, drop_records_after
@@ -81,6 +83,7 @@ class Trainer:
         )
         numerics = Numerics(t.precision, t.recompute_granularity, cfg.data.uses_document_attention_mask, ddp=True)
         chunks, self.model_info = build_model(cfg.model, layout, numerics)
+        self.rope = model_rope(cfg.model)  # what the model's rotary embedding computes now
         self.stages = StageTracker(self.schedule)
         self.plan = FreezePlan(chunks, self.schedule, cfg.model.num_layers, self.provenance, self.stages)
         self.model = wrap_ddp(chunks, layout)
@@ -176,8 +179,14 @@ class Trainer:
 
     # --- checkpoint -----------------------------------------------------------------------
     def checkpoint_meta(self) -> CheckpointMeta:
+        config = config_to_dict(self.cfg)
+        if self.rope != model_rope(self.cfg.model):
+            # The record's model section is the model as trained up to this iteration (a stage's
+            # RoPE): what evaluation, merges and the HF export (config.json) build.
+            m = config["model"]
+            m["rotary_base"], m["rope_scaling"], m["max_position_embeddings"] = self.rope
         return CheckpointMeta(
-            config=config_to_dict(self.cfg),
+            config=config,
             true_vocab_size=self.model_info.true_vocab_size,
             padded_vocab_size=self.model_info.padded_vocab_size,
             layout={"tp": self.layout.dims.tp, "pp": self.layout.dims.pp},
@@ -194,7 +203,7 @@ class Trainer:
 
     # --- the stage-start hook -------------------------------------------------------------
     def on_stage_start(self, stage: Stage) -> None:
-        """Log the stage, switch what trains and the LR, and evaluate at a stage boundary."""
+        """Log the stage, switch what trains, the LR and the RoPE, and evaluate at a stage boundary."""
         first = self.stages.current is None
         self.stages.enter(stage)
         if self.is_writer:
@@ -213,6 +222,11 @@ class Trainer:
             )
         if self.iteration == 0 and self.baseline:
             self._evaluate("baseline", stage.name)  # every set's and task's base value, before any update
+        if stage.rope != self.rope:  # after the base line: that is the base model's, as loaded
+            from megatron_ct.model.rope import switch_rope
+
+            switch_rope(self.model, self.cfg.model.head_dim, *stage.rope)
+            self.rope = stage.rope
 
     def _evaluate(self, trigger: str, stage_name: str, sets: bool = True, tasks: bool = True) -> None:
         """Validation sets and downstream tasks at this iteration (each skips an iteration it
@@ -237,14 +251,7 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------------
     def train(self) -> TrainOutcome:
         cfg, t = self.cfg, self.cfg.train
-        seq = cfg.data.seq_length
-        tokens_per_step = t.global_batch_size * seq
-        self._throughput = Throughput(
-            tokens_per_step,
-            tokens_per_step * family_of(cfg.model).flops_per_token(cfg.model, seq, self.model_info.padded_vocab_size),
-            self.layout.dims.world_size,
-            self._peak_tflops(),
-        )
+        self._throughput = Throughput(self.layout.dims.world_size, self._peak_tflops())
         preempt = PreemptionFlag(cfg.checkpoint.save_on_sigterm and cfg.checkpoint.save is not None, self.layout.on_gpu)
         self._reason, self._last = "finished", None
         self._skipped_in_a_row = self._skipped_total = self._since_log = 0
@@ -293,6 +300,7 @@ class Trainer:
     def _iteration(self, preempt: PreemptionFlag) -> bool:
         """One step and its bookkeeping; True when the run must stop here."""
         cfg, t = self.cfg, self.cfg.train
+        seq = self.stages.current.seq_length  # the stage's: a long-context stage runs longer sequences
         self.timer.step_start()
         if self.watchdog is not None:
             self.watchdog.arm(self.iteration + 1)
@@ -304,10 +312,13 @@ class Trainer:
             self.scheduler,
             device=self.layout.device,
             num_microbatches=self.layout.num_microbatches,
-            seq_length=cfg.data.seq_length,
+            seq_length=seq,
             micro_batch_size=t.micro_batch_size,
             nan_policy=t.nan_policy,
         )
+        tokens = t.global_batch_size * seq
+        flops = tokens * family_of(cfg.model).flops_per_token(cfg.model, seq, self.model_info.padded_vocab_size)
+        self._throughput.step(tokens, flops)
         self.iteration += 1
         self._since_log += 1
         self._loss_sums += result.loss_sums  # on the device: reduced on log steps only

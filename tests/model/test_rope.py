@@ -310,3 +310,49 @@ def test_yarn_attention_factor_turns_the_fused_rope_off(mcore_tp1):
     assert model.config.apply_rope_fusion  # factor 1: kept
     install_rope(model, HEAD_DIM, BASE, RopeScaling.from_hf_dict(dict(CASES)["yarn"]), MAX_POS)
     assert not model.config.apply_rope_fusion
+
+
+# --- a curriculum stage's RoPE switch (megatron_ct/training/trainer.py:on_stage_start) ------------
+
+
+def test_switched_rope_gives_the_logits_of_a_model_built_with_it(mcore_tp1):
+    """switch_rope on a built model (a stage with a new theta, then YaRN, then back) computes
+    what a model built fresh with those values computes, with the same weights."""
+    from megatron.core import tensor_parallel
+
+    from megatron_ct.config import load_config, validate_for_world
+    from megatron_ct.model.llama import build_model
+    from megatron_ct.model.rope import switch_rope
+    from megatron_ct.parallel.device import activate_cpu_device_layer, deactivate_cpu_device_layer
+
+    tiny = ["model.num_layers=1", "model.hidden_size=64", "model.num_attention_heads=4", "model.vocab_size=128"]
+    tiny += ["model.ffn_hidden_size=96", "model.max_position_embeddings=64", "parallel.device=cpu"]
+    yarn = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64}
+
+    def built(*overrides: str) -> torch.nn.Module:
+        cfg = load_config(None, [*tiny, *overrides])
+        return build_model(cfg.model, validate_for_world(cfg, 1))[0][0].eval()
+
+    tokens = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(48).expand(2, -1)
+
+    def logits(model: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return model(tokens, positions, attention_mask=None)
+
+    activate_cpu_device_layer()  # megatron-core's rotary module places its table on the "current CUDA device"
+    try:
+        tensor_parallel.model_parallel_cuda_manual_seed(1234)
+        model = built()
+        before = logits(model)
+        long = ["model.rotary_base=1e6", f"model.rope_scaling={yarn}", "model.max_position_embeddings=128"]
+        for rope, overrides in [((1e6, None, 64), ["model.rotary_base=1e6"]), ((1e6, yarn, 128), long)]:
+            switch_rope([model], 16, *rope)
+            fresh = built(*overrides)
+            fresh.load_state_dict(model.state_dict())
+            got = logits(model)
+            assert torch.equal(got, logits(fresh)) and not torch.equal(got, before), rope
+        switch_rope([model], 16, 10000.0, None, 64)
+        assert torch.equal(logits(model), before)  # back to the start (attention factor 1 again)
+    finally:
+        deactivate_cpu_device_layer()
