@@ -46,7 +46,8 @@ def run_torchrun(
     check: bool = True,
     env: dict | None = None,
 ) -> subprocess.CompletedProcess:
-    """torchrun --nproc_per_node nproc SCRIPT ARGS from the repo root.
+    """torchrun --nproc_per_node nproc SCRIPT ARGS from the repo root (``python SCRIPT ARGS`` for
+    one process).
 
     The rendezvous port is free when chosen but not held: a process of a test running beside
     this one can take it first. torchrun then fails before any rank starts ("address already
@@ -63,8 +64,14 @@ def run_torchrun(
 
 
 def _run_torchrun_once(nproc, script, args, timeout, env) -> subprocess.CompletedProcess:
-    cmd = torchrun_command(nproc, script, args, master_port=free_port())
+    # One process runs without a torchrun agent beside it (half the interpreters to start), in
+    # the environment torchrun would give it.
+    port = free_port()
+    cmd = torchrun_command(nproc, script, args, master_port=port, plain_for_one=True)
     full_env = child_env(env, threads=1)
+    if nproc == 1:  # the variables torchrun gives its one child
+        one = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        full_env = child_env({**one, **(env or {})}, threads=1)
     # Output goes to files, not pipes: a rank killed mid-save orphans megatron-core's
     # writer-manager process, which would hold a pipe open forever. The whole process
     # group is killed afterwards so no orphan outlives the test.
@@ -154,8 +161,8 @@ def losses(log_dir: Path) -> dict[int, float]:
 def run_single(
     overrides: list[str], timeout: float = 300, env: dict | None = None, script: Path | None = None
 ) -> subprocess.CompletedProcess:
-    """``python pretrain_ct.py TINY + overrides`` as one plain process (no torchrun), so its own
-    exit status and stderr come back unwrapped."""
+    """``python pretrain_ct.py TINY + overrides`` as one plain process (no torchrun, none of its
+    variables), so its own exit status and stderr come back unwrapped."""
     cmd = [sys.executable, str(script or REPO / "pretrain_ct.py"), *TINY, *overrides]
     full_env = child_env(
         {"MASTER_PORT": str(free_port()), **(env or {})},

@@ -115,8 +115,7 @@ def test_training_losses_equal_plain(tmp_path):
     """Through DDP, the optimizer and a padded vocabulary: the same losses step by step."""
     from launch import losses, run_trainer
 
-    run_trainer(1, ["train.train_iters=0", f"checkpoint.save={tmp_path / 'init'}"])
-    start = [f"checkpoint.load={tmp_path / 'init'}", "checkpoint.load_weights_only=true", "train.train_iters=3"]
+    start = ["train.train_iters=3"]  # one seed, one layout: the same initial weights
     run_trainer(1, [*start, f"logging.log_dir={tmp_path / 'plain'}"])
     run_trainer(1, [*start, "model.loss_chunk_size=5", f"logging.log_dir={tmp_path / 'chunked'}"])
     plain_losses, chunked = losses(tmp_path / "plain"), losses(tmp_path / "chunked")

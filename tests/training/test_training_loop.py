@@ -41,7 +41,7 @@ def test_nan_stop_policy_names_the_step(tmp_path):
     proc = run_trainer(
         1, ["optim.lr=1e30", "train.train_iters=5", "train.nan_policy=stop", f"logging.log_dir={tmp_path}"], check=False
     )
-    assert proc.returncode != 0 and "exitcode  : 3" in proc.stderr  # torchrun reports the rank's code
+    assert proc.returncode == 3, proc.stderr[-2000:]
     assert "iteration 2: non-finite grad norm" in proc.stderr
     assert "stopping (train.nan_policy=stop)" in proc.stderr
     assert sorted(losses(tmp_path)) == [1]  # nothing was logged (or applied) for the bad step
@@ -167,10 +167,12 @@ def test_vocab_padding_does_not_change_the_loss(tmp_path):
     assert losses(tmp_path / "b")[1] == pytest.approx(losses(tmp_path / "a")[1], rel=1e-6)
 
 
-@pytest.mark.parametrize("granularity", ["selective", "full"])
-def test_activation_recompute_gives_the_same_losses(tmp_path, granularity):
-    run_trainer(1, ["train.train_iters=0", f"checkpoint.save={tmp_path / 'i'}"])
-    start = [f"checkpoint.load={tmp_path / 'i'}", "checkpoint.load_weights_only=true", "train.train_iters=2"]
-    run_trainer(1, start + [f"logging.log_dir={tmp_path / 'plain'}"])
-    run_trainer(1, start + [f"train.recompute_granularity={granularity}", f"logging.log_dir={tmp_path / 'r'}"])
-    assert losses(tmp_path / "r") == pytest.approx(losses(tmp_path / "plain"), rel=1e-6)
+def test_activation_recompute_gives_the_same_losses(tmp_path):
+    # One seed, one layout: the same initial weights in each run.
+    for granularity in ("none", "selective", "full"):
+        flags = [] if granularity == "none" else [f"train.recompute_granularity={granularity}"]
+        run_trainer(1, ["train.train_iters=2", *flags, f"logging.log_dir={tmp_path / granularity}"])
+    plain = losses(tmp_path / "none")
+    assert sorted(plain) == [1, 2] and plain[2] != plain[1]
+    for granularity in ("selective", "full"):
+        assert losses(tmp_path / granularity) == pytest.approx(plain, rel=1e-6), granularity
