@@ -39,7 +39,9 @@ class CheckpointMeta:
     """What a checkpoint's tensors are, where they came from and where training stood."""
 
     config: dict
-    """The run's configuration (``config_to_dict``); its ``model`` section describes the tensors."""
+    """The run's configuration (``config_to_dict``); its ``model`` section describes the tensors
+    and the model as trained up to this iteration (a curriculum stage's ``rotary_base``,
+    ``rope_scaling`` and ``max_position_embeddings``), which evaluation and the HF export build."""
     true_vocab_size: int
     """Tokenizer vocabulary; embedding rows beyond it are padding."""
     padded_vocab_size: int

@@ -572,9 +572,11 @@ class StageConfig:
         raw = dict(raw)
         name_ = raw.get("name")
         _require(isinstance(name_, str) and bool(name_), f"{key}.name", "a non-empty string", name_)
+        for name in ("iters", "tokens", "seq_length", "max_position_embeddings", "rotary_base"):
+            _yaml_number(raw, name)
         for name in ("iters", "tokens"):
             value = raw.get(name)
-            if isinstance(value, float) and value.is_integer():  # YAML reads 1.0e9 as a float
+            if isinstance(value, float) and value.is_integer():  # 1.0e9 tokens
                 raw[name] = value = int(value)
             if value is not None:
                 _require(
@@ -627,6 +629,17 @@ class StageConfig:
         return cls(**raw)
 
 
+def _yaml_number(raw: dict, name: str) -> None:
+    """``raw[name]`` as a number where it is a number's text: YAML 1.1 reads ``1.0e9`` and
+    ``1e6`` (no exponent sign) as strings, as the loader does for top-level float fields."""
+    value = raw.get(name)
+    if isinstance(value, str):
+        try:
+            raw[name] = float(value)
+        except ValueError:
+            pass  # the type check names the key
+
+
 def _check_stage_position_keys(raw: dict, key: str) -> None:
     """A stage's sequence length and RoPE keys, each on its own (their combination with the
     model's values is checked in CTConfig)."""
@@ -637,11 +650,6 @@ def _check_stage_position_keys(raw: dict, key: str) -> None:
         ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= least)
         _require(ok, f"{key}.{name}", f"an integer >= {least} or null", value)
     base = raw.get("rotary_base")
-    if isinstance(base, str):
-        try:
-            raw["rotary_base"] = base = float(base)  # YAML 1.1 reads '1.0e6' (no exponent sign) as a string
-        except ValueError:
-            pass
     if base is not None:
         _number(base, f"{key}.rotary_base", "a number > 0 or null", _is_number(base) and base > 0)
     scaling = raw.get("rope_scaling")

@@ -30,7 +30,7 @@ from megatron_ct.checkpoint.meta import RESUMABLE_FROM, CheckpointMeta, read_met
 from megatron_ct.checkpoint.root import read_tracker, resolve_load_dir
 from megatron_ct.cli import check_output_dir
 from megatron_ct.config import CTConfig, Layout, validate_for_world
-from megatron_ct.config.schedule import Schedule
+from megatron_ct.config.schedule import Schedule, model_rope
 from megatron_ct.data.index_cache import IndexCache, rank0_first
 from megatron_ct.errors import CheckpointError, ConfigError, CTError, DataError
 from megatron_ct.families.spec import SHAPE_FIELDS
@@ -150,6 +150,7 @@ def _check_checkpoint_fits(cfg: CTConfig, path: str, meta: CheckpointMeta) -> No
             f"got {cfg.model.vocab_size}"
         )
     if ck.load_weights_only:
+        _warn_if_rope_differs(cfg, path, saved)
         return
     if meta.weights_only:
         raise ConfigError(
@@ -167,6 +168,25 @@ def _check_checkpoint_fits(cfg: CTConfig, path: str, meta: CheckpointMeta) -> No
         raise ConfigError(
             f"parallel.use_distributed_optimizer: expected {str(saved_dist).lower()} to resume {path} (its optimizer "
             f"state is saved in that layout), got {str(cfg.parallel.use_distributed_optimizer).lower()}"
+        )
+
+
+def _warn_if_rope_differs(cfg: CTConfig, path: str, saved: dict) -> None:
+    """A new run from weights trained with another RoPE (e.g. the end of a long-context stage,
+    whose RoPE the checkpoint records) runs with the config's model.* RoPE: allowed, but said."""
+    ours = model_rope(cfg.model)
+    theirs = (
+        float(saved.get("rotary_base", ours[0])),
+        saved.get("rope_scaling") if saved.get("rope_scaling") != {"rope_type": "default"} else None,
+        saved.get("max_position_embeddings", ours[2]),
+    )
+    if theirs != ours and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        log.warning(
+            "checkpoint %s was trained with RoPE theta %g, rope_scaling %s, max_position_embeddings %d; this run "
+            "uses model.rotary_base=%g, model.rope_scaling=%s, model.max_position_embeddings=%d",
+            path,
+            *theirs,
+            *ours,
         )
 
 

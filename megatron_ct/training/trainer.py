@@ -222,7 +222,11 @@ class Trainer:
             )
         if self.iteration == 0 and self.baseline:
             self._evaluate("baseline", stage.name)  # every set's and task's base value, before any update
-        if stage.rope != self.rope:  # after the base line: that is the base model's, as loaded
+        self._use_rope(stage)  # after the base line: that is the base model's, as loaded
+
+    def _use_rope(self, stage: Stage) -> None:
+        """Put ``stage``'s RoPE into the model if it runs with another (a long-context stage)."""
+        if stage.rope != self.rope:
             from megatron_ct.model.rope import switch_rope
 
             switch_rope(self.model, self.cfg.model.head_dim, *stage.rope)
@@ -262,6 +266,7 @@ class Trainer:
             if t.train_iters == 0 and self.iteration == 0:
                 self.on_stage_start(self.schedule.stage_at(0))  # the base-line evaluation alone
             if self.iteration > 0:  # a boundary a checkpoint (of an older run) was saved at before its evaluation
+                self._use_rope(self.schedule.stage_at(self.iteration - 1))  # the model that stage trained
                 self._evaluate_step_end(boundaries_only=True)
             while self.iteration < t.train_iters:
                 stage = self.schedule.stage_at(self.iteration)

@@ -5,6 +5,7 @@ continuing every dataset's stream exactly where the stage before stopped (also o
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -80,11 +81,12 @@ def test_stages_carry_their_length_and_rope_forward(prefixes):
 def test_token_sized_stages_count_at_their_own_length(prefixes):
     tokens = 3 * GBS * 64  # 3 steps at 64 (6 at the run's 32)
     stages = [
-        {"name": "short", "tokens": 2 * GBS * 32, "blend": {"a": 1.0}},
-        {"name": "long", "tokens": tokens, "seq_length": 64, "blend": {"a": 1.0}},
+        {"name": "short", "tokens": "2.56e2", "blend": {"a": 1.0}},  # YAML 1.1 reads 2.56e2 as a string
+        {"name": "long", "tokens": tokens, "seq_length": 64, "rotary_base": "1e6", "blend": {"a": 1.0}},
     ]
     cfg, _ = make_cfg(prefixes, stages, train={"train_iters": 5, "global_batch_size": GBS, "micro_batch_size": MBS})
-    assert [(s.start_iter, s.end_iter) for s in Schedule.from_config(cfg).stages] == [(0, 2), (2, 5)]
+    got = [(s.start_iter, s.end_iter, s.rotary_base) for s in Schedule.from_config(cfg).stages]
+    assert got == [(0, 2, 10000.0), (2, 5, 1e6)]
 
 
 @pytest.mark.parametrize("packing", ["concat", "by_source"])
@@ -168,3 +170,14 @@ def test_bad_stage_lengths_and_ropes_are_one_line_errors(prefixes, long, section
     with pytest.raises(ConfigError) as err:
         make_cfg(prefixes, stages, world, **sections)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_weights_only_start_from_weights_of_another_rope_is_said(prefixes, caplog):
+    from megatron_ct.training.startup import _warn_if_rope_differs
+
+    cfg, _ = make_cfg(prefixes, two_stages())
+    with caplog.at_level(logging.WARNING, logger="megatron_ct.training.startup"):
+        _warn_if_rope_differs(cfg, "ck/iter_0000004", {"rotary_base": 10000, "max_position_embeddings": 64})
+        assert not caplog.records  # the config's RoPE
+        _warn_if_rope_differs(cfg, "ck/iter_0000004", {"rotary_base": 1e6, "max_position_embeddings": 128})
+    assert "ck/iter_0000004 was trained with RoPE theta 1e+06" in caplog.text
