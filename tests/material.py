@@ -140,3 +140,20 @@ def smollm2_hf_dir(out_dir: str | os.PathLike) -> str:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.gguf_to_hf(module.smollm2_gguf_path(), os.fspath(out_dir))
+
+
+def shared_smollm2_hf_dir(tmp_path_factory) -> str:
+    """:func:`smollm2_hf_dir`, converted once per test session and shared by the pytest-xdist
+    workers of that session (a file lock; the tool publishes the directory atomically)."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    root = base.parent / f"smollm2-{run}" if run else base / "smollm2-shared"
+    root.mkdir(parents=True, exist_ok=True)
+    out = root / "hf"
+    with open(root / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "config.json").is_file():
+            smollm2_hf_dir(out)
+    return str(out)

