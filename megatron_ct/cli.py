@@ -83,6 +83,25 @@ def int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def add_model_flags(parser: argparse.ArgumentParser, micro_batch_size: int, rows: str) -> None:
+    """The flags every evaluation tool opens its model with (the fields of
+    ``megatron_ct.evaluation.session.EvalOptions`` of the same names, plus ``--tokenizer``):
+    ``micro_batch_size`` is the default number of ``rows`` (e.g. documents) per forward pass."""
+    parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer (default: the one stored with the checkpoint)")
+    parser.add_argument(
+        "--micro-batch-size",
+        type=int_at_least(1),
+        default=micro_batch_size,
+        help=f"{rows} per forward pass ({micro_batch_size})",
+    )
+    for flag, name in (("tensor-model", "TP"), ("pipeline-model", "PP"), ("context", "CP")):
+        parser.add_argument(
+            f"--{flag}-parallel-size", type=int_at_least(1), default=1, help=f"{name} of this run (our checkpoints)"
+        )
+    parser.add_argument("--precision", default="auto", help="fp32, bf16, fp16 or auto (bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+
+
 def float_above(low: float) -> Callable[[str], float]:
     """An argparse ``type``: a finite number > ``low`` (a usage error otherwise)."""
 

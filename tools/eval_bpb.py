@@ -26,22 +26,16 @@ import sys
 # Runnable as a plain script from a checkout, without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ct.cli import ToolParser, check_output_file, run_cli  # noqa: E402
+from megatron_ct.cli import ToolParser, add_model_flags, check_output_file, int_at_least, run_cli  # noqa: E402
 
 
 def build_parser() -> ToolParser:
     p = ToolParser(__file__, __doc__)
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="HF model directory or megatron-ct checkpoint")
-    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer (default: the one stored with the checkpoint)")
     p.add_argument("--input", nargs="+", required=True, metavar="FILE", help=".jsonl/.json ('text') or text files")
     p.add_argument("--output", metavar="FILE", help="write the JSON lines here too (replaced atomically)")
-    p.add_argument("--seq-length", type=int, default=2048, help="predicted tokens per document at most (2048)")
-    p.add_argument("--micro-batch-size", type=int, default=4, help="documents per forward pass (default 4)")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP of this run (our checkpoints)")
-    p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP of this run (our checkpoints)")
-    p.add_argument("--context-parallel-size", type=int, default=1, help="CP of this run (our checkpoints; long inputs)")
-    p.add_argument("--precision", default="auto", help="fp32, bf16, fp16 or auto (bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    add_model_flags(p, micro_batch_size=4, rows="documents")
+    p.add_argument("--seq-length", type=int_at_least(1), default=2048, help="tokens per document at most (2048)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     return p
 

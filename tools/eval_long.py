@@ -30,13 +30,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ct.cli import ToolParser, check_output_file, int_at_least, run_cli  # noqa: E402
+from megatron_ct.cli import ToolParser, add_model_flags, check_output_file, int_at_least, run_cli  # noqa: E402
 
 
 def build_parser() -> ToolParser:
     p = ToolParser(__file__, __doc__)
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="HF model directory or megatron-ct checkpoint")
-    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer (default: the one stored with the checkpoint)")
     p.add_argument("--lengths", type=int_at_least(16), nargs="+", default=[512, 1024, 2048], help="row lengths")
     p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="key depths")
     p.add_argument("--trials", type=int_at_least(1), default=5, help="keys per (length, depth) cell (5)")
@@ -50,12 +49,7 @@ def build_parser() -> ToolParser:
     p.add_argument("--append", action="store_true", help="add to --output instead of replacing it")
     p.add_argument("--label", help="label of these records (e.g. base)")
     p.add_argument("--heatmap", metavar="PNG", help="draw the retrieval accuracy of --output's records")
-    p.add_argument("--micro-batch-size", type=int_at_least(1), default=1, help="rows per forward pass (1)")
-    p.add_argument("--tensor-model-parallel-size", type=int_at_least(1), default=1, help="TP (our checkpoints)")
-    p.add_argument("--pipeline-model-parallel-size", type=int_at_least(1), default=1, help="PP (our checkpoints)")
-    p.add_argument("--context-parallel-size", type=int_at_least(1), default=1, help="CP (our checkpoints)")
-    p.add_argument("--precision", default="auto", help="fp32, bf16, fp16 or auto (bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    add_model_flags(p, micro_batch_size=1, rows="rows")
     return p
 
 

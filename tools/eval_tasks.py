@@ -29,7 +29,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ct.cli import ToolParser, check_output_file, int_at_least, run_cli  # noqa: E402
+from megatron_ct.cli import ToolParser, add_model_flags, check_output_file, int_at_least, run_cli  # noqa: E402
 
 
 def build_parser() -> ToolParser:
@@ -37,7 +37,6 @@ def build_parser() -> ToolParser:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", metavar="DIR", help="HF model directory or megatron-ct checkpoint")
     which.add_argument("--run", metavar="ROOT", help="a save root: every complete iter_* checkpoint, in order")
-    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer (default: the one stored with the checkpoint)")
     p.add_argument("--tasks", nargs="+", default=[], metavar="TASK", help="shipped task names or task YAML files")
     p.add_argument("--lm-eval-tasks", nargs="+", default=[], metavar="NAME", help="lm-evaluation-harness tasks")
     p.add_argument("--include-path", metavar="DIR", help="lm-eval task YAML directory (local data)")
@@ -49,12 +48,7 @@ def build_parser() -> ToolParser:
     p.add_argument("--label", help="label of these records (e.g. base)")
     p.add_argument("--plot", metavar="PNG", help="draw every task of --output across iterations")
     p.add_argument("--seq-length", type=int_at_least(1), default=2048, help="tokens per input at most (2048)")
-    p.add_argument("--micro-batch-size", type=int_at_least(1), default=4, help="sequences per forward pass (4)")
-    p.add_argument("--tensor-model-parallel-size", type=int_at_least(1), default=1, help="TP (our checkpoints)")
-    p.add_argument("--pipeline-model-parallel-size", type=int_at_least(1), default=1, help="PP (our checkpoints)")
-    p.add_argument("--context-parallel-size", type=int_at_least(1), default=1, help="CP (our checkpoints)")
-    p.add_argument("--precision", default="auto", help="fp32, bf16, fp16 or auto (bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    add_model_flags(p, micro_batch_size=4, rows="sequences")
     return p
 
 
