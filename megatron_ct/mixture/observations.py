@@ -124,7 +124,7 @@ def run_info(path: str, domain: list[str] | None = None, stages: list[str] | Non
     it): its domain ratio, model size and token accounting. ``domain``/``stages`` name the
     domain datasets and swept stages for runs the sweep did not make."""
     from megatron_ct.config import load_config
-    from megatron_ct.config.schedule import stage_iters
+    from megatron_ct.config.schedule import stage_iters, stage_seq_lengths
 
     cfg_path = os.path.join(path, "config.yaml")
     if not os.path.isfile(cfg_path):
@@ -164,6 +164,9 @@ def run_info(path: str, domain: list[str] | None = None, stages: list[str] | Non
     ratio = ratios.pop()
     if "ratio" in point and abs(point["ratio"] - ratio) > 1e-6:
         raise DataError(f"{path}: config.yaml gives domain ratio {ratio:g} but {POINT_FILE} says {point['ratio']:g}")
+    lengths = sorted(set(stage_seq_lengths(cfg.data)[first : last + 1]))
+    if len(lengths) != 1:
+        raise DataError(f"{cfg_path}: stages {', '.join(stages)} have different sequence lengths {lengths}")
     iters = stage_iters(cfg.data, cfg.train.global_batch_size)
     start = sum(iters[:first])  # only the last stage can be open-ended (None)
     end = sum(iters[: last + 1]) if last < len(names) - 1 else None
@@ -172,7 +175,7 @@ def run_info(path: str, domain: list[str] | None = None, stages: list[str] | Non
         path=path,
         ratio=ratio,
         params=family_of(cfg.model).num_parameters(cfg.model),
-        tokens_per_iter=cfg.train.global_batch_size * cfg.data.seq_length,
+        tokens_per_iter=cfg.train.global_batch_size * lengths[0],
         start_iter=start,
         end_iter=end,
         domain={k: w for k, w in blend.items() if k in domain},

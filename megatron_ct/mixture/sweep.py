@@ -129,7 +129,7 @@ def plan_sweep(spec: SweepSpec) -> list[SweepPoint]:
     """Every point's validated config; refuses (ConfigError) what cannot make a proxy run."""
     from megatron_ct.config import config_to_dict, load_config
     from megatron_ct.config.loader import build_config
-    from megatron_ct.config.schedule import stage_iters
+    from megatron_ct.config.schedule import stage_iters, stage_seq_lengths
 
     _check_spec(spec)
     models = spec.models or [(None, [])]
@@ -168,7 +168,13 @@ def plan_sweep(spec: SweepSpec) -> list[SweepPoint]:
         first, last = swept_span(names, stages, spec.base_config)
         iters = stage_iters(data, cfg.train.global_batch_size)
         start = sum(iters[:first])
-        tokens_per_iter = cfg.train.global_batch_size * data.seq_length
+        lengths = sorted(set(stage_seq_lengths(data)[first : last + 1]))
+        if len(lengths) != 1:
+            raise ConfigError(
+                f"{spec.base_config}: data.stages: expected one sequence length over the swept stages (a token "
+                f"budget is steps x global batch x length), got {lengths}"
+            )
+        tokens_per_iter = cfg.train.global_batch_size * lengths[0]
         for tokens in budgets:
             if tokens is None:
                 # The recipe's lengths; an open-ended last swept stage runs to train.train_iters.

@@ -132,6 +132,15 @@ def test_rerun_skips_finished_points_and_refuses_stale_logs(base, tmp_path, caps
         (["--eval-interval", "20"], "0.5", "the fit needs at least 3 evaluations per run"),
         ([], "0.5,1.5", "--ratios: expected domain shares in [0, 1], got 1.5"),
         (["model.hidden_size=63"], "0.5", "model.hidden_size: expected a multiple of num_attention_heads"),
+        (
+            [
+                "data.stages=[{name: warm, iters: 4, blend: {en: 1.0}}, {name: mix, blend: {en: 0.4, zh: 0.6}, "
+                "seq_length: 64}]"
+            ],
+            "0.5",
+            "data.stages: expected one sequence length over the swept stages (a token budget is steps x global "
+            "batch x length), got [32, 64]",
+        ),
     ],
 )
 def test_sweep_refusals_are_one_line(base, tmp_path, capsys, argv_extra, ratios, message):
