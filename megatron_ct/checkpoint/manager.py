@@ -84,6 +84,7 @@ class OptimizerState:
 
     def sharded_state_dict(self, ctx: dict[str, Any], loading: bool) -> Any:
         if loading:
+            check_expert_optimizer_layout(ctx["meta"], ctx.get("path", "the checkpoint"))
             prepare_torch_adam_for_load(self.optimizer)
         return self.optimizer.sharded_state_dict(
             ctx["model_sd"], is_loading=loading, metadata=dict(dist_ckpt.SHARDING_METADATA)
@@ -92,6 +93,28 @@ class OptimizerState:
     def load_sharded(self, loaded: Any, ctx: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(loaded)
         unshare_torch_adam_steps(self.optimizer)
+
+
+def check_expert_optimizer_layout(meta: CheckpointMeta, path: str) -> None:
+    """megatron-core gives a mixture of experts' expert parameters their own optimizer (a
+    ChainedOptimizer of two) only when EP > 1; at EP 1 they share the dense one. The saved
+    optimizer state has the shape of one of the two, so resuming it on the other side of EP 1
+    is refused here, in one line, before megatron-core fails on a missing key."""
+    from megatron.core import parallel_state as ps
+
+    if not meta.model.get("num_experts"):
+        return
+    saved = (meta.config.get("parallel") or {}).get("expert_model_parallel_size", 1)
+    here = ps.get_expert_model_parallel_world_size()
+    if (saved > 1) != (here > 1):
+        from megatron_ct.errors import CheckpointError
+
+        expected = "> 1" if saved > 1 else "1"
+        raise CheckpointError(
+            f"parallel.expert_model_parallel_size: expected {expected} to resume {path} (saved at EP {saved}; "
+            f"megatron-core keeps the experts' optimizer state apart only when EP > 1), got {here}; or start "
+            "from its weights with checkpoint.load_weights_only=true"
+        )
 
 
 class RNGState:
@@ -159,7 +182,7 @@ class CheckpointManager:
             "tp": ps.get_tensor_model_parallel_world_size(),
             "pp": ps.get_pipeline_model_parallel_world_size(),
         }
-        ctx: dict[str, Any] = {"meta": meta, "same_layout": same_layout}
+        ctx: dict[str, Any] = {"meta": meta, "same_layout": same_layout, "path": path}
         request: dict[str, Any] = {}
         wanted = {n: c for n, c in self._sharded().items() if c.weights or not weights_only}
         for name, c in wanted.items():
