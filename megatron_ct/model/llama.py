@@ -78,6 +78,15 @@ def transformer_config(m: ModelConfig, layout: Layout, numerics: Numerics):
 
     dtype = params_dtype(numerics.precision)
     family = family_of(m)
+    if family.moe and numerics.ddp and layout.dims.tp > 1 and not layout.dims.sequence_parallel:
+        # megatron-core's MoE layer refuses to train this way (a ValueError in the first forward);
+        # evaluation and conversion at TP > 1 without it are fine.
+        from megatron_ct.errors import ConfigError
+
+        raise ConfigError(
+            f"parallel.sequence_parallel: expected true to train model family {family.name} with tensor "
+            "parallelism (megatron-core trains mixtures of experts at TP > 1 only with it), got False"
+        )
     on_cpu = not layout.on_gpu
     if on_cpu:
         from megatron_ct.model.rope import install_cpu_rope_kernel
@@ -147,11 +156,11 @@ def transformer_config(m: ModelConfig, layout: Layout, numerics: Numerics):
         # Full recompute: every layer, checkpointing each layer's input.
         recompute_method="uniform" if numerics.recompute_granularity == "full" else None,
         recompute_num_layers=1 if numerics.recompute_granularity == "full" else None,
-        **moe_settings(m),
+        **moe_settings(m, layout.dims.tp if layout.dims.sequence_parallel else 1, layout.dims.cp),
     )
 
 
-def moe_settings(m: ModelConfig) -> dict:
+def moe_settings(m: ModelConfig, sequence_split: int = 1, cp: int = 1) -> dict:
     """TransformerConfig fields of a mixture of experts (none for a dense model).
 
     HF's routing (Mixtral, Qwen3-MoE) is a softmax over all experts' logits, then the top k; with
@@ -160,6 +169,13 @@ def moe_settings(m: ModelConfig) -> dict:
     (``pre_softmax=True``). Experts are megatron-core's SequentialMLP (``moe_grouped_gemm=False``:
     the grouped GEMM needs TE/CUDA), tokens travel by the all-to-all dispatcher (gloo has
     ``all_to_all_single``); no capacity limit, so no token is dropped, as in HF.
+
+    The load-balancing loss is megatron-core's, over each micro-batch's tokens. Where those are
+    split over ranks (sequence parallelism: ``sequence_split`` = TP; context parallelism: CP),
+    megatron-core 0.16.1 computes the loss over the whole micro-batch but scales its gradient by
+    the rank's own token count (``valid_token_count=local_num_tokens``) where the LM loss is
+    scaled by the micro-batch's: its gradient comes out ``sequence_split * cp`` times too small.
+    The coefficient is multiplied by that factor to compensate (checked against one process).
     """
     if not m.num_experts:
         return {}
@@ -170,7 +186,7 @@ def moe_settings(m: ModelConfig) -> dict:
         moe_router_score_function="softmax",
         moe_router_pre_softmax=not m.moe_norm_topk_prob,
         moe_router_load_balancing_type="aux_loss" if m.moe_aux_loss_coeff > 0 else "none",
-        moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+        moe_aux_loss_coeff=m.moe_aux_loss_coeff * sequence_split * cp,
         moe_grouped_gemm=False,
         moe_token_dispatcher_type="alltoall",
     )

@@ -38,13 +38,18 @@ def run(root, name, nproc, flags):
     return losses(out), {r["iteration"]: r["grad_norm"] for r in read_metrics(out)}
 
 
-def test_ep2_steps_equal_one_process(init):
+@pytest.fixture(scope="module")
+def ref(init):
+    return run(init, "ref", 1, [])
+
+
+def test_ep2_steps_equal_one_process(init, ref):
     """Per-step losses and gradient norms (every expert's gradient is in it, and each step's
     update feeds the next loss) of EP2 x DP2 equal the single process's, and so do the weights
     it saves (each rank writes its own experts into the global [L, E, ...] tensors)."""
     from tiny_checkpoint import read_all
 
-    ref, ref_norms = run(init, "ref", 1, [])
+    ref, ref_norms = ref
     got, norms = run(init, "ep2", 2, ["parallel.expert_model_parallel_size=2"])
     assert sorted(got) == [1, 2, 3]
     for it in (1, 2, 3):
@@ -58,3 +63,26 @@ def test_ep2_steps_equal_one_process(init):
         if key in before:
             assert torch.allclose(theirs[key], t, atol=1e-6), f"{key} differs between the EP2 and EP1 saves"
             assert not torch.equal(t, before[key]), f"{key} did not train"
+
+
+def test_tp2_sp_load_balancing_gradient_equals_one_process(init, ref):
+    """Sequence parallelism splits each micro-batch's tokens over the TP ranks; megatron-core
+    0.16.1 scales the load-balancing loss's gradient by a rank's share of them (TP times too
+    small) unless the coefficient is compensated (megatron_ct/model/llama.py: moe_settings)."""
+    ref, ref_norms = ref
+    got, norms = run(init, "tp2sp", 2, ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"])
+    for it in (1, 2, 3):
+        assert got[it] == pytest.approx(ref[it], rel=1e-5), f"TP2-SP iteration {it}: {got[it]} vs TP1 {ref[it]}"
+        assert norms[it] == pytest.approx(ref_norms[it], rel=1e-5), f"TP2-SP iteration {it}: grad norm"
+
+
+def test_training_at_tp2_without_sequence_parallelism_is_one_line():
+    from megatron_ct.config import load_config, validate_for_world
+    from megatron_ct.errors import ConfigError
+    from megatron_ct.model.llama import Numerics, transformer_config
+
+    overrides = [f"model.{k}={v}" for k, v in MOE.items()] + ["parallel.tensor_model_parallel_size=2"]
+    cfg = load_config(None, [*overrides, "parallel.device=cpu"])
+    layout = validate_for_world(cfg, 2)
+    with pytest.raises(ConfigError, match=r"^parallel.sequence_parallel: expected true to train model family mixtral"):
+        transformer_config(cfg.model, layout, Numerics(ddp=True))
