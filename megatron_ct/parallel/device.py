@@ -17,8 +17,9 @@ What it does, all process-wide and reversible with :func:`deactivate_cpu_device_
   with the CUDA spelling megatron-core's type checks expect;
 - megatron-core's mask builders and its context-parallel cut of the RoPE table (which index
   with ``device="cuda"`` / a pinned tensor inside the model's forward, where the mode is
-  suspended) are replaced by CPU ones with the same values, and so is the MoE all-to-all
-  dispatcher's host copy of its split sizes (NumPy arrays, as ``all_to_all_single`` needs);
+  suspended) are replaced by CPU ones with the same values, and so are the MoE all-to-all
+  dispatcher's host copy of its split sizes (NumPy arrays, as ``all_to_all_single`` needs) and
+  its uneven all-gather / reduce-scatter over TP ranks (padded equal-size collectives for gloo);
 - ``torch.cuda`` functions megatron-core calls (``current_device``, ``synchronize``,
   RNG state get/set, memory queries, streams/events, ...) are replaced by CPU
   equivalents or no-ops.
@@ -332,6 +333,49 @@ def _cpu_moe_split_sizes() -> dict[tuple[Any, str], Any]:
     return {(token_dispatcher, name): original}
 
 
+def _cpu_uneven_first_dim_collectives() -> dict[tuple[Any, str], Any]:
+    """With tensor and expert parallelism, megatron-core's MoE dispatcher all-gathers (and in
+    the backward reduce-scatters) each rank's routed tokens over the TP ranks with uneven row
+    counts, through lists of unequal tensors, which gloo refuses ("invalid tensor size"). On
+    CPU tensors the same results come from padded equal-size collectives: every rank's rows
+    padded to the largest count, gathered (reduce-scattered), and the padding cut off."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    gather, scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def padded(x: torch.Tensor, rows: int) -> torch.Tensor:
+        return torch.cat([x, x.new_zeros((rows - x.shape[0], *x.shape[1:]))]) if x.shape[0] < rows else x
+
+    def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or input_.device.type != "cpu" or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        rows = max(sizes)
+        out = input_.new_empty((rows * group.size(), *input_.shape[1:]))  # [world * rows, ...]
+        dist.all_gather_into_tensor(out, padded(input_.contiguous(), rows), group=group)
+        return torch.cat([out[r * rows : r * rows + n] for r, n in enumerate(sizes)])
+
+    def _reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or input_.device.type != "cpu" or group.size() == 1:
+            return scatter(input_, group, input_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in input_split_sizes]
+        rows = max(sizes)
+        stacked = torch.cat([padded(x, rows) for x in torch.split(input_, sizes, dim=0)])
+        out = input_.new_empty((rows, *input_.shape[1:]))
+        dist.reduce_scatter_tensor(out, stacked.contiguous(), group=group)
+        return out[: sizes[group.rank()]]
+
+    saved = {}
+    for name, fn in (
+        ("_gather_along_first_dim", _gather_along_first_dim),
+        ("_reduce_scatter_along_first_dim", _reduce_scatter_along_first_dim),
+    ):
+        saved[(mappings, name)] = getattr(mappings, name)
+        setattr(mappings, name, fn)
+    return saved
+
+
 def _patch_cuda_rng_module() -> dict[str, Any]:
     """megatron-core's tensor_parallel.random keeps its own handle on the CUDA RNG
     setter; point it at the CPU generator so its RNG tracker forks and restores the
@@ -369,7 +413,12 @@ def activate_cpu_device_layer() -> None:
             setattr(torch.cuda, name, fn)
         _state["saved"] = saved
         _state["saved_random"] = _patch_cuda_rng_module()
-        _state["saved_masks"] = {**_cpu_mask_builders(), **_cpu_cp_rope_slicers(), **_cpu_moe_split_sizes()}
+        _state["saved_masks"] = {
+            **_cpu_mask_builders(),
+            **_cpu_cp_rope_slicers(),
+            **_cpu_moe_split_sizes(),
+            **_cpu_uneven_first_dim_collectives(),
+        }
         mode = _CudaToCpuMode()
         mode.__enter__()
         _state["mode"] = mode
