@@ -34,7 +34,8 @@ def _number(value: Any, key: str, expected: str, ok: bool) -> None:
     _require(finite and ok, key, expected, value)
 
 
-LR_CLASSES = ("embedding", "output", "new_vocab_rows", "new_blocks", "body")
+LR_CLASSES = ("embedding", "output", "new_vocab_rows", "new_blocks", "experts", "router", "body")
+MOE_CLASSES = ("experts", "router")  # LR classes and trainable_params aliases of a mixture of experts
 
 
 def check_lr_mult(mult: Any, key: str) -> None:
@@ -333,15 +334,18 @@ class TrainConfig:
     """Activation recomputation (megatron-core): 'selective' (attention core only, cheap) or
     'full' (whole layers, for long sequences); None keeps all activations."""
     trainable_params: list[str] | None = None
-    """Train only these parameters (glob patterns over TP1/PP1 names, or the aliases
-    'embeddings', 'layers:<i>,<j>', 'new_blocks'; see megatron_ct/training/freeze.py). The
-    rest stay bit-identical. None trains everything."""
+    """Train only these parameters (glob patterns over TP1/PP1/EP1 names, or the aliases
+    'embeddings', 'layers:<i>,<j>', 'new_blocks', and for a mixture of experts 'experts' and
+    'router'; see megatron_ct/training/freeze.py). The rest stay bit-identical. None trains
+    everything."""
     lr_mult: dict[str, float] | None = None
     """Learning-rate multiplier per parameter class, on top of the schedule: ``embedding``
     (input embedding), ``output`` (output layer), ``new_vocab_rows`` (the rows a vocabulary
     expansion appended, in both; default: their matrix's), ``new_blocks`` (LLaMA-Pro blocks;
-    default: body's), ``body`` (everything else). E.g. ``{body: 0.1}`` trains the body at a
-    tenth of the LR and embeddings and output at the full LR. Per stage: data.stages[].lr_mult."""
+    default: body's), ``experts`` and ``router`` (a mixture of experts' expert weights and
+    routers; default: body's), ``body`` (everything else). E.g. ``{body: 0.1}`` trains the
+    body at a tenth of the LR and embeddings and output at the full LR; ``{experts: 0}`` keeps
+    the experts bit-identical. Per stage: data.stages[].lr_mult."""
 
     def __post_init__(self) -> None:
         for key in ("micro_batch_size", "global_batch_size"):
@@ -961,6 +965,8 @@ class CTConfig:
             )
         if not self.model.untie_embeddings_and_output_weights:
             self._check_tied_multipliers()
+        if not self.model.num_experts:
+            self._check_no_expert_classes()
 
     def _check_tied_multipliers(self) -> None:
         """Tied embeddings are one matrix: it cannot learn at two rates."""
@@ -979,6 +985,21 @@ class CTConfig:
                     f"(model.untie_embeddings_and_output_weights=false), got {merged.get('embedding', 1.0)} and "
                     f"{merged.get('output', 1.0)}"
                 )
+
+    def _check_no_expert_classes(self) -> None:
+        """A dense model has no experts or router to train or to give an LR."""
+        stages = list(enumerate(self.data.stages)) if self.data.source == "indexed" else []
+        sources = [("train", self.train.trainable_params, self.train.lr_mult)]
+        sources += [(f"data.stages[{i}]", s.trainable_params, s.lr_mult) for i, s in stages]
+        for where, trainable, mult in sources:
+            for key, names in (("trainable_params", trainable or []), ("lr_mult", mult or {})):
+                found = next((c for c in MOE_CLASSES if c in names), None)
+                if found:
+                    at = f"{where}.{key}" + (f".{found}" if key == "lr_mult" else "")
+                    raise ConfigError(
+                        f"{at}: expected '{found}' only for a mixture of experts (model.num_experts), "
+                        f"got it for model.family={self.model.family} without experts"
+                    )
 
     def _check_stage_lengths(self) -> None:
         """Each stage's sequence length fits the position encoding it runs with."""

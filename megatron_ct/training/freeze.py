@@ -11,12 +11,23 @@ at every layout. Aliases:
 - ``new_blocks``: the layers a checkpoint's block expansion added (its ``new_block_layers``);
 - ``new_vocab_rows``: only the rows of embedding and output layer that a vocabulary
   expansion appended (its ``vocab_expansion``); old rows get zero gradient and their update
-  is undone (:class:`RowScaling`), so they stay bit-identical.
+  is undone (:class:`RowScaling`), so they stay bit-identical;
+- ``experts``, ``router``: a mixture of experts' expert weights (every layer's
+  ``mlp.experts.local_experts.<e>.*``) and routers (``mlp.router.*``).
+
+Experts are named by their global index too (``local_experts.<e>``, ``e`` in
+``[0, num_experts)`` as at EP1), so a pattern means the same experts at every expert-parallel
+size.
 
 On top of what trains, ``lr_mult`` (``train.lr_mult``, per stage ``data.stages[].lr_mult``,
 Megatron-LM's ``optim.decoupled_lr``) scales the LR per parameter class: ``embedding``,
 ``output``, ``new_vocab_rows`` (rows appended by a vocabulary expansion), ``new_blocks``
-(LLaMA-Pro blocks) and ``body``.
+(LLaMA-Pro blocks), ``experts`` and ``router`` (a mixture of experts' expert weights and
+routers) and ``body``. ``new_blocks``, ``experts`` and ``router`` default to ``body``'s
+multiplier; a new block's experts are ``new_blocks`` (a new block learns as one).
+Expert weights are megatron-core's expert-parallel parameters (their own gradient buffer and
+optimizer, reduced over the expert-data-parallel group); the classes are assigned per
+parameter before megatron-core splits them, so the split keeps them.
 
 :class:`FreezePlan` resolves patterns and multipliers once, when the model is built, into one
 :class:`GroupPolicy` per parameter: its LR multiplier in every stage (0: frozen). Parameters
@@ -54,20 +65,29 @@ from megatron_ct.errors import ConfigError
 from megatron_ct.training.stages import StageTracker
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.")  # after the layer prefix
+EXPERTS = "decoder.layers.*.mlp.experts.*"
+ROUTER = "decoder.layers.*.mlp.router.*"
 
 
 def global_named_parameters(chunk: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """Parameters of one model chunk under TP1/PP1 names (global layer numbers)."""
-    offsets = {}
+    """Parameters of one model chunk under TP1/PP1/EP1 names (global layer and expert numbers)."""
+    offsets, experts = {}, {}
     decoder = getattr(chunk, "decoder", None)
     if decoder is not None:
         for local, layer in enumerate(decoder.layers):
             offsets[local] = layer.layer_number - 1  # megatron-core numbers layers globally from 1
+            # MoELayer: this EP rank's experts, local_experts.<i> is expert local_expert_indices[i]
+            experts[local] = getattr(layer.mlp, "local_expert_indices", None)
     out = {}
     for name, param in chunk.named_parameters():
         m = _LAYER.match(name)
         if m:
-            name = f"decoder.layers.{offsets[int(m.group(1))]}." + name[m.end() :]
+            local, rest = int(m.group(1)), name[m.end() :]
+            e = _EXPERT.match(rest)
+            if e and experts[local] is not None:
+                rest = f"mlp.experts.local_experts.{experts[local][int(e.group(1))]}." + rest[e.end() :]
+            name = f"decoder.layers.{offsets[local]}." + rest
         out[name] = param
     return out
 
@@ -82,14 +102,33 @@ def expand_patterns(patterns: list[str] | tuple[str, ...], new_block_layers: lis
             out.extend(f"decoder.layers.{int(s)}.*" for s in p[len("layers:") :].split(",") if s.strip())
         elif p == "new_blocks":
             out.extend(f"decoder.layers.{i}.*" for i in new_block_layers or [])
+        elif p == "experts":
+            out.append(EXPERTS)
+        elif p == "router":
+            out.append(ROUTER)
         else:
             out.append(p)
     return out
 
 
-def _stack_template(name: str) -> str | None:
+def _stack_of(name: str) -> str:
+    """The checkpoint tensor ``name`` is stored in, as a template over its stacked axes:
+    ``decoder.layers.{layer}.<rest>`` (``[L, ...]``), for an expert's weight
+    ``decoder.layers.{layer}.mlp.experts.local_experts.{expert}.<rest>`` (``[L, E, ...]``)."""
     m = _LAYER.match(name)
-    return "decoder.layers.{}." + name[m.end() :] if m else None
+    if not m:
+        return name
+    rest = name[m.end() :]
+    e = _EXPERT.match(rest)
+    if e:
+        return "decoder.layers.{layer}.mlp.experts.local_experts.{expert}." + rest[e.end() :]
+    return "decoder.layers.{layer}." + rest
+
+
+def _stack_members(stack: str, num_layers: int, num_experts: int) -> list[str]:
+    """Every global name in the checkpoint tensor ``stack`` (a :func:`_stack_of` template)."""
+    experts = range(num_experts) if "{expert}" in stack else [0]
+    return [stack.format(layer=i, expert=x) for i in range(num_layers) for x in experts]
 
 
 def param_class(name: str, new_block_layers: list[int] | None) -> str:
@@ -101,14 +140,21 @@ def param_class(name: str, new_block_layers: list[int] | None) -> str:
     m = _LAYER.match(name)
     if m and new_block_layers and int(m.group(1)) in new_block_layers:
         return "new_blocks"
+    if fnmatch.fnmatchcase(name, EXPERTS):
+        return "experts"
+    if fnmatch.fnmatchcase(name, ROUTER):
+        return "router"
     return "body"
+
+
+BODY_CLASSES = ("new_blocks", "experts", "router")  # parts of the body: body's multiplier unless set
 
 
 def class_multiplier(lr_mult: dict, cls: str) -> float:
     """A class's multiplier in a stage; the sub-classes default to their parent's."""
     if cls in lr_mult:
         return float(lr_mult[cls])
-    return float(lr_mult.get("body", 1.0)) if cls == "new_blocks" else 1.0
+    return float(lr_mult.get("body", 1.0)) if cls in BODY_CLASSES else 1.0
 
 
 @dataclass(frozen=True)
@@ -155,6 +201,7 @@ class FreezePlan:
         n = len(stages)
         new_blocks = provenance.get("new_block_layers")
         expansion = provenance.get("vocab_expansion")
+        num_experts = getattr(getattr(chunks[0], "config", None), "num_moe_experts", None) or 0
         globs = [expand_patterns(st.trainable_params, new_blocks) if st.trainable_params else None for st in stages]
         holds = [bool(st.trainable_params and "new_vocab_rows" in st.trainable_params) for st in stages]
         self._check_patterns_match(params, stages, globs)
@@ -167,15 +214,17 @@ class FreezePlan:
         self.rows: dict[int, tuple[torch.nn.Parameter, RowPolicy]] = {}  # id(param) -> vocab matrix rows
         self.total = sum(p.numel() for p in params.values())
         self._numel: dict[str, int] = {}  # policy key -> elements on this rank
+        stack_trains: dict[str, bool] = {}  # checkpoint tensor (_stack_of) -> some part of it trains
         for name, param in params.items():
             flags = [trains(name, i) for i in range(n)]
             if not any(flags):
-                template = _stack_template(name)
-                # Pure function of (patterns, num_layers): every rank decides the same per stack.
-                stack_trains = template is not None and any(
-                    trains(template.format(layer), i) for layer in range(num_layers) for i in range(n)
-                )
-                if not stack_trains:
+                # Pure function of (patterns, num_layers, num_experts): every rank (every EP
+                # rank, holding other experts) decides the same per stack.
+                stack = _stack_of(name)
+                if stack not in stack_trains:  # once per stack (a MoE's expert stacks hold L x E names)
+                    members = _stack_members(stack, num_layers, num_experts)
+                    stack_trains[stack] = any(trains(other, i) for other in members for i in range(n))
+                if not stack_trains[stack]:
                     param.requires_grad_(False)
                     continue
             cls = param_class(name, new_blocks)
