@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -274,7 +274,9 @@ def _check_datasets(cfg: CTConfig, names: list[str], cache: IndexCache) -> None:
     from megatron_ct.data.stream import DocumentStream
 
     d = cfg.data
-    entries = [(f"data.datasets.{n}", n, d.datasets[n]) for n in names]
+    # The scan reads each file once in order: a training set's up-sampling (which only repeats
+    # documents) is dropped here, a validation set's is refused by its stream.
+    entries = [(f"data.datasets.{n}", n, replace(d.datasets[n], upsample_long=None)) for n in names]
     entries += [(f"data.valid.{n}", n, ds) for n, ds in d.valid.items()]
 
     def scan() -> None:

@@ -97,3 +97,21 @@ def test_curriculum_with_upsampling_resumes_exactly_and_logs_the_histogram(corpo
     resumed = source(cfg, layout, tmp_path)
     resumed.load_state_dict(state)
     _same(_run(resumed, range(7, 16)), straight[7:])
+
+
+def test_trainer_start_up_accepts_an_upsampled_training_set(corpora, tmp_path):
+    """The start-up scan of every dataset (ids vs vocabulary) reads each file once in order: an
+    up-sampled training set passes it (it used to be refused as if it were a validation set);
+    an up-sampled validation set is still one line naming its key."""
+    from test_curriculum_data import SHORT, make_cfg
+
+    from megatron_ct.training.startup import check_startup
+
+    cfg, layout = make_cfg(corpora, SHORT, iters=4)
+    cfg.data.index_cache_dir = str(tmp_path / "cache")
+    up = {"min_tokens": 200, "factor": 4}
+    cfg.data.datasets["zh"] = DatasetConfig(prefixes=cfg.data.datasets["zh"].prefixes, upsample_long=up)
+    assert "zh" in check_startup(cfg, layout).schedule.names
+    cfg.data.valid = {"zh_valid": DatasetConfig(prefixes=cfg.data.datasets["zh"].prefixes, upsample_long=up)}
+    with pytest.raises(ConfigError, match=r"^data.valid.zh_valid.upsample_long: expected none for a validation set"):
+        check_startup(cfg, layout)
