@@ -240,6 +240,15 @@ class ModelConfig:
         )
         k = self.moe_router_topk
         _require(isinstance(k, int) and 1 <= k <= e, "model.moe_router_topk", f"an integer in [1, num_experts={e}]", k)
+        # The one chosen expert's renormalised weight is always 1: the router would learn nothing
+        # from the loss, and megatron-core refuses to build such a layer (a ValueError).
+        _require(
+            k > 1 or not self.moe_norm_topk_prob,
+            "model.moe_router_topk",
+            "at least 2 with model.moe_norm_topk_prob=true (top-1 weights renormalised to 1 give the router "
+            "no gradient)",
+            k,
+        )
         for key, value in family.fixed:
             _require(
                 getattr(self, key) == value, f"model.{key}", f"{value} (model.family={family.name})", getattr(self, key)

@@ -136,8 +136,13 @@ def upcycle(
     target = moe_family_for(dense)
     if not (isinstance(num_experts, int) and num_experts >= 1):
         raise ConversionError(f"--num-experts {num_experts}: expected an integer >= 1")
-    if not (isinstance(topk, int) and 1 <= topk <= num_experts):
-        raise ConversionError(f"--topk {topk}: expected an integer in [1, --num-experts={num_experts}]")
+    if not (isinstance(topk, int) and 2 <= topk <= num_experts):
+        # The chosen weights are renormalised (what keeps the dense function): one expert's is
+        # always 1 and its router would get no gradient (megatron-core refuses top-1 so).
+        raise ConversionError(
+            f"--topk {topk}: expected an integer in [2, --num-experts={num_experts}] (top-1 weights renormalised "
+            "to 1 give the router no gradient)"
+        )
     if not (noise >= 0 and noise < float("inf")):
         raise ConversionError(f"--noise {noise}: expected a number >= 0")
     missing = [k for k in DENSE_MLP if k not in reader.tensors]

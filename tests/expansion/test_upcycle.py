@@ -42,15 +42,17 @@ def test_experts_are_copies_and_the_config_is_the_moe_family(dense):
 
 
 def test_noise_perturbs_each_expert_differently(dense):
-    upcycle(str(dense / "dense"), str(dense / "noisy"), num_experts=3, topk=1, noise=0.01, seed=1)
+    upcycle(str(dense / "dense"), str(dense / "noisy"), num_experts=3, topk=2, noise=0.01, seed=1)
     w, ref = read_all(dense / "noisy")[EXPERTS + "linear_fc1.weight"], read_all(dense / "dense")[FC1]
     rel = [((w[:, e] - ref).std() / ref.std()).item() for e in range(3)]
     assert all(0.005 < r < 0.02 for r in rel) and not torch.equal(w[:, 0], w[:, 1])
 
 
 def test_refusals_are_one_line(dense):
-    with pytest.raises(ConversionError, match=r"--topk 5: expected an integer in \[1, --num-experts=4\]$"):
+    with pytest.raises(ConversionError, match=r"--topk 5: expected an integer in \[2, --num-experts=4\] "):
         upcycle(str(dense / "dense"), str(dense / "x"), num_experts=4, topk=5)
+    with pytest.raises(ConversionError, match=r"--topk 1: expected an integer in \[2, --num-experts=4\] \(top-1"):
+        upcycle(str(dense / "dense"), str(dense / "x"), num_experts=4, topk=1)
     write_random_checkpoint(dense / "qwen2", seed=5, family="qwen2", **DENSE)
     with pytest.raises(ConversionError, match=r"model.family=qwen2: no mixture-of-experts family has its layers"):
         upcycle(str(dense / "qwen2"), str(dense / "x"), num_experts=4, topk=2)

@@ -221,6 +221,10 @@ def test_moe_config_checks():
         ConfigError, match=r"^model.moe_router_topk: expected an integer in \[1, num_experts=4\], got 5$"
     ):
         ModelConfig(family="qwen3_moe", num_experts=4, moe_router_topk=5, **moe)
+    # megatron-core refuses top-1 with renormalised weights (a ValueError when the model is built)
+    with pytest.raises(ConfigError, match=r"^model.moe_router_topk: expected at least 2 with model.moe_norm_topk_prob"):
+        ModelConfig(family="mixtral", num_experts=4, moe_router_topk=1, **moe)
+    assert ModelConfig(family="qwen3_moe", num_experts=4, moe_router_topk=1, moe_norm_topk_prob=False, **moe)
     with pytest.raises(
         ConfigError, match=r"^model.moe_norm_topk_prob: expected True \(model.family=mixtral\), got False$"
     ):
