@@ -49,6 +49,7 @@ def build_parser() -> ToolParser:
     p.add_argument("--append", action="store_true", help="add to --output instead of replacing it")
     p.add_argument("--label", help="label of these records (e.g. base)")
     p.add_argument("--heatmap", metavar="PNG", help="draw the retrieval accuracy of --output's records")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     add_model_flags(p, micro_batch_size=1, rows="rows")
     return p
 
@@ -86,7 +87,7 @@ def run(args) -> int:
             probes = long.build_probes(
                 tok, long.haystack_ids(tok, text), args.lengths, args.depths, args.trials, args.seed
             )
-            records += long.retrieval_records(lm, probes, task)
+            records += long.retrieval_records(lm, probes, task, progress=args.progress)
         if texts is not None:
             batch = opts.micro_batch_size * max(opts.pipeline_model_parallel_size, 1)
             records += long.position_records(session, texts, args.position_length or longest, args.bucket, batch)

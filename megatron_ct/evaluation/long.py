@@ -94,22 +94,36 @@ def build_probes(
     return probes
 
 
-def retrieval_records(lm, probes: Sequence[Probe], task: str) -> list[dict]:
-    """Score every probe (one forward pass each) and summarise each (length, depth) cell."""
-    scored = lm.loglikelihood([(p.context, p.answer) for p in probes])
-    cells: dict[tuple[int, float], list[tuple[float, bool]]] = {}
-    for p, result in zip(probes, scored, strict=True):
-        cells.setdefault((p.length, p.depth), []).append(result)
+def retrieval_records(lm, probes: Sequence[Probe], task: str, progress: bool = False) -> list[dict]:
+    """Score every probe (one forward pass each) and summarise each (length, depth) cell.
+
+    ``progress``: a bar in tokens (rate and ETA; a 16k-token row takes minutes on a CPU) on
+    the process that reports. Cells are scored one after another (collective: every rank
+    scores the same cells), so the bar moves per cell."""
+    import os
+
+    from tqdm import tqdm
+
+    cells: dict[tuple[int, float], list[Probe]] = {}
+    for p in probes:
+        cells.setdefault((p.length, p.depth), []).append(p)
+    show = progress and int(os.environ.get("RANK", "0")) == 0
+    bar = tqdm(total=sum(p.length for p in probes), unit="tok", unit_scale=True, desc=task, disable=not show)
+    results: dict[tuple[int, float], list[tuple[float, bool]]] = {}
+    for cell, members in cells.items():
+        results[cell] = lm.loglikelihood([(p.context, p.answer) for p in members])
+        bar.update(sum(p.length for p in members))
+    bar.close()
     out = []
-    for (length, depth), results in cells.items():
+    for (length, depth), scored in results.items():
         out.append(
             {
                 "task": task,
                 "length": length,
                 "depth": depth,
-                "trials": len(results),
-                "accuracy": sum(g for _, g in results) / len(results),
-                "key_logprob": sum(lp for lp, _ in results) / len(results),
+                "trials": len(scored),
+                "accuracy": sum(g for _, g in scored) / len(scored),
+                "key_logprob": sum(lp for lp, _ in scored) / len(scored),
             }
         )
     return out

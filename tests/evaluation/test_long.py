@@ -62,6 +62,27 @@ def test_probes_have_the_length_and_the_key_at_its_depth(setup):
         long.build_probes(tok, hay, [20], [0.5], trials=1)
 
 
+def test_retrieval_scores_cell_by_cell_under_a_token_progress_bar(setup, capsys):
+    """A 16k-token row takes minutes on a CPU: the bar counts tokens (rate, ETA) and moves per
+    (length, depth) cell; without ``progress`` nothing is printed."""
+    tok = load_tokenizer(str(setup / "hf"))
+    probes = long.build_probes(tok, long.haystack_ids(tok, None), [96, 160], [0.0, 1.0], trials=2)
+    calls = []
+
+    class CountingLM:
+        def loglikelihood(self, pairs):
+            calls.append(len(pairs))
+            return [(-1.0 - len(c) / 1000, True) for c, _ in pairs]
+
+    quiet = long.retrieval_records(CountingLM(), probes, "passkey")
+    assert capsys.readouterr().err == ""
+    shown = long.retrieval_records(CountingLM(), probes, "passkey", progress=True)
+    assert shown == quiet and calls == [2] * 8  # one cell at a time, twice
+    assert [(r["length"], r["depth"], r["trials"]) for r in shown] == [(n, d, 2) for n in (96, 160) for d in (0.0, 1.0)]
+    err = capsys.readouterr().err
+    assert "passkey" in err and "100%" in err and "tok/s" in err and "1.02k/1.02k" in err  # 4 x 2 x (96 + 160)
+
+
 def records(path) -> list[dict]:
     return [json.loads(line) for line in open(path).read().splitlines()]
 
