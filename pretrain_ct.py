@@ -19,7 +19,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_ct.cli import ToolParser, run_cli
+    from megatron_ct.cli import ToolParser, record_exit_status, run_cli
 
     parser = ToolParser(
         "pretrain_ct.py",
@@ -32,7 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint, logging); defaults to the embedded tiny CPU run",
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    return run_cli(parser, train, argv, extra_args=True, exit_codes=_exit_codes)
+    status = run_cli(parser, train, argv, extra_args=True, exit_codes=_exit_codes)
+    if status:
+        record_exit_status(status)  # for the sbatch script: srun's status is not the trainers'
+    return status
 
 
 def train(args, overrides: list[str]) -> int:

@@ -164,6 +164,30 @@ def run_cli(
         return status
 
 
+STATUS_DIR_VARIABLE = "MEGATRON_CT_STATUS_DIR"
+
+
+def record_exit_status(status: int) -> None:
+    """Leave this process's exit ``status`` as ``rank<R>`` (R: RANK, else SLURM_PROCID) in the
+    directory ``MEGATRON_CT_STATUS_DIR`` names, when it is set (the sbatch script sets it).
+
+    What srun reports is not the trainers' status: the largest over its tasks, where the tasks
+    SLURM killed after the first failure count as 128 + the signal. The script reads the status
+    files to tell a config or input error (2), ``train.nan_policy=stop`` (3) and a hang (4) from
+    a lost node. A failure to write is ignored: the exit status still tells the caller.
+    """
+    folder = os.environ.get(STATUS_DIR_VARIABLE)
+    if not folder:
+        return
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", f"pid{os.getpid()}"))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"rank{rank}"), "w") as f:
+            f.write(f"{status}\n")
+    except OSError:
+        pass
+
+
 def debug_requested(args: argparse.Namespace | None = None) -> bool:
     return bool(getattr(args, "debug", False)) or os.environ.get("MEGATRON_CT_DEBUG") == "1"
 

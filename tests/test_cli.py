@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_ct.cli import ToolParser, check_output_dir, check_output_file, float_above, int_at_least, run_cli
+from megatron_ct.cli import (
+    ToolParser,
+    check_output_dir,
+    check_output_file,
+    float_above,
+    int_at_least,
+    record_exit_status,
+    run_cli,
+)
 from megatron_ct.errors import ConfigError, DataError
 
 
@@ -123,3 +131,17 @@ def test_output_paths_are_checked_before_any_work(tmp_path):
         check_output_file(str(tmp_path), "--output")
     with pytest.raises(ConfigError, match=rf"^--output {tmp_path}/no/o.json: no directory {tmp_path}/no; expected"):
         check_output_file(str(tmp_path / "no" / "o.json"), "--output")
+
+
+def test_exit_status_is_left_for_the_batch_script(tmp_path, monkeypatch):
+    # srun's status is not the trainers' (megatron_ct/cli.py record_exit_status): a config error
+    # of pretrain_ct.py leaves "2" as rank<RANK> where the sbatch script looks.
+    import pretrain_ct
+
+    monkeypatch.delenv("MEGATRON_CT_STATUS_DIR", raising=False)
+    record_exit_status(3)  # not set: nothing written, nothing fails
+    monkeypatch.setenv("MEGATRON_CT_STATUS_DIR", str(tmp_path / "status" / "42.0"))
+    monkeypatch.setenv("RANK", "3")
+    assert pretrain_ct.main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert (tmp_path / "status" / "42.0" / "rank3").read_text() == "2\n"
+    assert [p.name for p in (tmp_path / "status" / "42.0").iterdir()] == ["rank3"]

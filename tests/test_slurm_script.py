@@ -36,14 +36,20 @@ def test_bash_syntax():
     assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
 
 
-def test_one_process_per_gpu_on_every_node(tmp_path):
+def test_one_torchrun_per_node_one_process_per_gpu(tmp_path):
     cmd = render(tmp_path, BASE_CKPT="base")
     text = " ".join(cmd)
-    assert cmd[:3] == ["MASTER_ADDR=gpu07", "MASTER_PORT=24242", "srun"]  # rendezvous on the first node
-    # srun starts the trainers, no torchrun agent: they get SLURM's signals themselves.
-    # The step asks for the GPUs: --exclusive alone gives them to the job, not to its steps.
-    assert "--ntasks 16 --ntasks-per-node 8 --cpus-per-task 16 --gpus-per-node 8 --kill-on-bad-exit=1" in text
-    assert "python3 pretrain_ct.py --config examples/llama2_7b_ct_bf16.yaml" in text
+    assert cmd[:3] == ["MASTER_ADDR=gpu07", "MASTER_PORT=24242", "srun"]
+    # One task per node with the node's CPUs; the step asks for the GPUs (--exclusive alone gives
+    # them to the job, not to its steps).
+    assert "srun --ntasks 2 --ntasks-per-node 1 --cpus-per-task 128 --gpus-per-node 8 --kill-on-bad-exit=1" in text
+    # torchrun (kept in SLURM's process group) starts 8 ranks per node; the c10d rendezvous at the
+    # first node, its id this run of the job (a requeued run does not meet a stale one).
+    assert (
+        "python3 -m megatron_ct.parallel.slurm_torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d "
+        "--rdzv-endpoint gpu07:24242 --rdzv-id 4242.0 --max-restarts 0 "
+        "pretrain_ct.py --config examples/llama2_7b_ct_bf16.yaml" in text
+    )
     # First run: weights only from the base model; overrides pass through last.
     assert "checkpoint.load=base checkpoint.load_weights_only=true" in text
     assert cmd[-1] == "train.train_iters=10"
@@ -52,22 +58,48 @@ def test_one_process_per_gpu_on_every_node(tmp_path):
 def test_requeued_job_resumes_from_its_own_checkpoint(tmp_path):
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck" / "latest_checkpointed_iteration.txt").write_text("500")
-    text = " ".join(render(tmp_path, BASE_CKPT="base"))
+    text = " ".join(render(tmp_path, BASE_CKPT="base", SLURM_RESTART_COUNT="3"))
     assert f"checkpoint.load={tmp_path / 'ck'}" in text
     assert "load_weights_only" not in text
+    assert "--rdzv-id 4242.3" in text  # a rendezvous of its own
+
+
+def test_srun_launcher_starts_every_rank(tmp_path):
+    # LAUNCHER=srun: no agent, one task per rank (ranks from SLURM's variables).
+    text = " ".join(render(tmp_path, LAUNCHER="srun", TRAIN_SCRIPT="wrap.py"))
+    assert "srun --ntasks 16 --ntasks-per-node 8 --cpus-per-task 16 --gpus-per-node 8 --kill-on-bad-exit=1" in text
+    assert "python3 wrap.py --config examples/llama2_7b_ct_bf16.yaml" in text
+    assert "torchrun" not in text
+
+
+def test_unknown_launcher_is_refused_in_one_line(tmp_path):
+    env = {
+        "DRY_RUN": "1",
+        "LAUNCHER": "mpirun",
+        "SLURM_JOB_NODELIST": "n1",
+        "SLURM_JOB_ID": "1",
+        "PATH": os.environ["PATH"],
+    }
+    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr == "error: LAUNCHER=mpirun (examples/slurm/pretrain_ct.sbatch): expected torchrun or srun\n"
 
 
 def test_requests_and_processes_follow_the_environment(tmp_path):
     # No GPU visible: one process per node unless NPROC_PER_NODE says otherwise.
     no_gpu = {"SLURM_GPUS_ON_NODE": "0", "SLURM_CPUS_ON_NODE": "4", "SLURM_NNODES": "1"}
-    assert "--ntasks 1 --ntasks-per-node 1 --cpus-per-task 4" in " ".join(render(tmp_path, **no_gpu))
+    text = " ".join(render(tmp_path, **no_gpu))
+    assert "--ntasks 1 --ntasks-per-node 1 --cpus-per-task 4 --kill-on-bad-exit=1" in text
+    assert "--nnodes 1 --nproc-per-node 1 " in text
     text = " ".join(
         render(
             tmp_path, **no_gpu, NPROC_PER_NODE="2", CPUS_PER_PROC="1", CONFIG="", PYTHON="apptainer exec ct.sif python3"
         )
     )
-    assert "--ntasks 2 --ntasks-per-node 2 --cpus-per-task 1" in text
-    assert "apptainer exec ct.sif python3 pretrain_ct.py checkpoint.save=" in text  # empty CONFIG: no --config
+    assert "--ntasks 1 --ntasks-per-node 1 --cpus-per-task 2 --kill-on-bad-exit=1" in text
+    # The agent runs in the container; its ranks with its interpreter. Empty CONFIG: no --config.
+    assert "apptainer exec ct.sif python3 -m megatron_ct.parallel.slurm_torchrun --nnodes 1 --nproc-per-node 2" in text
+    assert "--max-restarts 0 pretrain_ct.py checkpoint.save=" in text
 
 
 def test_job_log_goes_where_the_job_can_always_open_it():
@@ -84,6 +116,9 @@ STUBS = {
     "srun": """#!/bin/bash
 if [ -n "${FAIL_RC:-}" ]; then  # the step fails at once (a lost node), after a save or not
   [ "$SAVES" = 1 ] && echo 7 > "$SAVE_DIR/latest_checkpointed_iteration.txt"
+  if [ -n "${STATUS:-}" ]; then  # what a trainer leaves (megatron_ct/cli.py record_exit_status)
+    mkdir -p "$MEGATRON_CT_STATUS_DIR" && echo "$STATUS" > "$MEGATRON_CT_STATUS_DIR/rank1"
+  fi
   exit "$FAIL_RC"
 fi
 trap 'kill "$IDLE"; [ "$SAVES" = 1 ] && echo 7 > "$SAVE_DIR/latest_checkpointed_iteration.txt"; exit 0' TERM
@@ -194,10 +229,12 @@ def test_preemption_with_grace_time_is_requeued_after_the_save(tmp_path):
     assert calls == ["scontrol requeue 42"]
 
 
-def run_failing(tmp_path, rc, saves):
+def run_failing(tmp_path, rc, saves, status=None):
     """The script with a step that fails at once with exit ``rc`` (a lost node: SIGKILLed tasks,
-    srun's status 137), having saved a checkpoint first or not; returns (exit code, calls, output)."""
-    stub, env = stub_env(tmp_path, saves, FAIL_RC=str(rc))
+    srun's status 137), having saved a checkpoint first or not, a trainer having left its exit
+    ``status`` or not; returns (exit code, calls, output)."""
+    extra = {"STATUS": str(status)} if status is not None else {}
+    stub, env = stub_env(tmp_path, saves, FAIL_RC=str(rc), **extra)
     proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=30)
     return proc.returncode, (stub / "calls").read_text().splitlines(), proc.stdout + proc.stderr
 
@@ -231,3 +268,20 @@ def test_trainers_own_stops_are_not_requeued(tmp_path, status):
     rc, calls, out = run_failing(tmp_path, status, saves=True)
     assert rc == status
     assert calls == [], out
+
+
+@pytest.mark.parametrize("status", [2, 3])
+def test_trainers_status_wins_over_sruns(tmp_path, status):
+    # srun reports the largest status over its tasks: 143 for those it terminated after the
+    # first failure. The trainer's own status file says what happened.
+    rc, calls, out = run_failing(tmp_path, 143, saves=True, status=status)
+    assert rc == status, out
+    assert calls == [], out
+    assert not (tmp_path / "ck" / "exit_status").exists()  # read, then removed
+
+
+def test_hang_status_is_requeued_after_a_new_save(tmp_path):
+    rc, calls, out = run_failing(tmp_path, 143, saves=True, status=4)
+    assert rc == 0, out
+    assert calls == ["scontrol requeue 42"]
+    assert "hang detected (exit 4, stacks in" in out

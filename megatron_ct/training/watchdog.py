@@ -7,8 +7,9 @@ the trainer arms it at the start of a training step and disarms it at the end. A
 not ended after the timeout means this rank is stuck (in a collective waiting for a peer, or
 itself): the watchdog writes every thread's Python stack to ``<dir>/hang/iter<N>_rank<r>.txt``
 (the innermost frames show the collective it waits in), logs one line, and ends the process
-with exit code :data:`HANG_EXIT_CODE`, which the sbatch script turns into a requeue; the run
-then resumes from its last checkpoint.
+with exit code :data:`HANG_EXIT_CODE` (also left where the sbatch script reads the trainers'
+status, :func:`megatron_ct.cli.record_exit_status`), which the script turns into a requeue; the
+run then resumes from its last checkpoint.
 
 The timeout is ``train.hang_timeout_s`` when set; otherwise it is learned: ``HANG_FLOOR_S``
 during the first ``LEARN_STEPS`` steps (start-up effects), then ``HANG_FACTOR`` times the
@@ -28,6 +29,8 @@ import os
 import sys
 import threading
 import time
+
+from megatron_ct.cli import record_exit_status
 
 log = logging.getLogger(__name__)
 
@@ -119,4 +122,5 @@ class Watchdog:
                 "requeued and resumed from the last checkpoint\n"
             )
             sys.stderr.flush()
+            record_exit_status(HANG_EXIT_CODE)
             os._exit(HANG_EXIT_CODE)

@@ -1,7 +1,8 @@
-"""Interpreter wrapper for the SLURM tests (PYTHON="python3 tests/slurm/paced.py"): runs
-pretrain_ct.py with every training step slowed down by CT_STEP_DELAY seconds on a job's first
-run (SLURM_RESTART_COUNT unset or 0), so that a signal SLURM sends at a time it chooses (the
-time-limit warning) lands mid-run. A requeued run trains at full speed."""
+"""Training script for the SLURM tests (TRAIN_SCRIPT=tests/slurm/paced.py): pretrain_ct.py, with
+every training step slowed down by CT_STEP_DELAY seconds on one run of the job (CT_PACED_RUN, by
+SLURM_RESTART_COUNT; default the first), so that a signal SLURM sends at a time it chooses (the
+time-limit warning) or a test's kill lands mid-run, and with a fault of
+tests/checkpoint/fault_injection.py (CT_FAULT) on the first run. Other runs train as usual."""
 
 import os
 import sys
@@ -9,20 +10,24 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "checkpoint"))  # fault_injection.py
 
 if __name__ == "__main__":
-    if os.environ.get("SLURM_RESTART_COUNT", "0") == "0":
+    run = os.environ.get("SLURM_RESTART_COUNT", "0")
+    if "CT_STEP_DELAY" in os.environ and run == os.environ.get("CT_PACED_RUN", "0"):
         from megatron_ct.training import trainer
 
-        real_step, delay = trainer.train_step, float(os.environ.get("CT_STEP_DELAY", "1"))
+        real_step, delay = trainer.train_step, float(os.environ["CT_STEP_DELAY"])
 
         def paced_step(*a, **k):
             time.sleep(delay)  # the pacing is the point, not a wait: SLURM's warning must land mid-run
             return real_step(*a, **k)
 
         trainer.train_step = paced_step
+    if os.environ.get("CT_FAULT") and run == "0":
+        import fault_injection
+
+        fault_injection.install(os.environ["CT_FAULT"])
     import pretrain_ct
 
-    if not sys.argv[1].endswith("pretrain_ct.py"):
-        raise SystemExit(f"paced.py: expected pretrain_ct.py as the script, got {sys.argv[1]}")
-    sys.exit(pretrain_ct.main(sys.argv[2:]))
+    sys.exit(pretrain_ct.main(sys.argv[1:]))
