@@ -78,7 +78,7 @@ def global_named_parameters(chunk: torch.nn.Module) -> dict[str, torch.nn.Parame
         for local, layer in enumerate(decoder.layers):
             offsets[local] = layer.layer_number - 1  # megatron-core numbers layers globally from 1
             # MoELayer: this EP rank's experts, local_experts.<i> is expert local_expert_indices[i]
-            experts[local] = getattr(layer.mlp, "local_expert_indices", None)
+            experts[local] = getattr(getattr(layer, "mlp", None), "local_expert_indices", None)
     out = {}
     for name, param in chunk.named_parameters():
         m = _LAYER.match(name)
