@@ -11,6 +11,8 @@ Exit status: 0 finished (or stopped to be resumed: preemption, exit_interval); 2
 or environment, reported in one line ``error: ...`` on stderr (``--debug`` or
 MEGATRON_CT_DEBUG=1 for the traceback); 3 non-finite training (train.nan_policy); 4 a hang
 (a training step did not finish within train.hang_timeout_s; stacks in checkpoint.save/hang).
+With MEGATRON_CT_STATUS_DIR set (the sbatch script does), a status other than 0 is also left
+there as ``rank<R>``: srun's own status is not the trainers'.
 """
 
 # Imports stay inside main(): megatron-core's checkpoint writer spawns helper processes

@@ -7,7 +7,8 @@ the trainer arms it at the start of a training step and disarms it at the end. A
 not ended after the timeout means this rank is stuck (in a collective waiting for a peer, or
 itself): the watchdog writes every thread's Python stack to ``<dir>/hang/iter<N>_rank<r>.txt``
 (the innermost frames show the collective it waits in), logs one line, and ends the process
-with exit code :data:`HANG_EXIT_CODE` (also left where the sbatch script reads the trainers'
+(after :data:`EXIT_GRACE_S`, so that the other stuck ranks write theirs too) with exit code
+:data:`HANG_EXIT_CODE` (also left where the sbatch script reads the trainers'
 status, :func:`megatron_ct.cli.record_exit_status`), which the script turns into a requeue; the
 run then resumes from its last checkpoint.
 
@@ -38,6 +39,10 @@ HANG_EXIT_CODE = 4
 HANG_FLOOR_S = 300.0
 HANG_FACTOR = 10.0
 LEARN_STEPS = 3
+EXIT_GRACE_S = 2.0
+"""Seconds between a rank's dump and its exit. The other ranks waiting in the same collective
+reach their own timeout within a poll (at most 1 s) of this one; on gloo this rank's exit would
+break their collective at once, and they would end with an error instead of with their stacks."""
 
 
 class Watchdog:
@@ -123,4 +128,5 @@ class Watchdog:
             )
             sys.stderr.flush()
             record_exit_status(HANG_EXIT_CODE)
+            time.sleep(EXIT_GRACE_S)  # a peer's exit in the meantime ends this process with its error
             os._exit(HANG_EXIT_CODE)
