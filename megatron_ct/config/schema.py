@@ -139,6 +139,15 @@ class ModelConfig:
     per MoE layer); 0 turns it off. The converter takes HF ``router_aux_loss_coef`` when
     ``output_router_logits`` is true (HF trains with it only then), else 0. HF's loss is k times
     megatron-core's per-layer loss, computed once over all layers' tokens."""
+    moe_z_loss_coeff: float = 0.0
+    """Weight of megatron-core's router z-loss (ST-MoE: the mean squared log-sum-exp of the router
+    logits, per MoE layer; keeps the logits small); 0 turns it off. Neither HF family has one."""
+    moe_expert_capacity_factor: float | None = None
+    """Token slots an expert takes per micro-batch, as a multiple of an even share (``ceil(T * k /
+    E * factor)`` of the ``T`` tokens a rank routes: under sequence or context parallelism its
+    share of the sequence); the slots past it are dropped (those of lowest probability) and
+    counted in the metrics (``moe_dropped_tokens``). megatron-core applies it in every forward,
+    evaluation included. None: no limit, no token is dropped (HF's routing)."""
     loss_chunk_size: int | None = None
     """Compute the output layer and the cross-entropy this many sequence positions at a time
     (megatron_ct/model/chunked_loss.py), so the [s, b, V/tp] logits are never held at once (a
@@ -253,8 +262,12 @@ class ModelConfig:
             _require(
                 getattr(self, key) == value, f"model.{key}", f"{value} (model.family={family.name})", getattr(self, key)
             )
-        c = self.moe_aux_loss_coeff
-        _number(c, "model.moe_aux_loss_coeff", "a number >= 0", isinstance(c, (int, float)) and c >= 0)
+        for key in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
+            c = getattr(self, key)
+            _number(c, f"model.{key}", "a number >= 0", isinstance(c, (int, float)) and c >= 0)
+        f = self.moe_expert_capacity_factor
+        if f is not None:
+            _number(f, "model.moe_expert_capacity_factor", "a number > 0 or null (no limit)", f > 0)
 
     @property
     def head_dim(self) -> int:
@@ -917,9 +930,20 @@ class LoggingConfig:
     """Warn (one line, naming the rank and host) when a rank's compute time per step is more than
     this fraction above the median of its pipeline stage's ranks, on log steps; per-rank times go
     to ranks.jsonl (megatron_ct/training/stragglers.py). None: no warning."""
+    moe_dead_expert_intervals: int | None = 5
+    """Mixtures of experts: warn (one line, naming the layer and the expert) when an expert has
+    received no token in this many consecutive log intervals; once per expert until it receives
+    tokens again (megatron_ct/training/router_health.py). None: no warning."""
 
     def __post_init__(self) -> None:
         _require(self.log_interval >= 1, "logging.log_interval", "an integer >= 1", self.log_interval)
+        n = self.moe_dead_expert_intervals
+        _require(
+            n is None or (isinstance(n, int) and not isinstance(n, bool) and n >= 1),
+            "logging.moe_dead_expert_intervals",
+            "an integer >= 1 (log intervals) or null",
+            n,
+        )
         _require(
             self.straggler_threshold is None or (_is_number(self.straggler_threshold) and self.straggler_threshold > 0),
             "logging.straggler_threshold",

@@ -168,14 +168,18 @@ def moe_settings(m: ModelConfig, sequence_split: int = 1, cp: int = 1) -> dict:
     logits (``moe_router_pre_softmax=False``), without it the top k of the full softmax
     (``pre_softmax=True``). Experts are megatron-core's SequentialMLP (``moe_grouped_gemm=False``:
     the grouped GEMM needs TE/CUDA), tokens travel by the all-to-all dispatcher (gloo has
-    ``all_to_all_single``); no capacity limit, so no token is dropped, as in HF.
+    ``all_to_all_single``). By default no capacity limit, so no token is dropped, as in HF; with
+    ``moe_expert_capacity_factor`` megatron-core drops the token slots past each expert's capacity
+    (``apply_router_token_dropping``) and the dispatcher sends the smaller routing map.
 
     The load-balancing loss is megatron-core's, over each micro-batch's tokens. Where those are
     split over ranks (sequence parallelism: ``sequence_split`` = TP; context parallelism: CP),
     megatron-core 0.16.1 computes the loss over the whole micro-batch but scales its gradient by
     the rank's own token count (``valid_token_count=local_num_tokens``) where the LM loss is
     scaled by the micro-batch's: its gradient comes out ``sequence_split * cp`` times too small.
-    The coefficient is multiplied by that factor to compensate (checked against one process).
+    The coefficient is multiplied by that factor to compensate (checked against one process). The
+    z-loss has the same flaw (megatron-core divides its coefficient by TP x CP, then scales by the
+    rank's own tokens) and gets the same compensation.
     """
     if not m.num_experts:
         return {}
@@ -187,6 +191,8 @@ def moe_settings(m: ModelConfig, sequence_split: int = 1, cp: int = 1) -> dict:
         moe_router_pre_softmax=not m.moe_norm_topk_prob,
         moe_router_load_balancing_type="aux_loss" if m.moe_aux_loss_coeff > 0 else "none",
         moe_aux_loss_coeff=m.moe_aux_loss_coeff * sequence_split * cp,
+        moe_z_loss_coeff=m.moe_z_loss_coeff * sequence_split * cp if m.moe_z_loss_coeff > 0 else None,
+        moe_expert_capacity_factor=m.moe_expert_capacity_factor,
         moe_grouped_gemm=False,
         moe_token_dispatcher_type="alltoall",
     )

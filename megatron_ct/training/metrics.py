@@ -68,6 +68,8 @@ def format_line(r: dict[str, Any], train_iters: int) -> str:
         f"{r['tflops_per_device']:.2f} TFLOP/s/dev | MFU {mfu} | mem {r['memory_gib']:.2f} GiB | "
         f"{r['step_time_s'] * 1000:.0f} ms/step | ETA {eta}"
         + (f" | skipped {r['skipped_steps']}" if r.get("skipped_steps") else "")
+        + (f" | moe aux {r['moe_aux_loss']:.4f}" if r.get("moe_aux_loss") is not None else "")
+        + (f" | dropped {r['moe_dropped_tokens']}" if r.get("moe_dropped_tokens") else "")
     )
 
 

@@ -40,6 +40,7 @@ from megatron_ct.training.flops import peak_tflops_for
 from megatron_ct.training.freeze import FreezePlan
 from megatron_ct.training.metrics import MetricsWriter, Throughput, format_line, memory_gib
 from megatron_ct.training.optimizer import build_optimizer, hook_model_config, wrap_ddp
+from megatron_ct.training.router_health import RouterHealth
 from megatron_ct.training.scheduler import CTScheduler
 from megatron_ct.training.stages import StageTracker
 from megatron_ct.training.startup import Startup
@@ -93,6 +94,7 @@ class Trainer:
         self.scheduler = CTScheduler(self.optimizer, cfg.optim, t.train_iters, self.plan.policies, self.stages)
         hook_model_config(self.model, self.optimizer)
         self.timer = self._step_timer()
+        self.router_health = self._router_health()
         # What a checkpoint holds: one registration per component.
         self.checkpoints = CheckpointManager()
         self.checkpoints.register("model", ModelState(self.model))
@@ -176,6 +178,26 @@ class Trainer:
 
         config.finalize_model_grads_func = finalize_timed
         return timer
+
+    def _router_health(self) -> RouterHealth | None:
+        """Mixtures of experts: expert load and the routers' losses on log steps
+        (megatron_ct/training/router_health.py)."""
+        m, dims = self.cfg.model, self.layout.dims
+        if not m.num_experts:
+            return None
+        return RouterHealth(
+            self.model,
+            num_layers=m.num_layers,
+            num_experts=m.num_experts,
+            topk=m.moe_router_topk,
+            aux_loss=m.moe_aux_loss_coeff > 0,
+            z_loss=m.moe_z_loss_coeff > 0,
+            token_copies=1 if dims.sequence_parallel else dims.tp,
+            tp_cp=dims.tp * dims.cp,
+            dead_expert_intervals=self.cfg.logging.moe_dead_expert_intervals,
+            device=self.layout.device,
+            is_writer=dist.get_rank() == 0,
+        )
 
     # --- checkpoint -----------------------------------------------------------------------
     def checkpoint_meta(self) -> CheckpointMeta:
@@ -411,6 +433,8 @@ class Trainer:
         if timing is not None:
             record.update(timing["metrics"])
             self._ranks_log.write(timing["ranks"])
+        if self.router_health is not None:
+            record.update(self.router_health.report(self.iteration))  # collective
         if self.schedule.curriculum:
             record["stage"] = self.stages.current.name
         if self._first_loss is None:

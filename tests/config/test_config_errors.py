@@ -94,3 +94,12 @@ def test_head_width_fields():
     with pytest.raises(ConfigError, match=r"model.hidden_size: .*num_attention_heads=4 \(or set model.kv_channels\)"):
         load_config(None, ["model.hidden_size=66"])
     load_config(None, ["model.hidden_size=66", "model.kv_channels=16"])  # heads need not divide the width
+
+
+def test_dead_expert_intervals():
+    assert load_config(None, []).logging.moe_dead_expert_intervals == 5
+    assert load_config(None, ["logging.moe_dead_expert_intervals=null"]).logging.moe_dead_expert_intervals is None
+    with pytest.raises(
+        ConfigError, match=r"^logging.moe_dead_expert_intervals: expected an integer >= 1 \(log intervals\) or null"
+    ):
+        load_config(None, ["logging.moe_dead_expert_intervals=0"])

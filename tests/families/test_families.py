@@ -229,6 +229,10 @@ def test_moe_config_checks():
         ConfigError, match=r"^model.moe_norm_topk_prob: expected True \(model.family=mixtral\), got False$"
     ):
         ModelConfig(family="mixtral", num_experts=4, moe_norm_topk_prob=False, **moe)
+    with pytest.raises(ConfigError, match=r"^model.moe_expert_capacity_factor: expected a number > 0 or null"):
+        ModelConfig(family="mixtral", num_experts=4, moe_expert_capacity_factor=0, **moe)
+    with pytest.raises(ConfigError, match=r"^model.moe_z_loss_coeff: expected a number >= 0, got -0.1$"):
+        ModelConfig(family="mixtral", num_experts=4, moe_z_loss_coeff=-0.1, **moe)
     m = ModelConfig(family="mixtral", num_experts=4, ffn_hidden_size=96, **moe)
     assert m.moe_ffn_hidden_size == 96  # defaults to the dense width
     cfg = load_config(None, [f"model.{k}={v}" for k, v in {**moe, "family": "mixtral", "num_experts": 6}.items()])

@@ -1,5 +1,5 @@
 """Expert parallelism on CPU (gloo): a mixture of experts trained with its experts split over two
-ranks takes the steps the single process takes (issue 27)."""
+ranks takes the steps the single process takes, and reports the same router health (issue 27)."""
 
 import pytest
 import torch
@@ -18,6 +18,7 @@ OVERRIDES = [
     "train.train_iters=3",
     "checkpoint.load_weights_only=true",
 ]
+Z_LOSS = "model.moe_z_loss_coeff=0.01"  # the router z-loss too (its gradient crosses TP ranks)
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +36,32 @@ def run(root, name, nproc, flags):
     out = root / name
     overrides = [f"checkpoint.load={root / 'init'}", f"checkpoint.save={out / 'ckpt'}", f"logging.log_dir={out}"]
     run_trainer(nproc, [*OVERRIDES, *overrides, *flags])
-    return losses(out), {r["iteration"]: r["grad_norm"] for r in read_metrics(out)}
+    return losses(out), {r["iteration"]: r["grad_norm"] for r in read_metrics(out)}, read_metrics(out)
+
+
+def assert_same_router_health(got: list[dict], ref: list[dict], layout: str) -> None:
+    """Per step and layer: the expert load (exact counts, summed over the ranks that routed
+    them), the load-balancing loss and the z-loss equal one process's (megatron_ct/training/
+    router_health.py)."""
+    for mine, theirs in zip(got, ref, strict=True):
+        it = mine["iteration"]
+        assert mine["moe_expert_load"] == theirs["moe_expert_load"], f"{layout} iteration {it}: expert load"
+        assert all(sum(layer) == pytest.approx(1.0) for layer in mine["moe_expert_load"]), "dropless"
+        assert mine["moe_dropped_tokens"] == 0
+        for key in ("moe_aux_loss_layers", "moe_z_loss_layers"):
+            assert (key in mine) == (key in theirs), f"{layout}: {key}"
+            if key in theirs:
+                assert mine[key] == pytest.approx(theirs[key], rel=1e-5), f"{layout} iteration {it}: {key}"
 
 
 @pytest.fixture(scope="module")
 def ref(init):
     return run(init, "ref", 1, [])
+
+
+@pytest.fixture(scope="module")
+def ref_z(init):
+    return run(init, "ref_z", 1, [Z_LOSS])
 
 
 def test_ep2_steps_equal_one_process(init, ref):
@@ -49,8 +70,9 @@ def test_ep2_steps_equal_one_process(init, ref):
     it saves (each rank writes its own experts into the global [L, E, ...] tensors)."""
     from tiny_checkpoint import read_all
 
-    ref, ref_norms = ref
-    got, norms = run(init, "ep2", 2, ["parallel.expert_model_parallel_size=2"])
+    ref, ref_norms, ref_records = ref
+    got, norms, records = run(init, "ep2", 2, ["parallel.expert_model_parallel_size=2"])
+    assert_same_router_health(records, ref_records, "EP2")
     assert sorted(got) == [1, 2, 3]
     for it in (1, 2, 3):
         assert got[it] == pytest.approx(ref[it], rel=1e-5), f"EP2 iteration {it}: {got[it]} vs EP1 {ref[it]}"
@@ -65,15 +87,16 @@ def test_ep2_steps_equal_one_process(init, ref):
             assert not torch.equal(t, before[key]), f"{key} did not train"
 
 
-def test_tp2_ep2_sp_steps_equal_one_process(init, ref):
+def test_tp2_ep2_sp_steps_equal_one_process(init, ref_z):
     """TP2 x EP2 with sequence parallelism (4 ranks). Two things had to be fixed for it:
-    megatron-core 0.16.1 scales the load-balancing loss's gradient by a rank's share of the
-    micro-batch's tokens (TP times too small under SP unless the coefficient is compensated:
-    megatron_ct/model/llama.py moe_settings), and its dispatcher all-gathers the uneven token
+    megatron-core 0.16.1 scales the load-balancing loss's and the z-loss's gradients by a rank's
+    share of the micro-batch's tokens (TP times too small under SP unless the coefficients are
+    compensated: megatron_ct/model/llama.py moe_settings), and its dispatcher all-gathers the uneven token
     counts over TP ranks, which gloo refuses (padded on CPU: megatron_ct/parallel/device.py)."""
-    ref, ref_norms = ref
-    flags = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]
-    got, norms = run(init, "tp2ep2", 4, [*flags, "parallel.expert_model_parallel_size=2"])
+    ref, ref_norms, ref_records = ref_z
+    flags = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true", Z_LOSS]
+    got, norms, records = run(init, "tp2ep2", 4, [*flags, "parallel.expert_model_parallel_size=2"])
+    assert_same_router_health(records, ref_records, "TP2xEP2")
     for it in (1, 2, 3):
         assert got[it] == pytest.approx(ref[it], rel=1e-5), f"TP2xEP2 iteration {it}: {got[it]} vs one {ref[it]}"
         assert norms[it] == pytest.approx(ref_norms[it], rel=1e-5), f"TP2xEP2 iteration {it}: grad norm"
