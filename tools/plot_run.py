@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Plot a run: training loss and every validation set's bits per byte over iterations (and, when
-the run scored downstream tasks, their accuracy per task in ``<output>_downstream.png``).
+the run scored downstream tasks, their accuracy per task in ``<output>_downstream.png``; for a
+mixture of experts, the routers' health in ``<output>_router.png``: the load-balancing loss and
+z-loss, and one heat map per layer of each expert's share of the token slots over iterations).
 
     python tools/plot_run.py runs/curriculum_3stage            # -> runs/curriculum_3stage/run.png
     python tools/plot_run.py RUN_DIR --output plot.png --title "zh CT"
@@ -95,6 +97,69 @@ def eval_series(evals: list[dict], references: dict[str, float] | None = None) -
     return out
 
 
+def router_series(train: list[dict]) -> tuple[list[int], list[list[list[float]]]]:
+    """Iterations and expert load ``[record][layer][expert]`` of the records that have one
+    (megatron_ct/training/router_health.py), scaled so that 1 is an even share (1/E)."""
+    rows = [r for r in train if r.get("moe_expert_load")]
+    loads = [[[f * len(layer) for f in layer] for layer in r["moe_expert_load"]] for r in rows]
+    return [r["iteration"] for r in rows], loads
+
+
+def plot_router(train: list[dict], output: str, title: str | None = None) -> str:
+    """The routers' health of a mixture-of-experts run: losses on top, then per layer a heat map
+    (iteration x expert) of the load relative to an even share; 0 (a dead expert) is black."""
+    import numpy as np
+
+    from megatron_ct.plotting import pyplot, save_png
+
+    plt = pyplot()
+    iterations, loads = router_series(train)
+    load = np.array(loads)  # [records, L, E]
+    layers = load.shape[1]
+    cols = min(layers, 4)
+    rows = (layers + cols - 1) // cols
+    fig = plt.figure(figsize=(3.2 * cols + 1.5, 2.8 + 2.2 * rows), layout="constrained")
+    grid = fig.add_gridspec(rows + 1, cols, height_ratios=[1.3] + [1] * rows)
+    ax = fig.add_subplot(grid[0, :])
+    handles = []
+    for key, label, axis, color in (
+        ("moe_aux_loss", "load-balancing loss (1: balanced)", ax, "C0"),
+        ("moe_z_loss", "z-loss (right axis)", None, "C1"),
+    ):
+        points = [(r["iteration"], r[key]) for r in train if r.get(key) is not None]
+        if points:
+            axis = axis or ax.twinx()  # its own scale: the squared log-sum-exp of the logits
+            handles += axis.plot(*zip(*points, strict=True), lw=1.2, color=color, label=label)
+    dropped = sum(r.get("moe_dropped_tokens") or 0 for r in train)
+    if dropped:
+        handles += ax.plot([], [], " ", label=f"token slots dropped: {dropped} in all")
+    if handles:
+        ax.legend(handles=handles, loc="upper right", fontsize=8)
+    ax.set_title("router losses (mean over layers)", fontsize=9)
+    ax.set_xlabel("iteration", fontsize=8)
+    # Cell edges halfway between logged iterations (log steps need not be evenly spaced).
+    its = np.array(iterations, dtype=float)
+    mids = (its[1:] + its[:-1]) / 2 if len(its) > 1 else np.array([])
+    edges = np.concatenate([[its[0] - 0.5], mids, [its[-1] + 0.5]])
+    cmap = plt.get_cmap("viridis").copy()
+    cmap.set_under("black")
+    vmax = max(2.0, float(load.max()))
+    for layer in range(layers):
+        ax_l = fig.add_subplot(grid[1 + layer // cols, layer % cols])
+        mesh = ax_l.pcolormesh(
+            edges, np.arange(load.shape[2] + 1) - 0.5, load[:, layer, :].T, cmap=cmap, vmin=1e-9, vmax=vmax
+        )
+        ax_l.set_title(f"layer {layer}", fontsize=8)
+        ax_l.set_ylabel("expert", fontsize=8)
+        if layer // cols == rows - 1:
+            ax_l.set_xlabel("iteration", fontsize=8)
+        ax_l.tick_params(labelsize=7)
+    heat_maps = [a for a in fig.axes if a.get_title().startswith("layer ")]
+    fig.colorbar(mesh, ax=heat_maps, shrink=0.9, label="load / even share (black: none)")
+    fig.suptitle(f"{title}: router health" if title else "router health")
+    return save_png(fig, output, dpi=120)
+
+
 def plot(run_dir: str, output: str, title: str | None = None, references: dict[str, float] | None = None) -> str:
     from megatron_ct.plotting import pyplot, save_png
 
@@ -168,6 +233,9 @@ def draw(args) -> None:
         from megatron_ct.evaluation.plot import plot_downstream
 
         print(plot_downstream(downstream, os.path.splitext(output)[0] + "_downstream.png", args.title))
+    train = read_jsonl(os.path.join(args.run_dir, "metrics.jsonl"))
+    if any(r.get("moe_expert_load") for r in train):  # a mixture of experts: its routers
+        print(plot_router(train, os.path.splitext(output)[0] + "_router.png", args.title))
 
 
 if __name__ == "__main__":

@@ -52,3 +52,30 @@ def test_original_base_and_iteration_0_are_two_lines(tmp_path):
     assert ok.returncode == 0 and (tmp_path / "run.png").is_file(), ok.stderr
     bad = subprocess.run([*run, "--reference", "ja=2.6"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--reference ja" in bad.stderr, bad.stderr
+
+
+def test_mixture_of_experts_run_gets_a_router_plot(tmp_path):
+    """Records with router health (megatron_ct/training/router_health.py) add ``run_router.png``:
+    the losses and one heat map per layer, the load scaled to an even share."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from plot_run import main, router_series
+
+    train = [
+        {
+            "iteration": i,
+            "loss": 6 - i / 10,
+            "moe_aux_loss": 1.0 + 0.01 * i,
+            "moe_z_loss": 2.0,
+            "moe_dropped_tokens": i,
+            "moe_expert_load": [[0.5, 0.25, 0.25, 0.0], [0.25, 0.25, 0.25, 0.25]],
+        }
+        for i in (1, 2, 4)
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    iterations, loads = router_series(train)
+    assert iterations == [1, 2, 4] and loads[0] == [[2.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]]
+    assert main([str(tmp_path)]) == 0
+    assert (tmp_path / "run_router.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "loss": 6.0}) + "\n")  # a dense run
+    (tmp_path / "run_router.png").unlink()
+    assert main([str(tmp_path)]) == 0 and not (tmp_path / "run_router.png").exists()
