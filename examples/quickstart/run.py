@@ -45,6 +45,7 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
@@ -185,17 +186,46 @@ def header(step: int, title: str) -> None:
     print(f"[{step}/{STEPS}] {title}", flush=True)
 
 
-def run_cmd(cmd: list[str], log: Path, timeout: float = 1800) -> None:
-    """Run a tool from the repo root, output into ``log``; on failure raise with its tail."""
+def run_cmd(cmd: list[str], log: Path, timeout: float = 1800, echo: Callable[[str], bool] | None = None) -> None:
+    """Run a tool from the repo root, output into ``log``; on failure raise with its tail.
+
+    ``echo``: the tool's output is read as it comes and each line (a progress bar's redraw is a
+    line too) for which ``echo(line)`` holds is printed, indented: the trainer's per-step line
+    with its ETA, a progress bar's rate and ETA, for steps that take minutes."""
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    log.write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
+    if echo is None:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        output, returncode = proc.stdout + proc.stderr, proc.returncode
+    else:
+        output, returncode = _run_echoing(cmd, env, timeout, echo)
+    log.write_text(output)
+    if returncode != 0:
+        tail = "\n".join(output.splitlines()[-30:])
         raise RuntimeError(
-            f"command failed (exit {proc.returncode}): {' '.join(cmd)}\nfull log: {log}\n--- last lines ---\n{tail}"
+            f"command failed (exit {returncode}): {' '.join(cmd)}\nfull log: {log}\n--- last lines ---\n{tail}"
         )
+
+
+def _run_echoing(cmd: list[str], env: dict, timeout: float, echo: Callable[[str], bool]) -> tuple[str, int]:
+    """(output, exit status) of ``cmd``, printing the lines ``echo`` picks as they come."""
+    import re
+    import threading
+
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    chunks: list[str] = []
+    try:
+        for chunk in proc.stdout:  # type: ignore[union-attr]
+            chunks.append(chunk)
+            for line in re.split(r"[\r\n]", chunk):
+                if line.strip() and echo(line):
+                    print(f"    {line.strip()}", flush=True)
+        returncode = proc.wait()
+    finally:
+        timer.cancel()
+    return "".join(chunks), returncode
 
 
 def tool(name: str, *args: str) -> list[str]:
@@ -220,25 +250,29 @@ OUTPUTS = ("data", "logs", "tasks", "base_hf", "expanded_hf", "ckpt_base", "ckpt
            "curriculum.yaml", "downstream.jsonl", "generation.json", "summary.json")  # fmt: skip
 
 
-def claim_output_dir(out: Path) -> str | None:
-    """Make ``out`` this run's: empty it of an earlier quickstart run and mark it; the error
-    line (nothing touched) when it holds anything else."""
+def claim_output_dir(out: Path, example: str = "quickstart", marker: str = MARKER,
+                     outputs: Callable[[str], bool] | None = None) -> str | None:  # fmt: skip
+    """Make ``out`` this run's: empty it of an earlier run of this ``example`` (a directory with
+    its ``marker``, holding only names ``outputs`` accepts; default: the quickstart's) and mark
+    it; the error line (nothing touched) when it holds anything else."""
     import shutil
 
+    if outputs is None:
+        outputs = lambda n: n in OUTPUTS or (n.startswith("bpb_") and n.endswith(".jsonl"))  # noqa: E731
     entries = sorted(out.iterdir()) if out.is_dir() else []
-    names = {e.name for e in entries} - {MARKER}
-    foreign = sorted(n for n in names if n not in OUTPUTS and not (n.startswith("bpb_") and n.endswith(".jsonl")))
-    if names and (foreign or not (out / MARKER).is_file()):
+    names = {e.name for e in entries} - {marker}
+    foreign = sorted(n for n in names if not outputs(n))
+    if names and (foreign or not (out / marker).is_file()):
         shown = ", ".join((foreign or sorted(names))[:5])
-        return (f"--out {out}: holds files that are not an earlier quickstart run's ({shown}); expected an "
-                f"empty or new directory, or one an earlier quickstart run wrote (marked by {MARKER})")  # fmt: skip
+        return (f"--out {out}: holds files that are not an earlier {example} run's ({shown}); expected an "
+                f"empty or new directory, or one an earlier {example} run wrote (marked by {marker})")  # fmt: skip
     if names:
-        print(f"replacing the earlier quickstart run in {out}", flush=True)
+        print(f"replacing the earlier {example} run in {out}", flush=True)
     for e in entries:
-        if e.name != MARKER:
+        if e.name != marker:
             shutil.rmtree(e) if e.is_dir() and not e.is_symlink() else e.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by examples/quickstart/run.py; a rerun with this --out replaces the run\n")
+    (out / marker).write_text(f"written by examples/{example}/run.py; a rerun with this --out replaces the run\n")
     return None
 
 
@@ -471,13 +505,13 @@ def merge(start: Path, trained: Path, alpha: float, out_dir: Path, logs: Path) -
     return out_dir
 
 
-def train(config: dict, config_path: Path, logs: Path) -> None:
-    """pretrain_ct.py on one CPU process."""
+def train(config: dict, config_path: Path, logs: Path, echo: Callable[[str], bool] | None = None) -> None:
+    """pretrain_ct.py on one CPU process (``echo``: the log lines to show, see :func:`run_cmd`)."""
     from megatron_ct.parallel.launch import free_port, torchrun_command
 
     config_path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     command = torchrun_command(1, REPO / "pretrain_ct.py", ["--config", str(config_path)], master_port=free_port())
-    run_cmd(command, logs / "train.log")
+    run_cmd(command, logs / "train.log", echo=echo)
 
 
 def in_loop_seconds(train_log: Path) -> float:
