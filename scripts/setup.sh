@@ -25,4 +25,14 @@ if [ ! -f /usr/share/games/fortunes/literature ] && [ "$(id -u)" = 0 ] && comman
         >>/tmp/ct-fortunes-apt.log 2>&1; } ||
     echo "setup: fortunes-min not installed (see /tmp/ct-fortunes-apt.log); the quickstart skips English outside the mix"
 fi
+# The long-context example's long documents (examples/long_context/run.py): the King James Bible
+# of Debian's bible-kjv, a book per document. Best effort, as above; without it the example
+# asks for --text FILE.
+if ! command -v bible >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends bible-kjv >/tmp/ct-bible-apt.log 2>&1 ||
+    { DEBIAN_FRONTEND=noninteractive apt-get update -q >>/tmp/ct-bible-apt.log 2>&1 &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends bible-kjv \
+        >>/tmp/ct-bible-apt.log 2>&1; } ||
+    echo "setup: bible-kjv not installed (see /tmp/ct-bible-apt.log); examples/long_context/run.py needs --text FILE"
+fi
 "$PY" -c "import torch, megatron.core; print(f'megatron-ct ready: torch {torch.__version__}, megatron-core {megatron.core.__version__}')" 2>/dev/null
