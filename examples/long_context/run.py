@@ -1,7 +1,7 @@
 """Long-context CT on a CPU: SmolLM2-135M past its 8k window to 16k, passkey before and after.
 
-    python examples/long_context/run.py                    # -> runs/long_context/ (see bench/README.md)
-    python examples/long_context/run.py --steps 4          # more training steps at 16k
+    python examples/long_context/run.py                    # -> runs/long_context/ (~12 min on 2 cores)
+    python examples/long_context/run.py --steps 4          # 4 steps at 16k (each ~5.5 min on 2 cores)
     python examples/long_context/run.py --tiny --base tiny_hf --text docs.jsonl --out /tmp/lc   # the test's run
 
 SmolLM2-135M was trained at 8192 tokens (``max_position_embeddings`` 8192, ``rope_theta`` 1e5),
@@ -272,7 +272,8 @@ def run_pipeline(out: Path, args: argparse.Namespace) -> dict:
     qs.train(zero, out / "config_rope.yaml", logs / "rope")
     rope_only = passkey(out / "ckpt_rope", "rope_only", lengths, probes, precision, out, logs)
     done("rope_only")
-    header(7, f"train: {cfg['train']['train_iters']} steps x {length} tokens with that RoPE (pretrain_ct.py)")
+    n = cfg["train"]["train_iters"]
+    header(7, f"train: {n} step{'s' * (n != 1)} x {length} tokens with that RoPE (pretrain_ct.py)")
     qs.train(cfg, out / "config.yaml", logs, echo=is_progress)
     done("train")
     header(8, "passkey after: the trained checkpoint; heat map of all three (tools/eval_long.py)")
@@ -329,8 +330,8 @@ def summary_line(s: dict) -> str:
         )
     bpb = "; ".join(f"{k} {v['base']:.3f} -> {v['after']:.3f}" for k, v in s["in_window_bpb"].items())
     return (
-        f"passkey {' | '.join(parts)} | in-window bits/byte {bpb} | {s['train_iters']} steps x {s['length']} "
-        f"tokens | {s['seconds']['total'] / 60:.1f} min on {s['machine']}"
+        f"passkey {' | '.join(parts)} | in-window bits/byte {bpb} | {s['train_iters']} x {s['length']}-token steps "
+        f"| {s['seconds']['total'] / 60:.1f} min on {s['machine']}"
     )
 
 
