@@ -187,7 +187,8 @@ def position_records(session, texts: list[str], length: int, bucket: int, batch:
 
 
 def plot_heatmaps(records: list[dict], path: str) -> str:
-    """One accuracy heat map (depth x length) per retrieval task and label, side by side."""
+    """One accuracy heat map (depth x length) per retrieval task and label, side by side; each
+    cell also gives the mean log-probability of the key."""
     from megatron_ct.plotting import pyplot, save_png
 
     plt = pyplot()
@@ -197,22 +198,27 @@ def plot_heatmaps(records: list[dict], path: str) -> str:
             groups.setdefault((r["task"], r.get("label") or r.get("checkpoint") or ""), []).append(r)
     if not groups:
         raise DataError(f"{path}: no passkey or needle records to draw")
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
+    # constrained: the colour bar beside the panels, and no label clipped or drawn over a neighbour
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False, layout="constrained")
     for ax, ((task, label), rows) in zip(axes[0], groups.items(), strict=True):
         lengths = sorted({r["length"] for r in rows})
         depths = sorted({r["depth"] for r in rows})
         grid = torch.full((len(depths), len(lengths)), float("nan"))
+        logprob = torch.full_like(grid, float("nan"))  # the graded measure: a few keys make coarse accuracies
         for r in rows:
             grid[depths.index(r["depth"]), lengths.index(r["length"])] = r["accuracy"]
+            logprob[depths.index(r["depth"]), lengths.index(r["length"])] = r.get("key_logprob", float("nan"))
         im = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
         ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("depth of the key")
+        if ax is axes[0][0]:  # the panels share their rows' meaning
+            ax.set_ylabel("depth of the key")
         ax.set_title(f"{task}: {label}" if label else task, fontsize=9)
         for i in range(len(depths)):
             for j in range(len(lengths)):
                 if not math.isnan(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8)
+                    lp = "" if math.isnan(logprob[i, j]) else f"\nkey log p {logprob[i, j]:.1f}"
+                    ax.text(j, i, f"{grid[i, j]:.2f}{lp}", ha="center", va="center", fontsize=8)
     fig.colorbar(im, ax=axes[0].tolist(), label="accuracy")
     return save_png(fig, path)

@@ -83,6 +83,26 @@ def test_retrieval_scores_cell_by_cell_under_a_token_progress_bar(setup, capsys)
     assert "passkey" in err and "100%" in err and "tok/s" in err and "1.02k/1.02k" in err  # 4 x 2 x (96 + 160)
 
 
+def test_heatmap_panels_give_accuracy_and_key_logprob_per_cell(monkeypatch, tmp_path):
+    """A panel per label, each cell its accuracy and mean key log-probability (with one key a
+    cell, accuracy alone says little); one row label for all panels."""
+    pytest.importorskip("matplotlib")
+    import megatron_ct.plotting as plotting
+
+    drawn = {}
+    monkeypatch.setattr(plotting, "save_png", lambda fig, path: drawn.setdefault("fig", fig) and str(path))
+    recs = [{"task": "passkey", "label": label, "length": n, "depth": 0.5, "trials": 1, "accuracy": acc,
+             "key_logprob": lp} for label, n, acc, lp in
+            (("base", 8192, 1.0, -1.15), ("base", 16384, 0.0, -30.56), ("after", 8192, 0.0, -2.51),
+             ("after", 16384, 1.0, -1.65))]  # fmt: skip
+    long.plot_heatmaps(recs, str(tmp_path / "h.png"))
+    base, after = [ax for ax in drawn["fig"].axes if ax.get_title()]
+    assert base.get_title() == "passkey: base" and after.get_title() == "passkey: after"
+    assert [t.get_text() for t in base.texts] == ["1.00\nkey log p -1.1", "0.00\nkey log p -30.6"]
+    assert [t.get_text() for t in after.texts] == ["0.00\nkey log p -2.5", "1.00\nkey log p -1.6"]
+    assert base.get_ylabel() == "depth of the key" and after.get_ylabel() == ""
+
+
 def records(path) -> list[dict]:
     return [json.loads(line) for line in open(path).read().splitlines()]
 
