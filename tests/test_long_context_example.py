@@ -95,6 +95,24 @@ def test_tiny_run_end_to_end(tiny, tmp_path):
     assert "in-window bits/byte books_heldout " in last
 
 
+def test_recipe_on_smollm2_is_the_yaml_and_scales_to_another_window(tmp_path):
+    """The training config is the recipe with the run's paths on SmolLM2 (nothing rescaled), and
+    on a base with another window and theta every length and the stage's theta follow it."""
+    example = _example()
+    recipe = yaml.safe_load(example.RECIPE.read_text())
+    smollm2 = {**recipe["model"], "loss_chunk_size": None}
+    cfg = example.training_config(recipe, smollm2, tmp_path, tmp_path / "hf", steps=None)
+    assert cfg["data"]["stages"] == recipe["data"]["stages"] and cfg["train"] == recipe["train"]
+    assert cfg["model"] == recipe["model"] and cfg["data"]["data_root"] == str(tmp_path / "data")
+    assert cfg["checkpoint"]["load"] == str(tmp_path / "ckpt_base") and cfg["checkpoint"]["load_weights_only"]
+    small = {**smollm2, "max_position_embeddings": 2048, "rotary_base": 10000.0}
+    cfg = example.training_config(recipe, small, tmp_path, tmp_path / "hf", steps=3)
+    (stage,) = cfg["data"]["stages"]
+    assert (stage["seq_length"], stage["max_position_embeddings"], stage["rotary_base"]) == (4096, 4096, 40000.0)
+    assert cfg["data"]["seq_length"] == 512 and cfg["train"]["train_iters"] == 3
+    assert cfg["data"]["datasets"]["books"]["upsample_long"]["min_tokens"] == 4096
+
+
 def test_user_faults_are_one_line(tmp_path, capsys):
     example = _example()
     assert example.main(["--text", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]) == 2
