@@ -376,6 +376,53 @@ def _cpu_uneven_first_dim_collectives() -> dict[tuple[Any, str], Any]:
     return saved
 
 
+def _shared_cpu_process_groups() -> dict[tuple[Any, str], Any]:
+    """megatron-core creates a process group per parallel dimension and combination (TP, PP,
+    DP, CP, EP, TP-DP, TP-PP, embedding, ...: 18 for a rank of a one-process run), many of them
+    with the same ranks. Each gloo group runs a network thread that wakes every 10 ms (gloo's
+    event loop), so a CPU run carries dozens of threads waking thousands of times a second,
+    preempting the compute threads on a small machine (a measured 1-3% of a 2-core step). On
+    CPU, groups with the same ranks, backend and options are one process group: collectives
+    over it are ordered by the program as before, each group's rank numbering is the same
+    (torch numbers a group's ranks in sorted order). Groups asked for with an explicit backend
+    (megatron-core's gloo copies, which it destroys one by one) are left alone."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    original = parallel_state.create_group
+    cache: dict[tuple, Any] = {}
+    world: list[Any] = [None]
+
+    def create_group(ranks=None, timeout=None, backend=None, pg_options=None, **kwargs):
+        default = dist.distributed_c10d._get_default_group() if dist.is_initialized() else None
+        shareable = (
+            ranks is not None
+            and backend is None
+            and pg_options is None
+            and not kwargs.get("use_local_synchronization")
+            and default is not None
+            and dist.get_backend(default) == "gloo"
+        )
+        if not shareable:
+            return original(ranks=ranks, timeout=timeout, backend=backend, pg_options=pg_options, **kwargs)
+        if world[0] is not default:  # a new default group (a test's re-initialisation): new groups
+            cache.clear()
+            world[0] = default
+        key = (tuple(sorted(ranks)), timeout)
+        if key not in cache:
+            cache[key] = original(ranks=ranks, timeout=timeout, backend=backend, pg_options=pg_options, **kwargs)
+            return cache[key]
+        # megatron-core's own bookkeeping, as create_group keeps it (reset by destroy_model_parallel)
+        if parallel_state._global_process_group_list is None:
+            parallel_state._global_process_group_list = [None]
+        if dist.get_rank() in ranks:
+            parallel_state._global_process_group_list.append(cache[key])
+        return cache[key]
+
+    parallel_state.create_group = create_group
+    return {(parallel_state, "create_group"): original}
+
+
 def _patch_cuda_rng_module() -> dict[str, Any]:
     """megatron-core's tensor_parallel.random keeps its own handle on the CUDA RNG
     setter; point it at the CPU generator so its RNG tracker forks and restores the
@@ -418,6 +465,7 @@ def activate_cpu_device_layer() -> None:
             **_cpu_cp_rope_slicers(),
             **_cpu_moe_split_sizes(),
             **_cpu_uneven_first_dim_collectives(),
+            **_shared_cpu_process_groups(),
         }
         mode = _CudaToCpuMode()
         mode.__enter__()

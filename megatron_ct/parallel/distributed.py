@@ -109,7 +109,13 @@ def init_distributed(cfg: CTConfig, layout: Layout, env: LaunchEnv) -> None:
                 f"MASTER_PORT {env.master_port}: address already in use on {env.master_addr}; expected a free port "
                 "(set MASTER_PORT, or let torchrun choose one)"
             ) from None
-    parallel_state.initialize_model_parallel(**layout.dims.megatron_core_sizes())
+    # megatron-core adds gloo copies of its data-parallel groups for host-side transfers (the
+    # distributed optimizer's mem-efficient state gather). On CPU every group is gloo already,
+    # and each gloo group runs a network thread that wakes every 10 ms: on a small machine those
+    # wake-ups preempt the compute threads. So on CPU the copies are not created.
+    parallel_state.initialize_model_parallel(
+        **layout.dims.megatron_core_sizes(), create_gloo_process_groups=layout.on_gpu
+    )
     # Seeds the default generator (CPU initialisation, data-parallel-shared randomness) and
     # megatron-core's tensor-parallel RNG tracker (per-TP-rank dropout).
     torch.manual_seed(cfg.train.seed)

@@ -83,7 +83,11 @@ def build_optimizer(
     _identify_groups_by_policy()
     overrides = get_standard_config_overrides(opt_config)  # no weight decay on norms and biases
     overrides.update(plan.param_overrides())
-    optimizer = get_megatron_optimizer(opt_config, ddp_chunks, config_overrides=overrides)
+    # On CPU every group is already gloo: megatron-core's extra gloo copies of the data-parallel
+    # groups would only add idle threads (megatron_ct/parallel/distributed.py).
+    optimizer = get_megatron_optimizer(
+        opt_config, ddp_chunks, config_overrides=overrides, use_gloo_process_groups=layout.on_gpu
+    )
     if layout.device.type == "cpu":
         _use_fused_cpu_adam(optimizer)
     RowScaling(plan, optimizer)  # old vs appended vocabulary rows at different rates (step hooks)
