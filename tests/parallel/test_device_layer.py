@@ -165,3 +165,29 @@ def test_training_models_accumulate_weight_gradients_in_the_ddp_buffers():
     assert tied[:2] == ["false", "VocabParallelEmbedding"]
     for _, _, count, close, nonzero in (untied, tied):
         assert int(count) >= 9 and close == "True" and nonzero == "True"  # qkv, proj, fc1, fc2 per layer + output
+
+
+def test_groups_with_the_same_ranks_are_one_gloo_group_on_cpu():
+    """Each gloo group runs a thread waking every 10 ms; on CPU megatron-core's groups over the
+    same ranks share one (a one-process run: every group is the same), its explicit gloo copies
+    are left alone, and a re-initialisation after destroy_model_parallel still works."""
+    out = run("""
+        import warnings; warnings.filterwarnings("ignore")
+        import socket, torch, torch.distributed as dist
+        from megatron_ct.parallel.device import activate_cpu_device_layer
+        activate_cpu_device_layer()
+        s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        from megatron.core import parallel_state as ps
+        for gloo_copies in (False, True):
+            ps.initialize_model_parallel(1, 1, create_gloo_process_groups=gloo_copies)
+            groups = {id(g): g for g in (ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group(),
+                      ps.get_data_parallel_group(), ps.get_context_parallel_group(), ps.get_model_parallel_group(),
+                      ps.get_expert_model_parallel_group(), ps.get_data_parallel_group(with_context_parallel=True))}
+            copies = ps.get_data_parallel_group_gloo() if gloo_copies else None
+            print(len(groups), copies is not None and id(copies) not in groups)
+            t = torch.ones(1); dist.all_reduce(t, group=ps.get_tensor_model_parallel_group()); print(t.item())
+            ps.destroy_model_parallel()
+        dist.destroy_process_group()
+    """)
+    assert out.splitlines() == ["1 False", "1.0", "1 True", "1.0"]
