@@ -118,6 +118,8 @@ def test_user_faults_are_one_line(tmp_path, capsys):
     assert example.main(["--text", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --text ") and "\n" not in err
+    assert example.main(["--trials", "0", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith("error: --trials 0 ") and not (tmp_path / "o").exists()
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "notes.txt").write_text("keep me")
