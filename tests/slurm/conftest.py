@@ -1,4 +1,5 @@
-"""The real-SLURM tier: a one-node cluster started by .ci/slurm_up.sh (``.ci/run`` does it).
+"""The real-SLURM tier: a two-node cluster on this host (one node with CT_SLURM_NODES=1) started
+by .ci/slurm_up.sh (``.ci/run`` does it).
 
 Tests submit with sbatch and follow jobs with ``scontrol show job`` (no accounting). Without a
 cluster every test here is skipped with the reason slurm_up.sh gave, or how to start one.
