@@ -4,6 +4,7 @@ that group lets them finish and the agent exits 0, and a failed rank's own statu
 
 tests/slurm/ runs it under a real SLURM."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -77,9 +78,21 @@ def start_agent(tmp_path, env=None) -> subprocess.Popen:
     )
 
 
-def test_sigterm_to_the_group_reaches_the_trainers_which_finish(tmp_path):
-    agent = start_agent(tmp_path)
+@contextlib.contextmanager
+def running_agent(tmp_path, env: dict | None = None):
+    """The agent, its whole process group killed on the way out whatever the test did."""
+    agent = start_agent(tmp_path, env)
     try:
+        yield agent
+    finally:
+        try:
+            os.killpg(agent.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_sigterm_to_the_group_reaches_the_trainers_which_finish(tmp_path):
+    with running_agent(tmp_path) as agent:
         for rank in (0, 1):
             wait_for(lambda r=rank: (tmp_path / f"rank{r}").exists() or agent.poll() is not None, 60, f"rank {rank}")
             assert agent.poll() is None, agent.communicate()
@@ -87,25 +100,14 @@ def test_sigterm_to_the_group_reaches_the_trainers_which_finish(tmp_path):
             assert pgid == agent.pid, "a trainer outside the agent's process group escapes SLURM's signals"
         os.killpg(agent.pid, signal.SIGTERM)  # what SLURM does to a step it stops
         out, err = agent.communicate(timeout=60)
-    finally:
-        try:
-            os.killpg(agent.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     assert agent.returncode == 0, err[-3000:]
     assert (tmp_path / "saved0").exists() and (tmp_path / "saved1").exists()
     assert "Traceback" not in err, err[-3000:]
 
 
 def test_a_failed_ranks_status_is_the_agents(tmp_path):
-    agent = start_agent(tmp_path, {"STATUS_OF_RANK_1": "3"})
-    try:
+    with running_agent(tmp_path, {"STATUS_OF_RANK_1": "3"}) as agent:
         out, err = agent.communicate(timeout=60)
-    finally:
-        try:
-            os.killpg(agent.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     assert agent.returncode == 3, err[-3000:]
     # One line per failed rank; the status is the first failure's. Rank 0 ended on its own after
     # it: the agent leaves the others time (torchrun's SIGTERM would have killed it at once).
