@@ -37,6 +37,11 @@ TINY = [
     "parallel.device=cpu",
 ]
 
+# TINY as a Mixtral: 2 layers, 4 experts of width 64, 2 per token (the model keys, for
+# tests/tiny_checkpoint.py, and as overrides to append to TINY's).
+MIXTRAL = {"family": "mixtral", "num_layers": 2, "ffn_hidden_size": 64, "num_experts": 4, "moe_ffn_hidden_size": 64}
+TINY_MIXTRAL = [*(f"model.{k}={v}" for k, v in MIXTRAL.items()), "model.moe_router_topk=2"]
+
 
 def run_torchrun(
     nproc: int,

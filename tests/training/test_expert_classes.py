@@ -9,13 +9,10 @@ from megatron_ct.config import load_config
 from megatron_ct.errors import ConfigError
 from megatron_ct.training.freeze import expand_patterns, param_class
 
-from launch import read_metrics, run_trainer
+from launch import MIXTRAL, TINY_MIXTRAL, read_metrics, run_trainer
 
-# tests/training/test_expert_parallel.py's Mixtral: 2 layers, 4 experts of 64, 2 per token.
-MOE = {"family": "mixtral", "num_layers": 2, "ffn_hidden_size": 64, "num_experts": 4, "moe_ffn_hidden_size": 64}
 EP2 = [
-    *(f"model.{k}={v}" for k, v in MOE.items()),
-    "model.moe_router_topk=2",
+    *TINY_MIXTRAL,
     "parallel.expert_model_parallel_size=2",
     "parallel.use_distributed_optimizer=true",
     "checkpoint.load_weights_only=true",
@@ -52,7 +49,7 @@ def test_expert_classes_on_a_dense_model_are_one_line(override, message):
 @pytest.fixture(scope="module")
 def init(tmp_path_factory):
     root = tmp_path_factory.mktemp("expert_classes")
-    write_random_checkpoint(root / "init", seed=4, **MOE)
+    write_random_checkpoint(root / "init", seed=4, **MIXTRAL)
     return root
 
 

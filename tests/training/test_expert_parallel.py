@@ -4,16 +4,14 @@ ranks takes the steps the single process takes, and reports the same router heal
 import pytest
 import torch
 
-from launch import losses, read_metrics, run_trainer
+from launch import MIXTRAL, TINY_MIXTRAL, losses, read_metrics, run_trainer
 
 pytestmark = pytest.mark.slow
 
 # The trainer's tiny model (tests/launch.py) as a Mixtral of 2 layers with 4 experts of 64, 2
 # per token, and megatron-core's load-balancing loss on (its gradient crosses the ranks too).
-MOE = {"family": "mixtral", "num_layers": 2, "ffn_hidden_size": 64, "num_experts": 4, "moe_ffn_hidden_size": 64}
 OVERRIDES = [
-    *(f"model.{k}={v}" for k, v in MOE.items()),
-    "model.moe_router_topk=2",
+    *TINY_MIXTRAL,
     "model.moe_aux_loss_coeff=0.01",
     "train.train_iters=3",
     "checkpoint.load_weights_only=true",
@@ -28,7 +26,7 @@ def init(tmp_path_factory):
     from tiny_checkpoint import write_random_checkpoint
 
     root = tmp_path_factory.mktemp("ep")
-    write_random_checkpoint(root / "init", seed=3, **MOE)
+    write_random_checkpoint(root / "init", seed=3, **MIXTRAL)
     return root
 
 
@@ -107,7 +105,7 @@ def test_training_at_tp2_without_sequence_parallelism_is_one_line():
     from megatron_ct.errors import ConfigError
     from megatron_ct.model.llama import Numerics, transformer_config
 
-    overrides = [f"model.{k}={v}" for k, v in MOE.items()] + ["parallel.tensor_model_parallel_size=2"]
+    overrides = [f"model.{k}={v}" for k, v in MIXTRAL.items()] + ["parallel.tensor_model_parallel_size=2"]
     cfg = load_config(None, [*overrides, "parallel.device=cpu"])
     layout = validate_for_world(cfg, 2)
     with pytest.raises(ConfigError, match=r"^parallel.sequence_parallel: expected true to train model family mixtral"):
