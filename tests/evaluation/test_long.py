@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from material import build_byte_level_tokenizer, english_lines
+from material import build_byte_level_tokenizer, english_lines, save_tiny_hf_llama
 
 from megatron_ct.evaluation import long
 from megatron_ct.tokenizer import load_tokenizer
@@ -21,20 +20,12 @@ LENGTHS = ["96", "160"]  # 160: past the model's max_position_embeddings (128), 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A small random LLaMA with a byte-level tokenizer, its conversion, and held-out text."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from megatron_ct.convert.hf_to_ct import convert_hf_to_ct
 
     root = tmp_path_factory.mktemp("eval_long")
     hf = root / "hf"
     build_byte_level_tokenizer(hf)
-    config = AutoConfig.for_model(
-        "llama", vocab_size=2000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=128, initializer_range=0.2,
-        eos_token_id=0, bos_token_id=0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).eval().save_pretrained(hf)
+    save_tiny_hf_llama(hf, tie_word_embeddings=False, initializer_range=0.2)
     convert_hf_to_ct(str(hf), str(root / "ct"), progress=False)
     lines = english_lines(2400)
     (root / "book.txt").write_text("\n".join(lines[:300]), encoding="utf-8")
