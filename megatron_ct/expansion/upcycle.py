@@ -1,19 +1,28 @@
 """Sparse upcycling: a dense checkpoint becomes a mixture of experts whose experts start as copies
-of its MLP (Komatsuzaki et al., 2022).
+of its MLP (Komatsuzaki et al., 2022), or of slices of it (fine-grained experts).
 
-Every layer's SwiGLU MLP (``linear_fc1`` ``[2f, h]``, ``linear_fc2`` ``[h, f]``) is copied into
-each of ``num_experts`` experts of width f (``[L, E, 2f, h]``, ``[L, E, h, f]``), and each layer
-gets a router ``[E, h]`` drawn from N(0, init_method_std). Everything else is copied as it is.
-The dense family becomes the MoE family with the same layer features (llama -> mixtral, qwen3 ->
-qwen3_moe; megatron_ct/families).
+Every layer's SwiGLU MLP (``linear_fc1`` ``[2f, h]`` = ``cat([gate, up])``, ``linear_fc2``
+``[h, f]``) is cut into ``granularity`` G slices of width f/G along its hidden dimension (slice s:
+gate and up rows and down columns ``[s f/G, (s+1) f/G)``; the MLP's output is the sum of its
+slices' outputs, SwiGLU being elementwise there). Expert e of the ``num_experts`` E (a multiple of
+G) is a copy of slice ``e mod G`` (``[L, E, 2f/G, h]``, ``[L, E, h, f/G]``); G = 1 (the default)
+copies the whole MLP into every expert. Each layer gets a router ``[E, h]`` drawn from
+N(0, init_method_std), its rows tied within each group of G consecutive experts (one full MLP's
+slices), as in the "virtual group" initialisation of He et al. (2024, "Upcycling Large Language
+Models into Mixture of Experts"). Everything else is copied as it is. The dense family becomes the
+MoE family with the same layer features (llama -> mixtral, qwen3 -> qwen3_moe; megatron_ct/families).
 
-The routing probabilities of the ``topk`` chosen experts are renormalised to sum to 1
-(``moe_norm_topk_prob``), so while the experts are copies the MoE layer's output is
-``sum_k p_k MLP(x) = MLP(x)`` whatever the router says: the upcycled model computes the dense
-model's function, and its first training step starts from the dense model's loss. ``noise``
+The routing probabilities of the ``topk`` k chosen experts are renormalised to sum to 1
+(``moe_norm_topk_prob``). With G = 1 and copies the MoE layer's output is ``sum_k p_k MLP(x) =
+MLP(x)`` whatever the router says. With G > 1, k is a multiple of G: a group's experts have equal
+router scores, so the top k are k/G whole groups, each group's experts get equal weights summing
+to the group's share, and with the down projections scaled by G the output is again
+``sum_groups p_g sum_s slice_s(x) = MLP(x)``. Either way the upcycled model computes the dense
+model's function and its first training step starts from the dense model's loss; with k = G a
+token passes exactly the dense model's MLP parameters (equal active parameters). ``noise``
 (relative to each tensor's standard deviation, per expert) breaks the symmetry between experts
-from the first step at the cost of that equality; without it the router's random weights and the
-load-balancing loss separate them.
+from the first step at the cost of that equality; without it the router's random weights, the
+slices' different outputs and the load-balancing loss separate them.
 
 Works on our dist checkpoints at any TP/PP they were saved at (global coordinates), streamed one
 layer (one expert of a layer) at a time; the output holds weights only (iteration 0).
@@ -49,12 +58,13 @@ class UpcyclePlan:
     topk: int
     noise: float
     seed: int
+    granularity: int = 1
 
     def model_fields(self, ffn_hidden_size: int) -> dict:
         return {
             "family": self.family,
             "num_experts": self.num_experts,
-            "moe_ffn_hidden_size": ffn_hidden_size,
+            "moe_ffn_hidden_size": ffn_hidden_size // self.granularity,
             "moe_router_topk": self.topk,
             "moe_norm_topk_prob": True,  # the upcycled model equals the dense one only so
         }
@@ -82,37 +92,56 @@ def _generator(key: str, seed: int, layer: int, expert: int = -1) -> torch.Gener
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{key}/{layer}/{expert}".encode()))
 
 
+FC1, FC2 = DENSE_MLP
+
+
+def _mlp_slice(reader: DistCheckpointReader, key: str, layer: int, s: int, g: int) -> torch.Tensor:
+    """Slice ``s`` of ``g`` of layer ``layer``'s ``linear_fc1`` (its gate and up rows) or
+    ``linear_fc2`` (its columns, times ``g``: the slices' weights sum to 1/g of a group's)."""
+    shape = reader.shape(key)  # [L, 2f, h] or [L, h, f]
+    if key == FC1:
+        f, h = shape[1] // 2, shape[2]
+        w = f // g
+        gate, up = (reader.read(key, (layer, half * f + s * w, 0), (1, w, h)) for half in (0, 1))
+        return torch.cat([gate, up], dim=1)
+    h, f = shape[1], shape[2]
+    w = reader.read(key, (layer, 0, s * (f // g)), (1, h, f // g))
+    return w if g == 1 else (w.float() * g).to(w.dtype)
+
+
 def plan_chunks(reader: DistCheckpointReader, plan: UpcyclePlan, num_layers: int, init_std: float) -> list[ChunkSpec]:
-    """Every dense tensor copied, the MLP's once per expert, plus a router per layer."""
+    """Every dense tensor copied, the MLP's (slices) once per expert, plus a router per layer."""
     chunks = []
-    e_count = plan.num_experts
+    e_count, g = plan.num_experts, plan.granularity
     for key in model_keys(reader):
         if key not in DENSE_MLP:
             chunks.extend(copied(reader, key))
             continue
-        shape, dtype = reader.shape(key), reader.dtype(key)  # [L, ...]
-        out_shape = (shape[0], e_count, *shape[1:])
+        shape, dtype = reader.shape(key), reader.dtype(key)  # [L, 2f, h] or [L, h, f]
+        expert_shape = (shape[1] // g, shape[2]) if key == FC1 else (shape[1], shape[2] // g)
+        out_shape = (shape[0], e_count, *expert_shape)
         for i in range(shape[0]):
             for e in range(e_count):
 
-                def produce(k=key, i=i, e=e, shape=shape) -> torch.Tensor:
-                    w = reader.read(k, (i,) + (0,) * (len(shape) - 1), (1, *shape[1:]))  # [1, ...] of layer i
+                def produce(k=key, i=i, e=e) -> torch.Tensor:
+                    w = _mlp_slice(reader, k, i, e % g, g)  # [1, ...] of layer i
                     if plan.noise > 0:
-                        g = _generator(k, plan.seed, i, e)
-                        noise = torch.randn(w.shape, generator=g, dtype=torch.float32)
+                        gen = _generator(k, plan.seed, i, e)
+                        noise = torch.randn(w.shape, generator=gen, dtype=torch.float32)
                         w = (w.float() + plan.noise * w.float().std() * noise).to(w.dtype)
                     return w.unsqueeze(1)  # [1, 1, ...]
 
-                offsets = (i, e) + (0,) * (len(shape) - 1)
-                sizes = (1, 1, *shape[1:])
+                offsets = (i, e, 0, 0)
+                sizes = (1, 1, *expert_shape)
                 chunks.append(ChunkSpec(DENSE_MLP[key], out_shape, offsets, sizes, dtype, produce))
     embedding = "embedding.word_embeddings.weight"
     hidden, dtype = reader.shape(embedding)[1], reader.dtype(embedding)
     for i in range(num_layers):
 
         def router(i=i) -> torch.Tensor:
-            g = _generator(ROUTER, plan.seed, i)
-            return (init_std * torch.randn((1, e_count, hidden), generator=g)).to(dtype)
+            gen = _generator(ROUTER, plan.seed, i)
+            rows = init_std * torch.randn((1, e_count // g, hidden), generator=gen)
+            return rows.repeat_interleave(g, dim=1).to(dtype)  # tied within each group of g experts
 
         chunks.append(ChunkSpec(ROUTER, (num_layers, e_count, hidden), (i, 0, 0), (1, e_count, hidden), dtype, router))
     return chunks
@@ -126,6 +155,7 @@ def upcycle(
     *,
     noise: float = 0.0,
     seed: int = 0,
+    granularity: int = 1,
     overwrite: bool = False,
 ) -> tuple[UpcyclePlan, dict]:
     """Write the upcycled checkpoint to ``out_dir`` (a save root: ``iter_0000000`` + tracker);
@@ -148,8 +178,19 @@ def upcycle(
     missing = [k for k in DENSE_MLP if k not in reader.tensors]
     if missing:
         raise ConversionError(f"{path}: missing tensor {missing[0]} (expected a dense model's MLP)")
-    plan = UpcyclePlan(dense.name, target.name, num_experts, topk, float(noise), seed)
-    model.update(plan.model_fields(model["ffn_hidden_size"]))
+    ffn = model["ffn_hidden_size"]
+    if not (isinstance(granularity, int) and granularity >= 1 and ffn % granularity == 0):
+        raise ConversionError(
+            f"--granularity {granularity}: expected an integer >= 1 dividing the MLP width "
+            f"(model.ffn_hidden_size={ffn})"
+        )
+    for flag, value in (("--num-experts", num_experts), ("--topk", topk)):
+        if value % granularity:
+            raise ConversionError(
+                f"{flag} {value}: expected a multiple of --granularity={granularity} (whole groups of one MLP's slices)"
+            )
+    plan = UpcyclePlan(dense.name, target.name, num_experts, topk, float(noise), seed, granularity)
+    model.update(plan.model_fields(ffn))
     from megatron_ct.config import ModelConfig
 
     try:
@@ -163,7 +204,14 @@ def upcycle(
         meta.hf = {k: v for k, v in meta.hf.items() if k == "source"} or None
     meta.expansion = {
         "source": path,
-        "upcycle": {"from": dense.name, "num_experts": num_experts, "topk": topk, "noise": plan.noise, "seed": seed},
+        "upcycle": {
+            "from": dense.name,
+            "num_experts": num_experts,
+            "topk": topk,
+            "granularity": granularity,
+            "noise": plan.noise,
+            "seed": seed,
+        },
     }
     chunks = plan_chunks(reader, plan, model["num_layers"], float(model.get("init_method_std", 0.02)))
     write_weights_only(out_dir, chunks, meta, overwrite)

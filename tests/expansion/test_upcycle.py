@@ -48,11 +48,37 @@ def test_noise_perturbs_each_expert_differently(dense):
     assert all(0.005 < r < 0.02 for r in rel) and not torch.equal(w[:, 0], w[:, 1])
 
 
+def test_fine_grained_experts_are_scaled_slices_with_tied_router_rows(dense):
+    """granularity 2: expert e is half e % 2 of the MLP (gate and up rows, down columns x 2) and
+    the router rows are equal within each pair: the layer still computes the dense MLP."""
+    plan, model = upcycle(str(dense / "dense"), str(dense / "fine"), num_experts=4, topk=2, granularity=2)
+    before, after = read_all(dense / "dense"), read_all(dense / "fine")
+    fc1, fc2 = after[EXPERTS + "linear_fc1.weight"], after[EXPERTS + "linear_fc2.weight"]
+    assert fc1.shape == (2, 4, 128, 64) and fc2.shape == (2, 4, 64, 64)  # [L, E, 2f/G, h], [L, E, h, f/G]
+    gate, up = before[FC1].chunk(2, dim=1)
+    for e in range(4):
+        s = slice(64 * (e % 2), 64 * (e % 2 + 1))
+        assert torch.equal(fc1[:, e], torch.cat([gate[:, s], up[:, s]], dim=1))
+        assert torch.equal(fc2[:, e], 2 * before[FC2][:, :, s])
+    router = after["decoder.layers.mlp.router.weight"]
+    assert torch.equal(router[:, 0], router[:, 1]) and torch.equal(router[:, 2], router[:, 3])
+    assert not torch.equal(router[:, 0], router[:, 2])
+    meta = read_meta(resolve_load_dir(str(dense / "fine"))[0])
+    assert (meta.model["moe_ffn_hidden_size"], meta.model["ffn_hidden_size"]) == (64, 128)
+    assert meta.expansion["upcycle"]["granularity"] == 2 and plan.granularity == 2
+
+
 def test_refusals_are_one_line(dense):
     with pytest.raises(ConversionError, match=r"--topk 5: expected an integer in \[2, --num-experts=4\] "):
         upcycle(str(dense / "dense"), str(dense / "x"), num_experts=4, topk=5)
     with pytest.raises(ConversionError, match=r"--topk 1: expected an integer in \[2, --num-experts=4\] \(top-1"):
         upcycle(str(dense / "dense"), str(dense / "x"), num_experts=4, topk=1)
+    with pytest.raises(ConversionError, match=r"--granularity 3: expected an integer >= 1 dividing the MLP width "):
+        upcycle(str(dense / "dense"), str(dense / "x"), num_experts=6, topk=3, granularity=3)
+    with pytest.raises(ConversionError, match=r"--num-experts 6: expected a multiple of --granularity=4 "):
+        upcycle(str(dense / "dense"), str(dense / "x"), num_experts=6, topk=4, granularity=4)
+    with pytest.raises(ConversionError, match=r"--topk 3: expected a multiple of --granularity=2 "):
+        upcycle(str(dense / "dense"), str(dense / "x"), num_experts=4, topk=3, granularity=2)
     write_random_checkpoint(dense / "qwen2", seed=5, family="qwen2", **DENSE)
     with pytest.raises(ConversionError, match=r"model.family=qwen2: no mixture-of-experts family has its layers"):
         upcycle(str(dense / "qwen2"), str(dense / "x"), num_experts=4, topk=2)
@@ -61,7 +87,8 @@ def test_refusals_are_one_line(dense):
 @pytest.mark.slow
 def test_first_step_loss_equals_the_dense_model(dense):
     """The tool as a user runs it, then one trainer step on each model: the same loss (the
-    experts are copies and the top-k weights sum to 1); the upcycled model then trains."""
+    experts are copies and the top-k weights sum to 1; or, at granularity 2, scaled halves of the
+    MLP chosen in whole pairs); the upcycled model then trains."""
     proc = run_torchrun(
         1,
         REPO / "tools" / "upcycle_moe.py",
@@ -75,4 +102,11 @@ def test_first_step_loss_equals_the_dense_model(dense):
     run_trainer(1, [*common, *moe, f"checkpoint.load={dense / 'cli'}", f"logging.log_dir={dense / 'log_moe'}"])
     ref, got = losses(dense / "log_dense"), losses(dense / "log_moe")
     assert got[1] == pytest.approx(ref[1], rel=1e-6), f"upcycled {got[1]} vs dense {ref[1]}"
+    assert got[2] < got[1]
+    # Fine-grained: 8 experts of half the MLP, 2 per token = the dense model's active parameters.
+    plan, model = upcycle(str(dense / "dense"), str(dense / "fine8"), num_experts=8, topk=2, granularity=2)
+    fine = [f"model.{k}={v}" for k, v in plan.model_fields(model["ffn_hidden_size"]).items()]
+    run_trainer(1, [*common, *fine, f"checkpoint.load={dense / 'fine8'}", f"logging.log_dir={dense / 'log_fine'}"])
+    got = losses(dense / "log_fine")
+    assert got[1] == pytest.approx(ref[1], rel=1e-6), f"fine-grained upcycle {got[1]} vs dense {ref[1]}"
     assert got[2] < got[1]
