@@ -2,18 +2,18 @@
 
     flock /tmp/cpu.lock python bench/bench_moe.py --pairs 6     # CPU, bench_train.py's tiny LLaMA
     python bench/bench_moe.py --num-experts 4 --topk 2          # other upcycles
+    python bench/bench_moe.py --num-experts 8 --topk 2 --granularity 2   # equal active parameters
 
 A dense LLaMA (bench_train.py's CPU shape) is initialised once (``pretrain_ct.py`` with 0 steps)
 and upcycled with :func:`megatron_ct.expansion.upcycle.upcycle` (what ``tools/upcycle_moe.py``
 runs): every MLP copied into ``--num-experts`` experts of the same width, a router per layer,
-``--topk`` experts per token (default 8 and 2, Mixtral's). Equal active parameters are not
-reachable by upcycling: the experts are as wide as the MLP (the tool has no granularity option)
-and top-1 is refused (the renormalised weight of one expert is always 1, so its router gets no
-gradient), so a token passes 2 MLPs' worth of weights. The bench prints active and total
-parameters and training FLOPs per token of both models, and besides the tokens/s ratio the ratio
-of achieved FLOP/s (tokens/s x FLOPs per token): what the MoE's routing and sequential experts
-cost per unit of active compute, i.e. the tokens/s ratio an MoE of equal active parameters would
-have if its cost scaled with its FLOPs.
+``--topk`` experts per token (default 8 and 2, Mixtral's). With full-width copies a token passes
+2 MLPs' worth of weights (top-1 is refused: the renormalised weight of one expert is always 1, so
+its router gets no gradient). ``--granularity G`` makes each expert 1/G of the MLP (fine-grained
+upcycling); with ``--topk G`` the MoE has the dense model's active parameters (plus the routers).
+The bench prints active and total parameters and training FLOPs per token of both models, and
+besides the tokens/s ratio the ratio of achieved FLOP/s (tokens/s x FLOPs per token): what the
+MoE's routing and sequential experts cost per unit of active compute.
 
 Both models train from their checkpoints (weights only) on the synthetic stream with the same
 batch, alternately (A B A B ..., ``--pairs`` pairs), each in a fresh ``python pretrain_ct.py``
@@ -107,6 +107,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-experts", type=int, default=8, help="experts per layer of the upcycled model (E)")
     ap.add_argument("--topk", type=int, default=2, help="experts per token (k >= 2)")
+    ap.add_argument("--granularity", type=int, default=1, help="slices per MLP (1: full-width copies)")
     ap.add_argument("--aux-loss", type=float, default=0.01, help="model.moe_aux_loss_coeff of the MoE runs")
     ap.add_argument("--iters", type=int, default=12, help="steps per run; the first 2 are warm-up")
     ap.add_argument("--pairs", type=int, default=6, help="A/B pairs (dense, MoE), alternated")
@@ -116,7 +117,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         dense_ckpt, moe_ckpt = os.path.join(work, "dense"), os.path.join(work, "moe")
         pretrain([*common_overrides(0), f"checkpoint.save={dense_ckpt}"])  # the dense model's init
-        plan, model = upcycle(dense_ckpt, moe_ckpt, args.num_experts, args.topk)
+        plan, model = upcycle(dense_ckpt, moe_ckpt, args.num_experts, args.topk, granularity=args.granularity)
         moe = [f"model.{k}={v}" for k, v in plan.model_fields(model["ffn_hidden_size"]).items()]
         moe.append(f"model.moe_aux_loss_coeff={args.aux_loss}")
         dense_counts, moe_counts = counts([]), counts(moe)
@@ -126,8 +127,9 @@ def main() -> None:
         print(f"machine: {machine('cpu')}")
         print(f"shape: {SHAPE}; {args.pairs} pairs of runs, {args.iters} steps each (first 2 are warm-up)")
         print(
-            f"dense: {dense_counts['params']:,} params; upcycled {plan.family} {args.num_experts} experts top "
-            f"{args.topk}: {moe_counts['params']:,} params, {moe_counts['active_params']:,} active "
+            f"dense: {dense_counts['params']:,} params; upcycled {plan.family} {args.num_experts} experts of "
+            f"{model['moe_ffn_hidden_size']} top {args.topk}: {moe_counts['params']:,} params, "
+            f"{moe_counts['active_params']:,} active "
             f"({active_ratio:.4f}x the dense model's), training FLOPs per token {flops_ratio:.4f}x"
         )
         tokens = SHAPE["global_batch_size"] * SHAPE["seq_length"]
@@ -158,6 +160,7 @@ def main() -> None:
         "shape": SHAPE,
         "num_experts": args.num_experts,
         "topk": args.topk,
+        "granularity": args.granularity,
         "aux_loss": args.aux_loss,
         "iters": args.iters,
         "dense": dense_counts,
