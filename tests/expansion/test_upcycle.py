@@ -68,6 +68,26 @@ def test_fine_grained_experts_are_scaled_slices_with_tied_router_rows(dense):
     assert meta.expansion["upcycle"]["granularity"] == 2 and plan.granularity == 2
 
 
+def test_fine_grained_upcycle_exported_to_mixtral_computes_the_dense_llama(dense, tmp_path):
+    """What a user checks in transformers: the granularity-2 upcycle (8 half-width experts, top 2)
+    exported as MixtralForCausalLM gives the dense model's LlamaForCausalLM logits (HF's own
+    router: softmax, top 2 of tied pairs, renormalised)."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_ct.convert.ct_to_hf import convert_ct_to_hf
+
+    upcycle(str(dense / "dense"), str(tmp_path / "fine"), num_experts=8, topk=2, granularity=2)
+    for name, src in (("dense_hf", dense / "dense"), ("fine_hf", tmp_path / "fine")):
+        convert_ct_to_hf(str(src), str(tmp_path / name), progress=False)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "dense_hf").eval()
+    moe = AutoModelForCausalLM.from_pretrained(tmp_path / "fine_hf").eval()
+    assert (type(ref).__name__, type(moe).__name__) == ("LlamaForCausalLM", "MixtralForCausalLM")
+    assert (moe.config.intermediate_size, moe.config.num_local_experts, moe.config.num_experts_per_tok) == (64, 8, 2)
+    ids = torch.randint(0, ref.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, ref(ids).logits, rtol=0, atol=1e-5)
+
+
 def test_refusals_are_one_line(dense):
     with pytest.raises(ConversionError, match=r"--topk 5: expected an integer in \[2, --num-experts=4\] "):
         upcycle(str(dense / "dense"), str(dense / "x"), num_experts=4, topk=5)
