@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import NoReturn
 
+from megatron_ct.atomic import write_text_atomic
 from megatron_ct.errors import ConfigError, CTError
 
 EXIT_INPUT = 2
@@ -182,8 +183,9 @@ def record_exit_status(status: int) -> None:
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", f"pid{os.getpid()}"))
     try:
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, f"rank{rank}"), "w") as f:
-            f.write(f"{status}\n")
+        # Atomic: a rank killed mid-write (SIGKILL after KillWait) leaves no file, never an
+        # empty one the script would have to tell from a status.
+        write_text_atomic(os.path.join(folder, f"rank{rank}"), f"{status}\n")
     except OSError:
         pass
 

@@ -116,8 +116,8 @@ STUBS = {
     "srun": """#!/bin/bash
 if [ -n "${FAIL_RC:-}" ]; then  # the step fails at once (a lost node), after a save or not
   [ "$SAVES" = 1 ] && echo 7 > "$SAVE_DIR/latest_checkpointed_iteration.txt"
-  if [ -n "${STATUS:-}" ]; then  # what a trainer leaves (megatron_ct/cli.py record_exit_status)
-    mkdir -p "$MEGATRON_CT_STATUS_DIR" && echo "$STATUS" > "$MEGATRON_CT_STATUS_DIR/rank1"
+  if [ -n "${STATUS+set}" ]; then  # what a trainer leaves (megatron_ct/cli.py record_exit_status)
+    mkdir -p "$MEGATRON_CT_STATUS_DIR" && printf '%s' "$STATUS" > "$MEGATRON_CT_STATUS_DIR/rank1"
   fi
   exit "$FAIL_RC"
 fi
@@ -232,8 +232,8 @@ def test_preemption_with_grace_time_is_requeued_after_the_save(tmp_path):
 def run_failing(tmp_path, rc, saves, status=None):
     """The script with a step that fails at once with exit ``rc`` (a lost node: SIGKILLed tasks,
     srun's status 137), having saved a checkpoint first or not, a trainer having left its exit
-    ``status`` or not; returns (exit code, calls, output)."""
-    extra = {"STATUS": str(status)} if status is not None else {}
+    ``status`` (a number, or the file's text) or not; returns (exit code, calls, output)."""
+    extra = {} if status is None else {"STATUS": f"{status}\n" if isinstance(status, int) else status}
     stub, env = stub_env(tmp_path, saves, FAIL_RC=str(rc), **extra)
     proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=30)
     return proc.returncode, (stub / "calls").read_text().splitlines(), proc.stdout + proc.stderr
@@ -285,3 +285,13 @@ def test_hang_status_is_requeued_after_a_new_save(tmp_path):
     assert rc == 0, out
     assert calls == ["scontrol requeue 42"]
     assert "hang detected (exit 4, stacks in" in out
+
+
+@pytest.mark.parametrize("text", ["", "garbage\n"])
+def test_an_unreadable_status_file_falls_back_to_sruns(tmp_path, text):
+    # An empty file (what a trainer killed mid-write would leave, were the file not written
+    # atomically) or a stray one is ignored: srun's 143 (a lost node) decides.
+    rc, calls, out = run_failing(tmp_path, 143, saves=True, status=text)
+    assert rc == 0, out
+    assert calls == ["scontrol requeue 42"]
+    assert "the trainers failed (exit 143: a lost node or a crashed rank); requeueing" in out

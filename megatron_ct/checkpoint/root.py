@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 
+from megatron_ct.atomic import write_text_atomic
 from megatron_ct.errors import CheckpointError
 
 log = logging.getLogger("megatron_ct")
@@ -55,12 +56,7 @@ def read_tracker(root: str) -> int | None:
 
 def write_tracker(root: str, iteration: int) -> None:
     """Atomically point the tracker at ``iteration``: call only once that checkpoint is complete."""
-    tmp = os.path.join(root, TRACKER + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(str(iteration))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(root, TRACKER))
+    write_text_atomic(os.path.join(root, TRACKER), str(iteration))
 
 
 def saved_iterations(root: str) -> list[int]:
