@@ -6,7 +6,8 @@ process-group timeout, often the rest of the allocation. Each rank here runs a w
 the trainer arms it at the start of a training step and disarms it at the end. A step that has
 not ended after the timeout means this rank is stuck (in a collective waiting for a peer, or
 itself): the watchdog writes every thread's Python stack to ``<dir>/hang/iter<N>_rank<r>.txt``
-(the innermost frames show the collective it waits in), logs one line, and ends the process
+(the innermost frames show the collective it waits in; written atomically, so a kill during
+the dump leaves no file or a whole one), logs one line, and ends the process
 (after :data:`EXIT_GRACE_S`, so that the other stuck ranks write theirs too) with exit code
 :data:`HANG_EXIT_CODE` (also left where the sbatch script reads the trainers'
 status, :func:`megatron_ct.cli.record_exit_status`), which the script turns into a requeue; the
@@ -31,6 +32,7 @@ import sys
 import threading
 import time
 
+from megatron_ct.atomic import atomic_write
 from megatron_ct.cli import record_exit_status
 
 log = logging.getLogger(__name__)
@@ -113,9 +115,10 @@ class Watchdog:
                 folder = os.path.join(self.dump_dir, "hang")
                 os.makedirs(folder, exist_ok=True)
                 where = os.path.join(folder, f"iter{iteration}_rank{self.rank}.txt")
-                with open(where, "w") as f:
+                # Atomic: a peer's exit or SIGKILL during the dump leaves no file or a whole one.
+                with atomic_write(where) as f:
                     f.write(header)
-                    f.flush()
+                    f.flush()  # faulthandler writes to the descriptor, after this text
                     faulthandler.dump_traceback(f, all_threads=True)
             else:
                 sys.stderr.write(header)

@@ -1,6 +1,11 @@
 """Hang detection (megatron_ct/training/watchdog.py): a stopped rank makes the others stop in one
 line with exit code 4 and their stacks on disk, within the timeout; the run resumes exactly."""
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -50,3 +55,41 @@ def test_a_stopped_rank_is_a_hang_the_others_report_and_the_run_resumes(tmp_path
     run_torchrun(2, REPO / "pretrain_ct.py", [*common, f"checkpoint.save={ck}", f"checkpoint.load={ck}"])
     straight, resumed = losses(tmp_path / "straight"), losses(ck)
     assert [resumed[i] for i in (1, 2, 3, 4)] == [straight[i] for i in (1, 2, 3, 4)]
+
+
+def watchdog_child(tmp_path, body: str) -> subprocess.Popen:
+    """A process whose watchdog (timeout 0.2 s, no exit grace) fires on iteration 1 while ``body``
+    runs; its dump goes to ``tmp_path/hang``."""
+    script = (
+        "import sys, time\n"
+        "from megatron_ct.training import watchdog\n"
+        "watchdog.EXIT_GRACE_S = 0\n"
+        f"w = watchdog.Watchdog(0, {str(tmp_path)!r}, timeout_s=0.2)\n"
+        "w.arm(1)\n" + body
+    )
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_hang_dump_is_whole_or_absent_even_when_killed_during_it(tmp_path):
+    proc = watchdog_child(tmp_path, "time.sleep(30)\n")
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 4, err
+    assert os.listdir(tmp_path / "hang") == ["iter1_rank0.txt"]  # no temporary file left
+    dump = (tmp_path / "hang" / "iter1_rank0.txt").read_text()
+    assert dump.startswith("rank 0: iteration 1 has not finished after 0 s (hang)\n")
+    assert "line 6 in <module>" in dump  # the main thread's stack: the sleep in the body
+    # Killed (a peer's SIGKILL, the node lost) in the middle of the dump: no file, not half a one.
+    shutil.rmtree(tmp_path / "hang")
+    stalled_dump = (
+        "import faulthandler\n"
+        "def dump(f, all_threads):\n"
+        "    f.write('half a stack'); f.flush(); print('dumping', flush=True); time.sleep(30)\n"
+        "faulthandler.dump_traceback = dump\n"
+    )
+    proc = watchdog_child(tmp_path, stalled_dump + "time.sleep(30)\n")
+    try:
+        assert proc.stdout.readline() == "dumping\n"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(10)
+    assert [name for name in os.listdir(tmp_path / "hang") if not name.startswith(".")] == []
