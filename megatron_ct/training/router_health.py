@@ -33,8 +33,13 @@ The metrics record gets (``L`` layers in order, experts in order, 0-based):
 
 An expert that received no token in ``logging.moe_dead_expert_intervals`` consecutive log
 intervals gets one warning line naming its layer and index (rank 0); it warns again only after
-it has received tokens and died once more. The count starts with the job (a resumed run starts
-over).
+it has received tokens and died once more.
+
+Both survive a restart: :class:`RouterHealth` is a checkpoint component (``router_health``) whose
+state is the open interval's sums, reduced over the ranks and stored in layout-free units (token
+slots, micro-batches), and the dead-expert counter, so a resumed run (at any layout) reports the
+interval it was saved in whole and warns at the iteration the uninterrupted run warns at.
+Checkpoints without it load with the sums and the counter at zero.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ log = logging.getLogger(__name__)
 # megatron-core's tracker names (moe/router.py).
 AUX_LOSS = "load_balancing_loss"
 Z_LOSS = "z_loss"
+_STATE_KEYS = {AUX_LOSS: "aux_loss_sums", Z_LOSS: "z_loss_sums"}  # in the checkpoint
 
 
 def routers(model_chunks) -> list:
@@ -61,16 +67,28 @@ def routers(model_chunks) -> list:
 
 class DeadExperts:
     """Which experts received no tokens for ``intervals`` consecutive log intervals; one warning
-    per expert until it receives tokens again. ``intervals`` None or 0: never warns."""
+    per expert until it receives tokens again. ``intervals`` None or 0: never warns. Every rank
+    keeps the same count (so every rank's checkpoint state is the same); ``logs``: this one
+    writes the warnings to the log."""
 
-    def __init__(self, intervals: int | None) -> None:
+    def __init__(self, intervals: int | None, logs: bool = True) -> None:
         self.intervals = intervals
+        self.logs = logs
         self._idle: torch.Tensor | None = None  # [L, E] consecutive intervals without a token
         self._warned: set[tuple[int, int]] = set()
 
+    def state_dict(self) -> dict:
+        idle = None if self._idle is None else self._idle.tolist()
+        return {"idle": idle, "warned": sorted([li, e] for li, e in self._warned)}
+
+    def load_state_dict(self, state: dict) -> None:
+        idle = state.get("idle")
+        self._idle = None if idle is None else torch.tensor(idle, dtype=torch.int64)
+        self._warned = {(int(li), int(e)) for li, e in state.get("warned") or []}
+
     def update(self, iteration: int, counts: torch.Tensor) -> list[str]:
         """``counts``: ``[L, E]`` token slots of the interval ending at ``iteration``. Returns
-        the warnings (also logged)."""
+        the warnings (logged where ``logs``)."""
         if not self.intervals:
             return []
         idle = counts == 0
@@ -85,7 +103,7 @@ class DeadExperts:
                     f"intervals (up to iteration {iteration}; logging.moe_dead_expert_intervals={self.intervals})"
                 )
         self._warned = {(li, e) for li, e in self._warned if self._idle[li, e] > 0}  # recovered: re-armed
-        for line in lines:
+        for line in lines if self.logs else []:
             log.warning(line)
         return lines
 
@@ -117,11 +135,13 @@ class RouterHealth:
         self.names = [n for n, on in ((AUX_LOSS, aux_loss), (Z_LOSS, z_loss)) if on]
         self.token_copies, self.tp_cp = token_copies, tp_cp
         self.is_writer = is_writer
-        self.dead = DeadExperts(dead_expert_intervals)
+        self.dead = DeadExperts(dead_expert_intervals, logs=is_writer)
         # On the device, summed over the interval's micro-batches. int64: exact counts.
         self.counts = torch.zeros(num_layers, num_experts, dtype=torch.int64, device=device)  # [L, E]
         self.dropped = torch.zeros(num_layers, dtype=torch.int64, device=device)  # [L]
         self.forwards = torch.zeros(num_layers, dtype=torch.int64, device=device)  # [L] micro-batches routed
+        # The interval a resumed run was saved in, as this layout's sums (see _packed); the writer's.
+        self._carried: torch.Tensor | None = None
         tracker = get_moe_layer_wise_logging_tracker()
         for name in self.names:  # megatron-core's tracker is process-wide: start from zero here
             tracker.pop(name, None)
@@ -142,40 +162,100 @@ class RouterHealth:
             h.remove()
         self._handles.clear()
 
+    def _packed(self) -> torch.Tensor:
+        """This rank's interval sums as one float64 tensor (the carried interval added on the
+        writer): ``[L*E counts | L dropped | L forwards | L per tracked loss]``."""
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        tracker = get_moe_layer_wise_logging_tracker()
+        losses = []
+        for name in self.names:
+            entry = tracker.get(name)
+            values = entry["values"] if entry is not None else torch.zeros(self.num_layers)
+            losses.append(values.to(self.counts.device, torch.float64))
+        packed = torch.cat([self.counts.reshape(-1).double(), self.dropped.double(), self.forwards.double(), *losses])
+        if self._carried is not None:
+            packed += self._carried.to(packed.device)
+        return packed
+
+    def _reduced(self) -> torch.Tensor:
+        """Collective: the interval sums of all ranks (one all-reduce), on the host."""
+        packed = self._packed()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(packed)
+        return packed.cpu()  # host sync: log steps and saves only
+
+    def _split(self, packed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        L, E = self.num_layers, self.num_experts
+        counts = packed[: L * E].reshape(L, E)
+        return counts, packed[L * E : L * E + L], packed[L * E + L : L * E + 2 * L], packed[L * E + 2 * L :]
+
+    def _loss_scale(self, name: str) -> int:
+        """A tracked loss's sum over ranks per its layout-free sum over micro-batches: the
+        load-balancing loss's TP x CP parts add up to the micro-batch's; each rank has its own
+        z-loss mean."""
+        return 1 if name == AUX_LOSS else self.tp_cp
+
+    def state_dict(self) -> dict:
+        """Collective (every rank saves): the open interval's sums over all ranks in layout-free
+        units (token slots; micro-batches; load-balancing losses summed over micro-batches, z-losses
+        over micro-batches' rank means) and the dead-expert count. The interval is not cleared."""
+        counts, dropped, forwards, losses = self._split(self._reduced())
+        rows = dict(zip(self.names, losses.reshape(len(self.names), self.num_layers), strict=True))
+        return {
+            "counts": (counts / self.token_copies).round().long().tolist(),
+            "dropped": (dropped / self.token_copies).round().long().tolist(),
+            "micro_batches": (forwards / self.tp_cp).round().long().tolist(),
+            **{_STATE_KEYS[name]: (row / self._loss_scale(name)).tolist() for name, row in rows.items()},
+            "dead_experts": self.dead.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """The saved interval becomes the writer's start of this one, in this layout's units."""
+        L, E = self.num_layers, self.num_experts
+        counts = torch.tensor(state["counts"], dtype=torch.float64)
+        if counts.shape != (L, E):
+            log.info(
+                "router health: the checkpoint's [layers, experts] %s is not this model's; not restored",
+                list(counts.shape),
+            )
+            return
+        self.dead.load_state_dict(state["dead_experts"])
+        if not self.is_writer:
+            return
+        micro_batches = torch.tensor(state["micro_batches"], dtype=torch.float64)
+        losses = [
+            torch.tensor(state.get(_STATE_KEYS[name], [0.0] * L), dtype=torch.float64) * self._loss_scale(name)
+            for name in self.names
+        ]
+        dropped = torch.tensor(state["dropped"], dtype=torch.float64)
+        self._carried = torch.cat(
+            [counts.reshape(-1) * self.token_copies, dropped * self.token_copies, micro_batches * self.tp_cp, *losses]
+        )
+
     def report(self, iteration: int) -> dict:
         """Collective (every rank, log steps): the record's ``moe_*`` fields of the interval
         since the last report, identical on every rank; the dead-expert warning on rank 0."""
         from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
-        L, E = self.num_layers, self.num_experts
+        packed = self._reduced()
         tracker = get_moe_layer_wise_logging_tracker()
-        losses = []
-        for name in self.names:
-            entry = tracker.get(name)
-            values = entry["values"] if entry is not None else torch.zeros(L)
-            losses.append(values.to(self.counts.device, torch.float64))
-        # One tensor, one all-reduce: [L*E counts | L dropped | L forwards | L per tracked loss].
-        packed = torch.cat([self.counts.reshape(-1).double(), self.dropped.double(), self.forwards.double(), *losses])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(packed)
         for entry in (tracker.get(n) for n in self.names):
             if entry is not None:
                 entry["values"].zero_()
         self.counts.zero_()
         self.dropped.zero_()
         self.forwards.zero_()
+        self._carried = None
 
-        packed = packed.cpu()  # host sync: log steps only
-        counts = packed[: L * E].reshape(L, E) / self.token_copies
-        dropped = packed[L * E : L * E + L] / self.token_copies
-        forwards = packed[L * E + L : L * E + 2 * L]  # (rank, micro-batch) pairs per layer
+        counts, dropped, forwards, losses = self._split(packed)  # forwards: (rank, micro-batch) pairs per layer
+        counts, dropped = counts / self.token_copies, dropped / self.token_copies
         slots = (counts.sum(dim=1) + dropped).clamp(min=1)
         record = {
             "moe_expert_load": (counts / slots[:, None]).tolist(),
             "moe_dropped_tokens": int(round(float(dropped.sum()))),
         }
-        rows = packed[L * E + 2 * L :].reshape(len(self.names), L)
-        for name, values in zip(self.names, rows, strict=True):
+        for name, values in zip(self.names, losses.reshape(len(self.names), self.num_layers), strict=True):
             if name == AUX_LOSS:  # a micro-batch's loss is the sum of its TP x CP ranks' parts
                 per_layer = values * self.tp_cp / forwards.clamp(min=1)
                 key = "moe_aux_loss"
@@ -184,6 +264,5 @@ class RouterHealth:
                 key = "moe_z_loss"
             record[key] = float(per_layer.mean())
             record[f"{key}_layers"] = per_layer.tolist()
-        if self.is_writer:
-            self.dead.update(iteration, counts)
+        self.dead.update(iteration, counts)
         return record

@@ -104,6 +104,8 @@ class Trainer:
         self.checkpoints.register("data", self.data)
         self.checkpoints.register("evaluator", self.evaluator)
         self.checkpoints.register("stage", self.stages)
+        if self.router_health is not None:  # the open log interval and the dead-expert count
+            self.checkpoints.register("router_health", self.router_health)
         self.downstream = None
         if startup.downstream_tasks:
             self.downstream = DownstreamEvaluator(

@@ -1,7 +1,8 @@
 """Router health of a mixture of experts (megatron_ct/training/router_health.py): expert load
 and the routers' losses as megatron-core computes them, dropped token slots, and the one-line
-dead-expert warning. One process, the model built in it; the same numbers at EP2 and TP2 x EP2
-are checked by tests/training/test_expert_parallel.py on its runs."""
+dead-expert warning, and both across a resume. One process, the model built in it (and one
+trainer run resumed); the same numbers at EP2 and TP2 x EP2 are checked by
+tests/training/test_expert_parallel.py on its runs."""
 
 import logging
 
@@ -122,6 +123,34 @@ def test_forced_dead_expert_warns_once_and_capacity_drops_are_counted(cpu_layer,
     health.close()
 
 
+def test_saved_interval_reports_the_same_at_another_layout(cpu_layer):
+    """A checkpoint holds the open interval in layout-free units: loaded where TP2 ranks see the
+    same tokens (counts twice over) and split the losses (TP x CP = 2), the writer's carried sums
+    report what the saving run would have, and the dead-expert count goes on where it was."""
+    chunk, m = build(cpu_layer, num_experts=4, moe_router_topk=2, moe_aux_loss_coeff=0.01, moe_z_loss_coeff=0.001)
+    saver = health_of(chunk, m, intervals=3)
+    saver.dead.update(0, torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]))  # layer 0's expert 3 idle once
+    forward(chunk, seed=1)
+    forward(chunk, seed=2)
+    state = saver.state_dict()
+    expected = saver.report(iteration=2)
+    saver.close()
+    assert state["micro_batches"] == [2, 2] and state["dead_experts"] == {"idle": [[0, 0, 0, 1], [0] * 4], "warned": []}
+
+    resumed = RouterHealth(
+        [], num_layers=2, num_experts=4, topk=2, aux_loss=True, z_loss=True, token_copies=2, tp_cp=2,
+        dead_expert_intervals=3,
+    )  # fmt: skip
+    resumed.load_state_dict(state)
+    assert resumed.dead.state_dict() == state["dead_experts"]
+    got = resumed.report(iteration=2)
+    assert got["moe_expert_load"] == expected["moe_expert_load"]
+    for key in ("moe_aux_loss_layers", "moe_z_loss_layers"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-12), key
+    assert resumed.dead.state_dict() == saver.dead.state_dict()  # both counted the interval on top
+    assert resumed.report(iteration=3)["moe_expert_load"] == [[0.0] * 4] * 2  # carried once, then cleared
+
+
 def test_dead_expert_warns_again_only_after_it_recovered(caplog):
     dead = DeadExperts(intervals=2)
     alive, silent = torch.tensor([[5, 3]]), torch.tensor([[5, 0]])
@@ -131,3 +160,78 @@ def test_dead_expert_warns_again_only_after_it_recovered(caplog):
     assert "layer 0, expert 1" in got[1][0] and "up to iteration 6" in got[5][0]
     assert caplog.text.count("dead expert:") == 2
     assert DeadExperts(intervals=None).update(9, torch.zeros(2, 2)) == []
+
+
+# --- through the trainer: the open interval and the dead-expert count in the checkpoint -------
+DEAD = 3  # the expert no token reaches (see dead_expert_checkpoint)
+RESUME = [
+    "model.moe_aux_loss_coeff=0.01",
+    "model.moe_z_loss_coeff=0.001",
+    "train.train_iters=6",
+    "logging.log_interval=2",
+    "logging.moe_dead_expert_intervals=2",
+]
+
+
+def dead_expert_checkpoint(root) -> str:
+    """tests/launch.py's tiny Mixtral with expert 3 dead in both layers: hidden coordinate 0 is
+    a large positive constant of every token's embedding (the residual stream keeps it), and
+    expert 3's router row is -1 there and 0 elsewhere, so its logit is far below the others'."""
+    from tiny_checkpoint import write_like, write_random_checkpoint
+
+    from launch import MIXTRAL
+
+    def edit(key, t):
+        if key == "embedding.word_embeddings.weight":
+            t[:, 0] = 3.0
+        elif key == "decoder.layers.mlp.router.weight":  # [L, E, H]
+            t[:, :, 0] = 0.0
+            t[:, DEAD] = 0.0
+            t[:, DEAD, 0] = -1.0
+        return t
+
+    write_random_checkpoint(root / "random", seed=5, **MIXTRAL)
+    return write_like(root / "random", root / "init", seed=5, edit=edit)
+
+
+def moe_fields(records: list[dict]) -> dict[int, dict]:
+    return {r["iteration"]: {k: v for k, v in r.items() if k.startswith("moe_")} for r in records}
+
+
+def dead_warnings(proc) -> list[str]:
+    return [line.split("] ", 1)[1] for line in proc.stderr.splitlines() if "] dead expert:" in line]
+
+
+@pytest.mark.slow
+def test_resume_mid_interval_reports_and_warns_as_the_uninterrupted_run(tmp_path):
+    """One process, logs every 2 steps, a save at step 3 (inside the interval 3-4). Resumed from
+    it, the run reports steps 3-4 as one interval with the same expert loads and router losses
+    as the run that went on, and warns about the dead expert at iteration 4 as that run does
+    (the count of idle intervals includes the one logged before the save)."""
+    from launch import TINY_MIXTRAL, read_metrics, run_trainer
+
+    init = dead_expert_checkpoint(tmp_path)
+    common = [*TINY_MIXTRAL, *RESUME]
+    straight = tmp_path / "straight"
+    first = run_trainer(
+        1,
+        [*common, f"checkpoint.load={init}", "checkpoint.load_weights_only=true"]
+        + [f"checkpoint.save={straight}", "checkpoint.save_interval=3"],
+    )
+    resumed = run_trainer(
+        1, [*common, f"checkpoint.load={straight / 'iter_0000003'}", f"logging.log_dir={tmp_path / 'resumed'}"]
+    )
+    warned = [
+        f"dead expert: layer {layer}, expert {DEAD} received no tokens in 2 consecutive log intervals (up to "
+        "iteration 4; logging.moe_dead_expert_intervals=2)"
+        for layer in (0, 1)
+    ]
+    assert dead_warnings(first) == warned
+    assert dead_warnings(resumed) == warned
+    ref, got = moe_fields(read_metrics(straight)), moe_fields(read_metrics(tmp_path / "resumed"))
+    assert sorted(ref) == [2, 4, 6] and sorted(got) == [4, 6]
+    for it in (4, 6):
+        assert got[it]["moe_expert_load"] == ref[it]["moe_expert_load"], f"iteration {it}"
+        assert all(layer[DEAD] == 0.0 for layer in got[it]["moe_expert_load"])
+        for key in ("moe_aux_loss_layers", "moe_z_loss_layers"):
+            assert got[it][key] == pytest.approx(ref[it][key], rel=1e-6), f"iteration {it}: {key}"
