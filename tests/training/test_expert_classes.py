@@ -9,7 +9,7 @@ from megatron_ct.config import load_config
 from megatron_ct.errors import ConfigError
 from megatron_ct.training.freeze import expand_patterns, param_class
 
-from launch import MIXTRAL, TINY_MIXTRAL, read_metrics, run_trainer
+from launch import MIXTRAL, TINY_MIXTRAL, losses, read_metrics, run_trainer
 
 EP2 = [
     *TINY_MIXTRAL,
@@ -89,3 +89,33 @@ def test_experts_and_router_step_at_their_multipliers(init):
     frozen = [k for k in before if not k.startswith(EXPERTS) and k != ROUTER and ".self_attention." not in k]
     assert frozen and all(step[k].eq(0).all() for k in frozen), [k for k in frozen if not step[k].eq(0).all()]
     assert metrics[0]["lr_experts"] == pytest.approx(0.5 * LR) and metrics[0]["lr_router"] == pytest.approx(2 * LR)
+
+
+@pytest.mark.slow
+def test_all_experts_frozen_resume_exactly(init):
+    """trainable_params without the experts, at EP2 with the distributed optimizer: no expert
+    parameter trains, so megatron-core builds no expert optimizer (the dense one alone, as at
+    EP 1). Saved at step 2 and resumed, the run's losses at steps 3-4 and its final weights equal
+    the run that went on, and every expert weight is bit-identical to the initial one in both
+    checkpoints and after the resume."""
+    trainable = "[embeddings, router, 'decoder.layers.*.self_attention.*', 'decoder.final_layernorm.*']"
+    flags = [*EP2, "train.train_iters=4", f"train.trainable_params={trainable}"]
+    straight, resumed = init / "frozen_all", init / "frozen_all_resumed"
+    run_trainer(
+        2, [*flags, f"checkpoint.load={init / 'init'}", f"checkpoint.save={straight}", "checkpoint.save_interval=2"]
+    )
+    load = [f"checkpoint.load={straight / 'iter_0000002'}", "checkpoint.load_weights_only=false"]
+    run_trainer(2, [*flags, *load, f"checkpoint.save={resumed}"])
+
+    ref, got = losses(straight), losses(resumed)
+    assert sorted(got) == [3, 4] and [got[i] for i in (3, 4)] == [ref[i] for i in (3, 4)]
+    before, final = read_all(init / "init"), read_all(straight)
+    experts = {k for k in before if k.startswith(EXPERTS)}
+    assert len(experts) == 2
+    for ckpt in (straight / "iter_0000002", straight, resumed):
+        saved = read_all(ckpt)
+        assert all(saved[k].equal(before[k]) for k in experts), f"{ckpt.name}: an expert weight moved"
+    after = read_all(resumed)
+    assert all(after[k].equal(final[k]) for k in final), "the resumed run's weights differ from the straight run's"
+    changed = {k for k in before if not before[k].equal(final[k])}
+    assert {ROUTER, "decoder.layers.self_attention.linear_qkv.weight", "embedding.word_embeddings.weight"} <= changed
