@@ -16,7 +16,10 @@ OVERRIDES = [
     "train.train_iters=3",
     "checkpoint.load_weights_only=true",
 ]
+ROUTER = "decoder.layers.mlp.router.weight"
 Z_LOSS = "model.moe_z_loss_coeff=0.01"  # the router z-loss too (its gradient crosses TP ranks)
+# The experts and the router at their own LR (megatron_ct/training/freeze.py classes).
+LR_CLASSES = "train.lr_mult={experts: 0.5, router: 2}"
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +62,7 @@ def ref(init):
 
 @pytest.fixture(scope="module")
 def ref_z(init):
-    return run(init, "ref_z", 1, [Z_LOSS])
+    return run(init, "ref_z", 1, [Z_LOSS, LR_CLASSES])
 
 
 def test_ep2_steps_equal_one_process(init, ref):
@@ -90,14 +93,39 @@ def test_tp2_ep2_sp_steps_equal_one_process(init, ref_z):
     megatron-core 0.16.1 scales the load-balancing loss's and the z-loss's gradients by a rank's
     share of the micro-batch's tokens (TP times too small under SP unless the coefficients are
     compensated: megatron_ct/model/llama.py moe_settings), and its dispatcher all-gathers the uneven token
-    counts over TP ranks, which gloo refuses (padded on CPU: megatron_ct/parallel/device.py)."""
+    counts over TP ranks, which gloo refuses (padded on CPU: megatron_ct/parallel/device.py).
+    Both runs give the experts and the router their own LR (x0.5, x2): every tensor, each one
+    split over TP and EP ranks as megatron-core splits it, moves as far as at one process."""
+    from tiny_checkpoint import read_all
+
     ref, ref_norms, ref_records = ref_z
-    flags = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true", Z_LOSS]
+    flags = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true", Z_LOSS, LR_CLASSES]
     got, norms, records = run(init, "tp2ep2", 4, [*flags, "parallel.expert_model_parallel_size=2"])
     assert_same_router_health(records, ref_records, "TP2xEP2")
     for it in (1, 2, 3):
         assert got[it] == pytest.approx(ref[it], rel=1e-5), f"TP2xEP2 iteration {it}: {got[it]} vs one {ref[it]}"
         assert norms[it] == pytest.approx(ref_norms[it], rel=1e-5), f"TP2xEP2 iteration {it}: grad norm"
+    lr = records[0]["lr"]
+    assert records[0]["lr_experts"] == pytest.approx(0.5 * lr) and records[0]["lr_router"] == pytest.approx(2 * lr)
+    before, ours, theirs = (
+        read_all(init / "init"),
+        read_all(init / "ref_z" / "ckpt"),
+        read_all(init / "tp2ep2" / "ckpt"),
+    )
+    # Per tensor: the same largest step and the same update up to 1e-3 of its norm (Adam divides each
+    # gradient element by its own size: an element whose gradient is about 0 steps by the rounding
+    # of its layout's reductions; 1e-4 of the update's norm measured).
+    largest = {}
+    for key, t in ours.items():
+        if key in before:
+            step, here = t - before[key], theirs[key] - before[key]
+            assert (here - step).norm() <= 1e-3 * step.norm(), f"{key}: TP2xEP2 updated it otherwise"
+            largest[key] = step.abs().max().item()
+            assert here.abs().max().item() == pytest.approx(largest[key], rel=1e-4), f"{key}: largest step"
+    experts = [k for k in largest if ".experts." in k]
+    # Three Adam steps move an element at most about 3 x its LR: the experts' (x0.5) < 1.6 lr, while
+    # the router's (x2) first step alone moves its elements by about 2 lr.
+    assert len(experts) == 2 and max(largest[k] for k in experts) < 1.6 * lr < largest[ROUTER]
 
 
 def test_training_at_tp2_without_sequence_parallelism_is_one_line():
