@@ -138,8 +138,12 @@ slurmctld -f "$SLURM_CONF" -i >/dev/null 2>&1 || unavailable "slurmctld did not 
 for _ in $(seq 50); do [ -s "$DIR/slurmctld.pid" ] && break; sleep 0.1; done
 echo "slurmctld $(cat "$DIR/slurmctld.pid" 2>/dev/null)" >>"$DIR/pids"
 SLURMD_STARTING=1 # from here on a failure with several nodes retries with one
+# Each slurmd under a subreaper (.ci/subreaper.py): a job's orphaned processes are reaped at once,
+# not by PID 1 seconds later, which would hold every step's end back by its pgid polling (3-7 s).
+REAPER=()
+command -v python3 >/dev/null && REAPER=(python3 "$(dirname "$0")/subreaper.py")
 for name in "${NAMES[@]}"; do
-  slurmd -f "$SLURM_CONF" -N "$name" >/dev/null 2>&1 || unavailable "slurmd $name did not start, see $DIR/log/slurmd-$name.log"
+  "${REAPER[@]}" slurmd -f "$SLURM_CONF" -N "$name" >/dev/null 2>&1 || unavailable "slurmd $name did not start, see $DIR/log/slurmd-$name.log"
   for _ in $(seq 50); do [ -s "$DIR/slurmd-$name.pid" ] && break; sleep 0.1; done
   echo "slurmd $(cat "$DIR/slurmd-$name.pid" 2>/dev/null)" >>"$DIR/pids"
 done
