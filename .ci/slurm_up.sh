@@ -113,6 +113,9 @@ KillWait=$KILL_WAIT
 MinJobAge=600
 ReturnToService=2
 SchedulerType=sched/backfill
+# A batch job submitted (or released after a requeue) starts at once, not up to 3 s later: the
+# default batch_sched_delay=3 gathers submissions for throughput, which a test cluster has no use for.
+SchedulerParameters=batch_sched_delay=0
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
