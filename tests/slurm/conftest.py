@@ -82,7 +82,7 @@ class Cluster:
             return info if info["JobState"] in states else None
 
         what = f"job {job_id} to be {' or '.join(sorted(states))}"
-        return wait_for(reached, timeout, what, lambda: f"it is {self.state(job_id)}; log:\n{tail()}", interval=0.5)
+        return wait_for(reached, timeout, what, lambda: f"it is {self.state(job_id)}; log:\n{tail()}", interval=0.2)
 
     def release(self, job_id: str, time_limit_min: int | None = None) -> None:
         """Start a requeued job now (SLURM holds it back for a while after a requeue)."""

@@ -1,8 +1,9 @@
 """Training script for the SLURM tests (TRAIN_SCRIPT=tests/slurm/paced.py): pretrain_ct.py, with
-every training step slowed down by CT_STEP_DELAY seconds on one run of the job (CT_PACED_RUN, by
-SLURM_RESTART_COUNT; default the first), so that a signal SLURM sends at a time it chooses (the
-time-limit warning) or a test's kill lands mid-run, and with a fault of
-tests/checkpoint/fault_injection.py (CT_FAULT) on the first run. Other runs train as usual."""
+every training step past iteration CT_PACE_FROM (default 0) slowed down by CT_STEP_DELAY seconds
+on one run of the job (CT_PACED_RUN, by SLURM_RESTART_COUNT; default the first), so that a
+signal SLURM sends at a time it chooses (the time-limit warning) or a test's kill lands mid-run,
+and with a fault of tests/checkpoint/fault_injection.py (CT_FAULT) on the first run. Other runs
+train as usual."""
 
 import os
 import sys
@@ -18,10 +19,12 @@ if __name__ == "__main__":
         from megatron_ct.training import trainer
 
         real_step, delay = trainer.train_step, float(os.environ["CT_STEP_DELAY"])
+        pace_from = int(os.environ.get("CT_PACE_FROM", "0"))
 
-        def paced_step(*a, **k):
-            time.sleep(delay)  # the pacing is the point, not a wait: SLURM's warning must land mid-run
-            return real_step(*a, **k)
+        def paced_step(iteration, *a, **k):  # iteration: the steps done before this one
+            if iteration >= pace_from:  # the pacing is the point, not a wait: SLURM's warning must land mid-run
+                time.sleep(delay)
+            return real_step(iteration, *a, **k)
 
         trainer.train_step = paced_step
     if os.environ.get("CT_FAULT") and run == "0":

@@ -9,6 +9,11 @@ and cancel, never requeue. A 2-node x 2-process job must survive two faults in a
 requeued and resumed from its last complete checkpoint: a rank that stops (SIGSTOP) after a
 save, which the others' watchdogs report as a hang, then a node whose processes are killed;
 its losses must equal those of an uninterrupted 2 x 2 run.
+
+The one-node jobs run side by side, one per node (the script takes whole nodes), in threads
+started by the first test (``scenarios``); each test asserts what its job's thread found. A job
+spends part of its time waiting on SLURM (the time-limit check, a requeue), which the other
+job's training fills. The 2-node job runs once they have all ended.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,54 +120,107 @@ def finish_requeued(cluster, job: Job, time_limit_min: int | None = None) -> Non
     assert info["ExitCode"] == "0:0", info
 
 
+class Scenarios:
+    """The one-node jobs of the selected tests, each driven by its scenario function in a thread,
+    as many at a time as the cluster has nodes; the uninterrupted reference run first (the
+    others compare their losses with it once they have finished)."""
+
+    def __init__(self, cluster, tmp_path_factory, wanted: list[str]):
+        self._pool = ThreadPoolExecutor(max_workers=len(cluster.nodes()), thread_name_prefix="slurm-job")
+        self._futures: dict[str, Future] = {}
+        if any(name in RESUMED for name in wanted):
+            wanted = [REFERENCE, *wanted]
+        for name, scenario in SCENARIOS.items():  # in their order: the longest (time limit) early
+            if name in wanted:
+                self._futures[name] = self._pool.submit(scenario, cluster, tmp_path_factory.mktemp(name), self)
+
+    def result(self, name: str):
+        """What the scenario returned; its failure (or skip) raised here, in its test."""
+        return self._futures[name].result()
+
+    def reference(self) -> dict[int, float]:
+        return self.result(REFERENCE)
+
+    def drain(self) -> None:
+        """Until every scenario's job has ended (the cluster's nodes are free again)."""
+        wait(self._futures.values())
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+SCENARIOS: dict[str, Callable[..., object]] = {}  # test name without "test_" -> scenario
+RESUMED: set[str] = set()  # scenarios that compare with the reference run
+REFERENCE = "job_trains_to_completion"
+
+
+def scenario(name: str, resumed: bool = True):
+    def register(fn):
+        SCENARIOS[name] = fn
+        if resumed:
+            RESUMED.add(name)
+        return fn
+
+    return register
+
+
 @pytest.fixture(scope="module")
-def reference(cluster, tmp_path_factory) -> dict[int, float]:
-    job = submit_training(cluster, tmp_path_factory.mktemp("straight"), "ct-straight")
+def scenarios(cluster, tmp_path_factory, request):
+    selected = [item.name for item in request.session.items if item.path == request.path]
+    wanted = [name for name in SCENARIOS if f"test_{name}" in selected]
+    runner = Scenarios(cluster, tmp_path_factory, wanted)
+    yield runner
+    runner.close()
+
+
+@scenario(REFERENCE, resumed=False)
+def run_reference(cluster, tmp_path: Path, _) -> dict[int, float]:
+    job = submit_training(cluster, tmp_path, "ct-straight")
     info = cluster.wait(job.id, {"COMPLETED"}, 300, job.log)
     assert info["ExitCode"] == "0:0", job.log.read_text()[-4000:]
     return {r["iteration"]: r["loss"] for r in job.records()}
 
 
-def test_job_trains_to_completion(cluster, reference):
-    assert sorted(reference) == list(range(1, ITERS + 1))
-    assert reference[ITERS] < reference[1]
-
-
-def test_term_to_the_batch_script_saves_requeues_and_resumes_exactly(cluster, tmp_path, reference):
-    job = submit_training(cluster, tmp_path, "ct-term")
-    wait_for_iteration(cluster, job, SIGNAL_AFTER)
-    cluster.run("scancel", "--signal=TERM", "--batch", job.id)  # what a preemption script sends
-    finish_requeued(cluster, job)
-    assert_resumed_exactly(job, reference)
-
-
-def test_time_limit_warning_saves_requeues_and_resumes_exactly(cluster, tmp_path, reference):
-    # The first run is slowed down (tests/slurm/paced.py) so that SLURM's USR1, due as soon as
-    # the time limit is cut to 2 minutes (110 s before its end) and sent at slurmctld's next
-    # time-limit check (every 30 s), lands mid-run. The requeued run gets 30 minutes again.
+@scenario("time_limit_warning_saves_requeues_and_resumes_exactly")
+def run_time_limit_warning(cluster, tmp_path: Path, scenarios: Scenarios) -> None:
+    # The first run is slowed down past SIGNAL_AFTER (tests/slurm/paced.py) so that SLURM's USR1,
+    # due as soon as the time limit is cut to 2 minutes (110 s before its end) and sent at
+    # slurmctld's next time-limit check (every 30 s), lands mid-run. The requeued run gets 30
+    # minutes again.
     job = submit_training(
         cluster,
         tmp_path,
         "ct-usr1",
         ["--signal=B:USR1@110"],
-        {"TRAIN_SCRIPT": "tests/slurm/paced.py", "CT_STEP_DELAY": "1.5"},
+        {"TRAIN_SCRIPT": "tests/slurm/paced.py", "CT_STEP_DELAY": "1.5", "CT_PACE_FROM": str(SIGNAL_AFTER)},
     )
     wait_for_iteration(cluster, job, SIGNAL_AFTER)
     cluster.run("scontrol", "update", f"jobid={job.id}", "TimeLimit=2")
     finish_requeued(cluster, job, time_limit_min=30)
     assert "SIGUSR1: the trainers save and stop" in job.log.read_text()
-    assert_resumed_exactly(job, reference)
+    assert_resumed_exactly(job, scenarios.reference())
 
 
-def test_scontrol_requeue_saves_and_resumes_exactly(cluster, tmp_path, reference):
+@scenario("term_to_the_batch_script_saves_requeues_and_resumes_exactly")
+def run_term_to_the_batch_script(cluster, tmp_path: Path, scenarios: Scenarios) -> None:
+    job = submit_training(cluster, tmp_path, "ct-term")
+    wait_for_iteration(cluster, job, SIGNAL_AFTER)
+    cluster.run("scancel", "--signal=TERM", "--batch", job.id)  # what a preemption script sends
+    finish_requeued(cluster, job)
+    assert_resumed_exactly(job, scenarios.reference())
+
+
+@scenario("scontrol_requeue_saves_and_resumes_exactly")
+def run_scontrol_requeue(cluster, tmp_path: Path, scenarios: Scenarios) -> None:
     job = submit_training(cluster, tmp_path, "ct-requeue")
     wait_for_iteration(cluster, job, SIGNAL_AFTER)
     cluster.run("scontrol", "requeue", job.id)
     finish_requeued(cluster, job)
-    assert_resumed_exactly(job, reference)
+    assert_resumed_exactly(job, scenarios.reference())
 
 
-def test_preemption_saves_requeues_and_resumes_exactly(cluster, tmp_path, reference):
+@scenario("preemption_saves_requeues_and_resumes_exactly")
+def run_preemption(cluster, tmp_path: Path, scenarios: Scenarios) -> None:
     if "urgent" not in cluster.partitions():
         pytest.skip("the cluster has no 'urgent' partition to preempt from (.ci/slurm_up.sh makes one)")
     job = submit_training(cluster, tmp_path, "ct-preempted")
@@ -178,10 +238,11 @@ def test_preemption_saves_requeues_and_resumes_exactly(cluster, tmp_path, refere
     finish_requeued(cluster, job)
     assert cluster.state(urgent) == "COMPLETED"
     assert "preempted: the trainers exited 0; requeueing" in job.log.read_text()
-    assert_resumed_exactly(job, reference)
+    assert_resumed_exactly(job, scenarios.reference())
 
 
-def test_plain_scancel_saves_and_cancels(cluster, tmp_path):
+@scenario("plain_scancel_saves_and_cancels", resumed=False)
+def run_plain_scancel(cluster, tmp_path: Path, _) -> None:
     job = submit_training(cluster, tmp_path, "ct-cancel")
     wait_for_iteration(cluster, job, SIGNAL_AFTER)
     cluster.run("scancel", job.id)
@@ -195,7 +256,8 @@ def test_plain_scancel_saves_and_cancels(cluster, tmp_path):
     assert_stopped_with_a_save(job)
 
 
-def test_one_process_per_gpu_each_seeing_the_gpus(cluster, tmp_path):
+@scenario("one_process_per_gpu_each_seeing_the_gpus", resumed=False)
+def run_one_process_per_gpu(cluster, tmp_path: Path, _) -> None:
     if "gpu:2" not in cluster.run("scontrol", "show", "node"):
         pytest.skip("the test node has no stand-in GPUs (mknod not allowed where .ci/slurm_up.sh ran)")
     # No NPROC_PER_NODE: one process per GPU. --exclusive alone gives the GPUs to the job but
@@ -207,6 +269,36 @@ def test_one_process_per_gpu_each_seeing_the_gpus(cluster, tmp_path):
     assert info["ExitCode"] == "0:0", job.log.read_text()
     lines = sorted(line for line in job.log.read_text().splitlines() if line.startswith("rank "))
     assert lines == ["rank 0 local 0 of 2 gpus 0,1", "rank 1 local 1 of 2 gpus 0,1"]
+
+
+def test_job_trains_to_completion(scenarios):
+    reference = scenarios.reference()
+    assert sorted(reference) == list(range(1, ITERS + 1))
+    assert reference[ITERS] < reference[1]
+
+
+def test_term_to_the_batch_script_saves_requeues_and_resumes_exactly(scenarios):
+    scenarios.result("term_to_the_batch_script_saves_requeues_and_resumes_exactly")
+
+
+def test_time_limit_warning_saves_requeues_and_resumes_exactly(scenarios):
+    scenarios.result("time_limit_warning_saves_requeues_and_resumes_exactly")
+
+
+def test_scontrol_requeue_saves_and_resumes_exactly(scenarios):
+    scenarios.result("scontrol_requeue_saves_and_resumes_exactly")
+
+
+def test_preemption_saves_requeues_and_resumes_exactly(scenarios):
+    scenarios.result("preemption_saves_requeues_and_resumes_exactly")
+
+
+def test_plain_scancel_saves_and_cancels(scenarios):
+    scenarios.result("plain_scancel_saves_and_cancels")
+
+
+def test_one_process_per_gpu_each_seeing_the_gpus(scenarios):
+    scenarios.result("one_process_per_gpu_each_seeing_the_gpus")
 
 
 MULTI_ITERS = 20
@@ -240,12 +332,13 @@ def kill_node(job_id: str, node: str) -> list[int]:
     return killed
 
 
-def test_hang_then_lost_node_each_requeue_and_resume_exactly(cluster, tmp_path):
+def test_hang_then_lost_node_each_requeue_and_resume_exactly(cluster, tmp_path, scenarios):
     """First run: the last rank stops after the save of iteration 5; the others' watchdogs end
     it within train.hang_timeout_s, with their stacks, exit 4; requeued. Second run (paced):
     one node's processes are killed past the save of iteration 10; requeued. Third run: to the
     end, every iteration logged once, the losses of an uninterrupted run. On a one-node
     cluster: 1 x 4 processes and the hang only."""
+    scenarios.drain()  # every node free: both jobs take them all
     two_nodes = len(cluster.nodes()) >= 2
     nodes = ["--nodes=2"] if two_nodes else ["--nodes=1"]
     per_node = {"NPROC_PER_NODE": "2" if two_nodes else "4"}
@@ -262,7 +355,8 @@ def test_hang_then_lost_node_each_requeue_and_resume_exactly(cluster, tmp_path):
             **per_node,
             "TRAIN_SCRIPT": "tests/slurm/paced.py",
             "CT_FAULT": f"sigstop_after_save:{HANG_AFTER_SAVE}",  # first run only
-            **({"CT_PACED_RUN": "1", "CT_STEP_DELAY": "0.5"} if two_nodes else {}),  # the kill lands between two saves
+            # The kill lands between two saves (paced past the save of iteration 10).
+            **({"CT_PACED_RUN": "1", "CT_STEP_DELAY": "0.5", "CT_PACE_FROM": "10"} if two_nodes else {}),
         },
         run=[*MULTI_RUN, f"train.hang_timeout_s={HANG_TIMEOUT_S}"],
     )
