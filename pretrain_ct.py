@@ -50,6 +50,11 @@ def train(args, overrides: list[str]) -> int:
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         return 0
+    if cfg.train.hang_detection:
+        from megatron_ct.training.watchdog import trace_collectives
+
+        # Before megatron-core is imported: it binds some collectives to its own names then.
+        trace_collectives()
     from megatron_ct.training.trainer import run_training
 
     outcome = run_training(cfg)

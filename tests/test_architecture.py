@@ -90,6 +90,17 @@ def patches_megatron_core(tree: ast.Module) -> list[int]:
     return lines
 
 
+def wraps_torch_distributed(tree: ast.Module) -> list[int]:
+    """Assigning to ``torch.distributed`` (or a name bound to it) or setattr() on it."""
+    names = {"torch.distributed"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.asname for a in node.names if a.name == "torch.distributed" and a.asname}
+        elif isinstance(node, ast.ImportFrom) and node.module == "torch":
+            names |= {a.asname or a.name for a in node.names if a.name == "distributed"}
+    return [n.lineno for obj, _, n in _assigned(tree) if ast.unparse(obj) in names]
+
+
 def reads_megatron_version(tree: ast.Module) -> list[int]:
     lines = []
     for node in ast.walk(tree):
@@ -118,6 +129,7 @@ def imports_dist_checkpointing(tree: ast.Module) -> list[int]:
 DETECTORS = {
     "patch `torch.cuda`": patches_torch_cuda,
     "patch a megatron-core module or object": patches_megatron_core,
+    "wrap `torch.distributed` functions": wraps_torch_distributed,
     "read megatron-core's version": reads_megatron_version,
     "import `megatron.core.dist_checkpointing`": imports_dist_checkpointing,
 }
@@ -139,6 +151,7 @@ def test_the_detectors_catch_what_they_name():
     samples = {
         patches_torch_cuda: "import torch\ntorch.cuda.current_device = f\n",
         patches_megatron_core: "from megatron.core.models.common.embeddings import rope_utils\nrope_utils.f = g\n",
+        wraps_torch_distributed: "import torch.distributed as dist\nsetattr(dist, op, f)\n",
         reads_megatron_version: "import megatron.core\nv = megatron.core.__version__\n",
         imports_dist_checkpointing: "from megatron.core import dist_checkpointing\n",
     }

@@ -20,12 +20,27 @@ steps: the watchdog is paused there (the process-group timeout, ``parallel.
 distributed_timeout_minutes``, still bounds their collectives). A rank that is itself stopped
 (SIGSTOP, a frozen host) cannot write its stack; its peers' dumps and their common iteration
 say which rank never arrived.
+
+Each dump also names the last collective the rank entered, as its own line ``last collective:
+{json}`` (op, the group's ranks, tensor dtypes and shapes, seconds since it was entered,
+whether it returned): :func:`trace_collectives` wraps ``torch.distributed``'s collective
+functions (the module attributes megatron-core and our code call) with a wrapper that stores
+one record per call, metadata only (no device sync, the same on CPU and GPU). The entry point
+installs it before megatron-core is imported, because megatron-core binds some of them to its
+own names at import (the sequence-parallel all-gather and reduce-scatter, the distributed
+optimizer's bucket reduce-scatter and all-gather); installed later (a trainer started in an
+already-running process) those calls are not recorded. An asynchronous collective (``async_op``,
+``isend``, ``batch_isend_irecv``) has "returned" once issued: its completion is awaited through
+its handle, which is not traced (the stack shows that wait).
 """
 
 from __future__ import annotations
 
 import contextlib
 import faulthandler
+import functools
+import inspect
+import json
 import logging
 import os
 import sys
@@ -47,6 +62,142 @@ reach their own timeout within a poll (at most 1 s) of this one; on gloo this ra
 break their collective at once, and they would end with an error instead of with their stacks."""
 
 
+COLLECTIVES = (
+    "all_reduce",
+    "all_reduce_coalesced",
+    "all_gather",
+    "all_gather_into_tensor",
+    "_all_gather_base",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "_reduce_scatter_base",
+    "all_to_all",
+    "all_to_all_single",
+    "broadcast",
+    "reduce",
+    "gather",
+    "scatter",
+    "barrier",
+    "monitored_barrier",
+    "all_gather_object",
+    "broadcast_object_list",
+    "gather_object",
+    "scatter_object_list",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "batch_isend_irecv",
+)
+"""The ``torch.distributed`` functions :func:`trace_collectives` wraps (those this torch has)."""
+_ALWAYS_ASYNC = ("isend", "irecv", "batch_isend_irecv")
+
+
+class _Entered:
+    """One collective call as it was entered: metadata only (tensors are not kept alive)."""
+
+    __slots__ = ("op", "group", "tensors", "at", "returned", "async_op", "thread")
+
+    def __init__(self, op: str, group, tensors: list, async_op: bool) -> None:
+        self.op, self.group, self.tensors, self.async_op = op, group, tensors, async_op
+        self.at = time.monotonic()
+        self.returned = False
+        self.thread = threading.current_thread()
+
+
+_last: _Entered | None = None
+
+
+def _traced(op: str, fn, tensor_type: type):
+    params = list(inspect.signature(fn).parameters)
+    group_at = params.index("group") if "group" in params else None
+    async_at = params.index("async_op") if "async_op" in params else None
+    always_async = op in _ALWAYS_ASYNC
+
+    def tensors(values) -> list:
+        # (dtype, shape, count) of the tensors and lists of tensors; formatted only in a dump.
+        out = []
+        for v in values:
+            if isinstance(v, tensor_type):
+                out.append((v.dtype, v.shape, 1))
+            elif isinstance(v, list) and v and isinstance(v[0], tensor_type):
+                out.append((v[0].dtype, v[0].shape, len(v)))
+        return out
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        global _last
+        if op == "batch_isend_irecv":  # a list of P2POp, each with its tensor and group
+            ops = args[0] if args else kwargs.get("p2p_op_list", [])
+            group = ops[0].group if ops else None
+            found = tensors([[o.tensor for o in ops]]) if ops else []
+        else:
+            group = args[group_at] if group_at is not None and len(args) > group_at else kwargs.get("group")
+            found = tensors(args)
+            if kwargs:
+                found += tensors(kwargs.values())
+        asynchronous = always_async or bool(
+            args[async_at] if async_at is not None and len(args) > async_at else kwargs.get("async_op")
+        )
+        entered = _last = _Entered(op, group, found, asynchronous)
+        result = fn(*args, **kwargs)
+        entered.returned = True
+        return result
+
+    traced.megatron_ct_untraced = fn
+    return traced
+
+
+def trace_collectives() -> None:
+    """Wrap ``torch.distributed``'s collectives so that :func:`last_collective` can tell the
+    last one this process entered. Call before megatron-core is imported (module notes);
+    idempotent."""
+    import torch
+    import torch.distributed as dist
+
+    for op in COLLECTIVES:
+        fn = getattr(dist, op, None)
+        if fn is not None and not hasattr(fn, "megatron_ct_untraced"):
+            setattr(dist, op, _traced(op, fn, torch.Tensor))
+
+
+def last_collective() -> dict | None:
+    """The last collective this process entered (None: none since :func:`trace_collectives`):
+    ``op``, ``group_ranks`` (global ranks) and ``group_size``, ``tensors`` (``dtype[shape]``,
+    ``N x`` for a list), ``entered_s_ago``, ``returned`` (an asynchronous one: issued),
+    ``async_op`` and the calling ``thread``."""
+    entered = _last
+    if entered is None:
+        return None
+    try:
+        import torch.distributed as dist
+
+        ranks = dist.get_process_group_ranks(entered.group if entered.group is not None else dist.group.WORLD)
+    except Exception:  # a destroyed group, no default group: the rest still says what it was
+        ranks = None
+    return {
+        "op": entered.op,
+        "group_ranks": ranks,
+        "group_size": len(ranks) if ranks is not None else None,
+        "tensors": [
+            f"{n} x " * (n > 1) + f"{str(dtype).removeprefix('torch.')}{list(shape)}"
+            for dtype, shape, n in entered.tensors
+        ],
+        "entered_s_ago": round(time.monotonic() - entered.at, 3),
+        "returned": entered.returned,
+        "async_op": entered.async_op,
+        "thread": entered.thread.name,
+    }
+
+
+def describe(record: dict | None) -> str:
+    """``record`` (from :func:`last_collective`) in a few words, for the one-line error."""
+    if record is None:
+        return "none traced"
+    state = "returned" if record["returned"] else "not returned"
+    return f"{record['op']} over {record['group_size']} ranks, entered {record['entered_s_ago']:.1f} s ago, {state}"
+
+
 class Watchdog:
     """One per rank. ``arm(iteration)`` at a step's start, ``disarm()`` at its end (after the
     step's log line and preemption check, both collective), ``paused()`` around evaluations
@@ -62,6 +213,7 @@ class Watchdog:
         self._iteration = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        trace_collectives()  # the entry point did so earlier already (module notes)
         self._thread = threading.Thread(target=self._watch, name="megatron-ct-watchdog", daemon=True)
         self._thread.start()
 
@@ -109,7 +261,11 @@ class Watchdog:
 
     def _fire(self, iteration: int, timeout: float) -> None:
         where = "stderr"
-        header = f"rank {self.rank}: iteration {iteration} has not finished after {timeout:.0f} s (hang)\n"
+        collective = last_collective()
+        header = (
+            f"rank {self.rank}: iteration {iteration} has not finished after {timeout:.0f} s (hang)\n"
+            f"last collective: {json.dumps(collective)}\n"
+        )
         try:
             if self.dump_dir:
                 folder = os.path.join(self.dump_dir, "hang")
@@ -126,8 +282,8 @@ class Watchdog:
         finally:
             sys.stderr.write(
                 f"error: hang (rank {self.rank}, iteration {iteration}): no progress for {timeout:.0f} s, "
-                f"expected a step to finish; Python stacks in {where}; exiting {HANG_EXIT_CODE} to be "
-                "requeued and resumed from the last checkpoint\n"
+                f"expected a step to finish; last collective: {describe(collective)}; Python stacks in {where}; "
+                f"exiting {HANG_EXIT_CODE} to be requeued and resumed from the last checkpoint\n"
             )
             sys.stderr.flush()
             record_exit_status(HANG_EXIT_CODE)

@@ -1,6 +1,7 @@
 """Hang detection (megatron_ct/training/watchdog.py): a stopped rank makes the others stop in one
 line with exit code 4 and their stacks on disk, within the timeout; the run resumes exactly."""
 
+import json
 import os
 import shutil
 import signal
@@ -50,6 +51,7 @@ def test_a_stopped_rank_is_a_hang_the_others_report_and_the_run_resumes(tmp_path
     assert "exiting 4" in lines[0]
     stack = (ck / "hang" / "iter2_rank0.txt").read_text()
     assert "has not finished after 4 s" in stack and "in all_reduce" in stack  # where rank 0 waits
+    assert stack.splitlines()[1].startswith('last collective: {"op": "all_reduce", "group_ranks": [0, 1]')
     assert (ck / "latest_checkpointed_iteration.txt").read_text() == "2"
     # Requeued (here: run again), it resumes from iteration 2 with the uninterrupted losses.
     run_torchrun(2, REPO / "pretrain_ct.py", [*common, f"checkpoint.save={ck}", f"checkpoint.load={ck}"])
@@ -93,3 +95,54 @@ def test_a_hang_dump_is_whole_or_absent_even_when_killed_during_it(tmp_path):
     finally:
         proc.wait(10)
     assert [name for name in os.listdir(tmp_path / "hang") if not name.startswith(".")] == []
+
+
+STUCK_PEER = """
+import json, sys, time
+import torch, torch.distributed as dist
+from megatron_ct.training import watchdog
+rank, folder = int(sys.argv[1]), sys.argv[2]
+watchdog.trace_collectives()
+dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
+dist.all_reduce(torch.ones(1))  # both ranks: entered and returned
+print(json.dumps(watchdog.last_collective()), flush=True)
+if rank == 1:
+    time.sleep(60)  # never joins the next one
+watchdog.EXIT_GRACE_S = 0
+watchdog.Watchdog(0, folder, timeout_s=0.5).arm(7)
+dist.all_reduce(torch.zeros(2, 3, dtype=torch.bfloat16))
+"""
+
+
+def test_the_dump_names_the_last_collective_and_that_it_did_not_return(tmp_path):
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", STUCK_PEER, str(r), str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    try:
+        first = json.loads(procs[0].stdout.readline())
+        _, err = procs[0].communicate(timeout=60)
+    finally:
+        procs[1].kill()
+        procs[1].wait()
+    assert first["op"] == "all_reduce" and first["returned"] and first["tensors"] == ["float32[1]"]
+    assert procs[0].returncode == 4
+    assert "; last collective: all_reduce over 2 ranks, entered " in err.splitlines()[-1]
+    lines = (tmp_path / "hang" / "iter7_rank0.txt").read_text().splitlines()
+    assert lines[1].startswith("last collective: {")
+    record = json.loads(lines[1].removeprefix("last collective: "))
+    assert record.pop("entered_s_ago") >= 0.5
+    assert record == {
+        "op": "all_reduce",
+        "group_ranks": [0, 1],
+        "group_size": 2,
+        "tensors": ["bfloat16[2, 3]"],
+        "returned": False,
+        "async_op": False,
+        "thread": "MainThread",
+    }
