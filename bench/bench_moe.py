@@ -4,7 +4,7 @@
     python bench/bench_moe.py --num-experts 4 --topk 2          # other upcycles
     python bench/bench_moe.py --num-experts 8 --topk 2 --granularity 2   # equal active parameters
 
-A dense LLaMA (bench_train.py's CPU shape) is initialised once (``pretrain_ct.py`` with 0 steps)
+A dense LLaMA (bench_train.py's CPU shape, vocabulary 8000) is initialised once (``pretrain_ct.py`` with 0 steps)
 and upcycled with :func:`megatron_ct.expansion.upcycle.upcycle` (what ``tools/upcycle_moe.py``
 runs): every MLP copied into ``--num-experts`` experts of the same width, a router per layer,
 ``--topk`` experts per token (default 8 and 2, Mixtral's). With full-width copies a token passes
@@ -45,7 +45,7 @@ from bench_train import SHAPES, machine, median_interval  # noqa: E402
 
 from megatron_ct.parallel.launch import child_env  # noqa: E402
 
-SHAPE = SHAPES["cpu"]
+SHAPE = {**SHAPES["cpu"], "vocab_size": 8000}  # the shape of the committed MoE figures (bench/README.md)
 MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size")
 
 

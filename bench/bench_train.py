@@ -52,7 +52,10 @@ SHAPES = {
         num_attention_heads=8,
         num_query_groups=4,
         ffn_hidden_size=704,
-        vocab_size=8000,
+        # A multiple of 128, as real vocabularies are (LLaMA 32000, Llama-3 128256, Qwen
+        # 151936, SmolLM2 49152), so megatron-core pads nothing: at 8000 (the rows before
+        # 2026-12-07, `--vocab-size 8000`) ours computes 8064 logits per token to HF's 8000.
+        vocab_size=8192,
         seq_length=256,
         micro_batch_size=2,
         global_batch_size=8,
@@ -183,6 +186,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=12, help="steps per run; the first 2 are warm-up")
     ap.add_argument("--pairs", type=int, default=3, help="A/B pairs (ours, baseline), alternated")
     ap.add_argument("--extra", nargs="*", default=[], help="more pretrain_ct.py overrides, e.g. --sequence-parallel")
+    ap.add_argument("--vocab-size", type=int, help="override the shape's vocabulary (CPU rows before 2026-12-07: 8000)")
     ap.add_argument("--out", default=str(REPO / "runs" / "bench_train"), help="directory for bench_train.jsonl")
     ap.add_argument("--baseline-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -191,7 +195,9 @@ def main() -> None:
         print(json.dumps(hf_baseline(spec["shape"], spec["device"], spec["iters"])))
         return
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    shape = SHAPES["gpu" if device == "cuda" else "cpu"]
+    shape = dict(SHAPES["gpu" if device == "cuda" else "cpu"])
+    if args.vocab_size is not None:
+        shape["vocab_size"] = args.vocab_size
     names = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size")
     cfg = load_config(None, [f"model.{k}={shape[k]}" for k in names])
     padded = ((shape["vocab_size"] + 127) // 128) * 128
