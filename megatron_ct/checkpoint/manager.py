@@ -19,12 +19,16 @@ they are; anything older resumes only its weights (one line naming the format).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Protocol
+
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_ct.checkpoint import dist_ckpt
 from megatron_ct.checkpoint.meta import CheckpointMeta
 from megatron_ct.compat import prepare_torch_adam_for_load, unshare_torch_adam_steps
+from megatron_ct.errors import CTError
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +79,35 @@ class ModelState:
 
 
 class OptimizerState:
-    """megatron-core's (distributed) optimizer, in the ``fully_reshardable`` format."""
+    """megatron-core's (distributed) optimizer, in the ``fully_reshardable`` format.
+
+    ``settings`` maps a config dict (this run's, or the one a checkpoint recorded) to the
+    settings that shape the optimizer's parameters and groups; when loading the saved state
+    fails and those settings changed since the save, the failure is that change, said in one
+    line (megatron-core reports a missing key or a list length)."""
 
     weights = False
 
-    def __init__(self, optimizer) -> None:
+    def __init__(self, optimizer, settings: Callable[[dict], dict] | None = None, config: dict | None = None) -> None:
         self.optimizer = optimizer
+        self.settings, self.config = settings, config
+
+    def explain_load_failure(self, meta: CheckpointMeta, path: str) -> None:
+        """Raise the one-line error when the optimizer settings differ from the checkpoint's."""
+        if self.settings is None or self.config is None:
+            return
+        saved, here = self.settings(meta.config or {}), self.settings(self.config)
+        changed = [k for k in sorted(set(saved) | set(here)) if saved.get(k) != here.get(k)]
+        if changed:
+            from megatron_ct.errors import CheckpointError
+
+            key = changed[0]
+            raise CheckpointError(
+                f"{key}: expected {saved.get(key)!r} as when {path} was saved (now {here.get(key)!r}"
+                + (f"; also {', '.join(changed[1:])}" if changed[1:] else "")
+                + "): its optimizer state holds the parameters and groups of those settings; or start from its "
+                "weights with checkpoint.load_weights_only=true"
+            )
 
     def sharded_state_dict(self, ctx: dict[str, Any], loading: bool) -> Any:
         if loading:
@@ -191,12 +218,20 @@ class CheckpointManager:
                 request.update(part)
             elif part is not None:
                 request[name] = part
-        loaded = dist_ckpt.read(path, request, verify=verify)
-        for name, c in wanted.items():
-            if isinstance(c, ModelState):
-                c.load_sharded(loaded, ctx)
-            elif name in loaded and name in request:
-                c.load_sharded(loaded[name], ctx)
+        try:
+            loaded = dist_ckpt.read(path, request, verify=verify)
+            for name, c in wanted.items():
+                if isinstance(c, ModelState):
+                    c.load_sharded(loaded, ctx)
+                elif name in loaded and name in request:
+                    c.load_sharded(loaded[name], ctx)
+        except CTError:
+            raise
+        except (Exception, CheckpointException):  # torch's CheckpointException is a BaseException
+            optimizer = wanted.get("optimizer")
+            if isinstance(optimizer, OptimizerState):
+                optimizer.explain_load_failure(meta, path)
+            raise
         if weights_only:
             optimizer = self.components.get("optimizer")
             if optimizer is not None:

@@ -55,6 +55,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -178,6 +179,17 @@ class RowPolicy:
     first_new_row: int
     old: tuple[float, ...]
     new: tuple[float, ...]
+
+
+def optimizer_settings(config: dict) -> dict[str, Any]:
+    """The settings that shape the optimizer's parameters and groups (what trains, at which LR
+    multipliers), by config key, from a config dict (``config_to_dict``'s form, which a
+    checkpoint records): a resume whose settings differ may not fit the saved optimizer state."""
+    train = config.get("train") or {}
+    out = {f"train.{k}": train.get(k) for k in ("trainable_params", "lr_mult")}
+    for i, stage in enumerate((config.get("data") or {}).get("stages") or []):
+        out.update({f"data.stages[{i}].{k}": stage.get(k) for k in ("trainable_params", "lr_mult")})
+    return out
 
 
 class FreezePlan:

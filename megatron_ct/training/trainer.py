@@ -37,7 +37,7 @@ from megatron_ct.model.llama import Numerics, build_model
 from megatron_ct.training.downstream import DownstreamEvaluator
 from megatron_ct.training.evaluate import Evaluator
 from megatron_ct.training.flops import peak_tflops_for
-from megatron_ct.training.freeze import FreezePlan
+from megatron_ct.training.freeze import FreezePlan, optimizer_settings
 from megatron_ct.training.metrics import MetricsWriter, Throughput, format_line, memory_gib
 from megatron_ct.training.optimizer import build_optimizer, hook_model_config, wrap_ddp
 from megatron_ct.training.router_health import RouterHealth
@@ -98,7 +98,7 @@ class Trainer:
         # What a checkpoint holds: one registration per component.
         self.checkpoints = CheckpointManager()
         self.checkpoints.register("model", ModelState(self.model))
-        self.checkpoints.register("optimizer", OptimizerState(self.optimizer))
+        self.checkpoints.register("optimizer", OptimizerState(self.optimizer, optimizer_settings, config_to_dict(cfg)))
         self.checkpoints.register("rng", RNGState())
         self.checkpoints.register("scheduler", self.scheduler)
         self.checkpoints.register("data", self.data)

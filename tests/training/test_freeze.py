@@ -55,6 +55,19 @@ def test_frozen_parameters_stay_bit_identical(tmp_path, nproc, flags, trainable,
         assert {k for k in changed if not k.startswith("decoder.layers.")} == set()
     else:
         assert changed == expect_changed
+        # Resuming it with everything trainable: the saved optimizer state holds only the
+        # embeddings' groups. One line naming the changed key, on every rank that prints.
+        proc = run_trainer(
+            nproc,
+            flags + ["train.train_iters=4", f"checkpoint.load={tmp_path / 'after'}"],
+            check=False,
+            timeout=120,
+        )
+        errors = [li for li in proc.stderr.splitlines() if "pretrain_ct.py: error:" in li]
+        assert proc.returncode != 0 and errors, proc.stderr[-2000:]
+        assert all(e.endswith("or start from its weights with checkpoint.load_weights_only=true") for e in errors)
+        assert all("error: train.trainable_params: expected ['embeddings'] as when " in e for e in errors)
+        assert "KeyError" not in proc.stderr and "CheckpointException" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_bad_pattern_is_a_config_error_on_every_rank(tmp_path):
