@@ -13,6 +13,8 @@ import json
 import os
 from typing import Any
 
+from megatron_ct.atomic import atomic_write
+
 RUN_LOGS = ("metrics.jsonl", "eval.jsonl", "downstream.jsonl", "samples.jsonl", "ranks.jsonl")
 
 
@@ -54,8 +56,6 @@ def drop_records_after(path: str, iteration: int) -> int:
             elif line.strip():
                 dropped += 1
     if dropped:
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_write(path) as f:
             f.writelines(kept)
-        os.replace(tmp, path)
     return dropped

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from megatron_ct.atomic import atomic_write
+
 
 def pyplot() -> Any:
     """``matplotlib.pyplot`` on the Agg backend (files only, no display); imported when a plot
@@ -22,8 +24,9 @@ def save_png(fig: Any, path: str | os.PathLike, dpi: int = 120) -> str:
     import matplotlib.pyplot as plt
 
     path = os.fspath(path)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
     return path

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 
+from megatron_ct.atomic import atomic_write
 from megatron_ct.errors import CheckpointError
 
 MANIFEST = "ct_manifest.json"
@@ -48,10 +49,8 @@ def write_manifest(path: str, checksums: dict[str, str] | None = None) -> None:
     entries = {n: {"size": os.path.getsize(os.path.join(path, n))} for n in _files(path)}
     for name, digest in (checksums or {}).items():
         entries[name]["sha256"] = digest
-    tmp = os.path.join(path, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_write(os.path.join(path, MANIFEST)) as f:
         json.dump({"version": 1, "files": entries}, f, indent=0, sort_keys=True)
-    os.replace(tmp, os.path.join(path, MANIFEST))
 
 
 def read_manifest(path: str) -> dict | None:

@@ -25,6 +25,8 @@ from typing import TypeVar
 
 import numpy as np
 
+from megatron_ct.atomic import atomic_write
+
 log = logging.getLogger("megatron_ct")
 
 INDEX_VERSION = 2  # 2: keyed by content fingerprints (1 used path and size)
@@ -77,20 +79,15 @@ class IndexCache:
         return arr
 
     def _save(self, path: str, arr: np.ndarray) -> None:
-        tmp = f"{path}.{os.getpid()}.tmp.npy"
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            np.save(tmp, arr)
-            os.replace(tmp, path)
+            with atomic_write(path, "wb") as f:
+                np.save(f, arr)
         except OSError as exc:
             directory = os.path.dirname(path)
             if directory not in self._unwritable_reported:
                 log.warning("data index cache %s is not writable (%s); indices stay in memory", directory, exc)
                 self._unwritable_reported.add(directory)
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
 
 
 def rank0_first(build: Callable[[], T]) -> T:
