@@ -5,7 +5,8 @@ The script starts one torchrun agent per node (c10d rendezvous at the first node
 test, signalled past its first periodic save. Stops that SLURM or a user mean as "pause"
 (signal to the batch script, time-limit warning, preemption, scontrol requeue) must save,
 requeue and resume with the per-step losses of an uninterrupted run; a plain scancel must save
-and cancel, never requeue. A 2-node x 2-process job must survive two faults in a row, each
+and cancel, never requeue; a NaN with train.nan_policy=stop must end the job with exit 3, never
+requeued. A 2-node x 2-process job must survive two faults in a row, each
 requeued and resumed from its last complete checkpoint: a rank that stops (SIGSTOP) after a
 save, which the others' watchdogs report as a hang, then a node whose processes are killed;
 its losses must equal those of an uninterrupted 2 x 2 run.
@@ -256,6 +257,17 @@ def run_plain_scancel(cluster, tmp_path: Path, _) -> None:
     assert_stopped_with_a_save(job)
 
 
+@scenario("nan_stop_exits_3_and_is_not_requeued", resumed=False)
+def run_nan_stop(cluster, tmp_path: Path, _) -> None:
+    # An absurd LR: step 2's gradient norm is not finite on both ranks (DP2 all-reduces it).
+    job = submit_training(cluster, tmp_path, "ct-nan", run=[*RUN, "optim.lr=1e30", "train.nan_policy=stop"])
+    info = cluster.wait(job.id, {"FAILED"}, 90, job.log)
+    assert (info["ExitCode"], info["Restarts"]) == ("3:0", "0"), info  # the trainers' verdict: never requeued
+    log = job.log.read_text()
+    assert log.count("stopping (train.nan_policy=stop)") >= 1, log[-4000:]
+    assert "requeueing" not in log and "Traceback" not in log, log[-4000:]
+
+
 @scenario("one_process_per_gpu_each_seeing_the_gpus", resumed=False)
 def run_one_process_per_gpu(cluster, tmp_path: Path, _) -> None:
     if "gpu:2" not in cluster.run("scontrol", "show", "node"):
@@ -295,6 +307,10 @@ def test_preemption_saves_requeues_and_resumes_exactly(scenarios):
 
 def test_plain_scancel_saves_and_cancels(scenarios):
     scenarios.result("plain_scancel_saves_and_cancels")
+
+
+def test_nan_stop_exits_3_and_is_not_requeued(scenarios):
+    scenarios.result("nan_stop_exits_3_and_is_not_requeued")
 
 
 def test_one_process_per_gpu_each_seeing_the_gpus(scenarios):
