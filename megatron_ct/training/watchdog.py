@@ -288,4 +288,18 @@ class Watchdog:
             sys.stderr.flush()
             record_exit_status(HANG_EXIT_CODE)
             time.sleep(EXIT_GRACE_S)  # a peer's exit in the meantime ends this process with its error
+            _end_children()
             os._exit(HANG_EXIT_CODE)
+
+
+def _end_children() -> None:
+    """SIGKILL this process's multiprocessing children: megatron-core's checkpoint manager and
+    writers. ``os._exit`` skips the exit handlers that would stop them, and they ignore SIGTERM
+    (checkpoint/preemption.py), so they would outlive the job's trainers (on SLURM, until the
+    step's cleanup; elsewhere for ever, holding the launcher's pipes open). A save they were
+    writing is incomplete either way: never published, the last complete checkpoint resumes."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        with contextlib.suppress(Exception):
+            child.kill()
