@@ -350,6 +350,13 @@ class TrainConfig:
     hang_timeout_s: float | None = None
     """Seconds a training step may take before it is a hang; None: learned (10x the slowest
     step after the first 3, at least 300 s)."""
+    eval_hang_timeout_s: float | None = None
+    """Seconds an evaluation (validation sets and downstream tasks, the base line included) may
+    take before it is a hang, handled as a step's; None: learned (10x the slowest evaluation so
+    far, at least 1800 s)."""
+    save_hang_timeout_s: float | None = None
+    """Seconds a checkpoint save may take before it is a hang, handled as a step's; None: learned
+    (10x the slowest save so far, at least 1800 s)."""
     exit_interval: int | None = None
     """Stop (after saving) when the iteration is a multiple of this; for tests and job chunks."""
     recompute_granularity: str | None = None
@@ -378,12 +385,14 @@ class TrainConfig:
         _one_of(self.recompute_granularity, "train.recompute_granularity", (None, "selective", "full"))
         _number(self.clip_grad, "train.clip_grad", "a finite number >= 0", self.clip_grad >= 0)
         _require(self.max_skipped_steps >= 0, "train.max_skipped_steps", "an integer >= 0", self.max_skipped_steps)
-        _require(
-            self.hang_timeout_s is None or (_is_number(self.hang_timeout_s) and self.hang_timeout_s > 0),
-            "train.hang_timeout_s",
-            "seconds > 0 or null (learned)",
-            self.hang_timeout_s,
-        )
+        for key in ("hang_timeout_s", "eval_hang_timeout_s", "save_hang_timeout_s"):
+            value = getattr(self, key)
+            _require(
+                value is None or (_is_number(value) and value > 0),
+                f"train.{key}",
+                "seconds > 0 or null (learned)",
+                value,
+            )
         if self.exit_interval is not None:
             _require(self.exit_interval >= 1, "train.exit_interval", "an integer >= 1 or null", self.exit_interval)
         check_param_patterns(self.trainable_params, "train.trainable_params")

@@ -138,7 +138,10 @@ class Trainer:
         self.metrics = MetricsWriter(self.is_writer, log_dir, cfg.logging.tensorboard_dir)
         self._ranks_log = JsonlLog(os.path.join(log_dir, "ranks.jsonl") if self.is_writer and log_dir else None)
         # Hang dumps beside the checkpoints, where the sbatch script looks for them.
-        self.watchdog = Watchdog(dist.get_rank(), ck.save or log_dir, t.hang_timeout_s) if t.hang_detection else None
+        self.watchdog = None
+        if t.hang_detection:
+            sections = {"evaluation": t.eval_hang_timeout_s, "save": t.save_hang_timeout_s}
+            self.watchdog = Watchdog(dist.get_rank(), ck.save or log_dir, t.hang_timeout_s, sections)
         self._throughput: Throughput | None = None
         self._first_loss: float | None = None
         self._log_startup()
@@ -260,10 +263,11 @@ class Trainer:
         """Validation sets and downstream tasks at this iteration (each skips an iteration it
         evaluated before a restart); a regression past data.max_regression warns or stops."""
         t0 = time.perf_counter()
-        results = self.evaluator.evaluate(self.model, self.iteration, stage_name, trigger) if sets else None
-        scores = None
-        if tasks and self.downstream is not None:
-            scores = self.downstream.evaluate(self.model, self.iteration, stage_name, trigger)
+        with self._watched("evaluation"):
+            results = self.evaluator.evaluate(self.model, self.iteration, stage_name, trigger) if sets else None
+            scores = None
+            if tasks and self.downstream is not None:
+                scores = self.downstream.evaluate(self.model, self.iteration, stage_name, trigger)
         if self._throughput is not None:
             self._throughput.exclude(time.perf_counter() - t0)
         regressed = self.evaluator.regressions(results)
@@ -364,19 +368,20 @@ class Trainer:
                 )
         if self.iteration % cfg.logging.log_interval == 0 or self.iteration == t.train_iters:
             self._log(result)
-        with self._not_a_step():
-            self._evaluate_step_end()  # before the save, so the checkpoint records what was evaluated
-            ck = cfg.checkpoint
-            if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0:
-                self._timed_save()
+        self._evaluate_step_end()  # before the save, so the checkpoint records what was evaluated
+        ck = cfg.checkpoint
+        if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0:
+            self._timed_save()
         stop = self._stop_reason(preempt)  # collective (every rank agrees on a preemption)
         if self.watchdog is not None:
             self.watchdog.disarm()
         return stop
 
-    def _not_a_step(self):
-        """Evaluations and saves: the hang watchdog's clock stops for them."""
-        return self.watchdog.paused() if self.watchdog is not None else contextlib.nullcontext()
+    def _watched(self, section: str):
+        """An evaluation or a save: the hang watchdog's step clock stops, the section's runs."""
+        if self.watchdog is None:
+            return contextlib.nullcontext()
+        return self.watchdog.section(section, self.iteration)
 
     def _stop_reason(self, preempt: PreemptionFlag) -> bool:
         t = self.cfg.train
@@ -402,7 +407,8 @@ class Trainer:
 
     def _timed_save(self) -> None:
         t0 = time.perf_counter()
-        self.save()
+        with self._watched("save"):
+            self.save()
         self._throughput.exclude(time.perf_counter() - t0)
 
     def _peak_tflops(self) -> float | None:

@@ -15,9 +15,14 @@ run then resumes from its last checkpoint.
 
 The timeout is ``train.hang_timeout_s`` when set; otherwise it is learned: ``HANG_FLOOR_S``
 during the first ``LEARN_STEPS`` steps (start-up effects), then ``HANG_FACTOR`` times the
-slowest step seen so far, at least ``HANG_FLOOR_S``. Evaluations and checkpoint saves are not
-steps: the watchdog is paused there (the process-group timeout, ``parallel.
-distributed_timeout_minutes``, still bounds their collectives). A rank that is itself stopped
+slowest step seen so far, at least ``HANG_FLOOR_S``. Evaluations and checkpoint saves are
+sections of their own (:meth:`Watchdog.section`): the step's clock stops for them, and they are
+watched with their own timeouts, ``train.eval_hang_timeout_s`` and ``train.save_hang_timeout_s``
+or learned the same way (``HANG_FACTOR`` times the slowest one so far, at least
+``SECTION_FLOOR_S``: a first save of a large model may take minutes). The process-group
+timeout (``parallel.distributed_timeout_minutes``) bounds a collective in any of them, but not
+a rank stuck outside one (a hung file system during a save): the others then wait for it in the
+next collective, and are the ones whose watchdogs fire. A rank that is itself stopped
 (SIGSTOP, a frozen host) cannot write its stack; its peers' dumps and their common iteration
 say which rank never arrived.
 
@@ -56,6 +61,8 @@ HANG_EXIT_CODE = 4
 HANG_FLOOR_S = 300.0
 HANG_FACTOR = 10.0
 LEARN_STEPS = 3
+SECTION_FLOOR_S = 1800.0
+"""The least timeout of an evaluation or a save that none was configured for."""
 EXIT_GRACE_S = 2.0
 """Seconds between a rank's dump and its exit. The other ranks waiting in the same collective
 reach their own timeout within a poll (at most 1 s) of this one; on gloo this rank's exit would
@@ -200,17 +207,25 @@ def describe(record: dict | None) -> str:
 
 class Watchdog:
     """One per rank. ``arm(iteration)`` at a step's start, ``disarm()`` at its end (after the
-    step's log line and preemption check, both collective), ``paused()`` around evaluations
-    and saves inside it."""
+    step's log line and preemption check, both collective), ``section(name, iteration)`` around
+    an evaluation or a save, inside a step or not. ``timeout_s``: the step's (None: learned);
+    ``section_timeouts``: ``{name: seconds or None}``."""
 
-    def __init__(self, rank: int, dump_dir: str | None, timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        rank: int,
+        dump_dir: str | None,
+        timeout_s: float | None = None,
+        section_timeouts: dict[str, float | None] | None = None,
+    ) -> None:
         self.rank = rank
         self.dump_dir = dump_dir
-        self.fixed = timeout_s
-        self._slowest = 0.0
+        self.fixed = {**(section_timeouts or {}), "step": timeout_s}
+        self._slowest: dict[str, float] = {}
         self._steps = 0
         self._armed_at: float | None = None
         self._iteration = 0
+        self._section = "step"
         self._lock = threading.Lock()
         self._stop = threading.Event()
         trace_collectives()  # the entry point did so earlier already (module notes)
@@ -219,51 +234,67 @@ class Watchdog:
 
     @property
     def timeout_s(self) -> float:
-        if self.fixed is not None:
-            return self.fixed
-        if self._steps < LEARN_STEPS:
-            return HANG_FLOOR_S
-        return max(HANG_FLOOR_S, HANG_FACTOR * self._slowest)
+        """A training step's timeout now."""
+        return self.timeout_for("step")
+
+    def timeout_for(self, section: str) -> float:
+        if self.fixed.get(section) is not None:
+            return self.fixed[section]
+        slowest = HANG_FACTOR * self._slowest.get(section, 0.0)
+        if section != "step":
+            return max(SECTION_FLOOR_S, slowest)
+        return HANG_FLOOR_S if self._steps < LEARN_STEPS else max(HANG_FLOOR_S, slowest)
+
+    def _took(self, section: str, seconds: float) -> None:
+        self._slowest[section] = max(self._slowest.get(section, 0.0), seconds)
 
     def arm(self, iteration: int) -> None:
         with self._lock:
-            self._armed_at, self._iteration = time.monotonic(), iteration
+            self._armed_at, self._iteration, self._section = time.monotonic(), iteration, "step"
 
     def disarm(self) -> None:
         with self._lock:
             if self._armed_at is not None:
-                self._slowest = max(self._slowest, time.monotonic() - self._armed_at)
+                self._took("step", time.monotonic() - self._armed_at)
                 self._steps += 1
             self._armed_at = None
 
     @contextlib.contextmanager
-    def paused(self):
-        """Not a step (an evaluation, a save): the clock stops, and restarts afterwards."""
+    def section(self, name: str, iteration: int):
+        """An evaluation or a save after ``iteration``, watched with its own timeout; a step's
+        clock stops meanwhile and restarts afterwards."""
         with self._lock:
-            iteration, armed = self._iteration, self._armed_at is not None
-            self._armed_at = None
+            outer = self._armed_at, self._iteration, self._section
+            self._armed_at, self._iteration, self._section = time.monotonic(), iteration, name
         try:
             yield
+            with self._lock:
+                self._took(name, time.monotonic() - self._armed_at)
         finally:
-            if armed:
-                with self._lock:
-                    self._armed_at, self._iteration = time.monotonic(), iteration
+            with self._lock:
+                armed, self._iteration, self._section = outer
+                self._armed_at = None if armed is None else time.monotonic()
 
     def close(self) -> None:
         self._stop.set()
 
     def _watch(self) -> None:
-        while not self._stop.wait(min(1.0, max(self.timeout_s / 20, 0.05))):
+        poll = 0.05
+        while not self._stop.wait(poll):
             with self._lock:
-                armed, iteration, timeout = self._armed_at, self._iteration, self.timeout_s
+                armed, iteration, section = self._armed_at, self._iteration, self._section
+                timeout = self.timeout_for(section)
+            poll = min(1.0, max(timeout / 20, 0.05))
             if armed is not None and time.monotonic() - armed > timeout:
-                self._fire(iteration, timeout)
+                self._fire(iteration, section, timeout)
 
-    def _fire(self, iteration: int, timeout: float) -> None:
+    def _fire(self, iteration: int, section: str, timeout: float) -> None:
         where = "stderr"
         collective = last_collective()
+        step = section == "step"
+        what = f"iteration {iteration}" if step else f"the {section} after iteration {iteration}"
         header = (
-            f"rank {self.rank}: iteration {iteration} has not finished after {timeout:.0f} s (hang)\n"
+            f"rank {self.rank}: {what} has not finished after {timeout:.0f} s (hang)\n"
             f"last collective: {json.dumps(collective)}\n"
         )
         try:
@@ -281,8 +312,9 @@ class Watchdog:
                 faulthandler.dump_traceback(sys.stderr, all_threads=True)
         finally:
             sys.stderr.write(
-                f"error: hang (rank {self.rank}, iteration {iteration}): no progress for {timeout:.0f} s, "
-                f"expected a step to finish; last collective: {describe(collective)}; Python stacks in {where}; "
+                f"error: hang (rank {self.rank}, iteration {iteration}{'' if step else ', ' + section}): "
+                f"no progress for {timeout:.0f} s, expected {'a step' if step else 'the ' + section} to finish; "
+                f"last collective: {describe(collective)}; Python stacks in {where}; "
                 f"exiting {HANG_EXIT_CODE} to be requeued and resumed from the last checkpoint\n"
             )
             sys.stderr.flush()

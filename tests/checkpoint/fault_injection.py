@@ -12,6 +12,8 @@ CT_FAULT=sigstop_after_save:N  the last rank stops itself (SIGSTOP: a frozen hos
                              checkpoint of iteration N is saved; the others go on into a hang
                              (CT_FAULT_WAKE_S=S: it continues after S s, so the launcher can
                              end it at once instead of waiting out its SIGTERM grace)
+CT_FAULT=hang_in_save:N      every rank hangs (sleeps) inside the save of iteration N, as on a
+                             hung file system
 """
 
 import os
@@ -117,6 +119,19 @@ def install(fault: str) -> None:
                 os.kill(os.getpid(), signal.SIGSTOP)
 
         trainer.Trainer._timed_save = save_then_stop
+    elif kind == "hang_in_save":
+        import time
+
+        from megatron_ct.training import trainer
+
+        real_save = trainer.Trainer.save
+
+        def hanging_save(self, *a, **k):
+            if self.iteration == n:
+                time.sleep(600)
+            return real_save(self, *a, **k)
+
+        trainer.Trainer.save = hanging_save
     else:
         raise ValueError(f"CT_FAULT: unknown fault {fault!r}")
 

@@ -36,6 +36,8 @@ def test_yaml_values_keep_types():
         ("checkpoint.save_interval=often", "checkpoint.save_interval: expected int, got 'often'"),
         ("parallel.virtual_pipeline_model_parallel_size=true", "expected int, got True"),
         ("train.trainable_params=3", "train.trainable_params: expected list, got 3"),
+        ("train.save_hang_timeout_s=0", "train.save_hang_timeout_s: expected seconds > 0 or null (learned), got 0"),
+        ("train.eval_hang_timeout_s=-5", "train.eval_hang_timeout_s: expected seconds > 0 or null (learned), got -5"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from megatron_ct.training.watchdog import HANG_FACTOR, HANG_FLOOR_S, LEARN_STEPS, Watchdog
+from megatron_ct.training.watchdog import HANG_FACTOR, HANG_FLOOR_S, LEARN_STEPS, SECTION_FLOOR_S, Watchdog
 
-from launch import REPO, TINY, losses, run_torchrun
+from launch import REPO, TINY, losses, run_single, run_torchrun
 
 
 def test_timeout_is_fixed_or_learned_from_the_slowest_step():
@@ -24,9 +24,39 @@ def test_timeout_is_fixed_or_learned_from_the_slowest_step():
         w.arm(1)
         w.disarm()
     assert w.timeout_s == HANG_FLOOR_S  # fast steps: the floor
-    w._slowest = 100.0
+    w._slowest["step"] = 100.0
     assert w.timeout_s == HANG_FACTOR * 100.0
     w.close()
+
+
+def test_evaluations_and_saves_have_their_own_timeouts():
+    w = Watchdog(0, None, timeout_s=7.0, section_timeouts={"save": 60.0, "evaluation": None})
+    assert w.timeout_for("save") == 60.0
+    assert w.timeout_for("evaluation") == SECTION_FLOOR_S  # none seen yet
+    w._slowest["evaluation"] = 1000.0
+    assert w.timeout_for("evaluation") == HANG_FACTOR * 1000.0
+    # Inside a step, a section stops the step's clock; afterwards the step is watched again.
+    w.arm(3)
+    with w.section("save", 3):
+        assert (w._section, w._iteration) == ("save", 3)
+    assert (w._section, w._iteration) == ("step", 3) and w._armed_at is not None
+    assert w._slowest["save"] >= 0
+    w.disarm()
+    w.close()
+
+
+def test_a_hung_save_is_a_hang_with_its_own_timeout(tmp_path):
+    # The step's timeout is long; the save's (0.2 s) ends the process with exit 4 and its dump.
+    proc = watchdog_child(
+        tmp_path, "w.fixed.update(step=300, save=0.2)\nwith w.section('save', 5):\n    time.sleep(30)\n"
+    )
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 4, err
+    assert err.splitlines()[-1].startswith(
+        "error: hang (rank 0, iteration 5, save): no progress for 0 s, expected the save to finish;"
+    )
+    dump = (tmp_path / "hang" / "iter5_rank0.txt").read_text()
+    assert dump.startswith("rank 0: the save after iteration 5 has not finished after 0 s (hang)\n")
 
 
 @pytest.mark.slow
@@ -146,3 +176,22 @@ def test_the_dump_names_the_last_collective_and_that_it_did_not_return(tmp_path)
         "async_op": False,
         "thread": "MainThread",
     }
+
+
+@pytest.mark.slow
+def test_a_save_that_hangs_in_training_is_a_hang(tmp_path):
+    # The trainer watches its saves with train.save_hang_timeout_s, not the step's timeout.
+    ck = tmp_path / "ck"
+    # The hung save is the first one: a real save takes seconds on a busy machine.
+    args = ["train.train_iters=3", "checkpoint.save_interval=2", f"checkpoint.save={ck}", "train.save_hang_timeout_s=2"]
+    script = REPO / "tests" / "checkpoint" / "fault_injection.py"
+    proc = run_single(args, timeout=120, env={"CT_FAULT": "hang_in_save:2"}, script=script)
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: hang")]
+    assert len(errors) == 1 and errors[0].startswith(
+        "error: hang (rank 0, iteration 2, save): no progress for 2 s, expected the save to finish;"
+    ), proc.stderr[-3000:]
+    dump = (ck / "hang" / "iter2_rank0.txt").read_text()
+    assert dump.startswith("rank 0: the save after iteration 2 has not finished after 2 s (hang)\n")
+    assert "in hanging_save" in dump
+    assert not (ck / "latest_checkpointed_iteration.txt").exists()
