@@ -12,7 +12,8 @@ SLURM step behave as if srun had started every rank itself (examples/slurm/pretr
 - SIGTERM is not the agent's to handle: the trainers get it from SLURM and save at their own
   pace within ``KillWait``; torchrun's handler would kill them after its shutdown timeout
   (30 s) and end in a traceback and exit 1. The agent waits for them and exits 0 when they
-  have saved and stopped.
+  have saved and stopped. A SIGTERM before any trainer started (in the rendezvous, waiting for
+  a node) stops the agent at once with 143, as torchrun would, instead of after ``KillWait``.
 - After a failure the other trainers get time to end on their own (a hang: with their stacks)
   before the agent kills them, instead of torchrun's SIGTERM at once.
 - A failure ends in one line per failed rank and the exit status of the first one (128 + N for
@@ -67,8 +68,21 @@ class _InTaskProcessGroup(SubprocessHandler):
                 stream.close()
 
 
+_trainers_started = False
+
+
 def _in_task_process_group(**kwargs) -> SubprocessHandler:
+    global _trainers_started
+    _trainers_started = True
     return _InTaskProcessGroup(**kwargs)
+
+
+def _on_sigterm(signum: int, frame) -> None:
+    """Before any trainer started (the rendezvous): nothing to save, so stop now as torchrun
+    does on a signal, rather than wait in the rendezvous for SLURM's SIGKILL after KillWait.
+    Afterwards the trainers have it too: wait for them."""
+    if not _trainers_started:
+        raise SignalException(f"Process {os.getpid()} got signal: {signum}", sigval=signal.Signals(signum))
 
 
 def _not_the_sigterm_we_skip(record: logging.LogRecord) -> bool:
@@ -102,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         args.shutdown_timeout = SHUTDOWN_TIMEOUT_S
     mp_api.get_subprocess_handler = _in_task_process_group
     logging.getLogger(mp_api.__name__).addFilter(_not_the_sigterm_we_skip)
-    signal.signal(signal.SIGTERM, lambda *_: None)  # the trainers have it too: wait for them
+    signal.signal(signal.SIGTERM, _on_sigterm)
     where = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     try:
         torchrun.run(args)
@@ -110,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         for rank, failure in sorted(e.failures.items()):
             print(f"torchrun on {where}: rank {rank} {_describe(failure.exitcode)}", file=sys.stderr)
         return _status(e.get_first_failure()[1].exitcode)
-    except SignalException as e:  # SIGINT, SIGHUP, SIGQUIT: torchrun stopped the trainers
+    except SignalException as e:  # SIGINT, SIGHUP, SIGQUIT (torchrun stopped the trainers); SIGTERM before any
         print(f"torchrun on {where}: stopped by {e.sigval.name}", file=sys.stderr)
         return 128 + e.sigval.value
     return 0

@@ -44,7 +44,7 @@ while True:
 """
 
 
-def start_agent(tmp_path, env=None) -> subprocess.Popen:
+def start_agent(tmp_path, env=None, nnodes: int = 1, port: int | None = None) -> subprocess.Popen:
     script = tmp_path / "trainer.py"
     script.write_text(TRAINER)
     cmd = [
@@ -52,13 +52,13 @@ def start_agent(tmp_path, env=None) -> subprocess.Popen:
         "-m",
         "megatron_ct.parallel.slurm_torchrun",
         "--nnodes",
-        "1",
+        str(nnodes),
         "--nproc-per-node",
         "2",
         "--rdzv-backend",
         "c10d",
         "--rdzv-endpoint",
-        f"127.0.0.1:{free_port()}",
+        f"127.0.0.1:{port or free_port()}",
         "--rdzv-id",
         "42.0",
         "--max-restarts",
@@ -79,9 +79,9 @@ def start_agent(tmp_path, env=None) -> subprocess.Popen:
 
 
 @contextlib.contextmanager
-def running_agent(tmp_path, env: dict | None = None):
+def running_agent(tmp_path, env: dict | None = None, **kwargs):
     """The agent, its whole process group killed on the way out whatever the test did."""
-    agent = start_agent(tmp_path, env)
+    agent = start_agent(tmp_path, env, **kwargs)
     try:
         yield agent
     finally:
@@ -115,3 +115,24 @@ def test_a_failed_ranks_status_is_the_agents(tmp_path):
     host = socket.gethostname()
     assert lines == [f"torchrun on {host}: rank 0 exited 4", f"torchrun on {host}: rank 1 exited 3"], err
     assert "closing signal SIGTERM" not in err, err  # torchrun's log line for the SIGTERM not sent
+
+
+def test_sigterm_during_the_rendezvous_stops_the_agent_at_once(tmp_path):
+    # The second node never comes: the agent waits in the rendezvous, no trainer started. A
+    # SIGTERM there (scancel, preemption) ends it now, not after SLURM's KillWait.
+    port = free_port()
+    with running_agent(tmp_path, nnodes=2, port=port) as agent:
+
+        def serving() -> bool:  # node 0's agent serves the rendezvous store at the endpoint
+            assert agent.poll() is None, agent.communicate()
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+            return False
+
+        wait_for(serving, 60, "the agent's rendezvous store")
+        os.killpg(agent.pid, signal.SIGTERM)
+        out, err = agent.communicate(timeout=15)
+    assert agent.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert f"torchrun on {socket.gethostname()}: stopped by SIGTERM" in err.splitlines()
+    assert not list(tmp_path.glob("rank*"))  # no trainer started
+    assert "Traceback" not in err, err[-3000:]
