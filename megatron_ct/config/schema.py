@@ -299,7 +299,12 @@ class ParallelConfig:
     device: str = "auto"
     """'cuda', 'cpu' (gloo plus megatron-ct's CPU device layer), or 'auto' (CUDA when visible)."""
     distributed_timeout_minutes: int = 10
-    """Collective timeout."""
+    """Collective timeout while training: a collective that waits longer fails on every rank of
+    every process group (the default one and megatron-core's). The hang watchdog
+    (``train.hang_timeout_s``) usually ends a stuck step sooner, with stacks."""
+    distributed_init_timeout_minutes: int | None = None
+    """Collective timeout during start-up, until the first training step: rendezvous, rank 0
+    building data indices while the others wait, checkpoint loading. None: the training one."""
 
     def __post_init__(self) -> None:
         for key in (
@@ -309,6 +314,15 @@ class ParallelConfig:
             "expert_model_parallel_size",
         ):
             _require(getattr(self, key) >= 1, f"parallel.{key}", "an integer >= 1", getattr(self, key))
+        for key in ("distributed_timeout_minutes", "distributed_init_timeout_minutes"):
+            value = getattr(self, key)
+            if value is not None or key == "distributed_timeout_minutes":
+                _require(
+                    isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                    f"parallel.{key}",
+                    "an integer >= 1 (minutes)" + (" or null" if key != "distributed_timeout_minutes" else ""),
+                    value,
+                )
         vpp = self.virtual_pipeline_model_parallel_size
         if vpp is not None:
             _require(vpp >= 1, "parallel.virtual_pipeline_model_parallel_size", "an integer >= 1 or null", vpp)

@@ -100,7 +100,7 @@ def init_distributed(cfg: CTConfig, layout: Layout, env: LaunchEnv) -> None:
                 init_method=f"tcp://{env.master_addr}:{env.master_port}",
                 rank=env.rank,
                 world_size=env.world_size,
-                timeout=timedelta(minutes=cfg.parallel.distributed_timeout_minutes),
+                timeout=timedelta(minutes=startup_timeout_minutes(cfg)),
             )
         except RuntimeError as e:  # torch's DistNetworkError is one
             if "EADDRINUSE" not in str(e) and "address already in use" not in str(e).lower():
@@ -114,12 +114,38 @@ def init_distributed(cfg: CTConfig, layout: Layout, env: LaunchEnv) -> None:
     # and each gloo group runs a network thread that wakes every 10 ms: on a small machine those
     # wake-ups preempt the compute threads. So on CPU the copies are not created.
     parallel_state.initialize_model_parallel(
-        **layout.dims.megatron_core_sizes(), create_gloo_process_groups=layout.on_gpu
+        **layout.dims.megatron_core_sizes(),
+        create_gloo_process_groups=layout.on_gpu,
+        distributed_timeout_minutes=startup_timeout_minutes(cfg),  # else megatron-core's groups wait 30 min
     )
     # Seeds the default generator (CPU initialisation, data-parallel-shared randomness) and
     # megatron-core's tensor-parallel RNG tracker (per-TP-rank dropout).
     torch.manual_seed(cfg.train.seed)
     model_parallel_cuda_manual_seed(cfg.train.seed)
+
+
+def startup_timeout_minutes(cfg) -> int:
+    """The collective timeout until the first training step (``parallel.distributed_init_timeout_minutes``,
+    else the training one)."""
+    p = cfg.parallel
+    return p.distributed_init_timeout_minutes or p.distributed_timeout_minutes
+
+
+def set_collective_timeout(minutes: float) -> int:
+    """Every process group of this rank (the default one, megatron-core's, the CPU device
+    layer's shared ones) gets ``minutes`` as its collective timeout; returns how many groups.
+    Collective in effect only (each rank sets its own groups). Through torch's
+    ``distributed_c10d._set_pg_timeout`` (private; torchtitan switches its init and training
+    timeouts the same way): gloo and NCCL groups."""
+    from torch.distributed import distributed_c10d as c10d
+
+    if not dist.is_initialized():
+        return 0
+    timeout = timedelta(minutes=minutes)
+    groups = list(c10d._world.pg_map)
+    for group in groups:
+        c10d._set_pg_timeout(timeout, group)
+    return len(groups)
 
 
 def teardown_distributed() -> None:

@@ -34,6 +34,7 @@ from megatron_ct.data.batches import build_data_source
 from megatron_ct.families import family_of
 from megatron_ct.jsonl import RUN_LOGS, JsonlLog, drop_records_after
 from megatron_ct.model.llama import Numerics, build_model
+from megatron_ct.parallel.distributed import set_collective_timeout
 from megatron_ct.training.downstream import DownstreamEvaluator
 from megatron_ct.training.evaluate import Evaluator
 from megatron_ct.training.flops import peak_tflops_for
@@ -290,6 +291,9 @@ class Trainer:
         self._loss_sums = torch.zeros(2, dtype=torch.float64, device=self.layout.device)
         if self.layout.on_gpu:
             torch.cuda.reset_peak_memory_stats()
+        # Start-up is over (rendezvous, data indices, checkpoint load): collectives now wait at
+        # most the training timeout (parallel.distributed_timeout_minutes).
+        set_collective_timeout(cfg.parallel.distributed_timeout_minutes)
         try:
             if t.train_iters == 0 and self.iteration == 0:
                 self.on_stage_start(self.schedule.stage_at(0))  # the base-line evaluation alone

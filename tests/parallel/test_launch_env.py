@@ -1,3 +1,9 @@
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
 from megatron_ct.parallel.distributed import expand_slurm_nodelist, read_launch_env
 
 
@@ -46,3 +52,43 @@ def test_srun_without_torchrun():
 def test_single_process_default():
     env = read_launch_env({})
     assert (env.rank, env.world_size, env.launcher) == (0, 1, "single")
+
+
+def test_start_up_and_training_collective_timeouts_reach_every_group():
+    """parallel.distributed_init_timeout_minutes bounds start-up's collectives in every group
+    (megatron-core's too, which would otherwise wait 30 minutes); the trainer then switches all
+    of them to parallel.distributed_timeout_minutes."""
+    code = """
+        import warnings; warnings.filterwarnings("ignore")
+        import socket, torch, torch.distributed as dist
+        from torch.distributed import distributed_c10d as c10d
+        from megatron_ct.config import load_config
+        from megatron_ct.parallel.distributed import init_distributed, read_launch_env, set_collective_timeout
+        from megatron_ct.training.startup import resolve_layout
+        s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+        env = read_launch_env({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                               "MASTER_PORT": str(port)})
+        cfg = load_config(None, ["parallel.device=cpu", "parallel.distributed_init_timeout_minutes=7",
+                                 "parallel.distributed_timeout_minutes=3"])
+        init_distributed(cfg, resolve_layout(cfg, 1, 0), env)
+        def minutes():
+            return sorted({pg._get_backend(torch.device("cpu")).options._timeout.total_seconds() / 60
+                           for pg in c10d._world.pg_map})
+        print(minutes(), len(c10d._world.pg_map) > 1)
+        set_collective_timeout(cfg.parallel.distributed_timeout_minutes)
+        print(minutes())
+    """
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[:2] == ["[7.0] True", "[3.0]"], proc.stdout
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5])
+def test_collective_timeouts_are_positive_whole_minutes(value):
+    from megatron_ct.config import load_config
+    from megatron_ct.errors import ConfigError
+
+    expected = r"expected int, got 1.5" if value == 1.5 else r"expected an integer >= 1 \(minutes\)"
+    for key in ("distributed_timeout_minutes", "distributed_init_timeout_minutes"):
+        with pytest.raises(ConfigError, match=rf"parallel.{key}: {expected}"):
+            load_config(None, [f"parallel.{key}={value}"])
