@@ -164,8 +164,15 @@ def test_base_hf_that_is_not_a_model_or_lies_inside_out_is_refused_before_anythi
     out = tmp_path / "out"
     assert main(["--out", str(out), "--base-hf", str(tmp_path / "nothing")]) == 2
     assert "--base-hf" in capsys.readouterr().err and not out.exists()
+    other = tmp_path / "qwen"  # another model, or a config cut short: refused before anything
+    other.mkdir()
+    for text in ('{"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896}', '{"model_type": "lla'):
+        (other / "config.json").write_text(text)
+        assert main(["--out", str(out), "--base-hf", str(other)]) == 2
+        assert "not SmolLM2-135M's" in capsys.readouterr().err and not out.exists()
+    smollm2 = '{"model_type": "llama", "vocab_size": 49152, "hidden_size": 576}'
     (out / "base_hf").mkdir(parents=True)
-    (out / "base_hf" / "config.json").write_text("{}")
+    (out / "base_hf" / "config.json").write_text(smollm2)
     (out / MARKER).write_text("")  # an earlier run's directory, which a run empties
     assert main(["--out", str(out), "--base-hf", str(out / "base_hf")]) == 2
     err = capsys.readouterr().err

@@ -808,6 +808,19 @@ def print_summary(summary: dict, path: Path) -> None:
           f"peak memory {summary['peak_memory_gib']:.1f} GiB, on {summary['machine']}")  # fmt: skip
 
 
+def _is_smollm2(hf_dir: Path) -> bool:
+    """``hf_dir`` holds SmolLM2-135M's config (what the recipe's sizes and tables assume)."""
+    try:
+        cfg = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and (cfg.get("model_type"), cfg.get("vocab_size"), cfg.get("hidden_size")) == (
+        "llama",
+        49152,
+        576,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "quickstart", help="output directory")
@@ -831,8 +844,11 @@ def main(argv: list[str] | None = None) -> int:
         recipe = dataclasses.replace(recipe, warmup_steps=warmup, mixed_steps=args.steps_per_stage)
     out = args.out.resolve()
     base_hf = args.base_hf.resolve() if args.base_hf is not None else None
-    if base_hf is not None and not (base_hf / "config.json").is_file():
-        error = f"--base-hf {base_hf}: no config.json; expected a directory written by tools/gguf_to_hf.py --smollm2"
+    if base_hf is not None and not _is_smollm2(base_hf):
+        error = (
+            f"--base-hf {base_hf}: config.json missing, unreadable or not SmolLM2-135M's (llama, vocabulary "
+            "49152, hidden 576); expected a directory written by tools/gguf_to_hf.py --smollm2"
+        )
     elif base_hf is not None and base_hf.is_relative_to(out):
         error = f"--base-hf {base_hf}: inside --out, which the run empties; expected a directory outside it"
     elif out.exists() and not out.is_dir():
