@@ -227,9 +227,11 @@ class CheckpointManager:
                     c.load_sharded(loaded[name], ctx)
         except CTError:
             raise
-        except (Exception, CheckpointException):  # torch's CheckpointException is a BaseException
+        except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException
             optimizer = wanted.get("optimizer")
-            if isinstance(optimizer, OptimizerState):
+            # Only a failure about the optimizer's state (a missing optimizer.state key, its
+            # param_groups): a model that does not fit is not explained by these settings.
+            if isinstance(optimizer, OptimizerState) and "optimizer" in str(e):
                 optimizer.explain_load_failure(meta, path)
             raise
         if weights_only:
