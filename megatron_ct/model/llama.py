@@ -311,6 +311,10 @@ def build_model(
             from megatron_ct.model.embedding import accumulate_embedding_grads
 
             accumulate_embedding_grads(model)  # the lookup's gradient into the DDP buffer, as the GEMMs
+        if tcfg.gradient_accumulation_fusion:
+            from megatron_ct.model.linear import lean_linears
+
+            lean_linears(model)  # one TP rank: one autograd function per GEMM, not three
         if model.post_process and vocab > m.vocab_size:
             mask_padded_vocab(model, m.vocab_size)  # the plain path's logits (the chunked loss fills its own)
         if layout.on_gpu:
