@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_train import SHAPES, machine, median_interval  # noqa: E402
+from bench_train import SHAPES, machine, median_interval, shape_overrides  # noqa: E402
 
 from megatron_ct.parallel.launch import child_env  # noqa: E402
 
@@ -51,12 +51,7 @@ MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_gro
 
 def common_overrides(iters: int) -> list[str]:
     return [
-        *(f"model.{k}={SHAPE[k]}" for k in MODEL_KEYS),
-        f"model.max_position_embeddings={SHAPE['seq_length']}",
-        f"data.seq_length={SHAPE['seq_length']}",
-        f"train.micro_batch_size={SHAPE['micro_batch_size']}",
-        f"train.global_batch_size={SHAPE['global_batch_size']}",
-        f"train.precision={SHAPE['precision']}",
+        *shape_overrides(SHAPE),
         f"train.train_iters={iters}",
         "parallel.device=cpu",
     ]

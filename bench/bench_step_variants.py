@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO / "bench"))
 def build(shape: dict):
     import torch
     import torch.distributed as dist
+    from bench_train import shape_overrides
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
@@ -47,23 +48,7 @@ def build(shape: dict):
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
     ps.initialize_model_parallel(1, 1)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
-    cfg = load_config(
-        None,
-        [
-            f"model.num_layers={shape['num_layers']}",
-            f"model.hidden_size={shape['hidden_size']}",
-            f"model.num_attention_heads={shape['num_attention_heads']}",
-            f"model.num_query_groups={shape['num_query_groups']}",
-            f"model.ffn_hidden_size={shape['ffn_hidden_size']}",
-            f"model.vocab_size={shape['vocab_size']}",
-            f"model.max_position_embeddings={shape['seq_length']}",
-            f"data.seq_length={shape['seq_length']}",
-            f"train.micro_batch_size={shape['micro_batch_size']}",
-            f"train.global_batch_size={shape['global_batch_size']}",
-            "train.precision=fp32",
-            "parallel.device=cpu",
-        ],
-    )
+    cfg = load_config(None, [*shape_overrides(shape), "parallel.device=cpu"])
     layout = validate_for_world(cfg, 1)
     chunks, _ = build_model(cfg.model, layout, Numerics(ddp=True))
     return wrap_ddp(chunks, layout)[0], torch

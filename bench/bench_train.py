@@ -78,21 +78,28 @@ def machine(device: str) -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
+def shape_overrides(shape: dict) -> list[str]:
+    """pretrain_ct.py config overrides for a shape of :data:`SHAPES`."""
+    return [
+        f"model.num_layers={shape['num_layers']}",
+        f"model.hidden_size={shape['hidden_size']}",
+        f"model.num_attention_heads={shape['num_attention_heads']}",
+        f"model.num_query_groups={shape['num_query_groups']}",
+        f"model.ffn_hidden_size={shape['ffn_hidden_size']}",
+        f"model.vocab_size={shape['vocab_size']}",
+        f"model.max_position_embeddings={shape['seq_length']}",
+        f"data.seq_length={shape['seq_length']}",
+        f"train.micro_batch_size={shape['micro_batch_size']}",
+        f"train.global_batch_size={shape['global_batch_size']}",
+        f"train.precision={shape['precision']}",
+    ]
+
+
 def run_ours(shape: dict, device: str, nproc: int, iters: int, extra: list[str]) -> list[float]:
     """Step times (s) of pretrain_ct.py, from its metrics.jsonl."""
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [
-            f"model.num_layers={shape['num_layers']}",
-            f"model.hidden_size={shape['hidden_size']}",
-            f"model.num_attention_heads={shape['num_attention_heads']}",
-            f"model.num_query_groups={shape['num_query_groups']}",
-            f"model.ffn_hidden_size={shape['ffn_hidden_size']}",
-            f"model.vocab_size={shape['vocab_size']}",
-            f"model.max_position_embeddings={shape['seq_length']}",
-            f"data.seq_length={shape['seq_length']}",
-            f"train.micro_batch_size={shape['micro_batch_size']}",
-            f"train.global_batch_size={shape['global_batch_size']}",
-            f"train.precision={shape['precision']}",
+            *shape_overrides(shape),
             f"train.train_iters={iters}",
             f"parallel.device={device}",
             f"logging.log_dir={tmp}",

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_train import SHAPES, machine  # noqa: E402
+from bench_train import SHAPES, machine, shape_overrides  # noqa: E402
 
 from megatron_ct.parallel.launch import child_env, torchrun_command  # noqa: E402
 
@@ -64,17 +64,7 @@ def time_left(estimate_s: float) -> float:
 
 def slice_overrides(shape: dict = SLICE) -> list[str]:
     return [
-        f"model.num_layers={shape['num_layers']}",
-        f"model.hidden_size={shape['hidden_size']}",
-        f"model.num_attention_heads={shape['num_attention_heads']}",
-        f"model.num_query_groups={shape['num_query_groups']}",
-        f"model.ffn_hidden_size={shape['ffn_hidden_size']}",
-        f"model.vocab_size={shape['vocab_size']}",
-        f"model.max_position_embeddings={shape['seq_length']}",
-        f"data.seq_length={shape['seq_length']}",
-        f"train.micro_batch_size={shape['micro_batch_size']}",
-        f"train.global_batch_size={shape['global_batch_size']}",
-        f"train.precision={shape['precision']}",
+        *shape_overrides(shape),
         "parallel.device=cuda",
         "logging.log_interval=1",
         "optim.lr=1e-4",
