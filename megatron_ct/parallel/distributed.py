@@ -92,7 +92,7 @@ def init_distributed(cfg: CTConfig, layout: Layout, env: LaunchEnv) -> None:
         backend = "nccl"
     else:
         activate_cpu_device_layer()
-        log.info("host memory: %s", keep_freed_host_memory())
+        log.debug("host memory: %s", keep_freed_host_memory())  # before any error: stderr stays one line
         backend = "gloo"
     if not dist.is_initialized():
         try:
