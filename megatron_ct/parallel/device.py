@@ -24,8 +24,9 @@ What it does, all process-wide and reversible with :func:`deactivate_cpu_device_
   RNG state get/set, memory queries, streams/events, ...) are replaced by CPU
   equivalents or no-ops.
 
-:func:`keep_freed_host_memory` (called with the layer by the trainer) tells glibc's malloc to
-keep freed memory for reuse instead of returning it to the kernel after every micro-batch.
+:func:`keep_freed_host_memory` (called by the trainer on CPU, after its start-up checks) tells
+glibc's malloc to keep freed memory for reuse instead of returning it to the kernel after every
+micro-batch.
 
 Separately, :func:`install_cpu_wgrad_accumulation` gives megatron-core a CPU stand-in for
 apex's ``fused_weight_gradient_mlp_cuda`` extension, used where a model's config sets

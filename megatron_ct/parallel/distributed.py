@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from megatron_ct.config import CTConfig, Layout
 from megatron_ct.errors import ConfigError
-from megatron_ct.parallel.device import activate_cpu_device_layer, keep_freed_host_memory
+from megatron_ct.parallel.device import activate_cpu_device_layer
 from megatron_ct.parallel.launch import free_port
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,6 @@ def init_distributed(cfg: CTConfig, layout: Layout, env: LaunchEnv) -> None:
         backend = "nccl"
     else:
         activate_cpu_device_layer()
-        log.debug("host memory: %s", keep_freed_host_memory())  # before any error: stderr stays one line
         backend = "gloo"
     if not dist.is_initialized():
         try:

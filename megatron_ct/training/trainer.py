@@ -459,6 +459,7 @@ class Trainer:
 
 def run_training(cfg: CTConfig) -> TrainOutcome:
     """Check the world, set up the process group, check files, build, train, tear down."""
+    from megatron_ct.parallel.device import keep_freed_host_memory
     from megatron_ct.parallel.distributed import init_distributed, read_launch_env, teardown_distributed
     from megatron_ct.training.startup import check_startup, resolve_layout, startup_preflight
 
@@ -477,6 +478,8 @@ def run_training(cfg: CTConfig) -> TrainOutcome:
         startup = check_startup(cfg, layout)
         if env.rank == 0:
             startup_preflight(cfg)
+        if not layout.on_gpu:  # training only: its micro-batches free and refill the same memory
+            log.info("host memory: %s", keep_freed_host_memory())
         return Trainer(cfg, layout, startup).train()
     finally:
         teardown_distributed()
