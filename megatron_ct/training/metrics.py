@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from megatron_ct.jsonl import JsonlLog
+from megatron_ct.training.step import reduce_loss_sums
 
 log = logging.getLogger("megatron_ct")
 
@@ -110,3 +111,40 @@ class Throughput:
         }
         self.t0, self._excluded, self._tokens, self._flops = now, 0.0, 0.0, 0.0
         return out
+
+
+class LogInterval:
+    """The open log interval's loss and token sums, and the count of skipped steps: what the
+    next ``metrics.jsonl`` record reports. A checkpoint component, so a run resumed from a save
+    inside an interval logs the same mean loss at its end as the run that went on (and keeps
+    counting skipped steps), whatever layout it resumes at."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sums = torch.zeros(2, dtype=torch.float64, device=device)  # this rank's [loss sum, tokens]
+        self.skipped_steps = 0
+
+    def add(self, loss_sums: torch.Tensor) -> None:
+        self.loss_sums += loss_sums  # on the device: reduced on log steps only
+
+    def take(self) -> tuple[float, float]:
+        """Collective: the interval's global (loss sum, tokens); the interval starts again."""
+        loss_sum, tokens = reduce_loss_sums(self.loss_sums)
+        self.loss_sums.zero_()
+        return loss_sum, tokens
+
+    def state_dict(self) -> dict:
+        """Collective (every rank saves): the interval's global sums; the interval is not cleared."""
+        loss_sum, tokens = reduce_loss_sums(self.loss_sums)
+        return {"loss_sum": loss_sum, "tokens": tokens, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The saved sums become the start of this interval on the ranks whose sums are reduced
+        (the last pipeline stage's first data/context-parallel rank, every TP rank of it)."""
+        from megatron.core import parallel_state as ps
+
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.loss_sums.zero_()
+        holds = ps.is_pipeline_last_stage(ignore_virtual=True)
+        if holds and ps.get_data_parallel_rank(with_context_parallel=True) == 0:
+            saved = [state["loss_sum"], state["tokens"]]
+            self.loss_sums += torch.tensor(saved, dtype=torch.float64, device=self.loss_sums.device)

@@ -39,13 +39,13 @@ from megatron_ct.training.downstream import DownstreamEvaluator
 from megatron_ct.training.evaluate import Evaluator
 from megatron_ct.training.flops import peak_tflops_for
 from megatron_ct.training.freeze import FreezePlan, optimizer_settings
-from megatron_ct.training.metrics import MetricsWriter, Throughput, format_line, memory_gib
+from megatron_ct.training.metrics import LogInterval, MetricsWriter, Throughput, format_line, memory_gib
 from megatron_ct.training.optimizer import build_optimizer, hook_model_config, wrap_ddp
 from megatron_ct.training.router_health import RouterHealth
 from megatron_ct.training.scheduler import CTScheduler
 from megatron_ct.training.stages import StageTracker
 from megatron_ct.training.startup import Startup
-from megatron_ct.training.step import NonFiniteError, StepResult, reduce_loss_sums, train_step
+from megatron_ct.training.step import NonFiniteError, StepResult, train_step
 from megatron_ct.training.stragglers import StepTimer
 from megatron_ct.training.watchdog import Watchdog
 
@@ -96,6 +96,7 @@ class Trainer:
         hook_model_config(self.model, self.optimizer)
         self.timer = self._step_timer()
         self.router_health = self._router_health()
+        self.interval = LogInterval(layout.device)
         # What a checkpoint holds: one registration per component.
         self.checkpoints = CheckpointManager()
         self.checkpoints.register("model", ModelState(self.model))
@@ -105,6 +106,7 @@ class Trainer:
         self.checkpoints.register("data", self.data)
         self.checkpoints.register("evaluator", self.evaluator)
         self.checkpoints.register("stage", self.stages)
+        self.checkpoints.register("log_interval", self.interval)  # the next record's loss sums
         if self.router_health is not None:  # the open log interval and the dead-expert count
             self.checkpoints.register("router_health", self.router_health)
         self.downstream = None
@@ -287,8 +289,7 @@ class Trainer:
         self._throughput = Throughput(self.layout.dims.world_size, self._peak_tflops())
         preempt = PreemptionFlag(cfg.checkpoint.save_on_sigterm and cfg.checkpoint.save is not None, self.layout.on_gpu)
         self._reason, self._last = "finished", None
-        self._skipped_in_a_row = self._skipped_total = self._since_log = 0
-        self._loss_sums = torch.zeros(2, dtype=torch.float64, device=self.layout.device)
+        self._skipped_in_a_row = self._since_log = 0
         if self.layout.on_gpu:
             torch.cuda.reset_peak_memory_stats()
         # Start-up is over (rendezvous, data indices, checkpoint load): collectives now wait at
@@ -358,12 +359,12 @@ class Trainer:
         self._throughput.step(tokens, flops)
         self.iteration += 1
         self._since_log += 1
-        self._loss_sums += result.loss_sums  # on the device: reduced on log steps only
+        self.interval.add(result.loss_sums)
         if result.applied:
             self._skipped_in_a_row = 0
         else:
             self._skipped_in_a_row += 1
-            self._skipped_total += 1
+            self.interval.skipped_steps += 1
             log.warning("iteration %d: %s", self.iteration, result.reason)
             if self._skipped_in_a_row > t.max_skipped_steps:
                 raise NonFiniteError(
@@ -424,8 +425,7 @@ class Trainer:
 
     def _log(self, result: StepResult) -> None:
         """The log-step record: the loss is the mean over the steps since the last record."""
-        loss_sum, tokens = reduce_loss_sums(self._loss_sums)
-        self._loss_sums.zero_()
+        loss_sum, tokens = self.interval.take()
         loss = loss_sum / max(tokens, 1.0)
         perf = self._throughput.measure(self._since_log, self.cfg.train.train_iters - self.iteration)
         self._since_log = 0
@@ -436,7 +436,7 @@ class Trainer:
             **{f"lr_{cls}": result.lr * m for cls, m in self.plan.class_multipliers().items()},
             "grad_norm": result.grad_norm,
             "applied": result.applied,
-            "skipped_steps": self._skipped_total,
+            "skipped_steps": self.interval.skipped_steps,
             **self.data.progress(),
             "memory_gib": memory_gib(self.layout.device),
             **perf,
