@@ -176,20 +176,3 @@ def test_activation_recompute_gives_the_same_losses(tmp_path):
     assert sorted(plain) == [1, 2] and plain[2] != plain[1]
     for granularity in ("selective", "full"):
         assert losses(tmp_path / granularity) == pytest.approx(plain, rel=1e-6), granularity
-
-
-def test_resume_inside_a_log_interval_logs_the_interval_as_the_straight_run(tmp_path):
-    """Logs every 4 steps, a save at step 6 (inside the interval 5-8). Resumed from it, at DP2 as
-    saved and at DP1, the record of step 8 holds the mean loss over steps 5-8, as the run that
-    went on logs it (the sums of steps 5-6 travel in the checkpoint), not over steps 7-8 alone."""
-    common = ["train.train_iters=8", "logging.log_interval=4"]
-    straight = tmp_path / "straight"
-    run_trainer(2, [*common, f"checkpoint.save={straight}", "checkpoint.save_interval=6"])
-    ref = losses(straight)
-    assert sorted(ref) == [4, 8]
-    for nproc in (2, 1):
-        log_dir = tmp_path / f"resumed_dp{nproc}"
-        run_trainer(nproc, [*common, f"checkpoint.load={straight / 'iter_0000006'}", f"logging.log_dir={log_dir}"])
-        got = losses(log_dir)
-        assert sorted(got) == [8], got
-        assert got[8] == pytest.approx(ref[8], rel=1e-6, abs=0), f"DP{nproc}: {got[8]} vs {ref[8]}"
