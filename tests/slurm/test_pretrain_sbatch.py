@@ -186,14 +186,16 @@ def run_reference(cluster, tmp_path: Path, _) -> dict[int, float]:
 def run_time_limit_warning(cluster, tmp_path: Path, scenarios: Scenarios) -> None:
     # The first run is slowed down past SIGNAL_AFTER (tests/slurm/paced.py) so that SLURM's USR1,
     # due as soon as the time limit is cut to 2 minutes (110 s before its end) and sent at
-    # slurmctld's next time-limit check (every 30 s), lands mid-run. The requeued run gets 30
-    # minutes again.
+    # slurmctld's next time-limit check (every 30 s), lands mid-run. The run stops when it lands,
+    # so a longer pace costs nothing: at 1.5 s per step the remaining steps lasted ~50 s, and once
+    # in a loaded CI run the signal came later and the job finished. 3 s gives ~100 s. The
+    # requeued run gets 30 minutes again.
     job = submit_training(
         cluster,
         tmp_path,
         "ct-usr1",
         ["--signal=B:USR1@110"],
-        {"TRAIN_SCRIPT": "tests/slurm/paced.py", "CT_STEP_DELAY": "1.5", "CT_PACE_FROM": str(SIGNAL_AFTER)},
+        {"TRAIN_SCRIPT": "tests/slurm/paced.py", "CT_STEP_DELAY": "3", "CT_PACE_FROM": str(SIGNAL_AFTER)},
     )
     wait_for_iteration(cluster, job, SIGNAL_AFTER)
     cluster.run("scontrol", "update", f"jobid={job.id}", "TimeLimit=2")
