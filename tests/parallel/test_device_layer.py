@@ -208,7 +208,9 @@ def test_freed_host_memory_is_reused_without_page_faults():
             blocks = [torch.empty(n).fill_(1.0) for n in (12 << 20, 3 << 20, 5 << 20)]
             del blocks
             return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-        print(sum([round_faults() for _ in range(12)][-4:]) // 4)  # the settled rounds
+        # The median of the last 8 of 16 rounds: the heap takes a few rounds to settle, one
+        # more on a loaded machine (a CI run averaged 5120 faults into its last 4 rounds).
+        print(sorted([round_faults() for _ in range(16)][-8:])[4])
     """
     counts = {}
     for mode in ("default", "keep"):

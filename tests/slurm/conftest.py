@@ -82,7 +82,22 @@ class Cluster:
             return info if info["JobState"] in states else None
 
         what = f"job {job_id} to be {' or '.join(sorted(states))}"
-        return wait_for(reached, timeout, what, lambda: f"it is {self.state(job_id)}; log:\n{tail()}", interval=0.2)
+        return wait_for(
+            reached,
+            timeout,
+            what,
+            lambda: f"it is {self.state(job_id)}; slurmctld on it:\n{self.controller_log(job_id)}\nlog:\n{tail()}",
+            interval=0.2,
+        )
+
+    def controller_log(self, job_id: str) -> str:
+        """slurmctld's log lines about the job (what it decided, and when), to tell a late signal
+        from a lost one when a test fails."""
+        path = CLUSTER_DIR / "log" / "slurmctld.log"
+        if not path.exists():
+            return f"({path} missing)"
+        pattern = re.compile(rf"JobId={job_id}\b|JOB {job_id}\b|job {job_id}\b")
+        return "\n".join([line for line in path.read_text(errors="replace").splitlines() if pattern.search(line)][-30:])
 
     def release(self, job_id: str, time_limit_min: int | None = None) -> None:
         """Start a requeued job now (SLURM holds it back for a while after a requeue)."""

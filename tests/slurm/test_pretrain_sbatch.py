@@ -112,8 +112,8 @@ def assert_resumed_exactly(job: Job, reference: dict[int, float]) -> None:
     assert "Traceback" not in job.log.read_text()
 
 
-def finish_requeued(cluster, job: Job, time_limit_min: int | None = None) -> None:
-    info = cluster.wait(job.id, {"PENDING"}, 90, job.log)
+def finish_requeued(cluster, job: Job, time_limit_min: int | None = None, signal_wait: float = 90) -> None:
+    info = cluster.wait(job.id, {"PENDING"}, signal_wait, job.log)
     assert info["Restarts"] == "1", info
     assert_stopped_with_a_save(job)
     cluster.release(job.id, time_limit_min)
@@ -184,22 +184,25 @@ def run_reference(cluster, tmp_path: Path, _) -> dict[int, float]:
 
 @scenario("time_limit_warning_saves_requeues_and_resumes_exactly")
 def run_time_limit_warning(cluster, tmp_path: Path, scenarios: Scenarios) -> None:
-    # The first run is slowed down past SIGNAL_AFTER (tests/slurm/paced.py) so that SLURM's USR1,
-    # due as soon as the time limit is cut to 2 minutes (110 s before its end) and sent at
-    # slurmctld's next time-limit check (every 30 s), lands mid-run. The run stops when it lands,
-    # so a longer pace costs nothing: at 1.5 s per step the remaining steps lasted ~50 s, and once
-    # in a loaded CI run the signal came later and the job finished. 3 s gives ~100 s. The
-    # requeued run gets 30 minutes again.
+    # The first run is slowed down past SIGNAL_AFTER (tests/slurm/paced.py) so that SLURM's USR1
+    # lands mid-run. The time limit is cut to 1-2 minutes from now (whole minutes from the start:
+    # a loaded CI can take over 2 minutes to reach SIGNAL_AFTER, and a limit already past ends
+    # the job as TIMEOUT, without the warning). USR1 is due at once (110 s before the end) and
+    # slurmctld sends it at its next time-limit check (every 30 s), later on a loaded machine.
+    # The run stops when it lands, so a long pace costs nothing: at 1.5 and then 3 s per step
+    # the job once finished first and once outlived the wait. 5 s gives 160 s. The requeued run
+    # gets 30 minutes again.
     job = submit_training(
         cluster,
         tmp_path,
         "ct-usr1",
         ["--signal=B:USR1@110"],
-        {"TRAIN_SCRIPT": "tests/slurm/paced.py", "CT_STEP_DELAY": "3", "CT_PACE_FROM": str(SIGNAL_AFTER)},
+        {"TRAIN_SCRIPT": "tests/slurm/paced.py", "CT_STEP_DELAY": "5", "CT_PACE_FROM": str(SIGNAL_AFTER)},
     )
     wait_for_iteration(cluster, job, SIGNAL_AFTER)
-    cluster.run("scontrol", "update", f"jobid={job.id}", "TimeLimit=2")
-    finish_requeued(cluster, job, time_limit_min=30)
+    minutes, seconds = (int(part) for part in cluster.job(job.id)["RunTime"].split(":")[-2:])
+    cluster.run("scontrol", "update", f"jobid={job.id}", f"TimeLimit={minutes + 2 + (seconds >= 30)}")
+    finish_requeued(cluster, job, time_limit_min=30, signal_wait=150)
     assert "SIGUSR1: the trainers save and stop" in job.log.read_text()
     assert_resumed_exactly(job, scenarios.reference())
 
