@@ -12,11 +12,19 @@ waiting in a collective that never completes. The trainer's start-up function
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from megatron_ct.config.schema import ConfigError, CTConfig
 from megatron_ct.parallel.dims import ParallelDims
+
+if TYPE_CHECKING:  # torch is imported where a layout is built, not where a config is read
+    import torch
+
+
+def _cpu() -> torch.device:
+    import torch
+
+    return torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -30,7 +38,7 @@ class Layout:
     num_microbatches: int
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device: torch.device = field(default_factory=_cpu)
     """Where this rank computes: ``cuda:<local rank>`` or ``cpu`` (resolved once at start-up)."""
 
     @property
@@ -71,7 +79,7 @@ def validate_for_world(cfg: CTConfig, world_size: int, device: torch.device | No
         num_microbatches=num_micro,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
-        device=device or torch.device("cpu"),
+        device=device or _cpu(),
     )
 
 
