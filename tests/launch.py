@@ -1,4 +1,4 @@
-"""Run pretrain_ct.py under torchrun in a subprocess, as a user would, and read its metrics;
+"""Run pretrain_ct.py as torchrun's ranks in subprocesses, as a user would, and read its metrics;
 wait for what launched processes do (a file, a log line, a signal reaching them) with a deadline."""
 
 from __future__ import annotations
@@ -50,16 +50,24 @@ def run_torchrun(
     timeout: float = 300,
     check: bool = True,
     env: dict | None = None,
+    torchrun: bool = False,
 ) -> subprocess.CompletedProcess:
-    """torchrun --nproc_per_node nproc SCRIPT ARGS from the repo root (``python SCRIPT ARGS`` for
-    one process).
+    """``torchrun --nproc_per_node nproc SCRIPT ARGS`` from the repo root, as the ranks see it.
+
+    One process runs as ``python SCRIPT ARGS`` with the variables torchrun would give it. More
+    run without torchrun's agent unless ``torchrun`` is set (the tests of what the agent does:
+    stopping a hung or failed launch, its exit status): each rank gets torchrun's variables,
+    all write to the same output, and the first rank to fail stops the others, as the agent
+    does. The agent is an interpreter that imports torch (~1.5 s of CPU per launch), and
+    the suite launches a few hundred; what a rank computes does not depend on it.
 
     The rendezvous port is free when chosen but not held: a process of a test running beside
-    this one can take it first. torchrun then fails before any rank starts ("address already
-    in use"), and the launch is tried again on another port (at most three times)."""
+    this one can take it first. The launch then fails before any rank trains ("address already
+    in use"), and is tried again on another port (at most three times)."""
+    launch = _run_torchrun_once if torchrun or nproc == 1 else _run_ranks_once
     for _ in range(3):
-        proc = _run_torchrun_once(nproc, script, args, timeout, env)
-        if proc.returncode == 0 or "EADDRINUSE" not in proc.stderr:
+        proc = launch(nproc, script, args, timeout, env)
+        if proc.returncode == 0 or not ("EADDRINUSE" in proc.stderr or "address already in use" in proc.stderr):
             break
     if check and proc.returncode != 0:
         raise AssertionError(
@@ -92,6 +100,66 @@ def _run_torchrun_once(nproc, script, args, timeout, env) -> subprocess.Complete
         out.seek(0)
         err.seek(0)
         return subprocess.CompletedProcess(cmd, rc, out.read(), err.read())
+
+
+STOP_GRACE_S = 5.0
+"""After the first rank fails, how long the others get between SIGTERM and SIGKILL."""
+
+
+def _run_ranks_once(nproc, script, args, timeout, env) -> subprocess.CompletedProcess:
+    """The ranks of a torchrun launch, started here: torchrun's variables, one process group,
+    one output; exit status 0 when every rank exits 0, else 1 (torchrun's), the failed ranks
+    named on stderr."""
+    port = free_port()
+    cmd = [sys.executable, str(script), *args]
+    common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc)}
+    common |= {"LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "ROLE_WORLD_SIZE": str(nproc)}
+    procs: list[subprocess.Popen] = []
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        try:
+            for rank in range(nproc):
+                rank_env = {**common, "RANK": str(rank), "LOCAL_RANK": str(rank), "ROLE_RANK": str(rank)}
+                group = 0 if rank == 0 else procs[0].pid  # one group: killed at once below
+                procs.append(
+                    subprocess.Popen(
+                        cmd,
+                        stdout=out,
+                        stderr=err,
+                        text=True,
+                        env=child_env({**rank_env, **(env or {})}, threads=1),
+                        cwd=REPO,
+                        process_group=group,
+                    )  # fmt: skip
+                )
+            deadline, stop_at = time.monotonic() + timeout, None
+            while any(p.poll() is None for p in procs):
+                failed = [p for p in procs if p.returncode not in (None, 0)]
+                if failed and stop_at is None:  # torchrun's rule: one rank fails, the launch stops
+                    stop_at = time.monotonic() + STOP_GRACE_S
+                    for p in procs:
+                        if p.poll() is None:
+                            p.send_signal(signal.SIGTERM)
+                if (stop_at is not None and time.monotonic() > stop_at) or time.monotonic() > deadline:
+                    for p in procs:
+                        if p.poll() is None:
+                            p.kill()
+                    if stop_at is None:
+                        raise subprocess.TimeoutExpired(cmd, timeout)
+                time.sleep(0.05)
+        finally:
+            try:
+                os.killpg(procs[0].pid, signal.SIGKILL)  # helpers a rank may have orphaned
+            except (IndexError, ProcessLookupError):
+                pass
+            for p in procs:
+                p.wait()
+        codes = [p.returncode for p in procs]
+        out.seek(0)
+        err.seek(0)
+        stderr = err.read()
+        if any(codes):
+            stderr += "".join(f"rank {r} exited {c}\n" for r, c in enumerate(codes) if c)
+        return subprocess.CompletedProcess(cmd, 1 if any(codes) else 0, out.read(), stderr)
 
 
 def run_ranks(
@@ -149,9 +217,10 @@ def run_trainer(
     check: bool = True,
     env: dict | None = None,
     script: Path | None = None,
+    torchrun: bool = False,
 ) -> subprocess.CompletedProcess:
-    """torchrun --nproc_per_node nproc pretrain_ct.py TINY + overrides."""
-    return run_torchrun(nproc, script or REPO / "pretrain_ct.py", [*TINY, *overrides], timeout, check, env)
+    """torchrun --nproc_per_node nproc pretrain_ct.py TINY + overrides (see :func:`run_torchrun`)."""
+    return run_torchrun(nproc, script or REPO / "pretrain_ct.py", [*TINY, *overrides], timeout, check, env, torchrun)
 
 
 def read_metrics(log_dir: Path) -> list[dict]:

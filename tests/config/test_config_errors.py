@@ -40,7 +40,7 @@ from launch import run_trainer
     ids=["tp-world", "tp-groups", "tpxpp-world", "global-batch", "unknown-key"],
 )
 def test_config_error_on_every_rank_without_hanging(overrides, message):
-    proc = run_trainer(2, overrides, check=False, timeout=90)
+    proc = run_trainer(2, overrides, check=False, timeout=90, torchrun=True)  # the real agent
     assert proc.returncode != 0
     err_lines = [line for line in proc.stderr.splitlines() if "pretrain_ct.py: error:" in line]
     # Every rank raises it before any collective; torchrun may stop the other rank before it

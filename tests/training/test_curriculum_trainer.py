@@ -158,7 +158,7 @@ def test_missing_dataset_is_a_one_line_error_on_every_rank(runs, tmp_path):
     )
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "pretrain_ct.py: error:" in line]
-    # Every rank raises it; torchrun may stop a rank before it prints once another has failed.
+    # Every rank raises it; the launcher may stop a rank before it prints once another has failed.
     assert 1 <= len(errors) <= 2, proc.stderr[-3000:]
     assert all("data.datasets.zh.prefixes[0]: expected" in e and "no_such_text_document.bin" in e for e in errors)
     assert "megatron_ct/" not in proc.stderr  # no traceback from our code

@@ -1,6 +1,7 @@
 """Partial training: frozen parameters stay bit-identical, the chosen ones learn."""
 
 import pytest
+from tiny_checkpoint import write_random_checkpoint
 
 from megatron_ct.checkpoint.dist_io import DistCheckpointReader
 from megatron_ct.training.freeze import expand_patterns
@@ -31,7 +32,7 @@ def tensors(path):
     ids=["embeddings-TP2", "layers-PP2"],
 )
 def test_frozen_parameters_stay_bit_identical(tmp_path, nproc, flags, trainable, expect_changed):
-    run_trainer(1, ["train.train_iters=0", f"checkpoint.save={tmp_path / 'init'}"])
+    write_random_checkpoint(tmp_path / "init", seed=0)  # weights-only, as a converted model
     run_trainer(
         nproc,
         flags
@@ -73,7 +74,7 @@ def test_frozen_parameters_stay_bit_identical(tmp_path, nproc, flags, trainable,
 def test_bad_pattern_is_a_config_error_on_every_rank(tmp_path):
     proc = run_trainer(2, ["train.train_iters=1", "train.trainable_params=[decoder.lyers.*]"], check=False, timeout=120)
     errors = [li for li in proc.stderr.splitlines() if "pretrain_ct.py: error:" in li]
-    # Raised on every rank after one all-reduce; torchrun may stop one rank before it prints.
+    # Raised on every rank after one all-reduce; the launcher may stop one rank before it prints.
     assert errors and all("['decoder.lyers.*'] match no parameter" in e for e in errors), proc.stderr[-2000:]
 
 

@@ -73,6 +73,7 @@ def test_a_stopped_rank_is_a_hang_the_others_report_and_the_run_resumes(tmp_path
         env={"CT_FAULT": "sigstop_after_save:2", "CT_FAULT_WAKE_S": "12"},
         check=False,
         timeout=120,
+        torchrun=True,  # what torchrun's agent does with a hung launch
     )
     assert proc.returncode != 0 and time.monotonic() - t0 < 90
     # Rank 0 finished iteration 2 and waits for rank 1 in its collective preemption check.
