@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import io
 
-import torch
-
 EMBEDDING = "embedding.word_embeddings.weight"
 FINAL_NORM = "decoder.final_layernorm.weight"
 OUTPUT = "output_layer.weight"
@@ -21,6 +19,8 @@ def extra_state_objects(model: dict) -> dict[str, bytes]:
     """The empty ``_extra_state`` objects megatron-core's local linear layers save (one per linear
     module per layer) for the model config dict ``model``, serialised under megatron-core's
     ShardedObject keys (``key/shard_<i>_<n>``)."""
+    import torch
+
     from megatron_ct.config import ModelConfig
     from megatron_ct.families import family_of
 
