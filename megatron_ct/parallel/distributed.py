@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
@@ -149,9 +150,18 @@ def set_collective_timeout(minutes: float) -> int:
 
 
 def teardown_distributed() -> None:
+    """Destroy every process group and let go of every reference to one, so that the groups'
+    worker threads are joined here, not at interpreter exit (see
+    :func:`~megatron_ct.parallel.device.release_shared_process_groups`)."""
     from megatron.core import parallel_state
+
+    from megatron_ct.parallel.device import release_shared_process_groups
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    # megatron-core 0.16's destroy_model_parallel leaves this one set.
+    parallel_state._INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP = None
+    release_shared_process_groups()
     if dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()  # a group held only by a reference cycle is freed now too

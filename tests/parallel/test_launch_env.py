@@ -6,6 +6,8 @@ import pytest
 
 from megatron_ct.parallel.distributed import expand_slurm_nodelist, read_launch_env
 
+from launch import REPO, run_torchrun
+
 
 def test_nodelist_expansion():
     assert expand_slurm_nodelist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
@@ -92,3 +94,39 @@ def test_collective_timeouts_are_positive_whole_minutes(value):
     for key in ("distributed_timeout_minutes", "distributed_init_timeout_minutes"):
         with pytest.raises(ConfigError, match=rf"parallel.{key}: {expected}"):
             load_config(None, [f"parallel.{key}={value}"])
+
+
+def test_teardown_joins_every_process_group_thread(tmp_path):
+    """After teardown_distributed no process group is alive: its gloo worker threads are joined
+    there, while the interpreter runs. A worker left to free a finished collective's tensors at
+    interpreter exit aborts the process ("terminate called without an active exception", exit
+    -6 after the work was done), which a run's launcher reports as a failure."""
+    script = tmp_path / "teardown.py"
+    script.write_text(
+        textwrap.dedent(f"""
+            import os, sys
+            sys.path.insert(0, {str(REPO)!r})
+            import torch, torch.distributed as dist
+            from megatron.core import parallel_state as ps
+            from megatron_ct.config import load_config
+            from megatron_ct.parallel.distributed import init_distributed, read_launch_env, teardown_distributed
+            from megatron_ct.training.startup import resolve_layout
+            def threads():
+                return len(os.listdir("/proc/self/task"))
+            env = read_launch_env()
+            cfg = load_config(None, ["parallel.device=cpu", "--tensor-model-parallel-size", "2"])
+            before = threads()
+            init_distributed(cfg, resolve_layout(cfg, env.world_size, env.local_rank), env)
+            during = threads()
+            x = torch.ones(4)
+            dist.all_reduce(x, group=ps.get_tensor_model_parallel_group())
+            del x
+            teardown_distributed()
+            print("threads", env.rank, before, during, threads())
+        """)
+    )
+    proc = run_torchrun(2, script, [])
+    counts = [list(map(int, line.split()[2:])) for line in proc.stdout.splitlines() if line.startswith("threads ")]
+    assert len(counts) == 2, proc.stdout + proc.stderr[-2000:]
+    for before, during, after in counts:
+        assert during > before and after == before, counts
