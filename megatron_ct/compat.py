@@ -40,6 +40,11 @@ What differs between the tested versions, and how megatron-ct meets it:
   machines without CUDA only: ``jit_fuser`` is then megatron-core's own no-op, as after its
   ``disable_jit_fuser()``, and ``torch.compile`` is the real one again for everything else.
 
+- 0.16.1's ``parallel_state.destroy_model_parallel`` leaves
+  ``_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP`` set, which keeps that process group (and its
+  worker threads) alive until interpreter exit: :func:`forget_leftover_groups` (called by the
+  teardown, megatron_ct/parallel/distributed.py) resets it.
+
 Everything else megatron-ct calls (parallel_state, the layer specs, DotProductAttention, the
 schedules, DDP, the distributed optimizer, dist_checkpointing, the indexed dataset) has the
 same interface in 0.16.1 and 0.19.2.
@@ -179,6 +184,15 @@ def unshare_torch_adam_steps(optimizer) -> None:
         for st in getattr(inner, "state", {}).values():
             if isinstance(st.get("step"), torch.Tensor):
                 st["step"] = st["step"].clone()
+
+
+def forget_leftover_groups() -> None:
+    """After ``destroy_model_parallel``: the process groups megatron-core still refers to, let go."""
+    from megatron.core import parallel_state
+
+    for name in ("_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP", "_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP_GLOO"):
+        if getattr(parallel_state, name, None) is not None:
+            setattr(parallel_state, name, None)
 
 
 def define_moe_router_gemm() -> None:

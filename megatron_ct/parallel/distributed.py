@@ -155,12 +155,12 @@ def teardown_distributed() -> None:
     :func:`~megatron_ct.parallel.device.release_shared_process_groups`)."""
     from megatron.core import parallel_state
 
+    from megatron_ct.compat import forget_leftover_groups
     from megatron_ct.parallel.device import release_shared_process_groups
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    # megatron-core 0.16's destroy_model_parallel leaves this one set.
-    parallel_state._INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP = None
+    forget_leftover_groups()
     release_shared_process_groups()
     if dist.is_initialized():
         dist.destroy_process_group()
