@@ -185,7 +185,7 @@ def run_reference(cluster, tmp_path: Path, _) -> dict[int, float]:
 @scenario("time_limit_warning_saves_requeues_and_resumes_exactly")
 def run_time_limit_warning(cluster, tmp_path: Path, scenarios: Scenarios) -> None:
     # The first run is slowed down past SIGNAL_AFTER (tests/slurm/paced.py) so that SLURM's USR1
-    # lands mid-run. The time limit is cut to 1-2 minutes from now (whole minutes from the start:
+    # lands mid-run. The time limit is cut to 1.5-2.5 minutes from now (whole minutes from the start:
     # a loaded CI can take over 2 minutes to reach SIGNAL_AFTER, and a limit already past ends
     # the job as TIMEOUT, without the warning). USR1 is due at once (110 s before the end) and
     # slurmctld sends it at its next time-limit check (every 30 s), later on a loaded machine.
