@@ -60,10 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args) -> int:
     from megatron_ct.errors import ConfigError, DataError
-    from megatron_ct.evaluation import long
-    from megatron_ct.evaluation.bpb import read_documents
-    from megatron_ct.evaluation.session import EvalOptions, open_model
 
+    # The arguments first: their errors come before torch is imported.
     check_output_file(args.output, "--output")
     if args.heatmap:
         check_output_file(args.heatmap, "--heatmap")
@@ -75,6 +73,11 @@ def run(args) -> int:
             raise DataError(f"--haystack {args.haystack}: no such file")
         with open(args.haystack, encoding="utf-8") as f:
             hay_text = f.read()
+
+    from megatron_ct.evaluation import long
+    from megatron_ct.evaluation.bpb import read_documents
+    from megatron_ct.evaluation.session import EvalOptions, open_model
+
     texts = read_documents(args.position_text) if args.position_text else None  # bad input: before the model
     longest = max(args.lengths + ([args.position_length] if args.position_length else []))
     opts = EvalOptions.from_args(args, seq_length=longest, progress=False)

@@ -99,13 +99,9 @@ def _lm_eval_spec(args):
 
 
 def run(args) -> int:
-    from megatron_ct.checkpoint.manager import load_weights
-    from megatron_ct.checkpoint.meta import read_meta
-    from megatron_ct.evaluation.downstream import local_records
-    from megatron_ct.evaluation.lm import TextScorer
-    from megatron_ct.evaluation.session import EvalOptions, open_model
     from megatron_ct.evaluation.tasks import load_tasks
 
+    # The arguments and task files first: their errors come before torch is imported.
     check_output_file(args.output, "--output")
     if args.plot:
         check_output_file(args.plot, "--plot")
@@ -114,6 +110,13 @@ def run(args) -> int:
 
         raise ConfigError("--tasks / --lm-eval-tasks: expected at least one task")
     tasks = load_tasks(args.tasks)  # a bad task file fails here, before any model loads
+
+    from megatron_ct.checkpoint.manager import load_weights
+    from megatron_ct.checkpoint.meta import read_meta
+    from megatron_ct.evaluation.downstream import local_records
+    from megatron_ct.evaluation.lm import TextScorer
+    from megatron_ct.evaluation.session import EvalOptions, open_model
+
     spec = _lm_eval_spec(args) if args.lm_eval_tasks else None
     opts = EvalOptions.from_args(args, progress=False)
     checkpoints = run_checkpoints(args.run) if args.run else [args.checkpoint]

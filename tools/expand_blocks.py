@@ -33,9 +33,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def expand(args) -> int:
+    check_output_dir(args.output, "--output")  # before torch is imported
     from megatron_ct.expansion.blocks import expand_blocks
 
-    check_output_dir(args.output, "--output")
     plan = expand_blocks(args.input, args.output, args.every, args.add, overwrite=args.overwrite)
     print(
         f"{len(plan.sources) - len(plan.new_layers)} -> {len(plan.sources)} layers; new layers "

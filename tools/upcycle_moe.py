@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def upcycle_command(args) -> int:
+    check_output_dir(args.output, "--output")  # before torch is imported
     from megatron_ct.expansion.upcycle import upcycle
 
-    check_output_dir(args.output, "--output")
     plan, model = upcycle(
         args.input,
         args.output,
