@@ -41,8 +41,8 @@ What differs between the tested versions, and how megatron-ct meets it:
   ``disable_jit_fuser()``, and ``torch.compile`` is the real one again for everything else.
 
 - 0.16.1's ``parallel_state.destroy_model_parallel`` leaves
-  ``_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP`` set, which keeps that process group (and its
-  worker threads) alive until interpreter exit: :func:`forget_leftover_groups` (called by the
+  ``_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP`` (and its gloo copy) set, which keeps that process
+  group (and its worker threads) alive until interpreter exit: :func:`forget_leftover_groups` (called by the
   teardown, megatron_ct/parallel/distributed.py) resets it.
 
 Everything else megatron-ct calls (parallel_state, the layer specs, DotProductAttention, the

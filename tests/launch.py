@@ -3,6 +3,7 @@ wait for what launched processes do (a file, a log line, a signal reaching them)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -102,6 +103,29 @@ def _run_torchrun_once(nproc, script, args, timeout, env) -> subprocess.Complete
         return subprocess.CompletedProcess(cmd, rc, out.read(), err.read())
 
 
+@contextlib.contextmanager
+def _process_group(cmd: list[str], envs: list[dict], outputs: list[tuple]):
+    """One process of ``cmd`` per environment, all in one new process group (the first's), each
+    writing to its (stdout, stderr) files. On leaving, the whole group is killed (helpers a
+    killed rank may have orphaned) and every process reaped."""
+    procs: list[subprocess.Popen] = []
+    try:
+        for env, (out, err) in zip(envs, outputs, strict=True):
+            group = procs[0].pid if procs else 0
+            procs.append(
+                subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, cwd=REPO, process_group=group)
+            )
+        yield procs
+    finally:
+        if procs:
+            try:
+                os.killpg(procs[0].pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            p.wait()
+
+
 STOP_GRACE_S = 5.0
 """After the first rank fails, how long the others get between SIGTERM and SIGKILL."""
 
@@ -110,55 +134,31 @@ def _run_ranks_once(nproc, script, args, timeout, env) -> subprocess.CompletedPr
     """The ranks of a torchrun launch, started here: torchrun's variables, one process group,
     one output; exit status 0 when every rank exits 0, else 1 (torchrun's), the failed ranks
     named on stderr."""
-    port = free_port()
     cmd = [sys.executable, str(script), *args]
-    common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc)}
+    common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc)}
     common |= {"LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "ROLE_WORLD_SIZE": str(nproc)}
-    procs: list[subprocess.Popen] = []
+    envs = [
+        child_env({**common, "RANK": str(r), "LOCAL_RANK": str(r), "ROLE_RANK": str(r), **(env or {})}, threads=1)
+        for r in range(nproc)
+    ]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        try:
-            for rank in range(nproc):
-                rank_env = {**common, "RANK": str(rank), "LOCAL_RANK": str(rank), "ROLE_RANK": str(rank)}
-                group = 0 if rank == 0 else procs[0].pid  # one group: killed at once below
-                procs.append(
-                    subprocess.Popen(
-                        cmd,
-                        stdout=out,
-                        stderr=err,
-                        text=True,
-                        env=child_env({**rank_env, **(env or {})}, threads=1),
-                        cwd=REPO,
-                        process_group=group,
-                    )  # fmt: skip
-                )
+        with _process_group(cmd, envs, [(out, err)] * nproc) as procs:
             deadline, stop_at = time.monotonic() + timeout, None
             while any(p.poll() is None for p in procs):
-                failed = [p for p in procs if p.returncode not in (None, 0)]
-                if failed and stop_at is None:  # torchrun's rule: one rank fails, the launch stops
-                    stop_at = time.monotonic() + STOP_GRACE_S
+                if stop_at is None and any(p.returncode not in (None, 0) for p in procs):
+                    stop_at = time.monotonic() + STOP_GRACE_S  # torchrun's rule: one rank fails, all stop
                     for p in procs:
                         if p.poll() is None:
                             p.send_signal(signal.SIGTERM)
-                if (stop_at is not None and time.monotonic() > stop_at) or time.monotonic() > deadline:
-                    for p in procs:
-                        if p.poll() is None:
-                            p.kill()
-                    if stop_at is None:
-                        raise subprocess.TimeoutExpired(cmd, timeout)
+                if stop_at is None and time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(cmd, timeout)
+                if stop_at is not None and time.monotonic() > stop_at:
+                    break  # the group is killed on leaving
                 time.sleep(0.05)
-        finally:
-            try:
-                os.killpg(procs[0].pid, signal.SIGKILL)  # helpers a rank may have orphaned
-            except (IndexError, ProcessLookupError):
-                pass
-            for p in procs:
-                p.wait()
         codes = [p.returncode for p in procs]
         out.seek(0)
         err.seek(0)
-        stderr = err.read()
-        if any(codes):
-            stderr += "".join(f"rank {r} exited {c}\n" for r, c in enumerate(codes) if c)
+        stderr = err.read() + "".join(f"rank {r} exited {c}\n" for r, c in enumerate(codes) if c)
         return subprocess.CompletedProcess(cmd, 1 if any(codes) else 0, out.read(), stderr)
 
 
@@ -175,34 +175,21 @@ def run_ranks(
     port = free_port()
     cmd = [sys.executable, str(script), *args]
     base = child_env(env, threads=1, drop=RANK_VARIABLES)  # torchrun's variables would win
-    files, procs = [], []
+    envs = [
+        {**base, "SLURM_PROCID": str(r), "SLURM_NTASKS": str(nproc), "SLURM_LOCALID": str(r),
+         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        for r in range(nproc)
+    ]  # fmt: skip
+    files = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in range(nproc)]
     try:
-        for rank in range(nproc):
-            out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-            files.append((out, err))
-            rank_env = {
-                **base,
-                "SLURM_PROCID": str(rank),
-                "SLURM_NTASKS": str(nproc),
-                "SLURM_LOCALID": str(rank),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-            }
-            group = {"process_group": 0 if rank == 0 else procs[0].pid}
-            procs.append(subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=rank_env, cwd=REPO, **group))
-        try:
+        with _process_group(cmd, envs, files) as procs:
             for p in procs:
                 p.wait(timeout=timeout)
-        finally:
-            try:
-                os.killpg(procs[0].pid, signal.SIGKILL)  # helpers a killed rank may have orphaned
-            except ProcessLookupError:
-                pass
         results = []
         for p, (out, err) in zip(procs, files, strict=True):
             out.seek(0)
             err.seek(0)
-            results.append(subprocess.CompletedProcess(cmd, p.wait(), out.read(), err.read()))
+            results.append(subprocess.CompletedProcess(cmd, p.returncode, out.read(), err.read()))
         return results
     finally:
         for out, err in files:

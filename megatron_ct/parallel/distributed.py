@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import re
@@ -164,4 +163,3 @@ def teardown_distributed() -> None:
     release_shared_process_groups()
     if dist.is_initialized():
         dist.destroy_process_group()
-    gc.collect()  # a group held only by a reference cycle is freed now too
