@@ -122,11 +122,14 @@ def test_teardown_joins_every_process_group_thread(tmp_path):
             dist.all_reduce(x, group=ps.get_tensor_model_parallel_group())
             del x
             teardown_distributed()
-            print("threads", env.rank, before, during, threads())
+            with open({str(tmp_path)!r} + f"/threads{{env.rank}}", "w") as f:
+                f.write(f"{{before}} {{during}} {{threads()}}")
         """)
     )
     proc = run_torchrun(2, script, [])
-    counts = [list(map(int, line.split()[2:])) for line in proc.stdout.splitlines() if line.startswith("threads ")]
-    assert len(counts) == 2, proc.stdout + proc.stderr[-2000:]
+    # one file per rank: the ranks share stdout, where two prints can interleave
+    files = sorted(tmp_path.glob("threads*"))
+    assert len(files) == 2, proc.stdout + proc.stderr[-2000:]
+    counts = [list(map(int, f.read_text().split())) for f in files]
     for before, during, after in counts:
         assert during > before and after == before, counts
