@@ -82,9 +82,12 @@ def test_ep2_steps_equal_one_process(init, ref):
     before, ours, theirs = read_all(init / "init"), read_all(init / "ref" / "ckpt"), read_all(init / "ep2" / "ckpt")
     experts = [k for k in before if ".experts." in k]
     assert len(experts) == 2 and all(ours[k].shape[:2] == (2, 4) for k in experts)
+    # Three Adam steps at lr 1e-3 move a weight up to ~3e-3; a misplaced or untrained expert
+    # differs by that much or more. Reduction order alone gives up to ~2e-6 on some CPUs (Adam's
+    # m/sqrt(v) magnifies it where gradients are tiny), so 1% of one step is the tolerance.
     for key, t in ours.items():
         if key in before:
-            assert torch.allclose(theirs[key], t, atol=1e-6), f"{key} differs between the EP2 and EP1 saves"
+            assert torch.allclose(theirs[key], t, rtol=0, atol=1e-5), f"{key} differs between the EP2 and EP1 saves"
             assert not torch.equal(t, before[key]), f"{key} did not train"
 
 
